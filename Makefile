@@ -1,0 +1,34 @@
+# Two commands on a fresh machine: `make demo` (the whole chain on the embedded SmolLM2-135M) and
+# `make test`. Each creates .venv and installs what it needs first.
+#
+# CPU-only machines get the CPU build of torch (TORCH_SPEC); on a GPU machine keep your CUDA torch:
+# `make TORCH_SPEC=torch` or install torch in .venv yourself before the first make.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_SPEC ?= torch==2.13.0
+INSTALLED := $(VENV)/.installed
+export HF_HUB_DISABLE_TELEMETRY := 1
+export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/torch_extensions
+
+.PHONY: install demo test lint clean
+
+install: $(INSTALLED)
+
+$(INSTALLED): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet -e ".[dev,demo]"
+	touch $(INSTALLED)
+
+demo: $(INSTALLED)
+	$(PY) -m rlhf_pipeline sft recipes/smollm2-135m/sft.yaml
+
+test: $(INSTALLED)
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest -q
+
+lint: $(INSTALLED)
+	$(VENV)/bin/ruff check .
+
+clean:
+	rm -rf outputs .pytest_cache .ruff_cache

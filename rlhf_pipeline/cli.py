@@ -1,0 +1,87 @@
+"""The `rlhf-pipeline` command: one subcommand per stage, plus `validate` and `run` for the whole chain.
+
+Nothing heavy is imported until a stage actually runs, so `--help` and `validate` answer at once.
+Problems the user can fix print as one line naming the file and key, and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from rlhf_pipeline.errors import PipelineError
+
+_OVERRIDES_HELP = "overrides of any recipe key, e.g. training.learning_rate=1e-4 model.lora.r=8"
+
+
+def _add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("recipe", help="path to the stage's YAML recipe")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=_OVERRIDES_HELP)
+
+
+def make_parser() -> argparse.ArgumentParser:
+    from rlhf_pipeline.stages import STAGE_NAMES, get_stage
+
+    parser = argparse.ArgumentParser(
+        prog="rlhf-pipeline",
+        description="InstructGPT's RLHF chain (SFT, reward model, PPO) as YAML recipes.",
+        epilog="example: rlhf-pipeline run recipes/smollm2-135m/pipeline.yaml",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    validate = commands.add_parser(
+        "validate", help="check a recipe completely without loading any weights",
+        description="Check a stage or pipeline recipe (keys, types, values, data cards) in about a second.",
+        epilog="example: rlhf-pipeline validate recipes/smollm2-135m/sft.yaml",
+    )
+    _add_recipe_arguments(validate)
+    for name in STAGE_NAMES:
+        stage = get_stage(name)
+        sub = commands.add_parser(name, help=stage.summary, description=stage.summary,
+                                  epilog=f"example: {stage.example}\n  under accelerate: accelerate launch "
+                                         f"-m rlhf_pipeline {name} RECIPE",
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+        _add_recipe_arguments(sub)
+        sub.add_argument("--overwrite", action="store_true",
+                         help="replace a finished run of a different recipe in the output directory")
+    return parser
+
+
+def _validate(recipe_path: str, overrides: list[str]) -> None:
+    from rlhf_pipeline.recipe import load_recipe
+
+    recipe = load_recipe(recipe_path, overrides)
+    print(f"{recipe_path}: valid {recipe.stage} recipe (output: {recipe.output_dir})")
+
+
+def _run_stage(name: str, recipe_path: str, overrides: list[str], overwrite: bool) -> None:
+    from rlhf_pipeline.recipe import load_recipe
+    from rlhf_pipeline.stages import get_stage
+    from rlhf_pipeline.stages.common import claim_output_dir, finished_run, say
+
+    recipe = load_recipe(recipe_path, overrides, stage=name)
+    if finished_run(recipe):
+        say(f"{name}: already finished with this recipe in {recipe.output_dir}; nothing to do")
+        return
+    claim_output_dir(recipe, overwrite)
+    get_stage(name).run(recipe)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
+    try:
+        if args.command == "validate":
+            _validate(args.recipe, args.overrides)
+        else:
+            _run_stage(args.command, args.recipe, args.overrides, args.overwrite)
+    except PipelineError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; re-run the same command to resume from the last checkpoint", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

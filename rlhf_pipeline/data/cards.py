@@ -1,0 +1,132 @@
+"""Data cards: one small YAML file per dataset, read by people as documentation and by us as a loading spec.
+
+A card says where the data lives (a local JSON/JSONL/CSV/Parquet file, or a Hub id with revision and
+split), its format, how its columns map onto the format's canonical names, its license, size,
+intended stages and known issues. Markdown cards with YAML front matter work too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import yaml
+
+from rlhf_pipeline.data.formats import FORMATS
+from rlhf_pipeline.errors import RecipeError
+from rlhf_pipeline.recipe import build_section, read_yaml
+from rlhf_pipeline.schema import suggest
+
+if TYPE_CHECKING:
+    from rlhf_pipeline.recipe import Recipe
+
+LOCAL_SUFFIXES = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+@dataclass
+class SourceSpec:
+    """Where the rows come from: exactly one of a local path (relative to the card) or a Hub id."""
+
+    path: str | None = None
+    hub_id: str | None = None
+    subset: str | None = None
+    revision: str = "main"
+    split: str = "train"
+
+    def __post_init__(self) -> None:
+        if (self.path is None) == (self.hub_id is None):
+            raise ValueError("path: give exactly one of path (a local file) or hub_id")
+        if self.path is not None and Path(self.path).suffix not in LOCAL_SUFFIXES:
+            raise ValueError(f"path: use one of {', '.join(LOCAL_SUFFIXES)} files (got {self.path})")
+
+
+@dataclass
+class DataCard:
+    """A validated card; `file` is where it was read from, so paths and errors can name it."""
+
+    name: str
+    description: str
+    source: SourceSpec
+    format: str
+    license: str
+    stages: list[str]
+    columns: dict[str, str] = field(default_factory=dict)
+    size: dict[str, Any] = field(default_factory=dict)
+    language: str | None = None
+    known_issues: str | None = None
+    margin_column: str | None = None
+    file: Path = field(default=Path(), metadata={"internal": True})
+
+    def __post_init__(self) -> None:
+        if self.format not in FORMATS:
+            raise ValueError(f"format: unknown format '{self.format}'{suggest(self.format, FORMATS)}; "
+                             f"one of {', '.join(sorted(FORMATS))}")
+
+    def column(self, canonical: str) -> str:
+        """The file's name for a canonical column (the same name unless the card maps it)."""
+        return self.columns.get(canonical, canonical)
+
+    def local_path(self) -> Path | None:
+        return (self.file.parent / self.source.path).resolve() if self.source.path else None
+
+
+def _read_card_mapping(path: Path) -> dict[str, Any]:
+    if path.suffix == ".md":
+        text = path.read_text(encoding="utf-8")
+        if not text.startswith("---"):
+            raise RecipeError(path, None, "a Markdown data card must start with YAML front matter (---)")
+        front = text.split("---", 2)[1]
+        data = yaml.safe_load(front)
+        if not isinstance(data, dict):
+            raise RecipeError(path, None, "the front matter must be a mapping of keys")
+        return data
+    return read_yaml(path, what="data card")
+
+
+def load_card(path: Path) -> DataCard:
+    """Read and validate one card; errors name the card file and the key."""
+    card: DataCard = build_section(DataCard, _read_card_mapping(path), path, "")
+    card.file = path.resolve()
+    return card
+
+
+def find_card(ref: str, recipe_path: Path) -> Path:
+    """Resolve a card reference: a path to a card file, or a name looked up in a data_cards/ folder.
+
+    Names are searched in the data_cards/ folders of the recipe's directory and its parents, then of
+    the working directory, so shipped recipes work from any directory.
+    """
+    as_path = Path(ref)
+    if as_path.suffix in (".yaml", ".yml", ".md"):
+        for candidate in (as_path, recipe_path.parent / as_path):
+            if candidate.is_file():
+                return candidate
+        raise RecipeError(recipe_path, "data", f"data card file '{ref}' not found")
+    folders = [p / "data_cards" for p in (recipe_path.resolve().parent, *recipe_path.resolve().parents)]
+    folders.append(Path.cwd() / "data_cards")
+    for folder in folders:
+        for suffix in (".yaml", ".yml", ".md"):
+            if (folder / f"{ref}{suffix}").is_file():
+                return folder / f"{ref}{suffix}"
+    known = sorted({p.stem for folder in folders if folder.is_dir() for p in folder.glob("*.y*ml")})
+    raise RecipeError(recipe_path, "data", f"no data card named '{ref}'{suggest(ref, known)} "
+                      f"(looked in the data_cards/ folders above the recipe and in the working directory)")
+
+
+def check_cards(recipe: Recipe) -> list[DataCard]:
+    """Load every card the recipe names and check it fits the stage, before any data or weights load."""
+    from rlhf_pipeline.stages import get_stage
+
+    formats = get_stage(recipe.stage).data_formats
+    cards = []
+    for split in ("train", "eval"):
+        for index, ref in enumerate(getattr(recipe.data, split)):
+            card = load_card(find_card(ref, recipe.path))
+            if card.format not in formats:
+                raise RecipeError(recipe.path, f"data.{split}[{index}]",
+                                  f"card '{ref}' has format '{card.format}', but the {recipe.stage} stage "
+                                  f"takes {', '.join(sorted(formats))}")
+            local = card.local_path()
+            if local is not None and not local.is_file():
+                raise RecipeError(card.file, "source.path", f"data file not found: {local}")
+            cards.append(card)
+    return cards

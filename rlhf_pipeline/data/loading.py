@@ -1,0 +1,199 @@
+"""From data cards to `datasets.Dataset` splits in a stage's canonical format, every dropped row counted.
+
+Local JSON/JSONL files are read line by line so that a malformed line is reported by its number instead
+of failing the whole file; CSV and Parquet go through `datasets`, Hub ids through
+`datasets.load_dataset` with the card's revision and split.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from rlhf_pipeline.data import formats
+from rlhf_pipeline.data.cards import DataCard, check_cards
+from rlhf_pipeline.errors import PipelineError, RecipeError
+
+if TYPE_CHECKING:
+    from datasets import DatasetDict
+    from transformers import PreTrainedTokenizerBase
+
+    from rlhf_pipeline.recipe import Recipe
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class DataReport:
+    """Rows read, kept and dropped (by reason, with the first few row numbers) for every card."""
+
+    read: int = 0
+    kept: int = 0
+    dropped: collections.Counter[str] = field(default_factory=collections.Counter)
+    examples: dict[str, list[str]] = field(default_factory=dict)
+
+    def add(self, card: DataCard, read: int, kept: int, dropped: collections.Counter[str],
+            where: dict[str, list[Any]]) -> None:
+        self.read += read
+        self.kept += kept
+        self.dropped.update(dropped)
+        for reason, rows in where.items():
+            self.examples.setdefault(reason, []).extend(f"{card.name}:{row}" for row in rows[:5])
+
+    def summary(self) -> str:
+        reasons = ", ".join(f"{reason} {count} (e.g. {', '.join(self.examples.get(reason, [])[:3])})"
+                            for reason, count in self.dropped.most_common())
+        return f"{self.kept} of {self.read} rows kept" + (f"; dropped: {reasons}" if reasons else "")
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"rows_read": self.read, "rows_kept": self.kept, "rows_dropped": dict(self.dropped)}
+
+
+def _read_json_lines(path: Path) -> tuple[list[dict[str, Any]], collections.Counter[str], dict[str, list[int]]]:
+    """Read JSONL (or a JSON array) keeping good rows and noting bad lines by 1-based line number."""
+    raw = path.read_bytes()
+    if path.suffix == ".json" and raw.lstrip().startswith(b"["):
+        try:
+            rows = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise RecipeError(path, None, f"not a valid JSON array ({err}); fix the file or use JSONL") from None
+        return rows, collections.Counter(), {}
+    rows, dropped, where = [], collections.Counter[str](), collections.defaultdict(list)
+    for number, line in enumerate(raw.split(b"\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line.decode("utf-8"))
+        except UnicodeDecodeError:
+            reason = "not_utf8"
+        except json.JSONDecodeError:
+            reason = "malformed_json"
+        else:
+            if isinstance(row, dict):
+                rows.append(row)
+                continue
+            reason = "not_an_object"
+        dropped[reason] += 1
+        where[reason].append(f"line {number}")
+    return rows, dropped, dict(where)
+
+
+def read_card_rows(card: DataCard) -> tuple[list[dict[str, Any]], collections.Counter[str], dict[str, list]]:
+    """All rows of a card with columns renamed to canonical names; unreadable rows counted, not raised."""
+    path = card.local_path()
+    if path is not None and path.suffix in (".json", ".jsonl"):
+        rows, dropped, where = _read_json_lines(path)
+    else:
+        from datasets import load_dataset
+
+        if path is not None:
+            dataset = load_dataset(path.suffix.lstrip("."), data_files=str(path), split="train")
+        else:
+            dataset = load_dataset(card.source.hub_id, card.source.subset, revision=card.source.revision,
+                                   split=card.source.split)
+        rows, dropped, where = dataset.to_list(), collections.Counter(), {}
+    mapping = {card.column(name): name for name in formats.CANONICAL_COLUMNS[card.format]}
+    if card.margin_column:
+        mapping[card.margin_column] = "margin"
+    if rows:
+        present = set().union(*(row.keys() for row in rows[:100]))
+        for file_column, canonical in mapping.items():
+            needed = canonical in _REQUIRED[card.format]
+            if needed and file_column not in present:
+                raise RecipeError(card.file, f"columns.{canonical}",
+                                  f"column '{file_column}' not found in {path or card.source.hub_id}; "
+                                  f"its columns are: {', '.join(sorted(present))}")
+    renamed = [{mapping.get(k, k): v for k, v in row.items()} for row in rows]
+    return renamed, dropped, where
+
+
+_REQUIRED = {
+    "messages": {"messages"},
+    "prompt_completion": {"prompt", "completion"},
+    "prompt_chosen_rejected": {"prompt", "chosen", "rejected"},
+    "chosen_rejected_messages": {"chosen", "rejected"},
+    "hh_transcript": {"chosen", "rejected"},
+    "ranking": {"prompt"},
+    "prompt_only": {"prompt"},
+}
+
+
+def _convert(card: DataCard, rows: list[dict[str, Any]], system_prompt: str | None) -> formats.Converted:
+    if card.format in formats.SFT_FORMATS:
+        return formats.to_sft(rows, card.format, system_prompt=system_prompt)
+    if card.format in formats.PREFERENCE_FORMATS:
+        return formats.to_preference(rows, card.format, margin_key="margin" if card.margin_column else None)
+    return formats.to_prompts(rows, system_prompt=system_prompt)
+
+
+def _token_length(tokenizer: PreTrainedTokenizerBase) -> Callable[[dict[str, Any]], int]:
+    """Length of a canonical row once rendered with the chat template (longest answer for pairs)."""
+    def length(row: dict[str, Any]) -> int:
+        answers = [row[k] for k in ("completion", "chosen", "rejected") if k in row] or [[]]
+        return max(len(tokenizer.apply_chat_template(row["prompt"] + answer, tokenize=True,
+                                                     add_generation_prompt=not answer)) for answer in answers)
+    return length
+
+
+def load_rows(recipe: Recipe, split: str, tokenizer: PreTrainedTokenizerBase,
+              report: DataReport) -> list[dict[str, Any]]:
+    """Canonical rows of every card in `data.<split>`, with unusable and over-long rows dropped and counted."""
+    cards = [card for card in check_cards(recipe) if _card_split(recipe, card) == split]
+    length = _token_length(tokenizer)
+    kept_rows: list[dict[str, Any]] = []
+    for card in cards:
+        rows, dropped, where = read_card_rows(card)
+        converted = _convert(card, rows, recipe.data.system_prompt)
+        dropped.update(converted.dropped)
+        for reason, indices in converted.first_bad_rows.items():
+            where.setdefault(reason, []).extend(f"row {i}" for i in indices)
+        kept = []
+        for index, row in enumerate(converted.rows):
+            if length(row) > recipe.data.max_length:
+                dropped["too_long"] += 1
+                where.setdefault("too_long", []).append(f"row {index}")
+            else:
+                kept.append(row)
+        read = len(rows) + sum(n for r, n in dropped.items() if r in ("malformed_json", "not_utf8",
+                                                                          "not_an_object"))
+        report.add(card, read, len(kept), dropped, where)
+        kept_rows.extend(kept)
+    return kept_rows
+
+
+def _card_split(recipe: Recipe, card: DataCard) -> str:
+    names = {Path(ref).stem for ref in recipe.data.eval}
+    return "eval" if card.name in names or card.file.stem in names else "train"
+
+
+def load_datasets(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> tuple[DatasetDict, DataReport]:
+    """Train and eval datasets for a stage; an eval split is carved from train when no eval card is given."""
+    from datasets import Dataset, DatasetDict
+
+    report = DataReport()
+    train = load_rows(recipe, "train", tokenizer, report)
+    evaluation = load_rows(recipe, "eval", tokenizer, report) if recipe.data.eval else []
+    logger.info("data: %s", report.summary())
+    if report.read and report.kept / report.read < recipe.data.min_valid_fraction:
+        raise PipelineError(f"{recipe.path}: data: only {report.summary()}, below "
+                            f"data.min_valid_fraction={recipe.data.min_valid_fraction}; fix the rows named "
+                            "above or lower the threshold")
+    if not train:
+        raise PipelineError(f"{recipe.path}: data.train: no usable rows ({report.summary()})")
+    dataset = Dataset.from_list(train)
+    if not evaluation and recipe.data.eval_split > 0 and len(dataset) >= 4:
+        parts = dataset.train_test_split(test_size=recipe.data.eval_split, seed=recipe.data.seed)
+        dataset, eval_dataset = parts["train"], parts["test"]
+    else:
+        eval_dataset = Dataset.from_list(evaluation) if evaluation else None
+    if recipe.data.max_samples:
+        dataset = dataset.shuffle(seed=recipe.data.seed).select(range(min(recipe.data.max_samples,
+                                                                            len(dataset))))
+    splits = {"train": dataset} | ({"eval": eval_dataset} if eval_dataset is not None else {})
+    return DatasetDict(splits), report
+

@@ -1,0 +1,256 @@
+"""Model and tokenizer loading for every stage: sources, dtype, quantization, adapters, pad tokens.
+
+One place decides how a recipe's `model` section becomes weights in memory, so SFT, RM, PPO, labelling
+and evaluation load the same way. A `name_or_path` may be a Hub id, a local folder, the embedded
+default (`smollm2-135m-instruct`) or a finished stage's output folder, in which case the base is
+loaded and the stage's adapters are merged in (the RM starts from the SFT model, never the raw base).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from rlhf_pipeline import embedded
+from rlhf_pipeline.errors import PipelineError
+from rlhf_pipeline.outputs import read_manifest
+
+if TYPE_CHECKING:
+    import torch
+    from peft import PeftModel
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from rlhf_pipeline.recipe import ModelSpec
+
+logger = logging.getLogger(__name__)
+
+# Distinct pad tokens to borrow, best first, when a tokenizer pads with its EOS (SmolLM2, Llama 3):
+# masks built from `ids != pad` would otherwise hide real end-of-turn tokens.
+_PAD_CANDIDATES = ("<|finetune_right_pad_id|>", "<|pad|>", "<pad>", "[PAD]", "<|endoftext|>", "<unk>")
+CAUSAL_LM = "causal-lm"
+REWARD = "reward"
+
+
+@dataclass
+class ModelSource:
+    """Where weights come from, and the public name to record in model cards and adapter configs."""
+
+    path: str
+    revision: str | None
+    origin: str
+    origin_revision: str | None
+    tokenizer_path: str
+    adapters: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"path": self.path, "revision": self.revision, "origin": self.origin,
+                "origin_revision": self.origin_revision}
+
+
+def resolve_source(spec: ModelSpec, progress: Any = print) -> ModelSource:
+    """Turn `name_or_path` into a loadable source; finished stage outputs expand into base + adapters."""
+    name = spec.name_or_path
+    if embedded.is_embedded(name):
+        folder = str(embedded.materialise(name, progress=progress))
+        return ModelSource(folder, None, embedded.origin(name), None, folder)
+    path = Path(name).expanduser()
+    if path.is_dir():
+        manifest = read_manifest(path)
+        if manifest is None:
+            if (path / "adapter_config.json").is_file() or path.name.startswith("checkpoint-"):
+                raise PipelineError(f"model.name_or_path: {path} holds no finished stage (no stage.json); "
+                                    "let the stage finish, or re-run it to resume from its checkpoint")
+            return ModelSource(str(path), None, str(path), None, str(path))
+        base = manifest.base_model
+        if not manifest.adapter:
+            return ModelSource(str(path), None, base["origin"], base.get("origin_revision"), str(path),
+                               [])
+        return ModelSource(base["path"], base.get("revision"), base["origin"], base.get("origin_revision"),
+                           str(path), [*manifest.merged_adapters, str(path.resolve())])
+    if path.suffix or name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise PipelineError(f"model.name_or_path: folder '{name}' not found")
+    _check_hub_reachable(name, spec.revision)
+    return ModelSource(name, spec.revision, name, spec.revision, name)
+
+
+def _check_hub_reachable(repo_id: str, revision: str) -> None:
+    """Offline, a Hub id must already be in the local cache; say so before anything loads."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if constants.HF_HUB_OFFLINE and not isinstance(try_to_load_from_cache(repo_id, "config.json",
+                                                                          revision=revision), str):
+        raise PipelineError(f"model.name_or_path: '{repo_id}' is not in the local Hugging Face cache and "
+                            "HF_HUB_OFFLINE=1 forbids downloading it; unset HF_HUB_OFFLINE, download it "
+                            "first, or point name_or_path at a local folder")
+
+
+def load_tokenizer(source: ModelSource, spec: ModelSpec) -> PreTrainedTokenizerBase:
+    """Load the tokenizer and apply the pad-token and chat-template policy every stage relies on."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(source.tokenizer_path, revision=source.revision
+                                              if source.tokenizer_path == source.path else None,
+                                              trust_remote_code=spec.trust_remote_code)
+    if spec.chat_template:
+        template = Path(spec.chat_template)
+        tokenizer.chat_template = template.read_text() if template.suffix == ".jinja" else spec.chat_template
+    if tokenizer.chat_template is None:
+        raise PipelineError(f"model.chat_template: {spec.name_or_path} has no chat template; set "
+                            "model.chat_template to a Jinja template string or a .jinja file")
+    ensure_distinct_pad_token(tokenizer)
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def ensure_distinct_pad_token(tokenizer: PreTrainedTokenizerBase) -> None:
+    """Give the tokenizer a pad token different from EOS, borrowing an unused special token if possible."""
+    if tokenizer.pad_token is not None and tokenizer.pad_token_id != tokenizer.eos_token_id:
+        return
+    vocab = tokenizer.get_vocab()
+    for candidate in _PAD_CANDIDATES:
+        if candidate in vocab and vocab[candidate] != tokenizer.eos_token_id:
+            tokenizer.pad_token = candidate
+            return
+    tokenizer.add_special_tokens({"pad_token": "<|pad|>"})
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    """`auto` is fp32 on CPU (bf16 is ~20x slower without AMX) and bf16 on GPUs that support it."""
+    import torch
+
+    if name != "auto":
+        return getattr(torch, name)
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def check_hardware(spec: ModelSpec, training: dict[str, Any]) -> None:
+    """Refuse combinations this machine cannot run, before any weights are read."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    if spec.attn_implementation and spec.attn_implementation.startswith("flash_attention"):
+        raise PipelineError(f"model.attn_implementation: {spec.attn_implementation} needs a CUDA GPU; "
+                            "use sdpa (or remove the key) on this machine")
+    if training.get("fp16"):
+        raise PipelineError("training.fp16: fp16 mixed precision needs a GPU; remove it on CPU "
+                            "(fp32 is the CPU default)")
+    if spec.dtype == "bfloat16" or training.get("bf16"):
+        warnings.warn("bf16 on a CPU without AMX/AVX512-bf16 is about 20x slower than fp32", stacklevel=2)
+
+
+def is_distributed() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def _quantization_config(spec: ModelSpec, compute_dtype: torch.dtype) -> Any:
+    from transformers import BitsAndBytesConfig
+
+    quant = spec.quantization
+    if not quant.enabled:
+        return None
+    if quant.load_in_8bit:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    storage = resolve_dtype(quant.bnb_4bit_quant_storage) if quant.bnb_4bit_quant_storage else None
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quant.bnb_4bit_quant_type,
+        bnb_4bit_use_double_quant=quant.bnb_4bit_use_double_quant,
+        bnb_4bit_compute_dtype=resolve_dtype(quant.bnb_4bit_compute_dtype)
+        if quant.bnb_4bit_compute_dtype != "auto" else compute_dtype,
+        bnb_4bit_quant_storage=storage or "uint8",
+    )
+
+
+def _device_map(quantized: bool) -> dict[str, Any] | None:
+    """bitsandbytes needs weights placed at load time; each process takes its own device."""
+    import torch
+
+    if not quantized:
+        return None
+    if torch.cuda.is_available():
+        return {"": int(os.environ.get("LOCAL_RANK", "0"))}
+    return {"": "cpu"}
+
+
+def load_model(source: ModelSource, spec: ModelSpec, tokenizer: PreTrainedTokenizerBase,
+               task: str = CAUSAL_LM) -> PreTrainedModel:
+    """Load the base (quantized if asked), merge the source's stage adapters, and sync special tokens."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    dtype = resolve_dtype(spec.dtype)
+    quantization = _quantization_config(spec, dtype)
+    model_class = AutoModelForCausalLM if task == CAUSAL_LM else AutoModelForSequenceClassification
+    extra = {"num_labels": 1} if task == REWARD else {}
+    if spec.trust_remote_code:
+        warnings.warn(f"trust_remote_code is on: code from {source.origin} runs on this machine",
+                      stacklevel=2)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*newly initialized.*")
+        model = model_class.from_pretrained(
+            source.path,
+            revision=source.revision,
+            dtype=dtype,
+            quantization_config=quantization,
+            device_map=_device_map(quantization is not None),
+            attn_implementation=spec.attn_implementation,
+            trust_remote_code=spec.trust_remote_code,
+            use_safetensors=None if spec.allow_unsafe_weights else True,
+            **extra,
+        )
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer))
+    for adapter in source.adapters:
+        model = merge_adapter(model, adapter)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def merge_adapter(model: PreTrainedModel, adapter_dir: str) -> PreTrainedModel:
+    """Fold a finished stage's LoRA into the weights, so the next stage starts from that stage's model."""
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(model, adapter_dir, is_trainable=False).merge_and_unload()
+
+
+def attach_lora(model: PreTrainedModel, spec: ModelSpec, task: str = CAUSAL_LM,
+                gradient_checkpointing: bool = False) -> PeftModel | PreTrainedModel:
+    """Add the stage's trainable LoRA (after k-bit preparation for QLoRA); full fine-tuning without one."""
+    from peft import LoraConfig, TaskType, get_peft_model, prepare_model_for_kbit_training
+
+    if spec.lora is None:
+        return model
+    if spec.quantization.enabled:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    lora = spec.lora
+    config = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.lora_alpha,
+        lora_dropout=lora.lora_dropout,
+        target_modules=lora.target_modules,
+        modules_to_save=lora.modules_to_save,
+        bias=lora.bias,
+        task_type=TaskType.CAUSAL_LM if task == CAUSAL_LM else TaskType.SEQ_CLS,
+    )
+    return get_peft_model(model, config)
+
+
+def record_origin(output_dir: Path, source: ModelSource) -> None:
+    """Name the base by its public Hub id in adapter_config.json, never by a local cache path."""
+    config_path = output_dir / "adapter_config.json"
+    if not config_path.is_file():
+        return
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    config["base_model_name_or_path"] = source.origin
+    if source.origin_revision:
+        config["revision"] = source.origin_revision
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")

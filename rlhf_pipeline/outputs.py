@@ -1,0 +1,115 @@
+"""Stage outputs on disk: atomic writes, the completion marker, and reading a finished stage back.
+
+A stage's folder holds its checkpoints while it runs; at the end the final adapter (or model), the
+tokenizer, the resolved recipe and the metrics are moved in, and `stage.json` is written last. Only a
+folder with `stage.json` counts as a finished stage, so a crash at any point is re-run, never reused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from rlhf_pipeline.errors import PipelineError
+
+MARKER = "stage.json"
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write through a temporary file in the same folder and rename it: readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, data: Any) -> None:
+    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+
+
+@contextmanager
+def staging_dir(output_dir: Path) -> Iterator[Path]:
+    """Yield a scratch folder next to the outputs; on success its files replace the outputs' one by one."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(dir=output_dir, prefix=".final-"))
+    try:
+        yield scratch
+        for item in scratch.iterdir():
+            target = output_dir / item.name
+            if target.is_dir() and item.is_dir():
+                shutil.rmtree(target)
+            os.replace(item, target)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+@dataclass
+class StageManifest:
+    """What `stage.json` records: enough to load the result and to decide whether to re-run."""
+
+    stage: str
+    fingerprint: str
+    base_model: dict[str, Any]
+    adapter: bool
+    merged_adapters: list[str] = field(default_factory=list)
+    task: str = "causal-lm"
+    metrics: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+    finished_at: str = ""
+
+
+def mark_complete(output_dir: Path, manifest: StageManifest) -> None:
+    """Write the completion marker; call it only after every other output file is in place."""
+    manifest.finished_at = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    write_json(output_dir / MARKER, manifest.__dict__)
+
+
+def read_manifest(output_dir: Path) -> StageManifest | None:
+    """The manifest of a finished stage, or None when the folder holds no finished stage."""
+    marker = Path(output_dir) / MARKER
+    if not marker.is_file():
+        return None
+    return StageManifest(**json.loads(marker.read_text(encoding="utf-8")))
+
+
+def require_finished(output_dir: Path, stage: str, key: str) -> StageManifest:
+    """A finished stage's manifest, or an error naming the recipe key that points at it."""
+    manifest = read_manifest(output_dir)
+    if manifest is None:
+        raise PipelineError(f"{key}: {output_dir} is not a finished {stage} stage (no {MARKER}); "
+                            f"run the {stage} stage first, or let it finish")
+    if manifest.stage != stage:
+        raise PipelineError(f"{key}: {output_dir} holds a finished '{manifest.stage}' stage, not '{stage}'")
+    return manifest
+
+
+def last_checkpoint(output_dir: Path) -> Path | None:
+    """The newest complete `checkpoint-N` folder, so a re-run continues instead of starting over."""
+    if not output_dir.is_dir():
+        return None
+    steps = [(int(p.name.split("-")[-1]), p) for p in output_dir.glob("checkpoint-*")
+             if p.is_dir() and p.name.split("-")[-1].isdigit() and any(p.iterdir())]
+    return max(steps)[1] if steps else None
+
+
+def save_recipe_and_metrics(folder: Path, resolved_recipe: dict[str, Any], metrics: dict[str, Any]) -> None:
+    """Every stage keeps the exact recipe it ran and the numbers it measured beside its weights."""
+    write_text_atomic(folder / "recipe.yaml", yaml.safe_dump(resolved_recipe, sort_keys=False))
+    write_json(folder / "metrics.json", metrics)

@@ -1,0 +1,336 @@
+"""Recipes: strict YAML files, one per stage, checked completely before any weights load.
+
+A recipe has a `stage`, a `model` section, a `data` section, the stage's `training` section whose keys
+are the trainer config's own field names (TRL's SFTConfig/RewardConfig, our PPOConfig), an optional
+`hub` section, and any extra sections the stage declares. Every key is checked against its schema: a
+misspelt key fails with the file, the key path and the closest valid key. Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from rlhf_pipeline.errors import RecipeError
+from rlhf_pipeline.schema import describe, matches, suggest
+
+_SPECIAL_TOKEN_KEYS = {"pad_token", "eos_token", "bos_token", "unk_token", "sep_token", "cls_token",
+                       "mask_token", "stop_token", "stop_token_id"}
+_SECRET_KEY = re.compile(r"(^|_)(token|api_key|apikey|password|passwd|secret|access_key)$")
+_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclass
+class QuantizationSpec:
+    """bitsandbytes loading of the frozen base: 4-bit NF4 (QLoRA) or 8-bit."""
+
+    load_in_4bit: bool = False
+    load_in_8bit: bool = False
+    bnb_4bit_quant_type: str = "nf4"
+    bnb_4bit_use_double_quant: bool = True
+    bnb_4bit_compute_dtype: str = "auto"
+    bnb_4bit_quant_storage: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.load_in_4bit and self.load_in_8bit:
+            raise ValueError("load_in_8bit: choose one of load_in_4bit and load_in_8bit, not both")
+        if self.bnb_4bit_quant_type not in ("nf4", "fp4"):
+            raise ValueError("bnb_4bit_quant_type: must be nf4 or fp4")
+        if self.bnb_4bit_compute_dtype not in _DTYPES:
+            raise ValueError(f"bnb_4bit_compute_dtype: must be one of {', '.join(_DTYPES)}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.load_in_4bit or self.load_in_8bit
+
+
+@dataclass
+class LoraSpec:
+    """The trainable adapter. `target_modules: all-linear` adapts every linear layer but the head."""
+
+    r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    target_modules: str | list[str] = "all-linear"
+    modules_to_save: list[str] | None = None
+    bias: str = "none"
+
+    def __post_init__(self) -> None:
+        if self.r < 1:
+            raise ValueError("r: the LoRA rank must be at least 1")
+        if self.lora_alpha <= 0:
+            raise ValueError("lora_alpha: must be positive")
+        if not 0 <= self.lora_dropout < 1:
+            raise ValueError("lora_dropout: must be in [0, 1)")
+        if self.bias not in ("none", "all", "lora_only"):
+            raise ValueError("bias: must be none, all or lora_only")
+
+
+@dataclass
+class ModelSpec:
+    """What to load: a Hub id, a local folder, a finished stage's output, or an embedded alias."""
+
+    name_or_path: str
+    revision: str = "main"
+    dtype: str = "auto"
+    attn_implementation: str | None = None
+    trust_remote_code: bool = False
+    allow_unsafe_weights: bool = False
+    chat_template: str | None = None
+    quantization: QuantizationSpec = field(default_factory=QuantizationSpec)
+    lora: LoraSpec | None = field(default_factory=LoraSpec)
+
+    def __post_init__(self) -> None:
+        if not self.name_or_path.strip():
+            raise ValueError("name_or_path: must name a model (Hub id, folder or smollm2-135m-instruct)")
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"dtype: must be one of {', '.join(_DTYPES)}")
+        if self.quantization.enabled and self.lora is None:
+            raise ValueError(
+                "quantization: a 4/8-bit base cannot be fully fine-tuned; add a lora section "
+                "(QLoRA) or turn quantization off"
+            )
+
+
+@dataclass
+class DataSpec:
+    """Datasets by data card name (looked up in data_cards/) or card path, and how to split them."""
+
+    train: list[str]
+    eval: list[str] = field(default_factory=list)
+    eval_split: float = 0.1
+    max_length: int = 1024
+    max_samples: int | None = None
+    system_prompt: str | None = None
+    min_valid_fraction: float = 0.5
+    seed: int = 42
+
+    def __post_init__(self) -> None:
+        if not self.train:
+            raise ValueError("train: list at least one data card")
+        if not 0 <= self.eval_split < 1:
+            raise ValueError("eval_split: must be in [0, 1)")
+        if self.max_length < 8:
+            raise ValueError("max_length: must be at least 8 tokens")
+        if self.max_samples is not None and self.max_samples < 1:
+            raise ValueError("max_samples: must be at least 1 (or null for all rows)")
+        if not 0 < self.min_valid_fraction <= 1:
+            raise ValueError("min_valid_fraction: must be in (0, 1]")
+
+
+@dataclass
+class HubSpec:
+    """Push the stage's adapter to the Hub when it finishes; the token comes from the environment."""
+
+    push: bool = False
+    repo_id: str | None = None
+    private: bool = True
+    revision: str | None = None
+    commit_message: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.push and not self.repo_id:
+            raise ValueError("repo_id: set it (e.g. me/my-model) when push is true")
+
+
+# Keys of a trainer config that the recipe owns elsewhere, and where to set them instead.
+_RESERVED_TRAINING_KEYS = {
+    "max_length": "data.max_length",
+    "trust_remote_code": "model.trust_remote_code",
+    "model_init_kwargs": "the model section",
+    "chat_template_path": "model.chat_template",
+    "push_to_hub": "hub.push",
+    "hub_model_id": "hub.repo_id",
+    "hub_private_repo": "hub.private",
+    "resume_from_checkpoint": "nothing: re-running the same command resumes from the last checkpoint",
+}
+# Trainer keys with a range a recipe can get wrong; checked here because the trainers check them
+# only after torch is imported.
+_POSITIVE_TRAINING_KEYS = ("learning_rate", "num_train_epochs", "per_device_train_batch_size",
+                           "per_device_eval_batch_size", "gradient_accumulation_steps", "response_length",
+                           "num_ppo_epochs", "num_mini_batches", "temperature", "save_steps", "logging_steps")
+
+
+@dataclass
+class Recipe:
+    """A validated recipe: typed sections plus the trainer's own keys, ready for a stage to wire."""
+
+    path: Path
+    stage: str
+    model: ModelSpec
+    data: DataSpec
+    training: dict[str, Any]
+    hub: HubSpec
+    sections: dict[str, Any]
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.training["output_dir"])
+
+    def resolved(self) -> dict[str, Any]:
+        """The recipe with every default filled in: what is saved next to the outputs."""
+        out: dict[str, Any] = {"stage": self.stage, "model": dataclasses.asdict(self.model),
+                               "data": dataclasses.asdict(self.data), "training": dict(self.training),
+                               "hub": dataclasses.asdict(self.hub)}
+        out.update({name: dataclasses.asdict(spec) for name, spec in self.sections.items()})
+        return out
+
+    def fingerprint(self) -> str:
+        """A hash of the resolved recipe: a finished stage is re-run only when this changes."""
+        text = json.dumps(self.resolved(), sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def read_yaml(path: Path, what: str = "recipe") -> dict[str, Any]:
+    """Read a YAML mapping, turning a missing file or a syntax error into a message with the line."""
+    if not path.is_file():
+        raise RecipeError(path, None, f"{what} file not found (looked for {path.resolve()})")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        line = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        raise RecipeError(path, None, f"{line}not valid YAML ({getattr(err, 'problem', err)})") from None
+    except UnicodeDecodeError:
+        raise RecipeError(path, None, "not UTF-8 text; save the file as UTF-8") from None
+    if not isinstance(data, dict):
+        raise RecipeError(path, None, f"a {what} must be a mapping of keys to values")
+    return data
+
+
+def check_secrets(data: Any, path: Path, prefix: str = "") -> None:
+    """Refuse keys that look like credentials: they belong in the environment, never in a file."""
+    if isinstance(data, dict):
+        for key, value in data.items():
+            key_path = f"{prefix}{key}"
+            if isinstance(key, str) and key not in _SPECIAL_TOKEN_KEYS and _SECRET_KEY.search(key.lower()):
+                raise RecipeError(path, key_path, "looks like a secret; recipes are saved next to outputs "
+                                  "and pushed to the Hub, so set it in the environment instead "
+                                  "(HF_TOKEN for the Hub, WANDB_API_KEY for wandb)")
+            check_secrets(value, path, f"{key_path}.")
+
+
+def _key_path(prefix: str, key: object) -> str:
+    return f"{prefix}.{key}" if prefix else str(key)
+
+
+def build_section(cls: type, data: Any, path: Path, prefix: str) -> Any:
+    """Build one of our section dataclasses from YAML, naming the exact key that is wrong."""
+    if not isinstance(data, dict):
+        raise RecipeError(path, prefix or None, f"must be a mapping of keys (got {type(data).__name__})")
+    fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        if key not in fields:
+            raise RecipeError(path, _key_path(prefix, key), f"unknown key{suggest(str(key), fields)}")
+        annotation = str(fields[key].type)
+        nested = _section_class(cls, annotation)
+        if nested and isinstance(value, dict):
+            kwargs[key] = build_section(nested, value, path, _key_path(prefix, key))
+        elif matches(value, annotation):
+            kwargs[key] = value
+        else:
+            raise RecipeError(path, _key_path(prefix, key), f"expected {describe(annotation)}, got {value!r}")
+    missing = [n for n, f in fields.items() if n not in kwargs and f.default is dataclasses.MISSING
+               and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise RecipeError(path, _key_path(prefix, missing[0]), "required key is missing")
+    try:
+        return cls(**kwargs)
+    except ValueError as err:
+        key, _, problem = str(err).partition(": ")
+        raise RecipeError(path, _key_path(prefix, key), problem or str(err)) from None
+
+
+def _section_class(owner: type, annotation: str) -> type | None:
+    """The dataclass an annotation such as `LoraSpec | None` names, looked up in the owner's module."""
+    namespace = vars(sys.modules[owner.__module__])
+    for name in annotation.split("|"):
+        candidate = namespace.get(name.strip())
+        if dataclasses.is_dataclass(candidate):
+            return candidate
+    return None
+
+
+def check_training(training: Any, fields: dict[str, str], path: Path) -> dict[str, Any]:
+    """Check the trainer section against the trainer config's own fields (names, types, ranges)."""
+    if not isinstance(training, dict):
+        raise RecipeError(path, "training", "must be a mapping of the trainer's arguments")
+    for key, value in training.items():
+        if key in _RESERVED_TRAINING_KEYS:
+            raise RecipeError(path, f"training.{key}", f"set by the recipe; use {_RESERVED_TRAINING_KEYS[key]}")
+        if key not in fields:
+            raise RecipeError(path, f"training.{key}", f"unknown key{suggest(str(key), fields)}")
+        if not matches(value, fields[key]):
+            raise RecipeError(path, f"training.{key}", f"expected {describe(fields[key])}, got {value!r}")
+        if key in _POSITIVE_TRAINING_KEYS and isinstance(value, (int, float)) and value <= 0:
+            raise RecipeError(path, f"training.{key}", f"must be positive, got {value}")
+    if not training.get("output_dir"):
+        raise RecipeError(path, "training.output_dir", "required key is missing (where the stage writes)")
+    return dict(training)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Split a command-line override `section.key=value`; the value is read as YAML."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise RecipeError(None, text, "an override must look like section.key=value")
+    return key.strip().split("."), yaml.safe_load(value) if value else None
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `a.b.c=value` overrides onto a recipe mapping, creating sections as needed."""
+    for text in overrides:
+        keys, value = parse_override(text)
+        target = data
+        for key in keys[:-1]:
+            target = target.setdefault(key, {})
+            if not isinstance(target, dict):
+                raise RecipeError(None, text, f"'{key}' is not a section, so '{text}' cannot be set")
+        target[keys[-1]] = value
+    return data
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None, stage: str | None = None) -> Recipe:
+    """Read, override and validate a recipe; raises RecipeError naming the file and the key."""
+    from rlhf_pipeline.data.cards import check_cards
+    from rlhf_pipeline.stages import STAGE_NAMES, get_stage
+
+    path = Path(path)
+    data = apply_overrides(read_yaml(path), overrides or [])
+    check_secrets(data, path)
+    name = data.get("stage", stage)
+    if name is None:
+        raise RecipeError(path, "stage", f"required key is missing; one of: {', '.join(STAGE_NAMES)}")
+    if name not in STAGE_NAMES:
+        raise RecipeError(path, "stage", f"unknown stage '{name}'{suggest(str(name), STAGE_NAMES)}")
+    if stage is not None and name != stage:
+        raise RecipeError(path, "stage", f"this is a '{name}' recipe; run it with `rlhf-pipeline {name}`")
+    spec = get_stage(name)
+    known = {"stage", "model", "data", "training", "hub", *spec.sections}
+    for key in data:
+        if key not in known:
+            raise RecipeError(path, str(key), f"unknown section{suggest(str(key), known)}")
+    for required in ("model", "data", "training"):
+        if required not in data:
+            raise RecipeError(path, required, "required section is missing")
+    recipe = Recipe(
+        path=path,
+        stage=name,
+        model=build_section(ModelSpec, data["model"], path, "model"),
+        data=build_section(DataSpec, data["data"], path, "data"),
+        training=check_training(data["training"], spec.training_fields(), path),
+        hub=build_section(HubSpec, data.get("hub", {}), path, "hub"),
+        sections={key: build_section(cls, data.get(key, {}), path, key) for key, cls in spec.sections.items()},
+    )
+    check_cards(recipe)
+    spec.check(recipe)
+    return recipe

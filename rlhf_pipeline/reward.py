@@ -1,0 +1,86 @@
+"""Scoring with a reward model: the one public function PPO, labelling and evaluation all call.
+
+    from rlhf_pipeline.reward import RewardModel
+    rm = RewardModel.from_stage("outputs/smollm2-135m/rm")
+    rm.score([[{"role": "user", "content": "How was your day?"}]], ["Wonderful, thanks!"])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from rlhf_pipeline.chat import Messages, encode_conversations
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+
+def right_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ids and the attention mask built from the lengths (never from `ids != pad`)."""
+    import torch
+
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        mask[row, : len(seq)] = 1
+    return ids, mask
+
+
+def sequence_scores(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """One scalar per right-padded row: the score head at the row's last real token."""
+    import torch
+
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+    if logits.dim() == 3:  # per-token head: pick each row's last attended position
+        last = attention_mask.sum(dim=1) - 1
+        logits = logits[torch.arange(len(last)), last]
+    return logits.squeeze(-1).float()
+
+
+@dataclass
+class RewardModel:
+    """A frozen reward model with its tokenizer and the training-set reward statistics (for normalising)."""
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    mean: float = 0.0
+    std: float = 1.0
+    batch_size: int = 16
+
+    @classmethod
+    def from_stage(cls, output_dir: str | Path, model_spec: object | None = None) -> RewardModel:
+        """Load a finished RM stage (base + SFT + RM adapters merged) in eval mode."""
+        from rlhf_pipeline.models import REWARD, load_model, load_tokenizer, resolve_source
+        from rlhf_pipeline.outputs import require_finished
+        from rlhf_pipeline.recipe import ModelSpec
+
+        manifest = require_finished(Path(output_dir), "rm", "reward model")
+        spec = model_spec if isinstance(model_spec, ModelSpec) else ModelSpec(name_or_path=str(output_dir),
+                                                                                lora=None)
+        source = resolve_source(spec)
+        tokenizer = load_tokenizer(source, spec)
+        model = load_model(source, spec, tokenizer, task=REWARD).eval()
+        stats = manifest.extra.get("reward_stats", {})
+        return cls(model, tokenizer, stats.get("mean", 0.0), stats.get("std", 1.0))
+
+    def score_ids(self, sequences: Sequence[Sequence[int]]) -> list[float]:
+        """Raw scores of already-encoded prompt+answer sequences, in batches."""
+        import torch
+
+        scores: list[float] = []
+        with torch.no_grad():
+            for start in range(0, len(sequences), self.batch_size):
+                ids, mask = right_pad(sequences[start : start + self.batch_size], self.tokenizer.pad_token_id)
+                device = next(self.model.parameters()).device
+                scores.extend(sequence_scores(self.model, ids.to(device), mask.to(device)).tolist())
+        return scores
+
+    def score(self, prompts: Sequence[Messages], answers: Sequence[str]) -> list[float]:
+        """Raw scores of answers to chat prompts, encoded exactly as in RM training and PPO."""
+        return self.score_ids(encode_conversations(self.tokenizer, prompts, answers))

@@ -1,0 +1,110 @@
+"""Reward modelling: a scalar head on the SFT model, trained so the chosen answer outscores the rejected one.
+
+    rlhf-pipeline rm recipes/smollm2-135m/rm.yaml
+    accelerate launch --config_file accelerate_configs/deepspeed_zero3.yaml -m rlhf_pipeline rm \\
+        recipes/llama-3.1-8b-qlora/rm.yaml
+
+The model starts from the SFT stage's output (`model.name_or_path: outputs/.../sft`: the SFT adapter is
+merged into the base), gets a new LoRA plus a trained score head, and learns with TRL's RewardTrainer
+(pairwise loss -log σ(r⁺ - r⁻ - margin)). Pairs are encoded exactly as PPO will sample them.
+"""
+
+from __future__ import annotations
+
+import statistics
+from typing import TYPE_CHECKING, Any
+
+from rlhf_pipeline.data.formats import PREFERENCE_FORMATS
+from rlhf_pipeline.stages import Stage
+
+if TYPE_CHECKING:
+    from datasets import Dataset
+
+    from rlhf_pipeline.recipe import Recipe
+    from rlhf_pipeline.reward import RewardModel
+
+
+def _encode_pairs(dataset: Dataset, tokenizer: Any) -> Dataset:
+    """Pre-tokenize pairs with the shared chat encoding, so RewardTrainer trains on PPO's token layout."""
+    from rlhf_pipeline.chat import answer_text, encode_answer, encode_prompt
+
+    def encode(row: dict[str, Any]) -> dict[str, Any]:
+        prompt = encode_prompt(tokenizer, row["prompt"])
+        return {"chosen_ids": prompt + encode_answer(tokenizer, answer_text(row["chosen"])),
+                "rejected_ids": prompt + encode_answer(tokenizer, answer_text(row["rejected"]))}
+
+    keep = {"margin"} & set(dataset.column_names)
+    return dataset.map(encode, remove_columns=[c for c in dataset.column_names if c not in keep])
+
+
+def pair_metrics(scorer: RewardModel, dataset: Dataset) -> dict[str, Any]:
+    """Held-out pairwise accuracy, mean margin and the chosen/rejected reward distributions."""
+    chosen = scorer.score_ids(dataset["chosen_ids"])
+    rejected = scorer.score_ids(dataset["rejected_ids"])
+    margins = [c - r for c, r in zip(chosen, rejected, strict=True)]
+    return {
+        "pairs": len(margins),
+        "accuracy": sum(m > 0 for m in margins) / len(margins),
+        "mean_margin": statistics.fmean(margins),
+        "chosen_reward_mean": statistics.fmean(chosen),
+        "rejected_reward_mean": statistics.fmean(rejected),
+        "chosen_rewards": chosen,
+        "rejected_rewards": rejected,
+    }
+
+
+def reward_stats(scorer: RewardModel, dataset: Dataset) -> dict[str, float]:
+    """Mean and std of the rewards over the training answers, which PPO uses to normalise scores."""
+    rewards = scorer.score_ids(dataset["chosen_ids"] + dataset["rejected_ids"])
+    return {"mean": statistics.fmean(rewards), "std": statistics.pstdev(rewards) or 1.0}
+
+
+def run(recipe: Recipe) -> dict[str, Any]:
+    """Train the reward adapter and head; save them with accuracy, margins and reward statistics."""
+    from trl import RewardConfig, RewardTrainer
+
+    from rlhf_pipeline.data.loading import load_datasets
+    from rlhf_pipeline.models import REWARD
+    from rlhf_pipeline.outputs import last_checkpoint
+    from rlhf_pipeline.reward import RewardModel
+    from rlhf_pipeline.stages.common import finish, load_for_training, say, trainer_config
+
+    loaded = load_for_training(recipe, task=REWARD)
+    datasets, data_report = load_datasets(recipe, loaded.tokenizer)
+    say(f"rm: data {data_report.summary()}")
+    encoded = {split: _encode_pairs(dataset, loaded.tokenizer) for split, dataset in datasets.items()}
+    args = trainer_config(RewardConfig, recipe, max_length=recipe.data.max_length,
+                          eos_token=loaded.tokenizer.eos_token)
+    trainer = RewardTrainer(model=loaded.model, args=args, train_dataset=encoded["train"],
+                            eval_dataset=encoded.get("eval"), processing_class=loaded.tokenizer)
+    checkpoint = last_checkpoint(recipe.output_dir)
+    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    scorer = RewardModel(trainer.model.eval(), loaded.tokenizer, batch_size=args.per_device_eval_batch_size)
+    held_out = pair_metrics(scorer, encoded.get("eval", encoded["train"]))
+    stats = reward_stats(scorer, encoded["train"])
+    metrics = {
+        "eval_accuracy": held_out["accuracy"],
+        "eval_mean_margin": held_out["mean_margin"],
+        "eval": held_out,
+        "reward_stats": stats,
+        "global_steps": trainer.state.global_step,
+        "resumed_from": str(checkpoint) if checkpoint else None,
+        "global_batch_size": args.per_device_train_batch_size * args.gradient_accumulation_steps
+        * args.world_size,
+        "data": data_report.as_dict(),
+        "log_history": trainer.state.log_history,
+    }
+    say(f"rm: held-out pairwise accuracy {held_out['accuracy']:.3f} on {held_out['pairs']} pairs, "
+        f"mean margin {held_out['mean_margin']:.3f}")
+    finish(recipe, loaded, trainer.model, metrics, task=REWARD, extra={"reward_stats": stats})
+    return metrics
+
+
+STAGE = Stage(
+    name="rm",
+    summary="reward model on ranked pairs (chosen > rejected), initialised from the SFT model",
+    example="rlhf-pipeline rm recipes/smollm2-135m/rm.yaml",
+    trainer_config=("trl.trainer.reward_config", "RewardConfig"),
+    data_formats=frozenset(PREFERENCE_FORMATS),
+    run=run,
+)

@@ -1,0 +1,70 @@
+"""Builders for small stage recipes over the tiny model: a data file, its card, and the recipe."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+WARM = ["Lovely, what a great day!", "That sounds wonderful, well done!", "Happy to help, enjoy it!",
+        "Great news, I love that!", "What a nice idea, have fun!"]
+FLAT = ["It was a day.", "The cake exists.", "Traffic was traffic.", "Noted.", "It is what it is."]
+TOPICS = ["the weather", "my cake", "the traffic", "my garden", "the weekend", "the train", "my tea",
+          "the park", "the library", "dinner", "the market", "the story"]
+
+
+def sft_rows(n: int = 48) -> list[dict[str, Any]]:
+    """Chat rows with a learnable answer pattern, so eval loss can fall within a few steps."""
+    return [{"messages": [{"role": "user", "content": f"Tell me about {TOPICS[i % len(TOPICS)]}."},
+                          {"role": "assistant", "content": WARM[i % len(WARM)]}]} for i in range(n)]
+
+
+def preference_rows(n: int = 64) -> list[dict[str, Any]]:
+    """Pairs where the chosen answer always carries the word 'great' (trivially learnable)."""
+    rows = []
+    for i in range(n):
+        topic = TOPICS[i % len(TOPICS)]
+        rows.append({"prompt": f"How was {topic}?", "chosen": f"It was great, {topic} was great.",
+                     "rejected": f"It was {FLAT[i % len(FLAT)].lower()} {topic}"})
+    return rows
+
+
+def write_card(folder: Path, name: str, rows: list[dict[str, Any]], fmt: str, stages: list[str]) -> Path:
+    """A data file and its card in `folder/data_cards/`, where recipes in `folder` find it by name."""
+    (folder / "data").mkdir(parents=True, exist_ok=True)
+    (folder / "data_cards").mkdir(parents=True, exist_ok=True)
+    data_file = folder / "data" / f"{name}.jsonl"
+    data_file.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    card = {"name": name, "description": "test rows", "source": {"path": f"../data/{name}.jsonl"},
+            "format": fmt, "license": "Apache-2.0", "stages": stages}
+    card_path = folder / "data_cards" / f"{name}.yaml"
+    card_path.write_text(yaml.safe_dump(card))
+    return card_path
+
+
+RecipeFactory = Callable[..., Path]
+
+
+@pytest.fixture
+def make_recipe(tmp_path: Path, tiny_model_dir: Path) -> RecipeFactory:
+    """Write a stage recipe for the tiny model; sections are merged over small CPU-friendly defaults."""
+    def make(stage: str, cards: list[str], training: dict[str, Any] | None = None,
+             model: dict[str, Any] | None = None, name: str | None = None, **sections: Any) -> Path:
+        recipe = {
+            "stage": stage,
+            "model": {"name_or_path": str(tiny_model_dir), "lora": {"r": 8, "lora_alpha": 16,
+                                                                    "lora_dropout": 0.0}} | (model or {}),
+            "data": {"train": cards, "eval_split": 0.25, "max_length": 128},
+            "training": {"output_dir": str(tmp_path / "outputs" / (name or stage)), "num_train_epochs": 1,
+                         "per_device_train_batch_size": 8, "per_device_eval_batch_size": 8,
+                         "learning_rate": 5e-3, "logging_steps": 1, "save_steps": 2, "seed": 0,
+                         "eval_strategy": "no", "report_to": "none"} | (training or {}),
+        } | sections
+        path = tmp_path / f"{name or stage}.yaml"
+        path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+        return path
+    return make

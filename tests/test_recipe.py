@@ -1,0 +1,111 @@
+"""Recipe validation: every shipped recipe passes; every kind of mistake names the file and the key."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from rlhf_pipeline.errors import RecipeError
+from rlhf_pipeline.recipe import load_recipe
+
+REPO = Path(__file__).resolve().parents[1]
+SHIPPED = sorted((REPO / "recipes").rglob("*.yaml"))
+SFT_RECIPE = REPO / "recipes" / "smollm2-135m" / "sft.yaml"
+
+
+def _stage_recipes() -> list[Path]:
+    return [p for p in SHIPPED if "stage" in yaml.safe_load(p.read_text())]
+
+
+@pytest.mark.parametrize("path", _stage_recipes(), ids=lambda p: str(p.relative_to(REPO)))
+def test_every_shipped_stage_recipe_validates(path: Path) -> None:
+    recipe = load_recipe(path)
+    assert recipe.output_dir.parts[0] == "outputs"
+    assert recipe.model.name_or_path
+
+
+def _write(tmp_path: Path, data: dict) -> Path:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def _sft_data() -> dict:
+    data = yaml.safe_load(SFT_RECIPE.read_text())
+    data["data"]["train"] = [str(REPO / "data_cards" / "demo_sft.yaml")]
+    return data
+
+
+@pytest.mark.parametrize(
+    ("override", "key", "words"),
+    [
+        ("training.learnig_rate=1e-4", "training.learnig_rate", "did you mean learning_rate?"),
+        ("model.lora.rank=8", "model.lora.rank", "unknown key"),
+        ("model.lora.r=0", "model.lora.r", "at least 1"),
+        ("training.learning_rate=-0.1", "training.learning_rate", "must be positive"),
+        ("training.num_train_epochs=many", "training.num_train_epochs", "expected a number"),
+        ("model.quantization.load_in_8bit=true", "model.quantization", "cannot be fully fine-tuned"),
+        ("data.max_length=2", "data.max_length", "at least 8"),
+        ("data.train=[no_such_card]", "data", "no data card named 'no_such_card'"),
+        ("training.max_length=512", "training.max_length", "use data.max_length"),
+        ("hub.token=hf_abc", "hub.token", "looks like a secret"),
+        ("modle.dtype=float32", "modle", "did you mean model?"),
+        ("stage=sfft", "stage", "did you mean sft?"),
+    ],
+)
+def test_mistakes_name_file_and_key(tmp_path: Path, override: str, key: str, words: str) -> None:
+    data = _sft_data()
+    if override.startswith("model.quantization"):
+        data["model"]["lora"] = None
+    path = _write(tmp_path, data)
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path, [override])
+    message = str(info.value)
+    assert message.startswith(f"{path}: {key}")
+    assert words in message
+
+
+def test_both_quantizations_refused(tmp_path: Path) -> None:
+    path = _write(tmp_path, _sft_data())
+    with pytest.raises(RecipeError, match="choose one of load_in_4bit and load_in_8bit"):
+        load_recipe(path, ["model.quantization.load_in_4bit=true", "model.quantization.load_in_8bit=true"])
+
+
+def test_overrides_change_values_and_fingerprint(tmp_path: Path) -> None:
+    path = _write(tmp_path, _sft_data())
+    base = load_recipe(path)
+    changed = load_recipe(path, ["training.learning_rate=1e-5", "model.lora.r=4"])
+    assert changed.training["learning_rate"] == 1e-5
+    assert changed.model.lora is not None and changed.model.lora.r == 4
+    assert changed.fingerprint() != base.fingerprint()
+    assert load_recipe(path).fingerprint() == base.fingerprint()
+
+
+def test_missing_file_and_bad_yaml(tmp_path: Path) -> None:
+    with pytest.raises(RecipeError, match="recipe file not found"):
+        load_recipe(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("stage: sft\nmodel: [unclosed\n")
+    with pytest.raises(RecipeError, match="line 3"):
+        load_recipe(bad)
+
+
+def test_validate_cli_is_fast_and_names_the_key(tmp_path: Path) -> None:
+    path = _write(tmp_path, _sft_data())
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, "-m", "rlhf_pipeline", "validate", str(path),
+                             "training.learnig_rate=1e-4"], capture_output=True, text=True, cwd=REPO)
+    elapsed = time.monotonic() - started
+    assert result.returncode == 2
+    assert "training.learnig_rate: unknown key; did you mean learning_rate?" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert elapsed < 3.0, f"validate took {elapsed:.1f}s"
+    ok = subprocess.run([sys.executable, "-m", "rlhf_pipeline", "validate", str(SFT_RECIPE)],
+                        capture_output=True, text=True, cwd=REPO)
+    assert ok.returncode == 0, ok.stderr
+    assert "valid sft recipe" in ok.stdout
