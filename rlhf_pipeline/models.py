@@ -216,10 +216,17 @@ def load_model(source: ModelSource, spec: ModelSpec, tokenizer: PreTrainedTokeni
 
 
 def merge_adapter(model: PreTrainedModel, adapter_dir: str) -> PreTrainedModel:
-    """Fold a finished stage's LoRA into the weights, so the next stage starts from that stage's model."""
-    from peft import PeftModel
+    """Fold a finished stage's LoRA into the weights, so the next stage starts from that stage's model.
 
-    return PeftModel.from_pretrained(model, adapter_dir, is_trainable=False).merge_and_unload()
+    The task type is cleared when the adapter was trained on another head (the SFT adapter merged into
+    the reward model's backbone): only the shared backbone's LoRA weights matter for the merge.
+    """
+    from peft import PeftConfig, PeftModel
+
+    config = PeftConfig.from_pretrained(adapter_dir)
+    if (config.task_type == "CAUSAL_LM") != hasattr(model, "lm_head"):
+        config.task_type = None
+    return PeftModel.from_pretrained(model, adapter_dir, config=config, is_trainable=False).merge_and_unload()
 
 
 def attach_lora(model: PreTrainedModel, spec: ModelSpec, task: str = CAUSAL_LM,

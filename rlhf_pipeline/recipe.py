@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 
 from rlhf_pipeline.errors import RecipeError
-from rlhf_pipeline.schema import describe, matches, suggest
+from rlhf_pipeline.schema import coerce, describe, matches, suggest
 
 _SPECIAL_TOKEN_KEYS = {"pad_token", "eos_token", "bos_token", "unk_token", "sep_token", "cls_token",
                        "mask_token", "stop_token", "stop_token_id"}
@@ -232,6 +232,7 @@ def build_section(cls: type, data: Any, path: Path, prefix: str) -> Any:
         if key not in fields:
             raise RecipeError(path, _key_path(prefix, key), f"unknown key{suggest(str(key), fields)}")
         annotation = str(fields[key].type)
+        value = coerce(value, annotation)
         nested = _section_class(cls, annotation)
         if nested and isinstance(value, dict):
             kwargs[key] = build_section(nested, value, path, _key_path(prefix, key))
@@ -264,6 +265,7 @@ def check_training(training: Any, fields: dict[str, str], path: Path) -> dict[st
     """Check the trainer section against the trainer config's own fields (names, types, ranges)."""
     if not isinstance(training, dict):
         raise RecipeError(path, "training", "must be a mapping of the trainer's arguments")
+    training = {key: coerce(value, fields[key]) if key in fields else value for key, value in training.items()}
     for key, value in training.items():
         if key in _RESERVED_TRAINING_KEYS:
             raise RecipeError(path, f"training.{key}", f"set by the recipe; use {_RESERVED_TRAINING_KEYS[key]}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import difflib
+import re
 from collections.abc import Iterable
 from typing import Any
 
@@ -61,6 +62,18 @@ def _matches(value: Any, node: ast.expr) -> bool:
 def matches(value: Any, annotation: str) -> bool:
     """Whether a YAML value fits a dataclass annotation such as `int | None` or `list[str]`."""
     return _matches(value, ast.parse(annotation, mode="eval").body)
+
+
+_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
+def coerce(value: Any, annotation: str) -> Any:
+    """Read `1e-5` as a number: YAML 1.1 takes exponent notation without a dot for a string."""
+    if isinstance(value, str) and _NUMBER.fullmatch(value) and not matches(value, annotation):
+        number = float(value)
+        if matches(number, annotation):
+            return number
+    return value
 
 
 def describe(annotation: str) -> str:

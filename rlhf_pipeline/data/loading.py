@@ -127,7 +127,8 @@ def _convert(card: DataCard, rows: list[dict[str, Any]], system_prompt: str | No
     if card.format in formats.SFT_FORMATS:
         return formats.to_sft(rows, card.format, system_prompt=system_prompt)
     if card.format in formats.PREFERENCE_FORMATS:
-        return formats.to_preference(rows, card.format, margin_key="margin" if card.margin_column else None)
+        return formats.to_preference(rows, card.format, margin_key="margin" if card.margin_column else None,
+                                     system_prompt=system_prompt)
     return formats.to_prompts(rows, system_prompt=system_prompt)
 
 

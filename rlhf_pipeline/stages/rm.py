@@ -39,8 +39,8 @@ def _encode_pairs(dataset: Dataset, tokenizer: Any) -> Dataset:
 
 def pair_metrics(scorer: RewardModel, dataset: Dataset) -> dict[str, Any]:
     """Held-out pairwise accuracy, mean margin and the chosen/rejected reward distributions."""
-    chosen = scorer.score_ids(dataset["chosen_ids"])
-    rejected = scorer.score_ids(dataset["rejected_ids"])
+    chosen = scorer.score_ids(list(dataset["chosen_ids"]))
+    rejected = scorer.score_ids(list(dataset["rejected_ids"]))
     margins = [c - r for c, r in zip(chosen, rejected, strict=True)]
     return {
         "pairs": len(margins),
@@ -55,7 +55,7 @@ def pair_metrics(scorer: RewardModel, dataset: Dataset) -> dict[str, Any]:
 
 def reward_stats(scorer: RewardModel, dataset: Dataset) -> dict[str, float]:
     """Mean and std of the rewards over the training answers, which PPO uses to normalise scores."""
-    rewards = scorer.score_ids(dataset["chosen_ids"] + dataset["rejected_ids"])
+    rewards = scorer.score_ids(list(dataset["chosen_ids"]) + list(dataset["rejected_ids"]))
     return {"mean": statistics.fmean(rewards), "std": statistics.pstdev(rewards) or 1.0}
 
 
