@@ -1,8 +1,8 @@
 """Recipes: strict YAML files, one per stage, checked completely before any weights load.
 
-A recipe has a `stage`, a `model` section, a `data` section, the stage's `training` section whose keys
-are the trainer config's own field names (TRL's SFTConfig/RewardConfig, our PPOConfig), an optional
-`hub` section, and any extra sections the stage declares. Every key is checked against its schema: a
+A recipe has a `stage`, a `model` section, a `data` section, the stage's config section (`training` for
+the trainers) whose keys are the config class's own field names (TRL's SFTConfig/RewardConfig, our
+PPOConfig), an optional `hub` section, and any extra sections the stage declares. Every key is checked against its schema: a
 misspelt key fails with the file, the key path and the closest valid key. Nothing here imports torch.
 """
 
@@ -167,18 +167,19 @@ class Recipe:
     stage: str
     model: ModelSpec
     data: DataSpec
-    training: dict[str, Any]
+    config: dict[str, Any]
+    config_section: str
     hub: HubSpec
     sections: dict[str, Any]
 
     @property
     def output_dir(self) -> Path:
-        return Path(self.training["output_dir"])
+        return Path(self.config["output_dir"])
 
     def resolved(self) -> dict[str, Any]:
         """The recipe with every default filled in: what is saved next to the outputs."""
         out: dict[str, Any] = {"stage": self.stage, "model": dataclasses.asdict(self.model),
-                               "data": dataclasses.asdict(self.data), "training": dict(self.training),
+                               "data": dataclasses.asdict(self.data), self.config_section: dict(self.config),
                                "hub": dataclasses.asdict(self.hub)}
         out.update({name: dataclasses.asdict(spec) for name, spec in self.sections.items()})
         return out
@@ -261,23 +262,23 @@ def _section_class(owner: type, annotation: str) -> type | None:
     return None
 
 
-def check_training(training: Any, fields: dict[str, str], path: Path) -> dict[str, Any]:
-    """Check the trainer section against the trainer config's own fields (names, types, ranges)."""
-    if not isinstance(training, dict):
-        raise RecipeError(path, "training", "must be a mapping of the trainer's arguments")
-    training = {key: coerce(value, fields[key]) if key in fields else value for key, value in training.items()}
-    for key, value in training.items():
+def check_config(values: Any, fields: dict[str, str], path: Path, section: str) -> dict[str, Any]:
+    """Check the stage's config section against its config class's own fields (names, types, ranges)."""
+    if not isinstance(values, dict):
+        raise RecipeError(path, section, "must be a mapping of the stage's arguments")
+    values = {key: coerce(value, fields[key]) if key in fields else value for key, value in values.items()}
+    for key, value in values.items():
         if key in _RESERVED_TRAINING_KEYS:
-            raise RecipeError(path, f"training.{key}", f"set by the recipe; use {_RESERVED_TRAINING_KEYS[key]}")
+            raise RecipeError(path, f"{section}.{key}", f"set by the recipe; use {_RESERVED_TRAINING_KEYS[key]}")
         if key not in fields:
-            raise RecipeError(path, f"training.{key}", f"unknown key{suggest(str(key), fields)}")
+            raise RecipeError(path, f"{section}.{key}", f"unknown key{suggest(str(key), fields)}")
         if not matches(value, fields[key]):
-            raise RecipeError(path, f"training.{key}", f"expected {describe(fields[key])}, got {value!r}")
+            raise RecipeError(path, f"{section}.{key}", f"expected {describe(fields[key])}, got {value!r}")
         if key in _POSITIVE_TRAINING_KEYS and isinstance(value, (int, float)) and value <= 0:
-            raise RecipeError(path, f"training.{key}", f"must be positive, got {value}")
-    if not training.get("output_dir"):
-        raise RecipeError(path, "training.output_dir", "required key is missing (where the stage writes)")
-    return dict(training)
+            raise RecipeError(path, f"{section}.{key}", f"must be positive, got {value}")
+    if not values.get("output_dir"):
+        raise RecipeError(path, f"{section}.output_dir", "required key is missing (where the stage writes)")
+    return dict(values)
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -317,11 +318,11 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None, stage: str
     if stage is not None and name != stage:
         raise RecipeError(path, "stage", f"this is a '{name}' recipe; run it with `rlhf-pipeline {name}`")
     spec = get_stage(name)
-    known = {"stage", "model", "data", "training", "hub", *spec.sections}
+    known = {"stage", "model", "data", spec.config_section, "hub", *spec.sections}
     for key in data:
         if key not in known:
             raise RecipeError(path, str(key), f"unknown section{suggest(str(key), known)}")
-    for required in ("model", "data", "training"):
+    for required in ("model", "data", spec.config_section):
         if required not in data:
             raise RecipeError(path, required, "required section is missing")
     recipe = Recipe(
@@ -329,7 +330,8 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None, stage: str
         stage=name,
         model=build_section(ModelSpec, data["model"], path, "model"),
         data=build_section(DataSpec, data["data"], path, "data"),
-        training=check_training(data["training"], spec.training_fields(), path),
+        config=check_config(data[spec.config_section], spec.config_fields(), path, spec.config_section),
+        config_section=spec.config_section,
         hub=build_section(HubSpec, data.get("hub", {}), path, "hub"),
         sections={key: build_section(cls, data.get(key, {}), path, key) for key, cls in spec.sections.items()},
     )

@@ -80,7 +80,7 @@ def test_overrides_change_values_and_fingerprint(tmp_path: Path) -> None:
     path = _write(tmp_path, _sft_data())
     base = load_recipe(path)
     changed = load_recipe(path, ["training.learning_rate=1e-5", "model.lora.r=4"])
-    assert changed.training["learning_rate"] == 1e-5
+    assert changed.config["learning_rate"] == 1e-5
     assert changed.model.lora is not None and changed.model.lora.r == 4
     assert changed.fingerprint() != base.fingerprint()
     assert load_recipe(path).fingerprint() == base.fingerprint()

@@ -26,20 +26,21 @@ STAGE_NAMES = tuple(_STAGE_MODULES)
 
 @dataclass(frozen=True)
 class Stage:
-    """What a stage accepts (trainer config, data formats, extra sections) and how to run it."""
+    """What a stage accepts (its config class and section, data formats, extra sections) and how to run it."""
 
     name: str
     summary: str
     example: str
-    trainer_config: tuple[str, str]
+    config_class: tuple[str, str]
     data_formats: frozenset[str]
     run: Callable[[Recipe], dict[str, Any]]
+    config_section: str = "training"
     sections: dict[str, type] = field(default_factory=dict)
     extra_checks: Callable[[Recipe], None] | None = None
 
-    def training_fields(self) -> dict[str, str]:
-        """Field name -> annotation of the trainer config, read from its source without importing it."""
-        return dataclass_fields(*self.trainer_config)
+    def config_fields(self) -> dict[str, str]:
+        """Field name -> annotation of the stage's config class, read from source without importing it."""
+        return dataclass_fields(*self.config_class)
 
     def check(self, recipe: Recipe) -> None:
         """Stage-specific checks that need no weights (run by `validate` and before every run)."""

@@ -89,13 +89,13 @@ def activation_checkpointing_default(recipe: Recipe) -> bool:
     """On by default on GPUs (memory is what binds there); off on CPU, where it costs ~40% and saves little."""
     import torch
 
-    explicit = recipe.training.get("activation_checkpointing", recipe.training.get("gradient_checkpointing"))
+    explicit = recipe.config.get("activation_checkpointing", recipe.config.get("gradient_checkpointing"))
     return bool(explicit) if explicit is not None else torch.cuda.is_available()
 
 
 def load_for_training(recipe: Recipe, task: str = CAUSAL_LM) -> Loaded:
     """Check the hardware, then load tokenizer and model and add the stage's trainable LoRA."""
-    check_hardware(recipe.model, recipe.training)
+    check_hardware(recipe.model, recipe.config)
     source = resolve_source(recipe.model, progress=say)
     tokenizer = load_tokenizer(source, recipe.model)
     say(f"loading {source.origin}" + (f" with {len(source.adapters)} stage adapter(s) merged"
@@ -115,7 +115,7 @@ def trainer_config(config_class: type, recipe: Recipe, **stage_values: Any) -> A
     if not torch.cuda.is_available():
         values.update(use_cpu=True, bf16=False)
     values.update(stage_values)
-    values.update(recipe.training)
+    values.update(recipe.config)
     checkpointing = activation_checkpointing_default(recipe)
     values.pop("gradient_checkpointing", None)
     values["activation_checkpointing"] = checkpointing

@@ -104,7 +104,7 @@ STAGE = Stage(
     name="rm",
     summary="reward model on ranked pairs (chosen > rejected), initialised from the SFT model",
     example="rlhf-pipeline rm recipes/smollm2-135m/rm.yaml",
-    trainer_config=("trl.trainer.reward_config", "RewardConfig"),
+    config_class=("trl.trainer.reward_config", "RewardConfig"),
     data_formats=frozenset(PREFERENCE_FORMATS),
     run=run,
 )

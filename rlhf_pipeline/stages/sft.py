@@ -73,7 +73,7 @@ STAGE = Stage(
     name="sft",
     summary="supervised fine-tuning on demonstrations (loss on the answer only)",
     example="rlhf-pipeline sft recipes/smollm2-135m/sft.yaml training.num_train_epochs=2",
-    trainer_config=("trl.trainer.sft_config", "SFTConfig"),
+    config_class=("trl.trainer.sft_config", "SFTConfig"),
     data_formats=frozenset(SFT_FORMATS),
     run=run,
 )

@@ -1,0 +1,651 @@
+"""`PPOTrainer`: actor-critic PPO for RLHF on torch, transformers, accelerate and peft (no TRL).
+
+One PPO step, as in InstructGPT and the Fudan "Secrets of RLHF" write-up:
+
+1. **Rollout** (no gradients): sample a response per prompt from π at `temperature`; cut it after the
+   first stop token; compute log π, log π_ref (the same network with its LoRA adapter switched off),
+   the critic's values, and the reward model's score of prompt + response.
+2. **Rewards and advantages**: r_t = −β·KL_t on every token plus the score on the last one; GAE(γ,λ);
+   advantages whitened over the valid tokens.
+3. **Optimisation**: `num_ppo_epochs` passes over the rollout in `num_mini_batches` shuffled
+   minibatches, each one AdamW step on clipped-surrogate + vf_coef·clipped-value loss.
+
+Every `save_steps` a checkpoint holds the adapters, the optimizer, the scheduler, every process's
+RNG state and the log history, so a resumed run retraces the uninterrupted one exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import shutil
+from collections import defaultdict
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import gather_object, set_seed
+from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
+from peft.utils import load_peft_weights
+from tqdm.auto import tqdm
+from transformers import GenerationConfig, PreTrainedTokenizerBase, get_scheduler
+
+from rlhf_pipeline.ppo.config import PPOConfig
+from rlhf_pipeline.ppo.formulas import (
+    entropy_from_logits,
+    explained_variance,
+    gae_advantages_and_returns,
+    kl_penalty,
+    logprobs_from_logits,
+    masked_whiten,
+    policy_loss,
+    token_rewards,
+    value_loss,
+)
+
+logger = logging.getLogger(__name__)
+
+RewardFn = Callable[[torch.LongTensor, torch.LongTensor], torch.Tensor]
+LogCallback = Callable[[dict[str, Any]], None]
+
+CHECKPOINT_PREFIX = "checkpoint-"
+VALUE_MODEL_DIR = "value_model"
+TRAINER_STATE = "trainer_state.json"
+
+# The model's own generation_config fills every sampling option we leave unset (e.g. Qwen's top_k=20 and
+# repetition_penalty=1.05). PPO optimises log softmax(logits/T), so it must sample from exactly that.
+_PURE_SAMPLING = {"do_sample": True, "top_k": 0, "top_p": 1.0, "min_p": 0.0, "typical_p": 1.0,
+                  "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "repetition_penalty": 1.0,
+                  "no_repeat_ngram_size": 0, "min_length": 0, "min_new_tokens": 0, "num_beams": 1}
+
+
+@dataclass
+class Rollout:
+    """One batch of experience. Sequences are [left-padded prompt | right-padded response]; per-token
+    tensors are [batch, response width] and `response_mask` marks the valid response tokens."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    context_length: int
+    response_mask: torch.Tensor
+    has_stop: torch.Tensor
+    logprobs: torch.Tensor
+    ref_logprobs: torch.Tensor
+    entropy: torch.Tensor
+    values: torch.Tensor
+    raw_scores: torch.Tensor
+    scores: torch.Tensor
+    kl: torch.Tensor
+    rewards: torch.Tensor
+    advantages: torch.Tensor
+    returns: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def select(self, rows: torch.Tensor) -> Rollout:
+        """The same experience restricted to some rows (a minibatch)."""
+        picked = {f.name: getattr(self, f.name) for f in fields(self)}
+        return Rollout(**{name: value[rows] if isinstance(value, torch.Tensor) else value
+                          for name, value in picked.items()})
+
+    @property
+    def responses(self) -> torch.Tensor:
+        return self.input_ids[:, self.context_length:]
+
+
+class TokenValueModel(torch.nn.Module):
+    """The critic V(s_t) at every position: the reward model's score head applied to each hidden state.
+
+    A sequence-classification model pools one position; PPO needs a value per token, so the head is
+    applied before pooling. Being a Module, it gives DDP the forward it hooks its gradient sync on.
+    """
+
+    def __init__(self, value_model: PeftModel) -> None:
+        super().__init__()
+        self.model = value_model
+        self.head_name = _score_head_name(value_model.get_base_model())
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                position_ids: torch.Tensor) -> torch.Tensor:
+        classifier = self.model.get_base_model()
+        backbone = getattr(classifier, classifier.base_model_prefix)
+        hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                          use_cache=False).last_hidden_state
+        return getattr(classifier, self.head_name)(hidden).squeeze(-1).float()
+
+
+class PPOTrainer:
+    """Rollout + PPO optimisation of a LoRA policy against a reward function, with exact resume.
+
+    `policy` is a PeftModel whose active adapter is trained; with the adapter disabled it is the frozen
+    reference. `value_model` is a PeftModel over a sequence-classification model whose LoRA and `score`
+    head (`modules_to_save=["score"]`) are trained. `reward_fn(input_ids, attention_mask)` scores
+    right-padded prompt+response rows, one scalar each. `train_prompts` are token ids of templated prompts.
+    """
+
+    def __init__(
+        self,
+        config: PPOConfig,
+        policy: PeftModel,
+        value_model: PeftModel,
+        reward_fn: RewardFn,
+        tokenizer: PreTrainedTokenizerBase,
+        train_prompts: Sequence[Sequence[int]],
+        accelerator: Accelerator | None = None,
+        reward_stats: tuple[float, float] | None = None,
+        on_log: LogCallback | None = None,
+    ) -> None:
+        _check_models(policy, value_model)
+        if tokenizer.pad_token_id is None:
+            raise ValueError("the tokenizer needs a pad token (distinct from EOS) to batch prompts")
+        if config.normalize_reward and reward_stats is None:
+            raise ValueError("normalize_reward is true but no reward_stats (mean, std) were given")
+        self.config = config
+        self.tokenizer = tokenizer
+        self.reward_fn = reward_fn
+        self.reward_stats = reward_stats
+        self.on_log = on_log
+        self.accelerator = accelerator or Accelerator(
+            cpu=not torch.cuda.is_available(), log_with=config.report_to or None, project_dir=config.output_dir
+        )
+        self.prompts = self._usable_prompts(train_prompts)
+        self.stop_token_ids = self._stop_token_ids()
+        self.generation_config = GenerationConfig(
+            **_PURE_SAMPLING, temperature=config.temperature, max_new_tokens=config.response_length,
+            eos_token_id=self.stop_token_ids, pad_token_id=tokenizer.pad_token_id, use_cache=True,
+        )
+
+        for model in (policy, value_model):
+            _disable_dropout(model)
+        self.trainable_params = [p for m in (policy, value_model) for p in m.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(self.trainable_params, lr=config.learning_rate,
+                                      weight_decay=config.weight_decay)
+        self.total_steps = self._total_steps()
+        self.lr_scheduler = get_scheduler(
+            config.lr_scheduler_type, optimizer, num_warmup_steps=math.ceil(config.warmup_ratio * self.total_steps),
+            num_training_steps=self.total_steps,
+        )
+        self.policy, self.value_model, self.optimizer = self.accelerator.prepare(
+            policy, TokenValueModel(value_model), optimizer
+        )
+        self.global_step = 0
+        self.log_history: list[dict[str, Any]] = []
+
+    # ------------------------------------------------------------------ data
+
+    @property
+    def global_batch_size(self) -> int:
+        """Prompts consumed per PPO step over all processes."""
+        return self.config.per_device_train_batch_size * self.accelerator.num_processes
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return len(self.prompts) // self.global_batch_size
+
+    def _usable_prompts(self, prompts: Sequence[Sequence[int]]) -> list[list[int]]:
+        """Drop (and count) prompts that are empty or longer than max_prompt_length, never silently."""
+        limit = self.config.max_prompt_length
+        kept = [list(p) for p in prompts if len(p) > 0 and (limit is None or len(p) <= limit)]
+        if len(kept) < len(prompts):
+            logger.warning("PPO: dropped %d of %d prompts (empty or longer than max_prompt_length=%s)",
+                           len(prompts) - len(kept), len(prompts), limit)
+        need = self.config.per_device_train_batch_size * self.accelerator.num_processes
+        if len(kept) < need:
+            raise ValueError(f"PPO needs at least {need} usable prompts (per_device_train_batch_size × "
+                             f"processes) but has {len(kept)}")
+        return kept
+
+    def _total_steps(self) -> int:
+        if self.config.total_episodes is not None:
+            return math.ceil(self.config.total_episodes / self.global_batch_size)
+        return math.ceil(self.config.num_train_epochs * self.batches_per_epoch)
+
+    def data_position(self, step: int) -> tuple[int, int]:
+        """(data epoch, batch index within it) of 1-based `step`: a pure function, so resume needs only the step."""
+        return divmod(step - 1, self.batches_per_epoch)
+
+    def prompts_for_step(self, step: int) -> list[list[int]]:
+        """This process's share of the step's prompts, from a permutation seeded by (seed, data epoch)."""
+        epoch, index = self.data_position(step)
+        per_device = self.config.per_device_train_batch_size
+        order = torch.randperm(len(self.prompts), generator=torch.Generator().manual_seed(self.config.seed + epoch))
+        start = index * self.global_batch_size + self.accelerator.process_index * per_device
+        return [self.prompts[i] for i in order[start:start + per_device].tolist()]
+
+    def _stop_token_ids(self) -> list[int]:
+        if self.config.stop_token_id is not None:
+            return [self.config.stop_token_id]
+        if self.config.stop_token == "eos":
+            if self.tokenizer.eos_token_id is None:
+                raise ValueError("stop_token is 'eos' but the tokenizer has no eos token; set stop_token_id")
+            return [self.tokenizer.eos_token_id]
+        return []
+
+    # --------------------------------------------------------------- rollout
+
+    @torch.no_grad()
+    def rollout(self, prompts: Sequence[Sequence[int]]) -> Rollout:
+        """Sample responses and compute everything PPO needs about them (log-probs, values, rewards, advantages)."""
+        cfg, device = self.config, self.accelerator.device
+        policy = self.accelerator.unwrap_model(self.policy)
+        critic = self.accelerator.unwrap_model(self.value_model)
+        policy.eval()
+        critic.eval()
+        queries, query_mask = _left_pad(prompts, self.tokenizer.pad_token_id, device)
+        responses = self._generate(policy, queries, query_mask)
+        response_mask, has_stop = self._truncate_after_stop(responses)
+        responses = responses.masked_fill(~response_mask, self.tokenizer.pad_token_id)
+        input_ids = torch.cat([queries, responses], dim=1)
+        attention_mask = torch.cat([query_mask, response_mask.long()], dim=1)
+        context_length = queries.shape[1]
+
+        logprobs, ref_logprobs, entropy, values = [], [], [], []
+        for rows in _chunks(len(prompts), cfg.local_rollout_forward_batch_size):
+            ids, mask = input_ids[rows], attention_mask[rows]
+            with self.accelerator.autocast():
+                chunk_logprobs, chunk_entropy = self._response_logprobs(policy, ids, mask, context_length, True)
+                with policy.disable_adapter():
+                    chunk_ref, _ = self._response_logprobs(policy, ids, mask, context_length)
+                chunk_values = self._response_values(critic, ids, mask, context_length)
+            logprobs.append(chunk_logprobs)
+            entropy.append(chunk_entropy)
+            ref_logprobs.append(chunk_ref)
+            values.append(chunk_values)
+        logprobs, ref_logprobs = torch.cat(logprobs), torch.cat(ref_logprobs)
+        entropy, values = torch.cat(entropy), torch.cat(values)
+
+        raw_scores = self._score(queries, query_mask, responses, response_mask)
+        scores = self._shape_scores(raw_scores, has_stop)
+        kl = kl_penalty(logprobs, ref_logprobs, cfg.kl_estimator).masked_fill(~response_mask, 0.0)
+        rewards = token_rewards(scores, kl, response_mask, cfg.kl_coef)
+        if cfg.whiten_rewards:
+            rewards = masked_whiten(rewards, response_mask, shift_mean=False)
+        advantages, returns = gae_advantages_and_returns(rewards, values, response_mask, cfg.gamma, cfg.lam)
+        advantages = masked_whiten(advantages, response_mask)
+        return Rollout(input_ids, attention_mask, context_length, response_mask, has_stop, logprobs, ref_logprobs,
+                       entropy, values.masked_fill(~response_mask, 0.0), raw_scores, scores, kl, rewards,
+                       advantages, returns)
+
+    def _generate(self, policy: PeftModel, queries: torch.Tensor, query_mask: torch.Tensor) -> torch.Tensor:
+        """Sample with the KV cache in chunks; returns the response part, right-padded to a common width."""
+        chunks = []
+        for rows in _chunks(queries.shape[0], self.config.local_rollout_forward_batch_size):
+            out = policy.generate(input_ids=queries[rows], attention_mask=query_mask[rows],
+                                  generation_config=self.generation_config)
+            chunks.append(out[:, queries.shape[1]:])
+        width = max(chunk.shape[1] for chunk in chunks)
+        return torch.cat([F.pad(c, (0, width - c.shape[1]), value=self.tokenizer.pad_token_id) for c in chunks])
+
+    def _truncate_after_stop(self, responses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mask of tokens up to and including the first stop token, and whether a stop token was produced."""
+        stops = torch.tensor(self.stop_token_ids, dtype=responses.dtype, device=responses.device)
+        is_stop = torch.isin(responses, stops)
+        stops_before = is_stop.long().cumsum(dim=1) - is_stop.long()
+        return stops_before == 0, is_stop.any(dim=1)
+
+    def _response_logprobs(
+        self, model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, context_length: int,
+        with_entropy: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """log π(y_t | x, y_<t) under softmax(logits/T), from logits of the response positions only."""
+        width = input_ids.shape[1] - context_length
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=_positions(attention_mask),
+                       logits_to_keep=width + 1, use_cache=False).logits[:, :-1]
+        logits = logits / self.config.temperature
+        entropy = entropy_from_logits(logits) if with_entropy else None
+        return logprobs_from_logits(logits, input_ids[:, context_length:]), entropy
+
+    def _response_values(self, critic: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                         context_length: int) -> torch.Tensor:
+        """V(s_t) for each response token t, read at the position that predicts it (as the log-probs are)."""
+        values = critic(input_ids, attention_mask, _positions(attention_mask))
+        return values[:, context_length - 1:-1]
+
+    def _score(self, queries: torch.Tensor, query_mask: torch.Tensor, responses: torch.Tensor,
+               response_mask: torch.Tensor) -> torch.Tensor:
+        """The reward function on right-padded prompt+response rows, built from lengths, never from `!= pad`."""
+        rows = [torch.cat([q[m.bool()], r[rm]])
+                for q, m, r, rm in zip(queries, query_mask, responses, response_mask, strict=True)]
+        lengths = torch.tensor([len(row) for row in rows], device=queries.device)
+        ids = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=self.tokenizer.pad_token_id)
+        mask = (torch.arange(ids.shape[1], device=ids.device)[None, :] < lengths[:, None]).long()
+        scores = [self.reward_fn(ids[part], mask[part]).reshape(-1)
+                  for part in _chunks(len(rows), self.config.local_rollout_forward_batch_size)]
+        scores = torch.cat(scores).float().to(queries.device)
+        if scores.shape != (len(rows),):
+            raise ValueError(f"reward_fn must return one score per row, got shape {tuple(scores.shape)}")
+        return scores
+
+    def _shape_scores(self, raw_scores: torch.Tensor, has_stop: torch.Tensor) -> torch.Tensor:
+        """Normalise with the RM's (mean, std), clip to ±reward_clip, then subtract the missing-stop penalty."""
+        scores = raw_scores
+        if self.config.normalize_reward:
+            mean, std = self.reward_stats
+            scores = (scores - mean) / max(std, 1e-8)
+        if self.config.reward_clip is not None:
+            scores = scores.clamp(-self.config.reward_clip, self.config.reward_clip)
+        if self.config.missing_eos_penalty is not None:
+            scores = scores - self.config.missing_eos_penalty * (~has_stop).float()
+        return scores
+
+    # ---------------------------------------------------------- optimisation
+
+    def ppo_update(self, rollout: Rollout) -> dict[str, float]:
+        """num_ppo_epochs passes of shuffled minibatch AdamW steps on policy_loss + vf_coef·value_loss."""
+        cfg = self.config
+        self.policy.train()
+        self.value_model.train()
+        stats: dict[str, list[torch.Tensor]] = defaultdict(list)
+        for _ in range(cfg.num_ppo_epochs):
+            order = torch.randperm(len(rollout)).to(self.accelerator.device)
+            for minibatch in order.split(cfg.mini_batch_size):
+                micro_batches = minibatch.split(cfg.micro_batch_size)
+                for i, rows in enumerate(micro_batches):
+                    with self._gradient_sync(i == len(micro_batches) - 1):
+                        loss, micro_stats = self._loss(rollout.select(rows))
+                        self.accelerator.backward(loss / len(micro_batches))
+                    for name, value in micro_stats.items():
+                        stats[name].append(value)
+                if cfg.max_grad_norm is not None:
+                    self.accelerator.clip_grad_norm_(self.trainable_params, cfg.max_grad_norm)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+        return {name: torch.stack(values).mean().item() for name, values in stats.items()}
+
+    def _loss(self, batch: Rollout) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """PPO loss of one micro-batch with the current policy and critic, plus its statistics."""
+        logprobs, _ = self._response_logprobs(self.policy, batch.input_ids, batch.attention_mask,
+                                              batch.context_length)
+        values = self._response_values(self.value_model, batch.input_ids, batch.attention_mask, batch.context_length)
+        pg_loss, clipfrac, approxkl = policy_loss(logprobs, batch.logprobs, batch.advantages, batch.response_mask,
+                                                  self.config.cliprange)
+        vf_loss, vf_clipfrac = value_loss(values, batch.values, batch.returns, batch.response_mask,
+                                          self.config.cliprange_value)
+        stats = {"policy/clipfrac": clipfrac, "policy/approxkl": approxkl, "loss/policy": pg_loss.detach(),
+                 "loss/value": vf_loss.detach(), "val/clipfrac": vf_clipfrac}
+        return pg_loss + self.config.vf_coef * vf_loss, stats
+
+    @contextmanager
+    def _gradient_sync(self, sync: bool) -> Iterator[None]:
+        """Skip DDP's all-reduce on all but the last micro-batch of a minibatch."""
+        with ExitStack() as stack:
+            if not sync:
+                for model in (self.policy, self.value_model):
+                    stack.enter_context(self.accelerator.no_sync(model))
+            yield
+
+    # -------------------------------------------------------------- training
+
+    def train(self, resume_from_checkpoint: str | os.PathLike[str] | bool | None = None) -> dict[str, Any]:
+        """Run PPO to `total_steps`; resume from a checkpoint folder (or the newest one when True).
+
+        Returns the metrics of the last step.
+        """
+        set_seed(self.config.seed, device_specific=True)
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = last_checkpoint(self.config.output_dir)
+        if resume_from_checkpoint:
+            self._load_checkpoint(Path(resume_from_checkpoint))
+        if self.config.report_to:
+            self.accelerator.init_trackers("rlhf_pipeline_ppo", config=_flat_config(self.config))
+        sample_every = (max(1, self.total_steps // self.config.num_sample_generations)
+                        if self.config.num_sample_generations else 0)
+        progress = tqdm(total=self.total_steps, initial=self.global_step, desc="PPO",
+                        disable=self.config.disable_tqdm or not self.accelerator.is_main_process)
+        window: list[dict[str, float]] = []
+        metrics: dict[str, Any] = {}
+        while self.global_step < self.total_steps:
+            step = self.global_step + 1
+            rollout = self.rollout(self.prompts_for_step(step))
+            lr = self.lr_scheduler.get_last_lr()[0]
+            update_stats = self.ppo_update(rollout)
+            self.lr_scheduler.step()
+            self.global_step = step
+            window.append({**self._rollout_metrics(rollout), **self._mean_over_processes(update_stats), "lr": lr})
+            if step % self.config.logging_steps == 0 or step == self.total_steps:
+                metrics = self._log(window)
+                window = []
+                progress.set_postfix(score=f"{metrics['objective/scores']:.3f}", kl=f"{metrics['objective/kl']:.3f}")
+            if sample_every and step % sample_every == 0:
+                self.log_history.append({"step": step, "samples": self._samples(rollout)})
+            if step % self.config.save_steps == 0:
+                self.save_checkpoint()
+            progress.update(1)
+        progress.close()
+        if self.config.report_to:
+            self.accelerator.end_training()
+        return metrics
+
+    def _rollout_metrics(self, rollout: Rollout) -> dict[str, float]:
+        """Per-answer and per-token statistics of a rollout, over the whole global batch."""
+        mask = rollout.response_mask
+        lengths = mask.sum(dim=1).float()
+        kl_sum = (rollout.kl * mask).sum(dim=1)
+        non_score = -self.config.kl_coef * kl_sum
+        per_row = torch.stack([rollout.scores, rollout.raw_scores, kl_sum, non_score, rollout.scores + non_score,
+                               lengths, rollout.has_stop.float(), (rollout.entropy * mask).sum(dim=1)], dim=1)
+        per_row = self.accelerator.gather(per_row)
+        scores, raw, kl, non_score, rlhf, lengths, stops, entropy = per_row.unbind(dim=1)
+        ev = explained_variance(rollout.values, rollout.returns, mask)
+        return {
+            "objective/scores": scores.mean().item(),
+            "objective/scores_std": scores.std().item() if len(scores) > 1 else 0.0,
+            "objective/raw_scores": raw.mean().item(),
+            "objective/kl": kl.mean().item(),
+            "objective/entropy": (entropy.sum() / lengths.sum()).item(),
+            "objective/non_score_reward": non_score.mean().item(),
+            "objective/rlhf_reward": rlhf.mean().item(),
+            "response/length": lengths.mean().item(),
+            "response/eos_fraction": stops.mean().item(),
+            "val/explained_variance": self._mean_over_processes({"ev": ev.item()})["ev"],
+        }
+
+    def _mean_over_processes(self, values: dict[str, float]) -> dict[str, float]:
+        if self.accelerator.num_processes == 1:
+            return values
+        stacked = torch.tensor(list(values.values()), device=self.accelerator.device)
+        return dict(zip(values, self.accelerator.reduce(stacked, reduction="mean").tolist(), strict=True))
+
+    def _log(self, window: list[dict[str, float]]) -> dict[str, Any]:
+        """Average the steps since the last log; record, report to trackers and call `on_log`."""
+        logs: dict[str, Any] = {name: sum(m[name] for m in window) / len(window) for name in window[0]}
+        logs.update(episode=self.global_step * self.global_batch_size, step=self.global_step)
+        self.log_history.append(logs)
+        if self.config.report_to:
+            self.accelerator.log(logs, step=self.global_step)
+        if self.on_log is not None and self.accelerator.is_main_process:
+            self.on_log(dict(logs))
+        return logs
+
+    def _samples(self, rollout: Rollout, count: int = 3) -> list[dict[str, Any]]:
+        """A few decoded prompt/response/score triples, for a human to look at."""
+        samples = []
+        prompt_part = slice(0, rollout.context_length)
+        for row in range(min(count, len(rollout))):
+            prompt = rollout.input_ids[row, prompt_part][rollout.attention_mask[row, prompt_part].bool()]
+            response = rollout.responses[row][rollout.response_mask[row]]
+            samples.append({"prompt": self.tokenizer.decode(prompt, skip_special_tokens=True),
+                            "response": self.tokenizer.decode(response, skip_special_tokens=True),
+                            "score": rollout.raw_scores[row].item()})
+        return samples
+
+    # ------------------------------------------------------------ persistence
+
+    def save_model(self, output_dir: str | os.PathLike[str]) -> None:
+        """Save the policy adapter (PeftModel.from_pretrained loads it), the critic in value_model/, the tokenizer."""
+        if self.accelerator.is_main_process:
+            self._save_weights(Path(output_dir))
+            self.tokenizer.save_pretrained(output_dir)
+        self.accelerator.wait_for_everyone()
+
+    def _save_weights(self, folder: Path) -> None:
+        policy = self.accelerator.unwrap_model(self.policy)
+        critic = self.accelerator.unwrap_model(self.value_model).model
+        policy.save_pretrained(folder, selected_adapters=[policy.active_adapter])
+        critic.save_pretrained(folder / VALUE_MODEL_DIR, selected_adapters=[critic.active_adapter])
+
+    def save_checkpoint(self) -> Path:
+        """Write checkpoint-<step>/ atomically (temp folder, then rename) and keep at most save_total_limit."""
+        output_dir = Path(self.config.output_dir)
+        final = output_dir / f"{CHECKPOINT_PREFIX}{self.global_step}"
+        rng_states = gather_object([_rng_state()])
+        if self.accelerator.is_main_process:
+            staging = output_dir / f".tmp-{final.name}"
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir(parents=True)
+            self._save_weights(staging)
+            torch.save(self.optimizer.state_dict(), staging / "optimizer.pt")
+            torch.save(self.lr_scheduler.state_dict(), staging / "scheduler.pt")
+            for rank, state in enumerate(rng_states):
+                torch.save(state, staging / f"rng_state_{rank}.pth")
+            epoch, index = self.data_position(self.global_step + 1)
+            state = {"global_step": self.global_step, "episode": self.global_step * self.global_batch_size,
+                     "data_epoch": epoch, "data_batch_index": index, "world_size": self.accelerator.num_processes,
+                     "global_batch_size": self.global_batch_size, "total_steps": self.total_steps,
+                     "log_history": self.log_history}
+            (staging / TRAINER_STATE).write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(staging, final)
+            self._rotate_checkpoints(output_dir)
+        self.accelerator.wait_for_everyone()
+        return final
+
+    def _rotate_checkpoints(self, output_dir: Path) -> None:
+        limit = self.config.save_total_limit
+        if limit is None:
+            return
+        for stale in _checkpoints(output_dir)[:-limit]:
+            shutil.rmtree(stale)
+
+    def _load_checkpoint(self, folder: Path) -> None:
+        """Restore weights, optimizer, scheduler, step, log history and this process's RNG streams."""
+        state = json.loads((folder / TRAINER_STATE).read_text(encoding="utf-8"))
+        same_launch = state["world_size"] == self.accelerator.num_processes
+        if not same_launch or state["global_batch_size"] != self.global_batch_size:
+            raise ValueError(f"{folder} was written by {state['world_size']} process(es) with global batch "
+                             f"{state['global_batch_size']}; resume with the same launch and batch settings")
+        policy = self.accelerator.unwrap_model(self.policy)
+        critic = self.accelerator.unwrap_model(self.value_model).model
+        _load_adapter(policy, folder)
+        _load_adapter(critic, folder / VALUE_MODEL_DIR)
+        self.optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True))
+        self.lr_scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
+        _set_rng_state(torch.load(folder / f"rng_state_{self.accelerator.process_index}.pth", weights_only=True))
+        self.global_step = state["global_step"]
+        self.log_history = state["log_history"]
+        logger.info("PPO: resumed from %s at step %d", folder, self.global_step)
+
+
+def last_checkpoint(output_dir: str | os.PathLike[str]) -> Path | None:
+    """The newest checkpoint-<step> folder in output_dir; half-written ones never carry that name."""
+    found = _checkpoints(Path(output_dir))
+    return found[-1] if found else None
+
+
+def _checkpoints(output_dir: Path) -> list[Path]:
+    if not output_dir.is_dir():
+        return []
+    found = [p for p in output_dir.glob(f"{CHECKPOINT_PREFIX}*")
+             if p.is_dir() and p.name[len(CHECKPOINT_PREFIX):].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
+
+
+def _check_models(policy: torch.nn.Module, value_model: torch.nn.Module) -> None:
+    """Fail early, with the fix, when a model cannot play its PPO role."""
+    if not isinstance(policy, PeftModel):
+        raise TypeError("policy must be a PeftModel: the reference policy is the same model with its adapter "
+                        "disabled")
+    if not isinstance(value_model, PeftModel):
+        raise TypeError("value_model must be a PeftModel over a sequence-classification model")
+    classifier = value_model.get_base_model()
+    head = getattr(classifier, _score_head_name(classifier))
+    if not any(p.requires_grad for p in head.parameters()):
+        raise ValueError("the value model's score head is frozen; add it to LoraConfig(modules_to_save=['score'])")
+    if not any(p.requires_grad for p in policy.parameters()):
+        raise ValueError("the policy has no trainable parameters; is its PPO adapter active and trainable?")
+
+
+def _score_head_name(classifier: torch.nn.Module) -> str:
+    for name in ("score", "classifier"):
+        if isinstance(getattr(classifier, name, None), torch.nn.Module):
+            return name
+    raise TypeError(f"{type(classifier).__name__} has no `score` head: the value model must be a "
+                    "sequence-classification model (AutoModelForSequenceClassification, num_labels=1)")
+
+
+def _disable_dropout(model: torch.nn.Module) -> None:
+    """The PPO ratio compares two forward passes over the same tokens; dropout would turn it into noise."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
+
+
+def _left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad prompts for generation; the mask comes from lengths, since the pad id may occur inside a prompt."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
+        mask[row, width - len(prompt):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that start at 0 on each row's first real token, as `generate` numbers them."""
+    return (attention_mask.long().cumsum(dim=-1) - 1).clamp(min=0)
+
+
+def _chunks(total: int, size: int) -> Iterator[slice]:
+    for start in range(0, total, size):
+        yield slice(start, min(start + size, total))
+
+
+def _load_adapter(model: PeftModel, folder: Path) -> None:
+    name = model.active_adapter
+    weights = load_peft_weights(str(folder if name == "default" else folder / name))
+    result = set_peft_model_state_dict(model, weights, adapter_name=name)
+    missing = [key for key in get_peft_model_state_dict(model, adapter_name=name) if key not in weights]
+    if missing or result.unexpected_keys:
+        raise ValueError(f"{folder} does not match the {name!r} adapter (missing {missing[:3]}, "
+                         f"unexpected {list(result.unexpected_keys)[:3]})")
+
+
+def _rng_state() -> dict[str, Any]:
+    """Every RNG the run draws from, in tensor/primitive form so it reloads with weights_only=True."""
+    version, mt_state, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state: dict[str, Any] = {"python": [version, list(mt_state), gauss],
+                             "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+                             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    version, mt_state, gauss = state["python"]
+    random.setstate((version, tuple(mt_state), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _flat_config(config: PPOConfig) -> dict[str, Any]:
+    """Trackers take scalar hyper-parameters only."""
+    return {k: v if isinstance(v, (int, float, str, bool)) or v is None else str(v) for k, v in asdict(config).items()}

@@ -1,0 +1,149 @@
+"""Shared test setup: offline Hugging Face libraries, the ``slow`` marker, and a tiny local model.
+
+The tiny model is built from scratch in well under two seconds, so every stage can be exercised
+end to end without the Hub and without the 135M embedded model. Its tokenizer deliberately copies
+SmolLM2's quirks (ChatML, a default system prompt, eos == pad == ``<|im_end|>``) so tests meet the
+same traps the real default model sets.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytest
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerFast
+
+# Set before any Hugging Face library is imported (they read these once): tests never reach the network.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["TOKENIZERS_PARALLELISM"] = "false"
+
+SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")  # ids 0, 1, 2, as in SmolLM2
+TINY_VOCAB_SIZE = 400
+
+# ChatML like SmolLM2's template, including its habit of adding a system turn when there is none.
+TINY_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}"
+    "{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+# Everyday English, enough for a few hundred BPE merges; written for these tests.
+TINY_CORPUS = """\
+The sun rises in the morning and sets in the evening.
+I like to drink a cup of tea before I start work.
+She walked the dog to the park after breakfast.
+We bought bread, milk, apples and cheese at the market.
+The train to the city leaves at nine o'clock.
+Please close the window because it is cold outside.
+My brother plays football with his friends on Saturday.
+The children are reading books in the library.
+Can you help me carry these boxes upstairs?
+It rained all day, so we stayed at home and cooked soup.
+The capital of France is Paris, and the capital of Italy is Rome.
+He forgot his umbrella on the bus yesterday.
+Thank you for the lovely dinner, it was delicious.
+The teacher asked the students to write a short story.
+Our neighbours have a small garden with red flowers.
+I will call you when I arrive at the station.
+The cat is sleeping on the warm chair by the fire.
+Water boils at one hundred degrees.
+They are planning a trip to the mountains next summer.
+Turn left at the bakery and the post office is on your right.
+A good answer is short, clear and polite.
+What time is it? It is half past three in the afternoon.
+How are you today? I am fine, thank you, and how are you?
+The shop opens at eight and closes at six every weekday.
+She sent a letter to her grandmother last week.
+Remember to wash your hands before you eat.
+The river flows through the old town towards the sea.
+We watched a funny film and laughed a lot.
+My phone battery is low, so I need to charge it.
+The weather will be sunny with a light wind tomorrow.
+"""
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--runslow", action="store_true", default=False, help="also run tests marked slow")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "slow: real embedded model or minutes of CPU; --runslow or RUN_SLOW=1")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip slow tests by default so the everyday suite stays quick on two CPU cores."""
+    if config.getoption("--runslow") or os.environ.get("RUN_SLOW") == "1":
+        return
+    skip = pytest.mark.skip(reason="slow: use --runslow or RUN_SLOW=1")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+def _build_tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """Byte-level BPE trained on TINY_CORPUS, wrapped like a Hub tokenizer (lazy imports: fast collection)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=TINY_VOCAB_SIZE,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator(TINY_CORPUS.splitlines(), trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        pad_token="<|im_end|>",  # pad == eos on purpose: mirrors SmolLM2, exercises the pad-token policy
+        unk_token="<|endoftext|>",
+        model_max_length=512,
+    )
+    tokenizer.chat_template = TINY_CHAT_TEMPLATE
+    return tokenizer
+
+
+def build_tiny_model(folder: Path) -> Path:
+    """Save a seeded random 2-layer Llama and its tokenizer into ``folder``; the same bytes every time."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = _build_tiny_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Folder with the tiny model and tokenizer, loadable like any local model; built once per session."""
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
