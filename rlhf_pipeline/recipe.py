@@ -2,8 +2,9 @@
 
 A recipe has a `stage`, a `model` section, a `data` section, the stage's config section (`training` for
 the trainers) whose keys are the config class's own field names (TRL's SFTConfig/RewardConfig, our
-PPOConfig), an optional `hub` section, and any extra sections the stage declares. Every key is checked against its schema: a
-misspelt key fails with the file, the key path and the closest valid key. Nothing here imports torch.
+PPOConfig), an optional `hub` section, and any extra sections the stage declares. Every key is checked
+against its schema: a misspelt key fails with the file, the key path and the closest valid key. Nothing
+here imports torch.
 """
 
 from __future__ import annotations
