@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from rlhf_pipeline.errors import PipelineError
 
@@ -35,6 +36,15 @@ def make_parser() -> argparse.ArgumentParser:
         epilog="example: rlhf-pipeline validate recipes/smollm2-135m/sft.yaml",
     )
     _add_recipe_arguments(validate)
+    run = commands.add_parser(
+        "run", help="run a pipeline recipe: every stage in order, finished ones skipped",
+        description="Run the whole chain (e.g. sft, label, rm, ppo, eval); a stage whose recipe and inputs are "
+                    "unchanged since it finished is skipped.",
+        epilog="example: rlhf-pipeline run recipes/smollm2-135m/pipeline.yaml --from rm",
+    )
+    run.add_argument("recipe", help="path to the pipeline recipe")
+    run.add_argument("--from", dest="start", choices=STAGE_NAMES, help="re-run from this stage on")
+    run.add_argument("--force", action="store_true", help="re-run every stage")
     for name in STAGE_NAMES:
         stage = get_stage(name)
         sub = commands.add_parser(name, help=stage.summary, description=stage.summary,
@@ -48,8 +58,14 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 def _validate(recipe_path: str, overrides: list[str]) -> None:
-    from rlhf_pipeline.recipe import load_recipe
+    from rlhf_pipeline.recipe import load_recipe, read_yaml
 
+    if "stages" in read_yaml(Path(recipe_path)):
+        from rlhf_pipeline.pipeline import validate_pipeline
+
+        names = [r.stage for r in validate_pipeline(recipe_path)]
+        print(f"{recipe_path}: valid pipeline ({' -> '.join(names)})")
+        return
     recipe = load_recipe(recipe_path, overrides)
     print(f"{recipe_path}: valid {recipe.stage} recipe (output: {recipe.output_dir})")
 
@@ -72,6 +88,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "validate":
             _validate(args.recipe, args.overrides)
+        elif args.command == "run":
+            from rlhf_pipeline.pipeline import run_pipeline
+
+            run_pipeline(args.recipe, start=args.start, force=args.force)
         else:
             _run_stage(args.command, args.recipe, args.overrides, args.overwrite)
     except PipelineError as err:

@@ -185,9 +185,32 @@ class Recipe:
         out.update({name: dataclasses.asdict(spec) for name, spec in self.sections.items()})
         return out
 
+    def upstream(self) -> dict[str, str]:
+        """Finished stage outputs this recipe reads (a path in any value), with their fingerprints."""
+        found: dict[str, str] = {}
+
+        def visit(value: Any) -> None:
+            if isinstance(value, dict):
+                for item in value.values():
+                    visit(item)
+            elif isinstance(value, list):
+                for item in value:
+                    visit(item)
+            elif isinstance(value, str) and value and value != self.config.get("output_dir"):
+                path = Path(value)
+                for folder in (path, path.parent):
+                    marker = folder / "stage.json"
+                    if marker.is_file():
+                        manifest = json.loads(marker.read_text(encoding="utf-8"))
+                        found[str(folder.resolve())] = f"{manifest['fingerprint']}@{manifest['finished_at']}"
+                        break
+
+        visit(self.resolved())
+        return found
+
     def fingerprint(self) -> str:
-        """A hash of the resolved recipe: a finished stage is re-run only when this changes."""
-        text = json.dumps(self.resolved(), sort_keys=True, default=str)
+        """A hash of the resolved recipe and its upstream outputs: a finished stage re-runs when either changes."""
+        text = json.dumps([self.resolved(), self.upstream()], sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -303,8 +326,13 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
-def load_recipe(path: str | Path, overrides: list[str] | None = None, stage: str | None = None) -> Recipe:
-    """Read, override and validate a recipe; raises RecipeError naming the file and the key."""
+def load_recipe(path: str | Path, overrides: list[str] | None = None, stage: str | None = None,
+                pending_outputs: list[Path] | None = None) -> Recipe:
+    """Read, override and validate a recipe; raises RecipeError naming the file and the key.
+
+    `pending_outputs` are folders earlier pipeline stages will write: data cards inside them may not
+    exist yet when the whole chain is validated up front.
+    """
     from rlhf_pipeline.data.cards import check_cards
     from rlhf_pipeline.stages import STAGE_NAMES, get_stage
 
@@ -336,6 +364,6 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None, stage: str
         hub=build_section(HubSpec, data.get("hub", {}), path, "hub"),
         sections={key: build_section(cls, data.get(key, {}), path, key) for key, cls in spec.sections.items()},
     )
-    check_cards(recipe)
+    check_cards(recipe, pending_outputs or [])
     spec.check(recipe)
     return recipe

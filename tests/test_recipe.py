@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from rlhf_pipeline.errors import RecipeError
+from rlhf_pipeline.pipeline import read_pipeline, validate_pipeline
 from rlhf_pipeline.recipe import load_recipe
 
 REPO = Path(__file__).resolve().parents[1]
@@ -18,15 +19,22 @@ SHIPPED = sorted((REPO / "recipes").rglob("*.yaml"))
 SFT_RECIPE = REPO / "recipes" / "smollm2-135m" / "sft.yaml"
 
 
-def _stage_recipes() -> list[Path]:
-    return [p for p in SHIPPED if "stage" in yaml.safe_load(p.read_text())]
+PIPELINES = [p for p in SHIPPED if "stages" in yaml.safe_load(p.read_text())]
 
 
-@pytest.mark.parametrize("path", _stage_recipes(), ids=lambda p: str(p.relative_to(REPO)))
-def test_every_shipped_stage_recipe_validates(path: Path) -> None:
-    recipe = load_recipe(path)
-    assert recipe.output_dir.parts[0] == "outputs"
-    assert recipe.model.name_or_path
+def _in_a_pipeline() -> set[Path]:
+    return {step.recipe.resolve() for pipeline in PIPELINES for step in read_pipeline(pipeline)[1]}
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: str(p.relative_to(REPO)))
+def test_every_shipped_recipe_validates(path: Path) -> None:
+    """Pipelines validate as a chain (later stages read earlier outputs); other recipes on their own."""
+    if path in PIPELINES:
+        recipes = validate_pipeline(path)
+        assert [r.stage for r in recipes][0] == "sft"
+    elif path.resolve() not in _in_a_pipeline():
+        recipe = load_recipe(path)
+        assert recipe.output_dir.parts[0] == "outputs"
 
 
 def _write(tmp_path: Path, data: dict) -> Path:

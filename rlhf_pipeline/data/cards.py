@@ -112,7 +112,13 @@ def find_card(ref: str, recipe_path: Path) -> Path:
                       f"(looked in the data_cards/ folders above the recipe and in the working directory)")
 
 
-def check_cards(recipe: Recipe) -> list[DataCard]:
+def _is_pending(ref: str, recipe_path: Path, pending_outputs: list[Path]) -> bool:
+    """A card an earlier pipeline stage will generate (inside its output folder) cannot be checked yet."""
+    candidates = [Path(ref).resolve(), (recipe_path.parent / ref).resolve()]
+    return any(c.is_relative_to(p.resolve()) and not c.is_file() for c in candidates for p in pending_outputs)
+
+
+def check_cards(recipe: Recipe, pending_outputs: list[Path] | None = None) -> list[DataCard]:
     """Load every card the recipe names and check it fits the stage, before any data or weights load."""
     from rlhf_pipeline.stages import get_stage
 
@@ -120,6 +126,8 @@ def check_cards(recipe: Recipe) -> list[DataCard]:
     cards = []
     for split in ("train", "eval"):
         for index, ref in enumerate(getattr(recipe.data, split)):
+            if _is_pending(ref, recipe.path, pending_outputs or []):
+                continue
             card = load_card(find_card(ref, recipe.path))
             if card.format not in formats:
                 raise RecipeError(recipe.path, f"data.{split}[{index}]",

@@ -123,13 +123,20 @@ _REQUIRED = {
 }
 
 
-def _convert(card: DataCard, rows: list[dict[str, Any]], system_prompt: str | None) -> formats.Converted:
+def _convert(card: DataCard, rows: list[dict[str, Any]], system_prompt: str | None,
+             prompts_only: bool) -> formats.Converted:
+    """Convert with the card's own format; stages that sample answers keep only the distinct prompts."""
     if card.format in formats.SFT_FORMATS:
-        return formats.to_sft(rows, card.format, system_prompt=system_prompt)
-    if card.format in formats.PREFERENCE_FORMATS:
-        return formats.to_preference(rows, card.format, margin_key="margin" if card.margin_column else None,
-                                     system_prompt=system_prompt)
-    return formats.to_prompts(rows, system_prompt=system_prompt)
+        converted = formats.to_sft(rows, card.format, system_prompt=system_prompt)
+    elif card.format in formats.PREFERENCE_FORMATS:
+        converted = formats.to_preference(rows, card.format, margin_key="margin" if card.margin_column else None,
+                                          system_prompt=system_prompt)
+    else:
+        return formats.to_prompts(rows, card.format, system_prompt=system_prompt)
+    if prompts_only:
+        distinct = {json.dumps(row["prompt"], sort_keys=True): {"prompt": row["prompt"]} for row in converted.rows}
+        converted.rows = list(distinct.values())
+    return converted
 
 
 def _token_length(tokenizer: PreTrainedTokenizerBase) -> Callable[[dict[str, Any]], int]:
@@ -141,15 +148,15 @@ def _token_length(tokenizer: PreTrainedTokenizerBase) -> Callable[[dict[str, Any
     return length
 
 
-def load_rows(recipe: Recipe, split: str, tokenizer: PreTrainedTokenizerBase,
-              report: DataReport) -> list[dict[str, Any]]:
+def load_rows(recipe: Recipe, split: str, tokenizer: PreTrainedTokenizerBase, report: DataReport,
+              prompts_only: bool = False) -> list[dict[str, Any]]:
     """Canonical rows of every card in `data.<split>`, with unusable and over-long rows dropped and counted."""
     cards = [card for card in check_cards(recipe) if _card_split(recipe, card) == split]
     length = _token_length(tokenizer)
     kept_rows: list[dict[str, Any]] = []
     for card in cards:
         rows, dropped, where = read_card_rows(card)
-        converted = _convert(card, rows, recipe.data.system_prompt)
+        converted = _convert(card, rows, recipe.data.system_prompt, prompts_only)
         dropped.update(converted.dropped)
         for reason, indices in converted.first_bad_rows.items():
             where.setdefault(reason, []).extend(f"row {i}" for i in indices)
@@ -172,13 +179,18 @@ def _card_split(recipe: Recipe, card: DataCard) -> str:
     return "eval" if card.name in names or card.file.stem in names else "train"
 
 
-def load_datasets(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> tuple[DatasetDict, DataReport]:
-    """Train and eval datasets for a stage; an eval split is carved from train when no eval card is given."""
+def load_datasets(recipe: Recipe, tokenizer: PreTrainedTokenizerBase,
+                  prompts_only: bool = False) -> tuple[DatasetDict, DataReport]:
+    """Train and eval datasets for a stage; an eval split is carved from train when no eval card is given.
+
+    `prompts_only` is for stages that sample their own answers (label, PPO, eval): any card format works
+    and only its distinct prompts are kept.
+    """
     from datasets import Dataset, DatasetDict
 
     report = DataReport()
-    train = load_rows(recipe, "train", tokenizer, report)
-    evaluation = load_rows(recipe, "eval", tokenizer, report) if recipe.data.eval else []
+    train = load_rows(recipe, "train", tokenizer, report, prompts_only)
+    evaluation = load_rows(recipe, "eval", tokenizer, report, prompts_only) if recipe.data.eval else []
     logger.info("data: %s", report.summary())
     if report.read and report.kept / report.read < recipe.data.min_valid_fraction:
         raise PipelineError(f"{recipe.path}: data: only {report.summary()}, below "

@@ -65,7 +65,7 @@ TRAINER_STATE = "trainer_state.json"
 # repetition_penalty=1.05). PPO optimises log softmax(logits/T), so it must sample from exactly that.
 _PURE_SAMPLING = {"do_sample": True, "top_k": 0, "top_p": 1.0, "min_p": 0.0, "typical_p": 1.0,
                   "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "repetition_penalty": 1.0,
-                  "no_repeat_ngram_size": 0, "min_length": 0, "min_new_tokens": 0, "num_beams": 1}
+                  "no_repeat_ngram_size": 0, "min_new_tokens": 0, "num_beams": 1}
 
 
 @dataclass

@@ -19,7 +19,9 @@ if TYPE_CHECKING:
 
 _STAGE_MODULES = {
     "sft": "rlhf_pipeline.stages.sft",
+    "label": "rlhf_pipeline.stages.label",
     "rm": "rlhf_pipeline.stages.rm",
+    "eval": "rlhf_pipeline.stages.eval",
 }
 STAGE_NAMES = tuple(_STAGE_MODULES)
 
@@ -43,7 +45,16 @@ class Stage:
         return dataclass_fields(*self.config_class)
 
     def check(self, recipe: Recipe) -> None:
-        """Stage-specific checks that need no weights (run by `validate` and before every run)."""
+        """Stage-specific checks that need no weights (run by `validate` and before every run).
+
+        Our own config classes are cheap to import, so they are built here and their value checks run.
+        """
+        from rlhf_pipeline.recipe import build_section
+
+        module, name = self.config_class
+        if module.startswith("rlhf_pipeline."):
+            build_section(getattr(importlib.import_module(module), name), recipe.config, recipe.path,
+                          self.config_section)
         if self.extra_checks is not None:
             self.extra_checks(recipe)
 

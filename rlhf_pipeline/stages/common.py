@@ -59,6 +59,13 @@ def is_main_process() -> bool:
     return PartialState().is_main_process
 
 
+def wait_for_everyone() -> None:
+    """A barrier between stages, so no rank reads an output before rank 0 has finished writing it."""
+    from accelerate import PartialState
+
+    PartialState().wait_for_everyone()
+
+
 def say(message: str) -> None:
     """Print a progress line on the main process only."""
     if is_main_process():
@@ -106,6 +113,18 @@ def load_for_training(recipe: Recipe, task: str = CAUSAL_LM) -> Loaded:
     return Loaded(source, tokenizer, model)
 
 
+def load_policy(recipe: Recipe, name_or_path: str | None = None, task: str = CAUSAL_LM) -> Loaded:
+    """A frozen model for sampling or scoring (stage adapters merged, no new LoRA), in eval mode."""
+    import dataclasses
+
+    check_hardware(recipe.model, recipe.config)
+    spec = dataclasses.replace(recipe.model, name_or_path=name_or_path or recipe.model.name_or_path, lora=None)
+    source = resolve_source(spec, progress=say)
+    tokenizer = load_tokenizer(source, spec)
+    model = load_model(source, spec, tokenizer, task=task).eval()
+    return Loaded(source, tokenizer, model)
+
+
 def trainer_config(config_class: type, recipe: Recipe, **stage_values: Any) -> Any:
     """The trainer's config from the recipe's `training` section plus hardware-aware defaults."""
     import torch
@@ -122,19 +141,18 @@ def trainer_config(config_class: type, recipe: Recipe, **stage_values: Any) -> A
     return config_class(**values)
 
 
+def finished_manifest(recipe: Recipe, source: ModelSource, metrics: dict[str, Any], adapter: bool,
+                      task: str = CAUSAL_LM, extra: dict[str, Any] | None = None) -> StageManifest:
+    """The completion record of a stage run: recipe fingerprint, base model lineage and metrics."""
+    return StageManifest(stage=recipe.stage, fingerprint=recipe.fingerprint(), base_model=source.as_dict(),
+                         adapter=adapter, merged_adapters=list(source.adapters), task=task, metrics=metrics,
+                         extra=extra or {})
+
+
 def finish(recipe: Recipe, loaded: Loaded, model: PreTrainedModel, metrics: dict[str, Any],
            task: str = CAUSAL_LM, extra: dict[str, Any] | None = None) -> StageManifest:
     """Save weights, tokenizer, recipe and metrics atomically, then write the completion marker last."""
-    manifest = StageManifest(
-        stage=recipe.stage,
-        fingerprint=recipe.fingerprint(),
-        base_model=loaded.source.as_dict(),
-        adapter=recipe.model.lora is not None,
-        merged_adapters=list(loaded.source.adapters),
-        task=task,
-        metrics=metrics,
-        extra=extra or {},
-    )
+    manifest = finished_manifest(recipe, loaded.source, metrics, recipe.model.lora is not None, task, extra)
     if not is_main_process():
         return manifest
     with staging_dir(recipe.output_dir) as scratch:

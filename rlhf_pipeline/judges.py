@@ -1,0 +1,65 @@
+"""Judges score answers without people: a trained reward model, a Python function, or VADER sentiment.
+
+A judge takes chat prompts and answer texts and returns one float per answer, higher is better. The
+`label` stage ranks sampled answers with one (RLAIF); the `eval` stage reports one next to the RM.
+
+    judge: {type: vader}
+    judge: {type: reward_model, path: outputs/smollm2-135m/rm}
+    judge: {type: callable, function: my_package.rules:politeness}
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from rlhf_pipeline.chat import Messages
+
+Judge = Callable[[Sequence[Messages], Sequence[str]], list[float]]
+JUDGE_TYPES = ("vader", "reward_model", "callable")
+
+
+@dataclass
+class JudgeSpec:
+    """Which judge: `vader`, a finished RM stage (`path`), or `function: module:function`."""
+
+    type: str = "vader"
+    path: str | None = None
+    function: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.type not in JUDGE_TYPES:
+            raise ValueError(f"type: must be one of {', '.join(JUDGE_TYPES)}")
+        if self.type == "reward_model" and not self.path:
+            raise ValueError("path: a reward_model judge needs the folder of a finished rm stage")
+        if self.type == "callable" and (not self.function or ":" not in self.function):
+            raise ValueError("function: a callable judge needs `module:function`")
+
+    @property
+    def name(self) -> str:
+        return {"vader": "vader", "reward_model": f"reward_model:{self.path}"}.get(self.type, str(self.function))
+
+
+def vader_judge() -> Judge:
+    """VADER's compound sentiment score in [-1, 1]: a published lexicon and rule set, not ours."""
+    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+    analyzer = SentimentIntensityAnalyzer()
+
+    def score(prompts: Sequence[Messages], answers: Sequence[str]) -> list[float]:
+        return [analyzer.polarity_scores(answer)["compound"] for answer in answers]
+
+    return score
+
+
+def load_judge(spec: JudgeSpec) -> Judge:
+    """Build the judge a recipe names."""
+    if spec.type == "vader":
+        return vader_judge()
+    if spec.type == "reward_model":
+        from rlhf_pipeline.reward import RewardModel
+
+        return RewardModel.from_stage(str(spec.path)).score
+    module, _, name = str(spec.function).partition(":")
+    return getattr(importlib.import_module(module), name)

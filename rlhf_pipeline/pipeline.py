@@ -1,0 +1,100 @@
+"""The whole chain in one command: each stage recipe in order, finished stages skipped, inputs tracked.
+
+    rlhf-pipeline run recipes/smollm2-135m/pipeline.yaml
+    rlhf-pipeline run recipes/smollm2-135m/pipeline.yaml --from rm
+
+A pipeline recipe lists stage recipes (paths relative to it) with optional overrides. Stages feed each
+other by the paths in their recipes (the RM's `model.name_or_path` is the SFT output folder, the RM's
+data card is the label stage's generated card...). Every stage recipe is validated before anything
+runs; inputs that an earlier stage will produce are allowed to be missing at that point. A stage is
+skipped when its output holds a finished run of the same recipe whose upstream outputs are unchanged.
+Under `accelerate launch -m rlhf_pipeline run ...` every rank walks the same chain and the stages run
+collectively; ranks wait for each other between stages.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rlhf_pipeline.errors import RecipeError
+from rlhf_pipeline.recipe import Recipe, load_recipe, read_yaml
+from rlhf_pipeline.schema import suggest
+
+
+@dataclass
+class PipelineStep:
+    """One stage of the chain: its recipe file and the overrides the pipeline applies to it."""
+
+    stage: str
+    recipe: Path
+    overrides: list[str] = field(default_factory=list)
+
+
+def read_pipeline(path: str | Path) -> tuple[str, list[PipelineStep]]:
+    """Parse a pipeline recipe: `name`, and `stages` as a list of {stage, recipe, overrides}."""
+    from rlhf_pipeline.stages import STAGE_NAMES
+
+    path = Path(path)
+    data = read_yaml(path, what="pipeline recipe")
+    for key in data:
+        if key not in ("name", "stages"):
+            raise RecipeError(path, str(key), f"unknown key{suggest(str(key), ['name', 'stages'])}")
+    if not isinstance(data.get("stages"), list) or not data["stages"]:
+        raise RecipeError(path, "stages", "list the stages, e.g. - {stage: sft, recipe: sft.yaml}")
+    steps = []
+    for index, item in enumerate(data["stages"]):
+        where = f"stages[{index}]"
+        if not isinstance(item, dict) or set(item) - {"stage", "recipe", "overrides"} or "recipe" not in item:
+            raise RecipeError(path, where, "each stage is a mapping with stage, recipe and optional overrides")
+        if item.get("stage") not in STAGE_NAMES:
+            raise RecipeError(path, f"{where}.stage",
+                              f"unknown stage '{item.get('stage')}'{suggest(str(item.get('stage')), STAGE_NAMES)}")
+        overrides = item.get("overrides") or {}
+        if not isinstance(overrides, dict):
+            raise RecipeError(path, f"{where}.overrides", "a mapping of key paths to values")
+        steps.append(PipelineStep(item["stage"], path.parent / item["recipe"],
+                                  [f"{key}={_yaml_scalar(value)}" for key, value in overrides.items()]))
+    return str(data.get("name", path.stem)), steps
+
+
+def _yaml_scalar(value: Any) -> str:
+    import yaml
+
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+
+
+def validate_pipeline(path: str | Path) -> list[Recipe]:
+    """Validate every stage recipe up front; outputs of earlier stages may not exist yet."""
+    _, steps = read_pipeline(path)
+    recipes: list[Recipe] = []
+    for step in steps:
+        pending = [r.output_dir for r in recipes]
+        recipes.append(load_recipe(step.recipe, step.overrides, stage=step.stage, pending_outputs=pending))
+    return recipes
+
+
+def run_pipeline(path: str | Path, start: str | None = None, force: bool = False) -> dict[str, Any]:
+    """Run the chain; `start` re-runs from that stage on, `force` re-runs everything."""
+    from rlhf_pipeline.stages import get_stage
+    from rlhf_pipeline.stages.common import claim_output_dir, finished_run, say, wait_for_everyone
+
+    _, steps = read_pipeline(path)
+    names = [r.stage for r in validate_pipeline(path)]
+    if start is not None and start not in names:
+        raise RecipeError(Path(path), "--from", f"no stage '{start}' in this pipeline; stages: {', '.join(names)}")
+    rerun_from = names.index(start) if start else (0 if force else len(names))
+    results: dict[str, Any] = {}
+    for index, step in enumerate(steps):
+        recipe = load_recipe(step.recipe, step.overrides, stage=step.stage)  # upstream outputs exist now
+        counter = f"[{index + 1}/{len(steps)}] {recipe.stage}"
+        if index < rerun_from and finished_run(recipe):
+            say(f"{counter}: finished earlier with this recipe and inputs; skipped")
+            results[recipe.stage] = "skipped"
+            continue
+        say(f"{counter}: running {recipe.path}")
+        claim_output_dir(recipe, overwrite=True)
+        results[recipe.stage] = get_stage(recipe.stage).run(recipe)
+        wait_for_everyone()
+    return results

@@ -1,0 +1,132 @@
+"""AI-feedback labelling (RLAIF): sample K answers per prompt, rank them with a judge, write preference pairs.
+
+    rlhf-pipeline label recipes/smollm2-135m/label.yaml
+
+InstructGPT's comparison data without people: the SFT policy answers each prompt K times, the judge
+scores every answer, and each prompt yields pairs whose judge gap is at least `min_gap` (closer pairs
+are dropped and counted). The output folder holds `preferences.jsonl`, `ranked.jsonl` and a data card
+(`data_card.yaml`) that an RM recipe names like any other dataset.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from rlhf_pipeline.data.formats import FORMATS
+from rlhf_pipeline.judges import JudgeSpec
+from rlhf_pipeline.stages import Stage
+
+if TYPE_CHECKING:
+    from rlhf_pipeline.recipe import Recipe
+
+
+@dataclass
+class LabelConfig:
+    """How answers are sampled and which pairs are kept."""
+
+    output_dir: str
+    num_samples: int = 4
+    max_new_tokens: int = 48
+    temperature: float = 1.0
+    top_p: float = 1.0
+    batch_size: int = 16
+    seed: int = 42
+    min_gap: float = 0.1
+    pairs: str = "best_worst"
+
+    def __post_init__(self) -> None:
+        if self.num_samples < 2:
+            raise ValueError("num_samples: need at least 2 answers per prompt to compare")
+        if self.pairs not in ("best_worst", "all"):
+            raise ValueError("pairs: best_worst (one pair per prompt) or all (every pair over min_gap)")
+        if self.min_gap < 0:
+            raise ValueError("min_gap: must be zero or more")
+
+
+def select_pairs(answers: list[str], scores: list[float], min_gap: float, mode: str) -> tuple[list[dict], int]:
+    """Ordered (chosen, rejected) pairs from K scored answers, and how many fell below the gap."""
+    ranked = sorted(zip(scores, answers, strict=True), key=lambda item: -item[0])
+    candidates = [(ranked[0], ranked[-1])] if mode == "best_worst" else list(itertools.combinations(ranked, 2))
+    pairs, too_close = [], 0
+    for (high, chosen), (low, rejected) in candidates:
+        if high - low < min_gap or chosen == rejected:
+            too_close += 1
+            continue
+        pairs.append({"chosen": chosen, "rejected": rejected, "judge_gap": high - low})
+    return pairs, too_close
+
+
+def _card(recipe: Recipe, config: LabelConfig, judge: JudgeSpec, counts: dict[str, int]) -> dict[str, Any]:
+    return {
+        "name": f"{recipe.output_dir.name}_preferences",
+        "description": (f"Preference pairs labelled by this pipeline: {config.num_samples} answers per prompt "
+                        f"sampled from {recipe.model.name_or_path} (temperature {config.temperature}, top_p "
+                        f"{config.top_p}, at most {config.max_new_tokens} new tokens), ranked by the judge "
+                        f"'{judge.name}', pairs with a judge gap of at least {config.min_gap} kept."),
+        "source": {"path": "preferences.jsonl"},
+        "format": "prompt_chosen_rejected",
+        "license": "same as the prompts and the sampled model",
+        "stages": ["rm"],
+        "size": {"rows": counts["pairs"], "prompts": counts["prompts"]},
+        "known_issues": "Machine-judged: the pairs teach whatever the judge rewards, including its blind spots.",
+    }
+
+
+def run(recipe: Recipe) -> dict[str, Any]:
+    """Sample, judge and pair; write the pairs, every scored answer and the generated data card."""
+    import yaml
+
+    from rlhf_pipeline.data.loading import load_datasets
+    from rlhf_pipeline.generation import sample_answers
+    from rlhf_pipeline.judges import load_judge
+    from rlhf_pipeline.outputs import mark_complete, staging_dir
+    from rlhf_pipeline.stages.common import finished_manifest, is_main_process, load_policy, say
+
+    config = LabelConfig(**recipe.config)
+    judge_spec = recipe.sections["judge"]
+    loaded = load_policy(recipe)
+    datasets, data_report = load_datasets(recipe, loaded.tokenizer, prompts_only=True)
+    prompts = [row["prompt"] for split in datasets.values() for row in split]
+    say(f"label: {len(prompts)} prompts x {config.num_samples} answers, judge {judge_spec.name}")
+    samples = sample_answers(loaded.model, loaded.tokenizer, prompts, config.num_samples, config.max_new_tokens,
+                             config.temperature, config.top_p, config.batch_size, config.seed, "labelling")
+    judge = load_judge(judge_spec)
+    ranked_rows, pair_rows, too_close = [], [], 0
+    for prompt, answers in zip(prompts, samples, strict=True):
+        texts = [a.text for a in answers]
+        scores = judge([prompt] * len(texts), texts)
+        ranked_rows.append({"prompt": prompt, "answers": texts, "scores": scores})
+        pairs, dropped = select_pairs(texts, scores, config.min_gap, config.pairs)
+        too_close += dropped
+        pair_rows.extend({"prompt": prompt, **pair} for pair in pairs)
+    counts = {"prompts": len(prompts), "answers": len(prompts) * config.num_samples, "pairs": len(pair_rows),
+              "dropped_below_min_gap": too_close,
+              "finished_answers": sum(a.finished for answers in samples for a in answers)}
+    metrics = {"counts": counts, "judge": judge_spec.name, "data": data_report.as_dict(),
+               "mean_judge_score": sum(s for r in ranked_rows for s in r["scores"]) / max(counts["answers"], 1)}
+    say(f"label: {counts['pairs']} pairs kept, {too_close} dropped below min_gap {config.min_gap}")
+    if is_main_process():
+        with staging_dir(recipe.output_dir) as scratch:
+            (scratch / "preferences.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pair_rows))
+            (scratch / "ranked.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ranked_rows))
+            (scratch / "data_card.yaml").write_text(yaml.safe_dump(_card(recipe, config, judge_spec, counts),
+                                                                    sort_keys=False))
+            (scratch / "metrics.json").write_text(json.dumps(metrics, indent=2))
+            (scratch / "recipe.yaml").write_text(yaml.safe_dump(recipe.resolved(), sort_keys=False))
+        mark_complete(recipe.output_dir, finished_manifest(recipe, loaded.source, metrics, adapter=False))
+    return metrics
+
+
+STAGE = Stage(
+    name="label",
+    summary="AI feedback: sample K answers per prompt, rank them with a judge, write preference pairs",
+    example="rlhf-pipeline label recipes/smollm2-135m/label.yaml labelling.num_samples=4",
+    config_class=("rlhf_pipeline.stages.label", "LabelConfig"),
+    config_section="labelling",
+    data_formats=frozenset(FORMATS),
+    sections={"judge": JudgeSpec},
+    run=run,
+)
