@@ -52,18 +52,27 @@ class Loaded:
     model: Any
 
 
-def is_main_process() -> bool:
-    """Rank 0 (or a single process) writes files and prints summaries; other ranks stay quiet."""
+def process_state() -> Any:
+    """The process group, created for CPU when there is no GPU.
+
+    accelerate's state is a singleton and the first creation wins: a bare `PartialState()` on a CPU
+    machine would pin every rank to a world of one, and `Accelerator(cpu=True)` would switch DeepSpeed
+    off. Creating it as `PartialState(cpu=True)` first keeps DDP and DeepSpeed working on CPU.
+    """
+    import torch
     from accelerate import PartialState
 
-    return PartialState().is_main_process
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
+def is_main_process() -> bool:
+    """Rank 0 (or a single process) writes files and prints summaries; other ranks stay quiet."""
+    return process_state().is_main_process
 
 
 def wait_for_everyone() -> None:
     """A barrier between stages, so no rank reads an output before rank 0 has finished writing it."""
-    from accelerate import PartialState
-
-    PartialState().wait_for_everyone()
+    process_state().wait_for_everyone()
 
 
 def say(message: str) -> None:

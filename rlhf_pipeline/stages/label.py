@@ -47,8 +47,14 @@ class LabelConfig:
 
 
 def select_pairs(answers: list[str], scores: list[float], min_gap: float, mode: str) -> tuple[list[dict], int]:
-    """Ordered (chosen, rejected) pairs from K scored answers, and how many fell below the gap."""
-    ranked = sorted(zip(scores, answers, strict=True), key=lambda item: -item[0])
+    """Ordered (chosen, rejected) pairs from K scored answers, and how many fell below the gap.
+
+    Empty answers never enter a pair: the RM would drop such rows anyway, and counting them here keeps
+    the generated card's size honest.
+    """
+    ranked = sorted(((s, a) for s, a in zip(scores, answers, strict=True) if a.strip()), key=lambda item: -item[0])
+    if len(ranked) < 2:
+        return [], 1
     candidates = [(ranked[0], ranked[-1])] if mode == "best_worst" else list(itertools.combinations(ranked, 2))
     pairs, too_close = [], 0
     for (high, chosen), (low, rejected) in candidates:

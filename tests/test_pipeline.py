@@ -1,0 +1,74 @@
+"""The whole chain on the tiny model with a trivial judge: runs, skips what is finished, re-runs what changed."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import yaml
+
+from rlhf_pipeline.pipeline import run_pipeline, validate_pipeline
+from tests.stages.conftest import sft_rows, write_card
+
+JUDGE = {"type": "callable", "function": "tests.stages.judges:letter_e_share"}
+
+
+def _chain(tmp_path: Path, model_dir: Path) -> Path:
+    write_card(tmp_path, "chat", sft_rows(32), "messages", ["sft"])
+    write_card(tmp_path, "prompts", [{"prompt": f"Say something about topic {i}."} for i in range(24)],
+               "prompt_only", ["label", "ppo", "eval"])
+    out = tmp_path / "outputs"
+    lora = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0}
+    small = {"per_device_train_batch_size": 8, "per_device_eval_batch_size": 8, "learning_rate": 5e-3,
+             "logging_steps": 1, "save_steps": 50, "eval_strategy": "no", "seed": 0}
+    recipes = {
+        "sft": {"stage": "sft", "model": {"name_or_path": str(model_dir), "lora": lora},
+                "data": {"train": ["chat"], "eval_split": 0.25, "max_length": 96},
+                "training": {"output_dir": str(out / "sft"), "max_steps": 3} | small},
+        "label": {"stage": "label", "model": {"name_or_path": str(out / "sft")},
+                  "data": {"train": ["prompts"], "eval_split": 0.0, "max_length": 96}, "judge": JUDGE,
+                  "labelling": {"output_dir": str(out / "label"), "num_samples": 4, "max_new_tokens": 12,
+                                "min_gap": 0.0, "pairs": "all", "batch_size": 32}},
+        "rm": {"stage": "rm", "model": {"name_or_path": str(out / "sft"), "lora": lora},
+               "data": {"train": [str(out / "label" / "data_card.yaml")], "eval_split": 0.2, "max_length": 96},
+               "training": {"output_dir": str(out / "rm"), "max_steps": 3} | small},
+        "eval": {"stage": "eval", "model": {"name_or_path": str(out / "sft")},
+                 "data": {"train": ["prompts"], "eval_split": 0.0, "max_length": 96}, "judge": JUDGE,
+                 "evaluation": {"output_dir": str(out / "eval"), "policy": str(out / "rm"),
+                                "reward_model": str(out / "rm"), "max_new_tokens": 12, "bootstrap_samples": 200}},
+    }
+    for name, recipe in recipes.items():
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
+    pipeline = tmp_path / "pipeline.yaml"
+    pipeline.write_text(yaml.safe_dump({"name": "tiny", "stages": [{"stage": n, "recipe": f"{n}.yaml"}
+                                                                   for n in recipes]}))
+    return pipeline
+
+
+def test_chain_runs_then_skips_then_reruns_only_downstream(tmp_path: Path, tiny_model_dir: Path) -> None:
+    pipeline = _chain(tmp_path, tiny_model_dir)
+    assert [r.stage for r in validate_pipeline(pipeline)] == ["sft", "label", "rm", "eval"]
+    results = run_pipeline(pipeline)
+    out = tmp_path / "outputs"
+    for stage in ("sft", "label", "rm", "eval"):
+        assert json.loads((out / stage / "stage.json").read_text())["stage"] == stage
+    assert results["label"]["counts"]["answers"] == 24 * 4
+    pairs = [json.loads(line) for line in (out / "label" / "preferences.jsonl").read_text().splitlines()]
+    assert pairs and all(p["judge_gap"] >= 0 for p in pairs)
+    assert results["rm"]["data"]["rows_kept"] == len(pairs)
+    report = json.loads((out / "eval" / "eval.json").read_text())
+    assert report["prompts"] == 24 and "reward" in report["policy"]
+    assert (out / "eval" / "eval.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    started = time.monotonic()
+    again = run_pipeline(pipeline)
+    assert set(again.values()) == {"skipped"}
+    assert time.monotonic() - started < 15
+
+    rm_recipe = yaml.safe_load((tmp_path / "rm.yaml").read_text())
+    rm_recipe["training"]["learning_rate"] = 1e-3
+    (tmp_path / "rm.yaml").write_text(yaml.safe_dump(rm_recipe))
+    changed = run_pipeline(pipeline)
+    assert changed["sft"] == "skipped" and changed["label"] == "skipped"
+    assert changed["rm"] != "skipped" and changed["eval"] != "skipped"
