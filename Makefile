@@ -22,7 +22,7 @@ $(INSTALLED): pyproject.toml
 	touch $(INSTALLED)
 
 demo: $(INSTALLED)
-	$(PY) -m rlhf_pipeline sft recipes/smollm2-135m/sft.yaml
+	$(PY) -m rlhf_pipeline run recipes/smollm2-135m/pipeline.yaml
 
 test: $(INSTALLED)
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest -q
