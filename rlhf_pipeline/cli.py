@@ -71,11 +71,13 @@ def _validate(recipe_path: str, overrides: list[str]) -> None:
 
 
 def _run_stage(name: str, recipe_path: str, overrides: list[str], overwrite: bool) -> None:
+    from rlhf_pipeline.distributed import process_state, say
     from rlhf_pipeline.recipe import load_recipe
     from rlhf_pipeline.stages import get_stage
-    from rlhf_pipeline.stages.common import claim_output_dir, finished_run, say
+    from rlhf_pipeline.stages.common import claim_output_dir, finished_run
 
     recipe = load_recipe(recipe_path, overrides, stage=name)
+    process_state()
     if finished_run(recipe):
         say(f"{name}: already finished with this recipe in {recipe.output_dir}; nothing to do")
         return

@@ -55,7 +55,7 @@ def sample_answers(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, p
     import torch
     from tqdm.auto import tqdm
 
-    from rlhf_pipeline.stages.common import is_main_process
+    from rlhf_pipeline.distributed import is_main_process
 
     stop_ids = {end_of_turn_id(tokenizer), tokenizer.eos_token_id}
     encoded = [encode_prompt(tokenizer, p) for p in prompts for _ in range(num_samples)]

@@ -65,7 +65,8 @@ def resolve_source(spec: ModelSpec, progress: Any = print) -> ModelSource:
             if (path / "adapter_config.json").is_file() or path.name.startswith("checkpoint-"):
                 raise PipelineError(f"model.name_or_path: {path} holds no finished stage (no stage.json); "
                                     "let the stage finish, or re-run it to resume from its checkpoint")
-            return ModelSource(str(path), None, str(path), None, str(path))
+            folder = str(path.resolve())
+            return ModelSource(folder, None, folder, None, folder)
         base = manifest.base_model
         if not manifest.adapter:
             return ModelSource(str(path), None, base["origin"], base.get("origin_revision"), str(path),
@@ -192,19 +193,17 @@ def load_model(source: ModelSource, spec: ModelSpec, tokenizer: PreTrainedTokeni
     if spec.trust_remote_code:
         warnings.warn(f"trust_remote_code is on: code from {source.origin} runs on this machine",
                       stacklevel=2)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*newly initialized.*")
-        model = model_class.from_pretrained(
-            source.path,
-            revision=source.revision,
-            dtype=dtype,
-            quantization_config=quantization,
-            device_map=_device_map(quantization is not None),
-            attn_implementation=spec.attn_implementation,
-            trust_remote_code=spec.trust_remote_code,
-            use_safetensors=None if spec.allow_unsafe_weights else True,
-            **extra,
-        )
+    model = model_class.from_pretrained(
+        source.path,
+        revision=source.revision,
+        dtype=dtype,
+        quantization_config=quantization,
+        device_map=_device_map(quantization is not None),
+        attn_implementation=spec.attn_implementation,
+        trust_remote_code=spec.trust_remote_code,
+        use_safetensors=None if spec.allow_unsafe_weights else True,
+        **extra,
+    )
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer))
     for adapter in source.adapters:
@@ -231,13 +230,18 @@ def merge_adapter(model: PreTrainedModel, adapter_dir: str) -> PreTrainedModel:
 
 def attach_lora(model: PreTrainedModel, spec: ModelSpec, task: str = CAUSAL_LM,
                 gradient_checkpointing: bool = False) -> PeftModel | PreTrainedModel:
-    """Add the stage's trainable LoRA (after k-bit preparation for QLoRA); full fine-tuning without one."""
+    """Add the stage's trainable LoRA (after k-bit preparation for QLoRA); full fine-tuning without one.
+
+    k-bit preparation is told `use_reentrant=False` explicitly: PEFT otherwise enables checkpointing with
+    empty kwargs, so torch warns on every checkpointed layer call (and plans to make it an error).
+    """
     from peft import LoraConfig, TaskType, get_peft_model, prepare_model_for_kbit_training
 
     if spec.lora is None:
         return model
     if spec.quantization.enabled:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
     lora = spec.lora
     config = LoraConfig(
         r=lora.r,

@@ -77,8 +77,9 @@ def validate_pipeline(path: str | Path) -> list[Recipe]:
 
 def run_pipeline(path: str | Path, start: str | None = None, force: bool = False) -> dict[str, Any]:
     """Run the chain; `start` re-runs from that stage on, `force` re-runs everything."""
+    from rlhf_pipeline.distributed import say, wait_for_everyone
     from rlhf_pipeline.stages import get_stage
-    from rlhf_pipeline.stages.common import claim_output_dir, finished_run, say, wait_for_everyone
+    from rlhf_pipeline.stages.common import claim_output_dir, finished_run
 
     _, steps = read_pipeline(path)
     names = [r.stage for r in validate_pipeline(path)]

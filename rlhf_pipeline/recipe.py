@@ -272,8 +272,11 @@ def build_section(cls: type, data: Any, path: Path, prefix: str) -> Any:
     try:
         return cls(**kwargs)
     except ValueError as err:
-        key, _, problem = str(err).partition(": ")
-        raise RecipeError(path, _key_path(prefix, key), problem or str(err)) from None
+        message = str(err)
+        key = next((name for name in sorted(fields, key=len, reverse=True)
+                    if message.startswith((f"{name}:", f"{name} "))), "")
+        problem = message.removeprefix(f"{key}:").strip() if key else message
+        raise RecipeError(path, _key_path(prefix, key) if key else prefix or None, problem) from None
 
 
 def _section_class(owner: type, annotation: str) -> type | None:

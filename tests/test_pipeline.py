@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 
@@ -33,9 +34,15 @@ def _chain(tmp_path: Path, model_dir: Path) -> Path:
         "rm": {"stage": "rm", "model": {"name_or_path": str(out / "sft"), "lora": lora},
                "data": {"train": [str(out / "label" / "data_card.yaml")], "eval_split": 0.2, "max_length": 96},
                "training": {"output_dir": str(out / "rm"), "max_steps": 3} | small},
+        "ppo": {"stage": "ppo", "model": {"name_or_path": str(out / "sft"), "lora": lora},
+                "data": {"train": ["prompts"], "eval_split": 0.0, "max_length": 96},
+                "training": {"output_dir": str(out / "ppo"), "reward_model_path": str(out / "rm"),
+                             "per_device_train_batch_size": 4, "gradient_accumulation_steps": 2,
+                             "response_length": 8, "total_episodes": 24, "num_ppo_epochs": 2, "save_steps": 2,
+                             "normalize_reward": True, "missing_eos_penalty": 1.0, "disable_tqdm": True}},
         "eval": {"stage": "eval", "model": {"name_or_path": str(out / "sft")},
                  "data": {"train": ["prompts"], "eval_split": 0.0, "max_length": 96}, "judge": JUDGE,
-                 "evaluation": {"output_dir": str(out / "eval"), "policy": str(out / "rm"),
+                 "evaluation": {"output_dir": str(out / "eval"), "policy": str(out / "ppo"),
                                 "reward_model": str(out / "rm"), "max_new_tokens": 12, "bootstrap_samples": 200}},
     }
     for name, recipe in recipes.items():
@@ -48,15 +55,19 @@ def _chain(tmp_path: Path, model_dir: Path) -> Path:
 
 def test_chain_runs_then_skips_then_reruns_only_downstream(tmp_path: Path, tiny_model_dir: Path) -> None:
     pipeline = _chain(tmp_path, tiny_model_dir)
-    assert [r.stage for r in validate_pipeline(pipeline)] == ["sft", "label", "rm", "eval"]
+    assert [r.stage for r in validate_pipeline(pipeline)] == ["sft", "label", "rm", "ppo", "eval"]
     results = run_pipeline(pipeline)
     out = tmp_path / "outputs"
-    for stage in ("sft", "label", "rm", "eval"):
+    for stage in ("sft", "label", "rm", "ppo", "eval"):
         assert json.loads((out / stage / "stage.json").read_text())["stage"] == stage
     assert results["label"]["counts"]["answers"] == 24 * 4
     pairs = [json.loads(line) for line in (out / "label" / "preferences.jsonl").read_text().splitlines()]
     assert pairs and all(p["judge_gap"] >= 0 for p in pairs)
     assert results["rm"]["data"]["rows_kept"] == len(pairs)
+    ppo = results["ppo"]
+    assert ppo["global_steps"] == 3 and ppo["global_batch_size"] == 8
+    assert all(math.isfinite(ppo["final"][key]) for key in ("objective/kl", "objective/scores", "loss/value"))
+    assert json.loads((out / "ppo" / "stage.json").read_text())["merged_adapters"] == [str((out / "sft").resolve())]
     report = json.loads((out / "eval" / "eval.json").read_text())
     assert report["prompts"] == 24 and "reward" in report["policy"]
     assert (out / "eval" / "eval.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -71,4 +82,4 @@ def test_chain_runs_then_skips_then_reruns_only_downstream(tmp_path: Path, tiny_
     (tmp_path / "rm.yaml").write_text(yaml.safe_dump(rm_recipe))
     changed = run_pipeline(pipeline)
     assert changed["sft"] == "skipped" and changed["label"] == "skipped"
-    assert changed["rm"] != "skipped" and changed["eval"] != "skipped"
+    assert all(changed[stage] != "skipped" for stage in ("rm", "ppo", "eval"))

@@ -3,11 +3,11 @@
 A plain dataclass with no torch/transformers import, so `rlhf-pipeline validate` can build it (and get
 its ValueErrors, each naming the field) in milliseconds.
 
-Batch sizes, per PPO step: each process generates `per_device_train_batch_size` responses (one per
-prompt); that rollout is split into `num_mini_batches` minibatches, one optimizer step each, and each
-minibatch into `gradient_accumulation_steps` micro-batches, repeated for `num_ppo_epochs` passes.
-(TRL instead reads `per_device_train_batch_size` as the micro-batch; the two agree when
-`gradient_accumulation_steps` and `num_mini_batches` are 1.)
+Batch sizes mean what they meant in TRL: `per_device_train_batch_size` is the micro-batch of one
+forward/backward pass; `gradient_accumulation_steps` micro-batches make a minibatch (one optimizer
+step); `num_mini_batches` minibatches make the rollout, so each process answers
+per_device_train_batch_size × gradient_accumulation_steps × num_mini_batches prompts per PPO step, and
+the rollout is replayed for `num_ppo_epochs` passes.
 """
 
 from __future__ import annotations
@@ -26,20 +26,21 @@ class PPOConfig:
     seed: int = 42
 
     # Rollout
-    per_device_train_batch_size: int = 16
-    local_rollout_forward_batch_size: int = 16
-    max_prompt_length: int | None = None
+    reward_model_path: str | None = None  # a finished rm stage: the reward model and the critic's start
+    per_device_train_batch_size: int = 4
+    local_rollout_forward_batch_size: int = 16  # rows per no-grad generate/forward chunk during rollout
+    max_prompt_length: int | None = None  # longer prompts are dropped (and counted), never truncated
     response_length: int = 53
     temperature: float = 0.7
-    stop_token: str | None = "eos"
-    stop_token_id: int | None = None
+    stop_token: str | None = "eos"  # "eos": stop at the tokenizer's EOS; null: always response_length tokens
+    stop_token_id: int | None = None  # overrides stop_token
 
     # Reward shaping
     kl_coef: float = 0.05
-    kl_estimator: str = "k1"
-    missing_eos_penalty: float | None = None
-    normalize_reward: bool = False
-    reward_clip: float | None = None
+    kl_estimator: str = "k1"  # per-token KL: k1 = log π − log π_ref; k3 = (r − 1) − log r, r = π_ref/π
+    missing_eos_penalty: float | None = None  # subtracted from the score of answers with no stop token
+    normalize_reward: bool = False  # (score − mean)/std with the reward model's training statistics
+    reward_clip: float | None = None  # clip the (normalised) score to ±reward_clip
     whiten_rewards: bool = False
 
     # PPO
@@ -47,7 +48,7 @@ class PPOConfig:
     num_mini_batches: int = 1
     gradient_accumulation_steps: int = 1
     cliprange: float = 0.2
-    cliprange_value: float | None = 0.2
+    cliprange_value: float | None = 0.2  # null: unclipped value loss
     vf_coef: float = 0.1
     gamma: float = 1.0
     lam: float = 0.95
@@ -60,15 +61,15 @@ class PPOConfig:
     warmup_ratio: float = 0.0
 
     # Length of training
-    total_episodes: int | None = None
+    total_episodes: int | None = None  # responses over all processes; overrides num_train_epochs
     num_train_epochs: float = 1.0
 
     # Bookkeeping
-    logging_steps: int = 1
+    logging_steps: int = 1  # a log entry averages the steps since the previous one
     save_steps: int = 50
     save_total_limit: int | None = None
-    num_sample_generations: int = 10
-    report_to: str | list[str] = "none"
+    num_sample_generations: int = 10  # times a few decoded samples are kept in the log history; 0: never
+    report_to: str | list[str] = "none"  # accelerate trackers (tensorboard, wandb, ...)
     disable_tqdm: bool = False
 
     def __post_init__(self) -> None:
@@ -101,20 +102,21 @@ class PPOConfig:
                  f"stop_token_id must be a token id >= 0 (or null), got {self.stop_token_id}")
         _require(self.missing_eos_penalty is None or self.stop_token is not None or self.stop_token_id is not None,
                  "missing_eos_penalty needs a stop token: set stop_token: eos or a stop_token_id")
-        micro = self.num_mini_batches * self.gradient_accumulation_steps
-        _require(self.per_device_train_batch_size % micro == 0,
-                 f"per_device_train_batch_size ({self.per_device_train_batch_size}) must be divisible by "
-                 f"num_mini_batches × gradient_accumulation_steps ({micro})")
+
+    @property
+    def rollout_batch_size(self) -> int:
+        """Prompts answered per PPO step, per process (TRL's local batch): micro × accumulation × mini-batches."""
+        return self.mini_batch_size * self.num_mini_batches
 
     @property
     def mini_batch_size(self) -> int:
         """Responses per optimizer step, per process."""
-        return self.per_device_train_batch_size // self.num_mini_batches
+        return self.micro_batch_size * self.gradient_accumulation_steps
 
     @property
     def micro_batch_size(self) -> int:
-        """Responses per forward/backward pass, per process."""
-        return self.mini_batch_size // self.gradient_accumulation_steps
+        """Responses per forward/backward pass, per process: `per_device_train_batch_size`, as in TRL."""
+        return self.per_device_train_batch_size
 
 
 def _require(condition: bool, message: str) -> None:

@@ -39,6 +39,7 @@ from peft.utils import load_peft_weights
 from tqdm.auto import tqdm
 from transformers import GenerationConfig, PreTrainedTokenizerBase, get_scheduler
 
+from rlhf_pipeline.distributed import process_state
 from rlhf_pipeline.ppo.config import PPOConfig
 from rlhf_pipeline.ppo.formulas import (
     entropy_from_logits,
@@ -70,8 +71,11 @@ _PURE_SAMPLING = {"do_sample": True, "top_k": 0, "top_p": 1.0, "min_p": 0.0, "ty
 
 @dataclass
 class Rollout:
-    """One batch of experience. Sequences are [left-padded prompt | right-padded response]; per-token
-    tensors are [batch, response width] and `response_mask` marks the valid response tokens."""
+    """One batch of experience: the sampled sequences and everything PPO needs to know about them.
+
+    Sequences are [left-padded prompt | right-padded response]; per-token tensors are [batch, response
+    width], and `response_mask` marks the valid response tokens (the stop token included).
+    """
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
@@ -94,9 +98,8 @@ class Rollout:
 
     def select(self, rows: torch.Tensor) -> Rollout:
         """The same experience restricted to some rows (a minibatch)."""
-        picked = {f.name: getattr(self, f.name) for f in fields(self)}
-        return Rollout(**{name: value[rows] if isinstance(value, torch.Tensor) else value
-                          for name, value in picked.items()})
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        return Rollout(**{name: v[rows] if isinstance(v, torch.Tensor) else v for name, v in values.items()})
 
     @property
     def responses(self) -> torch.Tensor:
@@ -155,9 +158,9 @@ class PPOTrainer:
         self.reward_fn = reward_fn
         self.reward_stats = reward_stats
         self.on_log = on_log
-        self.accelerator = accelerator or Accelerator(
-            cpu=not torch.cuda.is_available(), log_with=config.report_to or None, project_dir=config.output_dir
-        )
+        process_state()
+        self.accelerator = accelerator or Accelerator(log_with=config.report_to or None,
+                                                      project_dir=config.output_dir)
         self.prompts = self._usable_prompts(train_prompts)
         self.stop_token_ids = self._stop_token_ids()
         self.generation_config = GenerationConfig(
@@ -186,7 +189,7 @@ class PPOTrainer:
     @property
     def global_batch_size(self) -> int:
         """Prompts consumed per PPO step over all processes."""
-        return self.config.per_device_train_batch_size * self.accelerator.num_processes
+        return self.config.rollout_batch_size * self.accelerator.num_processes
 
     @property
     def batches_per_epoch(self) -> int:
@@ -199,10 +202,9 @@ class PPOTrainer:
         if len(kept) < len(prompts):
             logger.warning("PPO: dropped %d of %d prompts (empty or longer than max_prompt_length=%s)",
                            len(prompts) - len(kept), len(prompts), limit)
-        need = self.config.per_device_train_batch_size * self.accelerator.num_processes
-        if len(kept) < need:
-            raise ValueError(f"PPO needs at least {need} usable prompts (per_device_train_batch_size × "
-                             f"processes) but has {len(kept)}")
+        if len(kept) < self.global_batch_size:
+            raise ValueError(f"PPO needs at least {self.global_batch_size} usable prompts "
+                             f"(rollout batch × processes) but has {len(kept)}")
         return kept
 
     def _total_steps(self) -> int:
@@ -217,7 +219,7 @@ class PPOTrainer:
     def prompts_for_step(self, step: int) -> list[list[int]]:
         """This process's share of the step's prompts, from a permutation seeded by (seed, data epoch)."""
         epoch, index = self.data_position(step)
-        per_device = self.config.per_device_train_batch_size
+        per_device = self.config.rollout_batch_size
         order = torch.randperm(len(self.prompts), generator=torch.Generator().manual_seed(self.config.seed + epoch))
         start = index * self.global_batch_size + self.accelerator.process_index * per_device
         return [self.prompts[i] for i in order[start:start + per_device].tolist()]
@@ -427,7 +429,11 @@ class PPOTrainer:
         return metrics
 
     def _rollout_metrics(self, rollout: Rollout) -> dict[str, float]:
-        """Per-answer and per-token statistics of a rollout, over the whole global batch."""
+        """Statistics of a rollout over the whole global batch.
+
+        kl, non_score_reward and rlhf_reward are per answer (summed over its tokens), as in TRL;
+        entropy is the exact entropy of softmax(logits/T) per response token.
+        """
         mask = rollout.response_mask
         lengths = mask.sum(dim=1).float()
         kl_sum = (rollout.kl * mask).sum(dim=1)

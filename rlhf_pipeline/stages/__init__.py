@@ -21,6 +21,7 @@ _STAGE_MODULES = {
     "sft": "rlhf_pipeline.stages.sft",
     "label": "rlhf_pipeline.stages.label",
     "rm": "rlhf_pipeline.stages.rm",
+    "ppo": "rlhf_pipeline.stages.ppo",
     "eval": "rlhf_pipeline.stages.eval",
 }
 STAGE_NAMES = tuple(_STAGE_MODULES)

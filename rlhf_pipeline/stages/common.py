@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from rlhf_pipeline.distributed import is_main_process, say
 from rlhf_pipeline.errors import PipelineError
 from rlhf_pipeline.models import (
     CAUSAL_LM,
@@ -50,35 +51,6 @@ class Loaded:
     source: ModelSource
     tokenizer: PreTrainedTokenizerBase
     model: Any
-
-
-def process_state() -> Any:
-    """The process group, created for CPU when there is no GPU.
-
-    accelerate's state is a singleton and the first creation wins: a bare `PartialState()` on a CPU
-    machine would pin every rank to a world of one, and `Accelerator(cpu=True)` would switch DeepSpeed
-    off. Creating it as `PartialState(cpu=True)` first keeps DDP and DeepSpeed working on CPU.
-    """
-    import torch
-    from accelerate import PartialState
-
-    return PartialState(cpu=not torch.cuda.is_available())
-
-
-def is_main_process() -> bool:
-    """Rank 0 (or a single process) writes files and prints summaries; other ranks stay quiet."""
-    return process_state().is_main_process
-
-
-def wait_for_everyone() -> None:
-    """A barrier between stages, so no rank reads an output before rank 0 has finished writing it."""
-    process_state().wait_for_everyone()
-
-
-def say(message: str) -> None:
-    """Print a progress line on the main process only."""
-    if is_main_process():
-        print(message, flush=True)
 
 
 def finished_run(recipe: Recipe) -> StageManifest | None:

@@ -112,11 +112,12 @@ def _plot(path: Path, baseline: list[float], policy: list[float], judge: str) ->
 def run(recipe: Recipe) -> dict[str, Any]:
     """Sample both policies on the held-out prompts, score them, and write the comparison."""
     from rlhf_pipeline.data.loading import load_datasets
+    from rlhf_pipeline.distributed import is_main_process, say
     from rlhf_pipeline.generation import sample_answers
     from rlhf_pipeline.judges import load_judge
     from rlhf_pipeline.outputs import mark_complete, staging_dir, write_json
     from rlhf_pipeline.reward import RewardModel
-    from rlhf_pipeline.stages.common import finished_manifest, is_main_process, load_policy, say
+    from rlhf_pipeline.stages.common import finished_manifest, load_policy
     from rlhf_pipeline.stats import summary
 
     config = EvalConfig(**recipe.config)

@@ -86,10 +86,11 @@ def run(recipe: Recipe) -> dict[str, Any]:
     import yaml
 
     from rlhf_pipeline.data.loading import load_datasets
+    from rlhf_pipeline.distributed import is_main_process, say
     from rlhf_pipeline.generation import sample_answers
     from rlhf_pipeline.judges import load_judge
     from rlhf_pipeline.outputs import mark_complete, staging_dir
-    from rlhf_pipeline.stages.common import finished_manifest, is_main_process, load_policy, say
+    from rlhf_pipeline.stages.common import finished_manifest, load_policy
 
     config = LabelConfig(**recipe.config)
     judge_spec = recipe.sections["judge"]

@@ -1,0 +1,109 @@
+"""PPO against the reward model, KL-anchored to the SFT policy: our actor-critic on transformers + peft.
+
+    rlhf-pipeline ppo recipes/smollm2-135m/ppo.yaml
+    accelerate launch --config_file accelerate_configs/multi_gpu.yaml -m rlhf_pipeline ppo \\
+        recipes/<model>/ppo.yaml training.kl_coef=0.1
+
+Four roles, two copies of the base weights. The policy is the SFT model (`model.name_or_path` = the SFT
+output, adapter merged) plus a new LoRA; with that LoRA switched off it is the frozen reference, so the
+KL penalty always anchors to the SFT policy. The critic is the reward model (`training.reward_model_path`,
+its adapters merged) plus a new LoRA and a trainable copy of its score head; with that LoRA switched off
+it is the frozen reward model, so scoring needs no extra copy either.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from rlhf_pipeline.data.formats import FORMATS
+from rlhf_pipeline.errors import RecipeError
+from rlhf_pipeline.stages import Stage
+
+if TYPE_CHECKING:
+    import torch
+
+    from rlhf_pipeline.recipe import Recipe
+
+
+def _check(recipe: Recipe) -> None:
+    if not recipe.config.get("reward_model_path"):
+        raise RecipeError(recipe.path, "training.reward_model_path", "required: the output folder of a finished "
+                          "rm stage (e.g. outputs/<model>/rm)")
+    if recipe.model.lora is None:
+        raise RecipeError(recipe.path, "model.lora", "PPO trains a LoRA on the SFT policy (its reference is the "
+                          "same model with the LoRA off); add a lora section")
+
+
+def check_same_tokenizer(policy_tokenizer: Any, reward_tokenizer: Any, reward_path: str) -> None:
+    """Policy answers are scored as token ids, so both models must read ids the same way."""
+    same = (policy_tokenizer.get_vocab() == reward_tokenizer.get_vocab()
+            and policy_tokenizer.all_special_tokens == reward_tokenizer.all_special_tokens
+            and policy_tokenizer.pad_token_id == reward_tokenizer.pad_token_id)
+    if not same:
+        raise RecipeError(None, "training.reward_model_path", f"the reward model at {reward_path} uses a "
+                          "different tokenizer (vocabulary or special tokens) than the policy; train the RM "
+                          "from the same SFT output as the policy")
+
+
+def run(recipe: Recipe) -> dict[str, Any]:
+    """Train the PPO adapter (and the critic) and save the policy adapter with its statistics."""
+    import dataclasses
+
+    from rlhf_pipeline.chat import encode_prompt
+    from rlhf_pipeline.data.loading import load_datasets
+    from rlhf_pipeline.distributed import say
+    from rlhf_pipeline.models import REWARD, attach_lora, load_model, load_tokenizer, resolve_source
+    from rlhf_pipeline.outputs import last_checkpoint, require_finished
+    from rlhf_pipeline.ppo.config import PPOConfig
+    from rlhf_pipeline.ppo.trainer import PPOTrainer
+    from rlhf_pipeline.reward import sequence_scores
+    from rlhf_pipeline.stages.common import finish, load_for_training
+
+    config = PPOConfig(**recipe.config)
+    rm_manifest = require_finished(config.reward_model_path, "rm", "training.reward_model_path")
+    policy = load_for_training(recipe)
+    critic_spec = dataclasses.replace(recipe.model, name_or_path=config.reward_model_path)
+    critic_source = resolve_source(critic_spec)
+    check_same_tokenizer(policy.tokenizer, load_tokenizer(critic_source, critic_spec), config.reward_model_path)
+    critic = attach_lora(load_model(critic_source, critic_spec, policy.tokenizer, task=REWARD), critic_spec,
+                         task=REWARD)
+
+    def reward_fn(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        with critic.disable_adapter():  # the frozen reward model: merged RM weights and its own score head
+            return sequence_scores(critic, input_ids, attention_mask)
+
+    datasets, data_report = load_datasets(recipe, policy.tokenizer, prompts_only=True)
+    prompts = [encode_prompt(policy.tokenizer, row["prompt"]) for split in datasets.values() for row in split]
+    say(f"ppo: {len(prompts)} prompts ({data_report.summary()})")
+    stats = rm_manifest.extra.get("reward_stats", {})
+    trainer = PPOTrainer(config, policy.model, critic, reward_fn, policy.tokenizer, prompts,
+                         reward_stats=(stats["mean"], stats["std"]) if config.normalize_reward else None)
+    checkpoint = last_checkpoint(recipe.output_dir)
+    final = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    history = [entry for entry in trainer.log_history if "samples" not in entry]
+    metrics = {
+        "final": final,
+        "first": history[0] if history else {},
+        "global_steps": trainer.global_step,
+        "global_batch_size": trainer.global_batch_size,
+        "resumed_from": str(checkpoint) if checkpoint else None,
+        "reward_model": str(config.reward_model_path),
+        "data": data_report.as_dict(),
+        "log_history": trainer.log_history,
+    }
+    say(f"ppo: mean score {metrics['first'].get('objective/scores', float('nan')):.3f} -> "
+        f"{final.get('objective/scores', float('nan')):.3f}, KL {final.get('objective/kl', float('nan')):.3f}")
+    finish(recipe, policy, trainer.accelerator.unwrap_model(trainer.policy), metrics,
+           extra={"reward_model": str(config.reward_model_path)})
+    return metrics
+
+
+STAGE = Stage(
+    name="ppo",
+    summary="PPO of the SFT policy against the reward model, KL-anchored to the SFT policy",
+    example="rlhf-pipeline ppo recipes/smollm2-135m/ppo.yaml training.kl_coef=0.1",
+    config_class=("rlhf_pipeline.ppo.config", "PPOConfig"),
+    data_formats=frozenset(FORMATS),
+    extra_checks=_check,
+    run=run,
+)

@@ -1,0 +1,314 @@
+"""PPOTrainer end to end on a tiny random Llama: it learns, its reference is the SFT model, it resumes exactly."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification, PreTrainedTokenizerFast
+from transformers import logging as hf_logging
+
+from rlhf_pipeline.ppo.config import PPOConfig
+from rlhf_pipeline.ppo.formulas import logprobs_from_logits
+from rlhf_pipeline.ppo.trainer import PPOTrainer, RewardFn, Rollout, TokenValueModel, last_checkpoint
+
+LETTERS = "abcdefghijklm"
+TARGET = "a"
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    """A 32-wide model is overhead-bound: one thread is several times faster than two on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    yield
+    torch.set_num_threads(threads)
+    hf_logging.set_verbosity(verbosity)
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """One token per letter; pad, bos and eos are three distinct ids, as in our pipeline."""
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2} | {c: 3 + i for i, c in enumerate(LETTERS)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    backend.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> PreTrainedTokenizerFast:
+    return tiny_tokenizer()
+
+
+def tiny_config(tokenizer: PreTrainedTokenizerFast, **extra: Any) -> LlamaConfig:
+    # initializer_range 0.2 (not 0.02): with tiny-scale weights the logits cannot move far from uniform.
+    return LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64,
+                       initializer_range=0.2, pad_token_id=tokenizer.pad_token_id,
+                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, **extra)
+
+
+def base_models(tokenizer: PreTrainedTokenizerFast) -> tuple[LlamaForCausalLM, LlamaForSequenceClassification]:
+    """The frozen bases, identical on every call: the SFT-like causal LM and the RM-like classifier."""
+    torch.manual_seed(0)
+    causal_lm = LlamaForCausalLM(tiny_config(tokenizer))
+    return causal_lm, LlamaForSequenceClassification(tiny_config(tokenizer, num_labels=1))
+
+
+def build_models(tokenizer: PreTrainedTokenizerFast) -> tuple[PeftModel, PeftModel, LlamaForCausalLM]:
+    """Policy (LoRA over a causal LM), value model (LoRA + trainable score over a classifier), pristine base copy."""
+    base, classifier = base_models(tokenizer)
+    pristine = copy.deepcopy(base)
+    policy = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
+    value_model = get_peft_model(classifier, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear",
+                                                        modules_to_save=["score"], task_type="SEQ_CLS"))
+    return policy, value_model, pristine
+
+
+def prompts(tokenizer: PreTrainedTokenizerFast, count: int = 64) -> list[list[int]]:
+    """Prompts of 3-6 tokens that never contain the target letter, and sometimes contain the pad id."""
+    others = [tokenizer.convert_tokens_to_ids(c) for c in LETTERS if c != TARGET]
+    rows = [[tokenizer.bos_token_id] + [others[(7 * i + j) % len(others)] for j in range(2 + i % 4)]
+            for i in range(count)]
+    rows[1].insert(1, tokenizer.pad_token_id)
+    return rows
+
+
+def target_fraction(tokenizer: PreTrainedTokenizerFast, response_length: int) -> RewardFn:
+    """Reward: the share of response tokens that are the target letter (prompts never contain it)."""
+    target = tokenizer.convert_tokens_to_ids(TARGET)
+
+    def reward_fn(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return ((input_ids == target) & attention_mask.bool()).sum(dim=1).float() / response_length
+
+    return reward_fn
+
+
+def make_trainer(tokenizer: PreTrainedTokenizerFast, output_dir: Path, on_log: Any = None,
+                 **overrides: Any) -> tuple[PPOTrainer, LlamaForCausalLM]:
+    settings: dict[str, Any] = dict(output_dir=str(output_dir), per_device_train_batch_size=8, response_length=6,
+                                    temperature=1.0, learning_rate=3e-3, num_ppo_epochs=4, num_mini_batches=2,
+                                    kl_coef=0.01, total_episodes=16 * 20, save_steps=1000, num_sample_generations=2,
+                                    disable_tqdm=True, seed=7)
+    settings.update(overrides)
+    config = PPOConfig(**settings)
+    policy, value_model, pristine = build_models(tokenizer)
+    trainer = PPOTrainer(config, policy, value_model, target_fraction(tokenizer, config.response_length),
+                         tokenizer, prompts(tokenizer), on_log=on_log)
+    return trainer, pristine
+
+
+def numeric_logs(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [entry for entry in history if "samples" not in entry]
+
+
+def test_ppo_raises_the_reward_with_finite_kl(tokenizer: PreTrainedTokenizerFast, tmp_path: Path) -> None:
+    seen: list[dict[str, Any]] = []
+    trainer, _ = make_trainer(tokenizer, tmp_path, on_log=seen.append)
+    final = trainer.train()
+
+    logs = numeric_logs(trainer.log_history)
+    assert [entry["step"] for entry in logs] == list(range(1, 21)) and seen == logs and final == logs[-1]
+    scores = [entry["objective/scores"] for entry in logs]
+    first, last = sum(scores[:3]) / 3, sum(scores[-3:]) / 3
+    assert last > first + 0.3, f"reward did not rise: {first:.3f} -> {last:.3f}"
+    assert all(math.isfinite(entry["objective/kl"]) for entry in logs)
+    assert logs[0]["objective/kl"] == pytest.approx(0.0, abs=1e-6)  # the untouched adapter is the reference
+    assert logs[-1]["episode"] == 16 * 20
+    for key in ("objective/scores_std", "objective/entropy", "objective/non_score_reward", "objective/rlhf_reward",
+                "response/length", "response/eos_fraction", "policy/clipfrac", "policy/approxkl", "loss/policy",
+                "loss/value", "val/clipfrac", "val/explained_variance", "lr"):
+        assert all(math.isfinite(entry[key]) for entry in logs), key
+    assert all(0 <= entry["response/eos_fraction"] <= 1 and 1 <= entry["response/length"] <= 6 for entry in logs)
+    samples = [entry for entry in trainer.log_history if "samples" in entry]
+    assert [entry["step"] for entry in samples] == [10, 20]
+    assert {"prompt", "response", "score"} <= samples[0]["samples"][0].keys()
+
+
+def test_rollout_logprobs_are_those_of_the_sampling_distribution(tokenizer: PreTrainedTokenizerFast,
+                                                                 tmp_path: Path) -> None:
+    """Left padding, position ids and temperature must agree between generate() and the training forward."""
+    trainer, _ = make_trainer(tokenizer, tmp_path, temperature=0.7)
+    policy = trainer.accelerator.unwrap_model(trainer.policy)
+    with torch.no_grad():
+        for param in policy.parameters():  # a non-zero adapter, so the policy differs from its base
+            if param.requires_grad:
+                param.add_(0.05 * torch.randn_like(param))
+    batch = prompts(tokenizer)[:8]
+    width = max(len(p) for p in batch)
+    ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(p)) + p for p in batch])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch])
+    out = policy.generate(input_ids=ids, attention_mask=mask, generation_config=trainer.generation_config,
+                          output_scores=True, return_dict_in_generate=True)
+    responses = out.sequences[:, width:]
+    response_mask, _ = trainer._truncate_after_stop(responses)
+    sampling_logprobs = logprobs_from_logits(torch.stack(out.scores, dim=1), responses)
+    with torch.no_grad():
+        logprobs, _ = trainer._response_logprobs(policy, out.sequences, torch.cat([mask, response_mask.long()], 1),
+                                                 width)
+    assert torch.allclose(logprobs[response_mask], sampling_logprobs[response_mask], atol=1e-5)
+
+
+def test_reference_is_the_base_model_and_the_policy_moves_away(tokenizer: PreTrainedTokenizerFast,
+                                                               tmp_path: Path) -> None:
+    trainer, pristine = make_trainer(tokenizer, tmp_path, total_episodes=16 * 3, temperature=0.7)
+    batch = prompts(tokenizer)[:12]
+
+    def base_logprobs(rollout: Rollout) -> torch.Tensor:
+        """Teacher-forced log-probs of the rollout's responses under an untouched copy of the base model."""
+        positions = (rollout.attention_mask.cumsum(-1) - 1).clamp(min=0)
+        with torch.no_grad():
+            logits = pristine(input_ids=rollout.input_ids, attention_mask=rollout.attention_mask,
+                              position_ids=positions).logits
+        logits = logits[:, rollout.context_length - 1:-1] / 0.7
+        return logprobs_from_logits(logits, rollout.responses)
+
+    before = trainer.rollout(batch)
+    valid = before.response_mask
+    assert torch.allclose(before.ref_logprobs[valid], base_logprobs(before)[valid], atol=1e-5)
+    assert torch.allclose(before.logprobs[valid], before.ref_logprobs[valid], atol=1e-6)
+
+    trainer.train()
+    after = trainer.rollout(batch)
+    valid = after.response_mask
+    assert torch.allclose(after.ref_logprobs[valid], base_logprobs(after)[valid], atol=1e-5)
+    assert (after.logprobs[valid] - after.ref_logprobs[valid]).abs().max() > 1e-2
+
+
+def test_resumed_run_retraces_the_uninterrupted_run(tokenizer: PreTrainedTokenizerFast, tmp_path: Path) -> None:
+    settings = dict(total_episodes=16 * 4, save_steps=1, save_total_limit=2, num_sample_generations=4)
+    straight, _ = make_trainer(tokenizer, tmp_path / "straight", **settings)
+    straight.train()
+
+    class Preempted(Exception):
+        pass
+
+    def preempt_at_step_3(logs: dict[str, Any]) -> None:
+        if logs["step"] == 3:
+            raise Preempted
+
+    interrupted, _ = make_trainer(tokenizer, tmp_path / "resumed", on_log=preempt_at_step_3, **settings)
+    with pytest.raises(Preempted):
+        interrupted.train()
+    output_dir = tmp_path / "resumed"
+    assert sorted(p.name for p in output_dir.iterdir()) == ["checkpoint-1", "checkpoint-2"]
+    checkpoint = last_checkpoint(output_dir)
+    assert checkpoint == output_dir / "checkpoint-2"
+    assert {"adapter_config.json", "adapter_model.safetensors", "value_model", "optimizer.pt", "scheduler.pt",
+            "rng_state_0.pth", "trainer_state.json"} <= {p.name for p in checkpoint.iterdir()}
+
+    resumed, _ = make_trainer(tokenizer, output_dir, **settings)
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+
+    assert sorted(p.name for p in output_dir.iterdir()) == ["checkpoint-3", "checkpoint-4"]
+    assert len(resumed.log_history) == len(straight.log_history)
+    for mine, theirs in zip(resumed.log_history, straight.log_history, strict=True):
+        assert mine.keys() == theirs.keys()
+        for key, value in theirs.items():
+            if isinstance(value, float):
+                assert mine[key] == pytest.approx(value, rel=1e-5, abs=1e-7), (theirs["step"], key)
+            else:
+                assert mine[key] == value, (theirs["step"], key)
+    for ours, theirs in ((resumed.policy, straight.policy), (resumed.value_model, straight.value_model)):
+        trained = {n: p for n, p in theirs.named_parameters() if p.requires_grad}
+        for name, param in ours.named_parameters():
+            if param.requires_grad:
+                assert torch.allclose(param, trained[name], atol=1e-6), name
+
+
+def test_saved_adapters_load_with_peft(tokenizer: PreTrainedTokenizerFast, tmp_path: Path) -> None:
+    trainer, pristine = make_trainer(tokenizer, tmp_path / "run", total_episodes=16)
+    trainer.train()
+    trainer.save_model(tmp_path / "final")
+
+    loaded = PeftModel.from_pretrained(pristine, tmp_path / "final")
+    ids = torch.tensor([prompts(tokenizer)[0]])
+    with torch.no_grad():
+        assert torch.allclose(loaded(input_ids=ids).logits, trainer.policy(input_ids=ids).logits, atol=1e-6)
+
+    _, classifier = base_models(tokenizer)
+    critic = PeftModel.from_pretrained(classifier, tmp_path / "final" / "value_model")
+    positions = torch.arange(ids.shape[1])[None, :]
+    with torch.no_grad():
+        expected = trainer.value_model(ids, torch.ones_like(ids), positions)
+        assert torch.allclose(TokenValueModel(critic)(ids, torch.ones_like(ids), positions), expected, atol=1e-6)
+    assert (tmp_path / "final" / "tokenizer_config.json").is_file()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field"),
+    [({"response_length": 0}, "response_length"), ({"cliprange": 1.5}, "cliprange"),
+     ({"kl_estimator": "k2"}, "kl_estimator"), ({"stop_token": "eot"}, "stop_token"),
+     ({"per_device_train_batch_size": 0}, "per_device_train_batch_size"),
+     ({"stop_token": None, "missing_eos_penalty": 1.0}, "missing_eos_penalty"), ({"lam": 1.5}, "lam")],
+)
+def test_config_errors_name_the_field(overrides: dict[str, Any], field: str) -> None:
+    with pytest.raises(ValueError, match=field):
+        PPOConfig(**overrides)
+
+
+def test_normalize_reward_needs_the_reward_stats(tokenizer: PreTrainedTokenizerFast, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="reward_stats"):
+        make_trainer(tokenizer, tmp_path, normalize_reward=True)
+
+
+WORKER = """
+import json, sys
+from pathlib import Path
+sys.path[:0] = [{tests!r}, {here!r}]
+import conftest  # noqa: F401  (offline Hugging Face settings)
+import torch
+from test_trainer import make_trainer, numeric_logs, tiny_tokenizer
+torch.set_num_threads(1)
+out = Path(sys.argv[1])
+trainer, _ = make_trainer(tiny_tokenizer(), out, per_device_train_batch_size=4, total_episodes=16 * 4, save_steps=2)
+trainer.train(resume_from_checkpoint=sys.argv[2] if len(sys.argv) > 2 else None)
+acc = trainer.accelerator
+result = {{"world_size": acc.num_processes, "type": str(acc.distributed_type),
+          "weights": torch.cat([p.detach().flatten() for p in trainer.trainable_params]).tolist(),
+          "scores": [e["objective/scores"] for e in numeric_logs(trainer.log_history)]}}
+(out / f"rank{{acc.process_index}}-{{len(sys.argv)}}.json").write_text(json.dumps(result))
+"""
+
+
+def launch_two_processes(script: Path, *args: str) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+               str(script), *args]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"})
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_two_processes_stay_in_sync_and_resume_exactly(tmp_path: Path) -> None:
+    """Each rank samples its own prompts, DDP keeps the weights equal, and resume works per rank."""
+    here = Path(__file__).resolve().parent
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER.format(tests=str(here.parent), here=str(here)))
+    output_dir = tmp_path / "run"
+    launch_two_processes(script, str(output_dir))
+    straight = [json.loads((output_dir / f"rank{rank}-2.json").read_text()) for rank in (0, 1)]
+    assert [r["world_size"] for r in straight] == [2, 2] and "MULTI_CPU" in straight[0]["type"]
+    assert straight[0]["weights"] == straight[1]["weights"]
+
+    launch_two_processes(script, str(output_dir), str(output_dir / "checkpoint-2"))
+    resumed = [json.loads((output_dir / f"rank{rank}-3.json").read_text()) for rank in (0, 1)]
+    assert resumed[0]["scores"] == pytest.approx(straight[0]["scores"], rel=1e-5)
+    assert torch.allclose(torch.tensor(resumed[0]["weights"]), torch.tensor(straight[0]["weights"]), atol=1e-6)
+    assert resumed[0]["weights"] == resumed[1]["weights"]
