@@ -7,12 +7,16 @@ Problems the user can fix print as one line naming the file and key, and exit wi
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from rlhf_pipeline.errors import PipelineError
 
+# Modules that add tool commands (push, merge, report, estimate...): each defines
+# `add_commands(subparsers)` and gives every command a `handler(args) -> int` via set_defaults.
+_TOOL_MODULES: tuple[str, ...] = ()
 _OVERRIDES_HELP = "overrides of any recipe key, e.g. training.learning_rate=1e-4 model.lora.r=8"
 
 
@@ -54,6 +58,8 @@ def make_parser() -> argparse.ArgumentParser:
         _add_recipe_arguments(sub)
         sub.add_argument("--overwrite", action="store_true",
                          help="replace a finished run of a different recipe in the output directory")
+    for module in _TOOL_MODULES:
+        importlib.import_module(module).add_commands(commands)
     return parser
 
 
@@ -88,6 +94,8 @@ def _run_stage(name: str, recipe_path: str, overrides: list[str], overwrite: boo
 def main(argv: Sequence[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
     try:
+        if hasattr(args, "handler"):
+            return args.handler(args)
         if args.command == "validate":
             _validate(args.recipe, args.overrides)
         elif args.command == "run":
