@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -91,8 +93,17 @@ def _run_stage(name: str, recipe_path: str, overrides: list[str], overwrite: boo
     get_stage(name).run(recipe)
 
 
+def _quiet_known_noise() -> None:
+    """Hide messages the stack prints on every run that are harmless here (NOTES-CPU), so real ones show."""
+    for message in (".*is_gradient_checkpointing.*", ".*degrees of freedom.*",
+                    ".*Passing `generation_config` together with generation-related arguments.*"):
+        warnings.filterwarnings("ignore", message=message)
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
+    _quiet_known_noise()
     try:
         if hasattr(args, "handler"):
             return args.handler(args)
