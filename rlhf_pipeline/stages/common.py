@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -130,20 +131,27 @@ def finished_manifest(recipe: Recipe, source: ModelSource, metrics: dict[str, An
                          extra=extra or {})
 
 
+def finish_outputs(recipe: Recipe, manifest: StageManifest, write_files: Callable[[Path], None]) -> StageManifest:
+    """Write a stage's files, recipe and metrics through a scratch folder, then the completion marker last."""
+    if is_main_process():
+        with staging_dir(recipe.output_dir) as scratch:
+            write_files(scratch)
+            save_recipe_and_metrics(scratch, recipe.resolved(), manifest.metrics)
+        mark_complete(recipe.output_dir, manifest)
+        say(f"{recipe.stage}: finished; outputs in {recipe.output_dir}")
+    return manifest
+
+
 def finish(recipe: Recipe, loaded: Loaded, model: PreTrainedModel, metrics: dict[str, Any],
            task: str = CAUSAL_LM, extra: dict[str, Any] | None = None) -> StageManifest:
-    """Save weights, tokenizer, recipe and metrics atomically, then write the completion marker last."""
+    """Save the trained weights (adapter or full model) and tokenizer with the stage's record."""
+    def write_weights(folder: Path) -> None:
+        model.save_pretrained(folder, safe_serialization=True)
+        loaded.tokenizer.save_pretrained(folder)
+        record_origin(folder, loaded.source)
+
     manifest = finished_manifest(recipe, loaded.source, metrics, recipe.model.lora is not None, task, extra)
-    if not is_main_process():
-        return manifest
-    with staging_dir(recipe.output_dir) as scratch:
-        model.save_pretrained(scratch, safe_serialization=True)
-        loaded.tokenizer.save_pretrained(scratch)
-        record_origin(scratch, loaded.source)
-        save_recipe_and_metrics(scratch, recipe.resolved(), metrics)
-    mark_complete(recipe.output_dir, manifest)
-    say(f"{recipe.stage}: finished; outputs in {recipe.output_dir}")
-    return manifest
+    return finish_outputs(recipe, manifest, write_weights)
 
 
 def evaluate_once_before_training(trainer: Any, output_dir: Path) -> dict[str, float]:

@@ -112,12 +112,12 @@ def _plot(path: Path, baseline: list[float], policy: list[float], judge: str) ->
 def run(recipe: Recipe) -> dict[str, Any]:
     """Sample both policies on the held-out prompts, score them, and write the comparison."""
     from rlhf_pipeline.data.loading import load_datasets
-    from rlhf_pipeline.distributed import is_main_process, say
+    from rlhf_pipeline.distributed import say
     from rlhf_pipeline.generation import sample_answers
     from rlhf_pipeline.judges import load_judge
-    from rlhf_pipeline.outputs import mark_complete, staging_dir, write_json
+    from rlhf_pipeline.outputs import write_json
     from rlhf_pipeline.reward import RewardModel
-    from rlhf_pipeline.stages.common import finished_manifest, load_policy
+    from rlhf_pipeline.stages.common import finish_outputs, finished_manifest, load_policy
     from rlhf_pipeline.stats import summary
 
     config = EvalConfig(**recipe.config)
@@ -148,13 +148,13 @@ def run(recipe: Recipe) -> dict[str, Any]:
     examples = [{"prompt": prompts[i][-1]["content"], "baseline": texts["baseline"][i], "policy": texts["policy"][i]}
                 for i in range(min(config.num_examples, len(prompts)))]
     say(_markdown(report, examples))
-    if is_main_process():
-        with staging_dir(recipe.output_dir) as scratch:
-            write_json(scratch / "eval.json", report | {"examples": examples})
-            (scratch / "eval.md").write_text(_markdown(report, examples))
-            _plot(scratch / "eval.png", judged["baseline"], judged["policy"], recipe.sections["judge"].type)
-            write_json(scratch / "metrics.json", report)
-        mark_complete(recipe.output_dir, finished_manifest(recipe, policy.source, report, adapter=False))
+
+    def write_files(folder: Path) -> None:
+        write_json(folder / "eval.json", report | {"examples": examples})
+        (folder / "eval.md").write_text(_markdown(report, examples))
+        _plot(folder / "eval.png", judged["baseline"], judged["policy"], recipe.sections["judge"].type)
+
+    finish_outputs(recipe, finished_manifest(recipe, policy.source, report, adapter=False), write_files)
     return report
 
 

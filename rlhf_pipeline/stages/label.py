@@ -13,6 +13,7 @@ from __future__ import annotations
 import itertools
 import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rlhf_pipeline.data.formats import FORMATS
@@ -86,11 +87,10 @@ def run(recipe: Recipe) -> dict[str, Any]:
     import yaml
 
     from rlhf_pipeline.data.loading import load_datasets
-    from rlhf_pipeline.distributed import is_main_process, say
+    from rlhf_pipeline.distributed import say
     from rlhf_pipeline.generation import sample_answers
     from rlhf_pipeline.judges import load_judge
-    from rlhf_pipeline.outputs import mark_complete, staging_dir
-    from rlhf_pipeline.stages.common import finished_manifest, load_policy
+    from rlhf_pipeline.stages.common import finish_outputs, finished_manifest, load_policy
 
     config = LabelConfig(**recipe.config)
     judge_spec = recipe.sections["judge"]
@@ -115,15 +115,14 @@ def run(recipe: Recipe) -> dict[str, Any]:
     metrics = {"counts": counts, "judge": judge_spec.name, "data": data_report.as_dict(),
                "mean_judge_score": sum(s for r in ranked_rows for s in r["scores"]) / max(counts["answers"], 1)}
     say(f"label: {counts['pairs']} pairs kept, {too_close} dropped below min_gap {config.min_gap}")
-    if is_main_process():
-        with staging_dir(recipe.output_dir) as scratch:
-            (scratch / "preferences.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pair_rows))
-            (scratch / "ranked.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ranked_rows))
-            (scratch / "data_card.yaml").write_text(yaml.safe_dump(_card(recipe, config, judge_spec, counts),
-                                                                    sort_keys=False))
-            (scratch / "metrics.json").write_text(json.dumps(metrics, indent=2))
-            (scratch / "recipe.yaml").write_text(yaml.safe_dump(recipe.resolved(), sort_keys=False))
-        mark_complete(recipe.output_dir, finished_manifest(recipe, loaded.source, metrics, adapter=False))
+
+    def write_files(folder: Path) -> None:
+        (folder / "preferences.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pair_rows))
+        (folder / "ranked.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ranked_rows))
+        (folder / "data_card.yaml").write_text(yaml.safe_dump(_card(recipe, config, judge_spec, counts),
+                                                              sort_keys=False))
+
+    finish_outputs(recipe, finished_manifest(recipe, loaded.source, metrics, adapter=False), write_files)
     return metrics
 
 
