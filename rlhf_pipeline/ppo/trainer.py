@@ -40,6 +40,8 @@ from tqdm.auto import tqdm
 from transformers import GenerationConfig, PreTrainedTokenizerBase, get_scheduler
 
 from rlhf_pipeline.distributed import process_state
+from rlhf_pipeline.generation import left_pad
+from rlhf_pipeline.outputs import last_checkpoint
 from rlhf_pipeline.ppo.config import PPOConfig
 from rlhf_pipeline.ppo.formulas import (
     entropy_from_logits,
@@ -243,7 +245,7 @@ class PPOTrainer:
         critic = self.accelerator.unwrap_model(self.value_model)
         policy.eval()
         critic.eval()
-        queries, query_mask = _left_pad(prompts, self.tokenizer.pad_token_id, device)
+        queries, query_mask = (t.to(device) for t in left_pad(prompts, self.tokenizer.pad_token_id))
         responses = self._generate(policy, queries, query_mask)
         response_mask, has_stop = self._truncate_after_stop(responses)
         responses = responses.masked_fill(~response_mask, self.tokenizer.pad_token_id)
@@ -553,12 +555,6 @@ class PPOTrainer:
         logger.info("PPO: resumed from %s at step %d", folder, self.global_step)
 
 
-def last_checkpoint(output_dir: str | os.PathLike[str]) -> Path | None:
-    """The newest checkpoint-<step> folder in output_dir; half-written ones never carry that name."""
-    found = _checkpoints(Path(output_dir))
-    return found[-1] if found else None
-
-
 def _checkpoints(output_dir: Path) -> list[Path]:
     if not output_dir.is_dir():
         return []
@@ -597,17 +593,6 @@ def _disable_dropout(model: torch.nn.Module) -> None:
             module.p = 0.0
         if isinstance(getattr(module, "attention_dropout", None), float):
             module.attention_dropout = 0.0
-
-
-def _left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-pad prompts for generation; the mask comes from lengths, since the pad id may occur inside a prompt."""
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for row, prompt in enumerate(prompts):
-        ids[row, width - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
-        mask[row, width - len(prompt):] = 1
-    return ids.to(device), mask.to(device)
 
 
 def _positions(attention_mask: torch.Tensor) -> torch.Tensor:

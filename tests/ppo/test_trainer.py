@@ -20,9 +20,10 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification, PreTrainedTokenizerFast
 from transformers import logging as hf_logging
 
+from rlhf_pipeline.outputs import last_checkpoint
 from rlhf_pipeline.ppo.config import PPOConfig
 from rlhf_pipeline.ppo.formulas import logprobs_from_logits
-from rlhf_pipeline.ppo.trainer import PPOTrainer, RewardFn, Rollout, TokenValueModel, last_checkpoint
+from rlhf_pipeline.ppo.trainer import PPOTrainer, RewardFn, Rollout, TokenValueModel
 
 LETTERS = "abcdefghijklm"
 TARGET = "a"
