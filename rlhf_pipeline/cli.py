@@ -7,8 +7,10 @@ Problems the user can fix print as one line naming the file and key, and exit wi
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import logging
+import os
 import sys
 import warnings
 from collections.abc import Sequence
@@ -18,7 +20,8 @@ from rlhf_pipeline.errors import PipelineError
 
 # Modules that add tool commands (push, merge, report, estimate...): each defines
 # `add_commands(subparsers)` and gives every command a `handler(args) -> int` via set_defaults.
-_TOOL_MODULES: tuple[str, ...] = ()
+_TOOL_MODULES: tuple[str, ...] = ("rlhf_pipeline.hub", "rlhf_pipeline.report", "rlhf_pipeline.launch",
+                                   "rlhf_pipeline.estimate")
 _OVERRIDES_HELP = "overrides of any recipe key, e.g. training.learning_rate=1e-4 model.lora.r=8"
 
 
@@ -80,6 +83,7 @@ def _validate(recipe_path: str, overrides: list[str]) -> None:
 
 def _run_stage(name: str, recipe_path: str, overrides: list[str], overwrite: bool) -> None:
     from rlhf_pipeline.distributed import process_state, say
+    from rlhf_pipeline.outputs import check_writable
     from rlhf_pipeline.recipe import load_recipe
     from rlhf_pipeline.stages import get_stage
     from rlhf_pipeline.stages.common import claim_output_dir, finished_run
@@ -90,7 +94,34 @@ def _run_stage(name: str, recipe_path: str, overrides: list[str], overwrite: boo
         say(f"{name}: already finished with this recipe in {recipe.output_dir}; nothing to do")
         return
     claim_output_dir(recipe, overwrite)
-    get_stage(name).run(recipe)
+    try:
+        check_writable(recipe.output_dir)  # a full or read-only disk fails now, not after loading the model
+        get_stage(name).run(recipe)
+    except OSError as err:
+        if not err.filename:  # a failed write() names no file; the stage's folder is where to look
+            err.filename = str(recipe.output_dir)
+        raise
+
+
+# Disk and permission failures a user can fix: said in one line with the path, not as a traceback.
+_FREE_SPACE = ("free space (or choose another output_dir), then re-run the same command: it resumes from the last "
+               "complete checkpoint")
+_FILE_PROBLEMS = {
+    errno.ENOSPC: _FREE_SPACE,
+    errno.EDQUOT: _FREE_SPACE,
+    errno.EACCES: "fix the folder's permissions or choose another output_dir",
+    errno.EPERM: "fix the folder's permissions or choose another output_dir",
+    errno.EROFS: "choose an output_dir on a writable disk",
+    errno.ENOTDIR: "part of the path is a file, not a folder; choose another output_dir or move that file",
+}
+
+
+def _file_problem(err: OSError) -> str | None:
+    """One line for a fixable disk or permission error, or None for anything else (a bug: keep the traceback)."""
+    hint = _FILE_PROBLEMS.get(err.errno) if err.errno is not None else None
+    if hint is None:
+        return None
+    return f"{err.filename or 'writing the outputs'}: {err.strerror or os.strerror(err.errno)}; {hint}"
 
 
 def _quiet_known_noise() -> None:
@@ -117,6 +148,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             _run_stage(args.command, args.recipe, args.overrides, args.overwrite)
     except PipelineError as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        problem = _file_problem(err)
+        if problem is None:
+            raise
+        print(f"error: {problem}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; re-run the same command to resume from the last checkpoint", file=sys.stderr)

@@ -29,6 +29,14 @@ def wait_for_everyone() -> None:
     process_state().wait_for_everyone()
 
 
+def quiet_unless_main() -> None:
+    """Progress bars on rank 0 only: datasets' map/filter bars would otherwise print once per process."""
+    if not is_main_process():
+        import datasets
+
+        datasets.disable_progress_bars()
+
+
 def say(message: str) -> None:
     """Print a progress line on the main process only."""
     if is_main_process():

@@ -171,10 +171,16 @@ def _quantization_config(spec: ModelSpec, compute_dtype: torch.dtype) -> Any:
 
 
 def _device_map(quantized: bool) -> dict[str, Any] | None:
-    """bitsandbytes needs weights placed at load time; each process takes its own device."""
+    """bitsandbytes needs weights placed at load time; each process takes its own device.
+
+    Never under ZeRO-3 / FSDP, which shard the (4-bit, float-stored) weights themselves: there QLoRA loads
+    without a device map, as PEFT's DeepSpeed and FSDP QLoRA recipes do.
+    """
     import torch
 
-    if not quantized:
+    from rlhf_pipeline.preflight import read_launch
+
+    if not quantized or read_launch().shards_parameters:
         return None
     if torch.cuda.is_available():
         return {"": int(os.environ.get("LOCAL_RANK", "0"))}
@@ -193,17 +199,22 @@ def load_model(source: ModelSource, spec: ModelSpec, tokenizer: PreTrainedTokeni
     if spec.trust_remote_code:
         warnings.warn(f"trust_remote_code is on: code from {source.origin} runs on this machine",
                       stacklevel=2)
-    model = model_class.from_pretrained(
-        source.path,
-        revision=source.revision,
-        dtype=dtype,
-        quantization_config=quantization,
-        device_map=_device_map(quantization is not None),
-        attn_implementation=spec.attn_implementation,
-        trust_remote_code=spec.trust_remote_code,
-        use_safetensors=None if spec.allow_unsafe_weights else True,
-        **extra,
-    )
+    try:
+        model = model_class.from_pretrained(
+            source.path,
+            revision=source.revision,
+            dtype=dtype,
+            quantization_config=quantization,
+            device_map=_device_map(quantization is not None),
+            attn_implementation=spec.attn_implementation,
+            trust_remote_code=spec.trust_remote_code,
+            use_safetensors=None if spec.allow_unsafe_weights else True,
+            **extra,
+        )
+    except OSError as err:
+        if spec.allow_unsafe_weights or "safetensors" not in str(err):
+            raise
+        raise PipelineError(_unsafe_weights_message(source)) from None
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer))
     for adapter in source.adapters:
@@ -212,6 +223,17 @@ def load_model(source: ModelSource, spec: ModelSpec, tokenizer: PreTrainedTokeni
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model
+
+
+def _unsafe_weights_message(source: ModelSource) -> str:
+    """Why pickle-only weights are refused, and the two ways on."""
+    folder = Path(source.path)
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt")) \
+        if folder.is_dir() else []
+    found = f" (found {', '.join(pickles)})" if pickles else ""
+    return (f"model.allow_unsafe_weights: {source.origin} has no safetensors weights{found}; pickle weights can "
+            "run code when loaded, so they are refused. Convert them to safetensors (load and save_pretrained "
+            "once, somewhere safe), or set model.allow_unsafe_weights: true if you trust the source")
 
 
 def merge_adapter(model: PreTrainedModel, adapter_dir: str) -> PreTrainedModel:

@@ -44,10 +44,24 @@ def write_json(path: Path, data: Any) -> None:
     write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
 
 
+def check_writable(folder: Path) -> None:
+    """Create the folder and a scratch file in it, so a read-only or full disk is an error before any work."""
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, probe = tempfile.mkstemp(dir=folder, prefix=".write-check-")
+    try:
+        os.write(fd, b"ok")
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+        os.unlink(probe)
+
+
 @contextmanager
 def staging_dir(output_dir: Path) -> Iterator[Path]:
     """Yield a scratch folder next to the outputs; on success its files replace the outputs' one by one."""
     output_dir.mkdir(parents=True, exist_ok=True)
+    for stale in output_dir.glob(".final-*"):  # left by a run killed while saving: never finished outputs
+        shutil.rmtree(stale, ignore_errors=True)
     scratch = Path(tempfile.mkdtemp(dir=output_dir, prefix=".final-"))
     try:
         yield scratch
@@ -100,12 +114,28 @@ def require_finished(output_dir: Path, stage: str, key: str) -> StageManifest:
     return manifest
 
 
-def last_checkpoint(output_dir: Path) -> Path | None:
-    """The newest complete `checkpoint-N` folder, so a re-run continues instead of starting over."""
+CHECKPOINT_STATE = "trainer_state.json"  # written last into a checkpoint, by transformers' Trainer and our PPO
+
+
+def _complete(checkpoint: Path) -> bool:
+    """A checkpoint counts once its trainer state, written last, reads back whole (a kill may cut it short)."""
+    try:
+        json.loads((checkpoint / CHECKPOINT_STATE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def last_checkpoint(output_dir: str | os.PathLike[str]) -> Path | None:
+    """The newest complete `checkpoint-N` folder, so a re-run continues instead of starting over.
+
+    A folder a killed run was still writing (no trainer state yet) is passed over for the one before it.
+    """
+    output_dir = Path(output_dir)
     if not output_dir.is_dir():
         return None
     steps = [(int(p.name.split("-")[-1]), p) for p in output_dir.glob("checkpoint-*")
-             if p.is_dir() and p.name.split("-")[-1].isdigit() and any(p.iterdir())]
+             if p.is_dir() and p.name.split("-")[-1].isdigit() and _complete(p)]
     return max(steps)[1] if steps else None
 
 

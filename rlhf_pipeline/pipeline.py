@@ -77,7 +77,7 @@ def validate_pipeline(path: str | Path) -> list[Recipe]:
 
 def run_pipeline(path: str | Path, start: str | None = None, force: bool = False) -> dict[str, Any]:
     """Run the chain; `start` re-runs from that stage on, `force` re-runs everything."""
-    from rlhf_pipeline.distributed import say, wait_for_everyone
+    from rlhf_pipeline.distributed import is_main_process, say, wait_for_everyone
     from rlhf_pipeline.stages import get_stage
     from rlhf_pipeline.stages.common import claim_output_dir, finished_run
 
@@ -98,4 +98,9 @@ def run_pipeline(path: str | Path, start: str | None = None, force: bool = False
         claim_output_dir(recipe, overwrite=True)
         results[recipe.stage] = get_stage(recipe.stage).run(recipe)
         wait_for_everyone()
+    if is_main_process():
+        from rlhf_pipeline.report import write_pipeline_report, write_report_safely
+
+        if report := write_report_safely(write_pipeline_report, path):
+            say(f"pipeline report: {report}")
     return results

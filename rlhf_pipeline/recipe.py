@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import re
 import sys
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ from rlhf_pipeline.schema import coerce, describe, matches, suggest
 
 _SPECIAL_TOKEN_KEYS = {"pad_token", "eos_token", "bos_token", "unk_token", "sep_token", "cls_token",
                        "mask_token", "stop_token", "stop_token_id"}
-_SECRET_KEY = re.compile(r"(^|_)(token|api_key|apikey|password|passwd|secret|access_key)$")
+_SECRET_KEY = re.compile(r"(^|_)(token|api_key|apikey|password|passwd|secret|secret_key|private_key|access_key)$")
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
@@ -172,6 +173,8 @@ class Recipe:
     config_section: str
     hub: HubSpec
     sections: dict[str, Any]
+    # Folders earlier stages of the pipeline being validated will (re)write: checks of their contents wait.
+    pending_outputs: list[Path] = field(default_factory=list)
 
     @property
     def output_dir(self) -> Path:
@@ -231,20 +234,39 @@ def read_yaml(path: Path, what: str = "recipe") -> dict[str, Any]:
     return data
 
 
+def _snake(key: str) -> str:
+    """`hfToken`, `HF-Token` and `hf token` all become `hf_token`, so every spelling meets the same check."""
+    split = re.sub(r"([a-z0-9])([A-Z])|([A-Z])([A-Z][a-z])", r"\1\3_\2\4", key)
+    return re.sub(r"[^a-z0-9]+", "_", split.lower())
+
+
 def check_secrets(data: Any, path: Path, prefix: str = "") -> None:
     """Refuse keys that look like credentials: they belong in the environment, never in a file."""
+    if isinstance(data, list):
+        for index, item in enumerate(data):
+            check_secrets(item, path, f"{prefix.removesuffix('.')}[{index}].")
     if isinstance(data, dict):
         for key, value in data.items():
-            key_path = f"{prefix}{key}"
-            if isinstance(key, str) and key not in _SPECIAL_TOKEN_KEYS and _SECRET_KEY.search(key.lower()):
+            key_path = f"{prefix}{_key_name(key)}"
+            if isinstance(key, str) and _snake(key) not in _SPECIAL_TOKEN_KEYS and _SECRET_KEY.search(_snake(key)):
                 raise RecipeError(path, key_path, "looks like a secret; recipes are saved next to outputs "
                                   "and pushed to the Hub, so set it in the environment instead "
                                   "(HF_TOKEN for the Hub, WANDB_API_KEY for wandb)")
             check_secrets(value, path, f"{key_path}.")
 
 
+def _key_name(key: object) -> str:
+    """A key as an error names it: as written, or quoted when it is empty or not a string (`''`, `3`)."""
+    return key if isinstance(key, str) and key.strip() else repr(key)
+
+
 def _key_path(prefix: str, key: object) -> str:
-    return f"{prefix}.{key}" if prefix else str(key)
+    return f"{prefix}.{_key_name(key)}" if prefix else _key_name(key)
+
+
+def _finite(value: Any) -> bool:
+    """YAML spells infinity and not-a-number (.inf, .nan); no setting means either."""
+    return not isinstance(value, float) or math.isfinite(value)
 
 
 def build_section(cls: type, data: Any, path: Path, prefix: str) -> Any:
@@ -261,7 +283,11 @@ def build_section(cls: type, data: Any, path: Path, prefix: str) -> Any:
         nested = _section_class(cls, annotation)
         if nested and isinstance(value, dict):
             kwargs[key] = build_section(nested, value, path, _key_path(prefix, key))
+        elif nested and not (value is None and "None" in (p.strip() for p in annotation.split("|"))):
+            raise RecipeError(path, _key_path(prefix, key), f"must be a mapping of keys (got {value!r})")
         elif matches(value, annotation):
+            if not _finite(value):
+                raise RecipeError(path, _key_path(prefix, key), f"must be a finite number, got {value}")
             kwargs[key] = value
         else:
             raise RecipeError(path, _key_path(prefix, key), f"expected {describe(annotation)}, got {value!r}")
@@ -295,36 +321,44 @@ def check_config(values: Any, fields: dict[str, str], path: Path, section: str) 
         raise RecipeError(path, section, "must be a mapping of the stage's arguments")
     values = {key: coerce(value, fields[key]) if key in fields else value for key, value in values.items()}
     for key, value in values.items():
+        key_path = _key_path(section, key)
         if key in _RESERVED_TRAINING_KEYS:
-            raise RecipeError(path, f"{section}.{key}", f"set by the recipe; use {_RESERVED_TRAINING_KEYS[key]}")
+            raise RecipeError(path, key_path, f"set by the recipe; use {_RESERVED_TRAINING_KEYS[key]}")
         if key not in fields:
-            raise RecipeError(path, f"{section}.{key}", f"unknown key{suggest(str(key), fields)}")
+            raise RecipeError(path, key_path, f"unknown key{suggest(str(key), fields)}")
         if not matches(value, fields[key]):
-            raise RecipeError(path, f"{section}.{key}", f"expected {describe(fields[key])}, got {value!r}")
+            raise RecipeError(path, key_path, f"expected {describe(fields[key])}, got {value!r}")
+        if not _finite(value):
+            raise RecipeError(path, key_path, f"must be a finite number, got {value}")
         if key in _POSITIVE_TRAINING_KEYS and isinstance(value, (int, float)) and value <= 0:
-            raise RecipeError(path, f"{section}.{key}", f"must be positive, got {value}")
+            raise RecipeError(path, key_path, f"must be positive, got {value}")
     if not values.get("output_dir"):
         raise RecipeError(path, f"{section}.output_dir", "required key is missing (where the stage writes)")
     return dict(values)
 
 
-def parse_override(text: str) -> tuple[list[str], Any]:
+def parse_override(text: str, path: Path | None = None) -> tuple[list[str], Any]:
     """Split a command-line override `section.key=value`; the value is read as YAML."""
     key, sep, value = text.partition("=")
     if not sep or not key.strip():
-        raise RecipeError(None, text, "an override must look like section.key=value")
-    return key.strip().split("."), yaml.safe_load(value) if value else None
+        raise RecipeError(path, text, "an override must look like section.key=value")
+    try:
+        parsed = yaml.safe_load(value) if value else None
+    except yaml.YAMLError as err:
+        raise RecipeError(path, key.strip(), f"the override value {value!r} is not valid YAML "
+                          f"({getattr(err, 'problem', err)}); quote it or fix the brackets") from None
+    return key.strip().split("."), parsed
 
 
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+def apply_overrides(data: dict[str, Any], overrides: list[str], path: Path | None = None) -> dict[str, Any]:
     """Apply `a.b.c=value` overrides onto a recipe mapping, creating sections as needed."""
     for text in overrides:
-        keys, value = parse_override(text)
+        keys, value = parse_override(text, path)
         target = data
         for key in keys[:-1]:
             target = target.setdefault(key, {})
             if not isinstance(target, dict):
-                raise RecipeError(None, text, f"'{key}' is not a section, so '{text}' cannot be set")
+                raise RecipeError(path, text, f"'{key}' is not a section, so '{text}' cannot be set")
         target[keys[-1]] = value
     return data
 
@@ -340,7 +374,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None, stage: str
     from rlhf_pipeline.stages import STAGE_NAMES, get_stage
 
     path = Path(path)
-    data = apply_overrides(read_yaml(path), overrides or [])
+    data = apply_overrides(read_yaml(path), overrides or [], path)
     check_secrets(data, path)
     name = data.get("stage", stage)
     if name is None:
@@ -353,7 +387,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None, stage: str
     known = {"stage", "model", "data", spec.config_section, "hub", *spec.sections}
     for key in data:
         if key not in known:
-            raise RecipeError(path, str(key), f"unknown section{suggest(str(key), known)}")
+            raise RecipeError(path, _key_name(key), f"unknown section{suggest(str(key), known)}")
     for required in ("model", "data", spec.config_section):
         if required not in data:
             raise RecipeError(path, required, "required section is missing")
@@ -366,6 +400,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None, stage: str
         config_section=spec.config_section,
         hub=build_section(HubSpec, data.get("hub", {}), path, "hub"),
         sections={key: build_section(cls, data.get(key, {}), path, key) for key, cls in spec.sections.items()},
+        pending_outputs=list(pending_outputs or []),
     )
     check_cards(recipe, pending_outputs or [])
     spec.check(recipe)

@@ -69,18 +69,22 @@ class RewardModel:
         stats = manifest.extra.get("reward_stats", {})
         return cls(model, tokenizer, stats.get("mean", 0.0), stats.get("std", 1.0))
 
-    def score_ids(self, sequences: Sequence[Sequence[int]]) -> list[float]:
-        """Raw scores of already-encoded prompt+answer sequences, in batches."""
+    def score_ids(self, sequences: Sequence[Sequence[int]], description: str | None = None) -> list[float]:
+        """Raw scores of already-encoded prompt+answer sequences, in batches (a progress bar when described)."""
         import torch
+        from tqdm.auto import tqdm
+
+        from rlhf_pipeline.distributed import is_main_process
 
         scores: list[float] = []
+        batches = range(0, len(sequences), self.batch_size)
         with torch.no_grad():
-            for start in range(0, len(sequences), self.batch_size):
+            for start in tqdm(batches, desc=description, disable=description is None or not is_main_process()):
                 ids, mask = right_pad(sequences[start : start + self.batch_size], self.tokenizer.pad_token_id)
                 device = next(self.model.parameters()).device
                 scores.extend(sequence_scores(self.model, ids.to(device), mask.to(device)).tolist())
         return scores
 
-    def score(self, prompts: Sequence[Messages], answers: Sequence[str]) -> list[float]:
+    def score(self, prompts: Sequence[Messages], answers: Sequence[str], description: str | None = None) -> list[float]:
         """Raw scores of answers to chat prompts, encoded exactly as in RM training and PPO."""
-        return self.score_ids(encode_conversations(self.tokenizer, prompts, answers))
+        return self.score_ids(encode_conversations(self.tokenizer, prompts, answers), description)

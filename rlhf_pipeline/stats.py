@@ -1,4 +1,8 @@
-"""Small statistics the reports rely on: bootstrap confidence intervals and summaries."""
+"""The percentile bootstrap that the metric modules (`rlhf_pipeline/metrics/`) share.
+
+Summaries, win rates and gains are computed by those `evaluate` modules; this is the one place their
+confidence intervals come from.
+"""
 
 from __future__ import annotations
 
@@ -18,11 +22,3 @@ def bootstrap_ci(values: Sequence[float], samples: int = 2000, seed: int = 0,
     tail = (1 - level) / 2 * 100
     low, high = np.percentile(means, [tail, 100 - tail])
     return float(low), float(high)
-
-
-def summary(values: Sequence[float], samples: int = 2000, seed: int = 0) -> dict[str, float]:
-    """Mean, standard deviation and the 95% bootstrap interval of the mean."""
-    data = np.asarray(values, dtype=float)
-    low, high = bootstrap_ci(data, samples, seed)
-    return {"mean": float(data.mean()), "std": float(data.std()), "ci95_low": low, "ci95_high": high,
-            "n": int(data.size)}

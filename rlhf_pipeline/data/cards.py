@@ -89,7 +89,7 @@ def load_card(path: Path) -> DataCard:
     return card
 
 
-def find_card(ref: str, recipe_path: Path) -> Path:
+def find_card(ref: str, recipe_path: Path, key: str = "data") -> Path:
     """Resolve a card reference: a path to a card file, or a name looked up in a data_cards/ folder.
 
     Names are searched in the data_cards/ folders of the recipe's directory and its parents, then of
@@ -100,7 +100,7 @@ def find_card(ref: str, recipe_path: Path) -> Path:
         for candidate in (as_path, recipe_path.parent / as_path):
             if candidate.is_file():
                 return candidate
-        raise RecipeError(recipe_path, "data", f"data card file '{ref}' not found")
+        raise RecipeError(recipe_path, key, f"data card file '{ref}' not found")
     folders = [p / "data_cards" for p in (recipe_path.resolve().parent, *recipe_path.resolve().parents)]
     folders.append(Path.cwd() / "data_cards")
     for folder in folders:
@@ -108,7 +108,7 @@ def find_card(ref: str, recipe_path: Path) -> Path:
             if (folder / f"{ref}{suffix}").is_file():
                 return folder / f"{ref}{suffix}"
     known = sorted({p.stem for folder in folders if folder.is_dir() for p in folder.glob("*.y*ml")})
-    raise RecipeError(recipe_path, "data", f"no data card named '{ref}'{suggest(ref, known)} "
+    raise RecipeError(recipe_path, key, f"no data card named '{ref}'{suggest(ref, known)} "
                       f"(looked in the data_cards/ folders above the recipe and in the working directory)")
 
 
@@ -128,7 +128,7 @@ def check_cards(recipe: Recipe, pending_outputs: list[Path] | None = None) -> li
         for index, ref in enumerate(getattr(recipe.data, split)):
             if _is_pending(ref, recipe.path, pending_outputs or []):
                 continue
-            card = load_card(find_card(ref, recipe.path))
+            card = load_card(find_card(ref, recipe.path, f"data.{split}[{index}]"))
             if card.format not in formats:
                 raise RecipeError(recipe.path, f"data.{split}[{index}]",
                                   f"card '{ref}' has format '{card.format}', but the {recipe.stage} stage "

@@ -7,6 +7,7 @@ of failing the whole file; CSV and Parquet go through `datasets`, Hub ids throug
 
 from __future__ import annotations
 
+import codecs
 import collections
 import json
 import logging
@@ -51,19 +52,42 @@ class DataReport:
         return f"{self.kept} of {self.read} rows kept" + (f"; dropped: {reasons}" if reasons else "")
 
     def as_dict(self) -> dict[str, Any]:
-        return {"rows_read": self.read, "rows_kept": self.kept, "rows_dropped": dict(self.dropped)}
+        return {"rows_read": self.read, "rows_kept": self.kept, "rows_dropped": dict(self.dropped),
+                "first_dropped": {reason: rows[:_FIRST_BAD] for reason, rows in self.examples.items()}}
 
 
-def _read_json_lines(path: Path) -> tuple[list[dict[str, Any]], collections.Counter[str], dict[str, list[int]]]:
-    """Read JSONL (or a JSON array) keeping good rows and noting bad lines by 1-based line number."""
-    raw = path.read_bytes()
+_FIRST_BAD = 5  # row numbers kept per reason: enough to find the pattern, never the whole file
+Where = dict[str, list[str]]
+
+
+def _note(where: Where, reason: str, label: str) -> None:
+    rows = where.setdefault(reason, [])
+    if len(rows) < _FIRST_BAD:
+        rows.append(label)
+
+
+def _read_json_lines(path: Path) -> tuple[list[dict[str, Any]], collections.Counter[str], Where, list[str]]:
+    """Read JSONL (or a JSON array) keeping good rows and noting bad lines by 1-based line number.
+
+    Returns the rows, drops by reason, the first bad lines per reason, and each kept row's line label.
+    """
+    raw = path.read_bytes().removeprefix(codecs.BOM_UTF8)
+    dropped, where = collections.Counter[str](), {}
     if path.suffix == ".json" and raw.lstrip().startswith(b"["):
         try:
-            rows = json.loads(raw.decode("utf-8"))
+            items = json.loads(raw.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
             raise RecipeError(path, None, f"not a valid JSON array ({err}); fix the file or use JSONL") from None
-        return rows, collections.Counter(), {}
-    rows, dropped, where = [], collections.Counter[str](), collections.defaultdict(list)
+        rows, labels = [], []
+        for number, item in enumerate(items, start=1):
+            if isinstance(item, dict):
+                rows.append(item)
+                labels.append(f"item {number}")
+            else:
+                dropped["not_an_object"] += 1
+                _note(where, "not_an_object", f"item {number}")
+        return rows, dropped, where, labels
+    rows, labels = [], []
     for number, line in enumerate(raw.split(b"\n"), start=1):
         if not line.strip():
             continue
@@ -71,32 +95,45 @@ def _read_json_lines(path: Path) -> tuple[list[dict[str, Any]], collections.Coun
             row = json.loads(line.decode("utf-8"))
         except UnicodeDecodeError:
             reason = "not_utf8"
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             reason = "malformed_json"
         else:
             if isinstance(row, dict):
                 rows.append(row)
+                labels.append(f"line {number}")
                 continue
             reason = "not_an_object"
         dropped[reason] += 1
-        where[reason].append(f"line {number}")
-    return rows, dropped, dict(where)
+        _note(where, reason, f"line {number}")
+    return rows, dropped, where, labels
 
 
 def read_card_rows(card: DataCard) -> tuple[list[dict[str, Any]], collections.Counter[str], dict[str, list]]:
     """All rows of a card with columns renamed to canonical names; unreadable rows counted, not raised."""
+    rows, dropped, where, _ = _read_card(card)
+    return rows, dropped, where
+
+
+def _read_card(card: DataCard) -> tuple[list[dict[str, Any]], collections.Counter[str], Where, list[str]]:
+    """`read_card_rows` plus where each row came from (`line 7` of a JSONL file, `row 7` of a table)."""
     path = card.local_path()
     if path is not None and path.suffix in (".json", ".jsonl"):
-        rows, dropped, where = _read_json_lines(path)
+        rows, dropped, where, labels = _read_json_lines(path)
     else:
         from datasets import load_dataset
 
         if path is not None:
             dataset = load_dataset(path.suffix.lstrip("."), data_files=str(path), split="train")
         else:
-            dataset = load_dataset(card.source.hub_id, card.source.subset, revision=card.source.revision,
-                                   split=card.source.split)
+            try:
+                dataset = load_dataset(card.source.hub_id, card.source.subset, revision=card.source.revision,
+                                       split=card.source.split)
+            except ConnectionError as err:  # offline (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE) or no network
+                raise RecipeError(card.file, "source.hub_id", f"cannot reach '{card.source.hub_id}' on the Hub and "
+                                  f"it is not in the local cache ({err}); run once online (without "
+                                  "HF_HUB_OFFLINE=1) to cache it, or point source.path at a local copy") from None
         rows, dropped, where = dataset.to_list(), collections.Counter(), {}
+        labels = [f"row {number}" for number in range(1, len(rows) + 1)]
     mapping = {card.column(name): name for name in formats.CANONICAL_COLUMNS[card.format]}
     if card.margin_column:
         mapping[card.margin_column] = "margin"
@@ -109,7 +146,7 @@ def read_card_rows(card: DataCard) -> tuple[list[dict[str, Any]], collections.Co
                                   f"column '{file_column}' not found in {path or card.source.hub_id}; "
                                   f"its columns are: {', '.join(sorted(present))}")
     renamed = [{mapping.get(k, k): v for k, v in row.items()} for row in rows]
-    return renamed, dropped, where
+    return renamed, dropped, where, labels
 
 
 _REQUIRED = {
@@ -123,27 +160,45 @@ _REQUIRED = {
 }
 
 
-def _convert(card: DataCard, rows: list[dict[str, Any]], system_prompt: str | None,
-             prompts_only: bool) -> formats.Converted:
-    """Convert with the card's own format; stages that sample answers keep only the distinct prompts."""
+def _convert(card: DataCard, rows: list[dict[str, Any]], system_prompt: str | None) -> formats.Converted:
+    """Convert with the card's own format."""
     if card.format in formats.SFT_FORMATS:
-        converted = formats.to_sft(rows, card.format, system_prompt=system_prompt)
-    elif card.format in formats.PREFERENCE_FORMATS:
-        converted = formats.to_preference(rows, card.format, margin_key="margin" if card.margin_column else None,
-                                          system_prompt=system_prompt)
-    else:
-        return formats.to_prompts(rows, card.format, system_prompt=system_prompt)
+        return formats.to_sft(rows, card.format, system_prompt=system_prompt)
+    if card.format in formats.PREFERENCE_FORMATS:
+        return formats.to_preference(rows, card.format, margin_key="margin" if card.margin_column else None,
+                                     system_prompt=system_prompt)
+    return formats.to_prompts(rows, card.format, system_prompt=system_prompt)
+
+
+def _convert_rows(card: DataCard, rows: list[dict[str, Any]], labels: list[str], system_prompt: str | None,
+                  prompts_only: bool, dropped: collections.Counter[str],
+                  where: Where) -> list[tuple[str, dict[str, Any]]]:
+    """Canonical rows, each with the line or row it came from, so every later drop names it too.
+
+    Rows are converted one at a time for that; stages that sample answers keep only the distinct prompts.
+    """
+    out: list[tuple[str, dict[str, Any]]] = []
+    for label, row in zip(labels, rows, strict=True):
+        converted = _convert(card, [row], system_prompt)
+        for reason, count in converted.dropped.items():
+            dropped[reason] += count
+            _note(where, reason, label)
+        out.extend((label, canonical) for canonical in converted.rows)
     if prompts_only:
-        distinct = {json.dumps(row["prompt"], sort_keys=True): {"prompt": row["prompt"]} for row in converted.rows}
-        converted.rows = list(distinct.values())
-    return converted
+        distinct: dict[str, tuple[str, dict[str, Any]]] = {}
+        for label, canonical in out:
+            distinct.setdefault(json.dumps(canonical["prompt"], sort_keys=True),
+                                (label, {"prompt": canonical["prompt"]}))
+        out = list(distinct.values())
+    return out
 
 
 def _token_length(tokenizer: PreTrainedTokenizerBase) -> Callable[[dict[str, Any]], int]:
     """Length of a canonical row once rendered with the chat template (longest answer for pairs)."""
     def length(row: dict[str, Any]) -> int:
         answers = [row[k] for k in ("completion", "chosen", "rejected") if k in row] or [[]]
-        return max(len(tokenizer.apply_chat_template(row["prompt"] + answer, tokenize=True,
+        # return_dict=False: a BatchEncoding's len() is its number of keys (2), which filtered nothing
+        return max(len(tokenizer.apply_chat_template(row["prompt"] + answer, tokenize=True, return_dict=False,
                                                      add_generation_prompt=not answer)) for answer in answers)
     return length
 
@@ -151,24 +206,25 @@ def _token_length(tokenizer: PreTrainedTokenizerBase) -> Callable[[dict[str, Any
 def load_rows(recipe: Recipe, split: str, tokenizer: PreTrainedTokenizerBase, report: DataReport,
               prompts_only: bool = False) -> list[dict[str, Any]]:
     """Canonical rows of every card in `data.<split>`, with unusable and over-long rows dropped and counted."""
+    from tqdm.auto import tqdm
+
+    from rlhf_pipeline.distributed import is_main_process
+
     cards = [card for card in check_cards(recipe) if _card_split(recipe, card) == split]
     length = _token_length(tokenizer)
     kept_rows: list[dict[str, Any]] = []
     for card in cards:
-        rows, dropped, where = read_card_rows(card)
-        converted = _convert(card, rows, recipe.data.system_prompt, prompts_only)
-        dropped.update(converted.dropped)
-        for reason, indices in converted.first_bad_rows.items():
-            where.setdefault(reason, []).extend(f"row {i}" for i in indices)
+        rows, dropped, where, labels = _read_card(card)
+        read = len(rows) + sum(dropped.values())  # so far only unreadable lines are counted
+        converted = _convert_rows(card, rows, labels, recipe.data.system_prompt, prompts_only, dropped, where)
         kept = []
-        for index, row in enumerate(converted.rows):
+        for label, row in tqdm(converted, desc=f"data: token lengths ({card.name})", leave=False,
+                               disable=len(converted) < 2000 or not is_main_process()):
             if length(row) > recipe.data.max_length:
                 dropped["too_long"] += 1
-                where.setdefault("too_long", []).append(f"row {index}")
+                _note(where, "too_long", label)
             else:
                 kept.append(row)
-        read = len(rows) + sum(n for r, n in dropped.items() if r in ("malformed_json", "not_utf8",
-                                                                          "not_an_object"))
         report.add(card, read, len(kept), dropped, where)
         kept_rows.extend(kept)
     return kept_rows

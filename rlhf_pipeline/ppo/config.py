@@ -69,8 +69,18 @@ class PPOConfig:
     save_steps: int = 50
     save_total_limit: int | None = None
     num_sample_generations: int = 10  # times a few decoded samples are kept in the log history; 0: never
-    report_to: str | list[str] = "none"  # accelerate trackers (tensorboard, wandb, ...)
+    report_to: str | list[str] = "none"  # accelerate trackers (tensorboard, wandb, trackio, ...)
     disable_tqdm: bool = False
+
+    # Health monitors (ppo/monitors.py), checked on every log entry; null = off. An alert is a warning
+    # and an entry {"step", "alerts"} in the log history; with early_stop_on_alert the run saves a
+    # checkpoint and stops, and the stage still saves the adapter (metrics: stopped_early, stop).
+    max_kl: float | None = None  # mean KL(policy || reference) per answer, nats
+    min_entropy: float | None = None  # mean policy entropy per response token, nats
+    max_length_drift: float | None = None  # |mean length / first logged mean length - 1|
+    max_missing_eos_fraction: float | None = None  # share of answers without the stop token
+    max_reward_jump: float | None = None  # |change of mean score| between log entries, in score std units
+    early_stop_on_alert: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.report_to, str):
@@ -89,6 +99,16 @@ class PPOConfig:
         for name in ("max_prompt_length", "total_episodes", "save_total_limit", "reward_clip", "max_grad_norm"):
             value = getattr(self, name)
             _require(value is None or value > 0, f"{name} must be > 0 (or null), got {value}")
+        for name in ("max_kl", "max_length_drift", "max_reward_jump"):
+            value = getattr(self, name)
+            _require(value is None or value > 0, f"{name} must be > 0 (or null: off), got {value}")
+        _require(self.min_entropy is None or self.min_entropy >= 0,
+                 f"min_entropy must be >= 0 (or null: off), got {self.min_entropy}")
+        _require(self.max_missing_eos_fraction is None or 0 <= self.max_missing_eos_fraction < 1,
+                 f"max_missing_eos_fraction must be in [0, 1) (or null: off), got {self.max_missing_eos_fraction}")
+        _require(self.max_missing_eos_fraction is None or self.stop_token is not None
+                 or self.stop_token_id is not None,
+                 "max_missing_eos_fraction needs a stop token: set stop_token: eos or a stop_token_id")
         _require(0 < self.cliprange < 1, f"cliprange must be in (0, 1), got {self.cliprange}")
         _require(self.cliprange_value is None or self.cliprange_value > 0,
                  f"cliprange_value must be > 0 (or null for no value clipping), got {self.cliprange_value}")

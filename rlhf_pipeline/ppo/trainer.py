@@ -39,7 +39,7 @@ from peft.utils import load_peft_weights
 from tqdm.auto import tqdm
 from transformers import GenerationConfig, PreTrainedTokenizerBase, get_scheduler
 
-from rlhf_pipeline.distributed import process_state
+from rlhf_pipeline.distributed import process_state, say
 from rlhf_pipeline.generation import left_pad
 from rlhf_pipeline.outputs import last_checkpoint
 from rlhf_pipeline.ppo.config import PPOConfig
@@ -54,6 +54,7 @@ from rlhf_pipeline.ppo.formulas import (
     token_rewards,
     value_loss,
 )
+from rlhf_pipeline.ppo.monitors import check_health
 
 logger = logging.getLogger(__name__)
 
@@ -185,6 +186,7 @@ class PPOTrainer:
         )
         self.global_step = 0
         self.log_history: list[dict[str, Any]] = []
+        self.stopped_early = False
 
     # ------------------------------------------------------------------ data
 
@@ -393,7 +395,8 @@ class PPOTrainer:
     def train(self, resume_from_checkpoint: str | os.PathLike[str] | bool | None = None) -> dict[str, Any]:
         """Run PPO to `total_steps`; resume from a checkpoint folder (or the newest one when True).
 
-        Returns the metrics of the last step.
+        Returns the metrics of the last step. With `early_stop_on_alert`, a health alert (ppo/monitors.py)
+        saves a checkpoint of that step and ends the run there (`stopped_early` is then True).
         """
         set_seed(self.config.seed, device_specific=True)
         if resume_from_checkpoint is True:
@@ -416,15 +419,23 @@ class PPOTrainer:
             self.lr_scheduler.step()
             self.global_step = step
             window.append({**self._rollout_metrics(rollout), **self._mean_over_processes(update_stats), "lr": lr})
+            alerts: list[dict[str, Any]] = []
             if step % self.config.logging_steps == 0 or step == self.total_steps:
                 metrics = self._log(window)
                 window = []
                 progress.set_postfix(score=f"{metrics['objective/scores']:.3f}", kl=f"{metrics['objective/kl']:.3f}")
+                alerts = self._check_health(metrics)
             if sample_every and step % sample_every == 0:
                 self.log_history.append({"step": step, "samples": self._samples(rollout)})
-            if step % self.config.save_steps == 0:
+            stopping = bool(alerts) and self.config.early_stop_on_alert
+            if step % self.config.save_steps == 0 or stopping:
                 self.save_checkpoint()
             progress.update(1)
+            if stopping:  # every rank sees the same reduced metrics, so all ranks stop at the same step
+                self.stopped_early = True
+                self._warn(f"PPO: stopped early at step {step} (early_stop_on_alert); checkpoint saved in "
+                           f"{Path(self.config.output_dir) / f'{CHECKPOINT_PREFIX}{step}'}")
+                break
         progress.close()
         if self.config.report_to:
             self.accelerator.end_training()
@@ -474,6 +485,27 @@ class PPOTrainer:
         if self.on_log is not None and self.accelerator.is_main_process:
             self.on_log(dict(logs))
         return logs
+
+    def _check_health(self, logs: dict[str, Any]) -> list[dict[str, Any]]:
+        """Run the health monitors on a new log entry; alerts go to the log history, trackers and the console."""
+        earlier = [e for e in self.log_history if "objective/scores" in e and e["step"] < logs["step"]]
+        alerts = check_health(self.config, logs, earlier)
+        if alerts:
+            self.log_history.append({"step": logs["step"], "alerts": alerts})
+            if self.config.report_to:
+                self.accelerator.log({"health/alerts": len(alerts)}, step=logs["step"])
+            for alert in alerts:
+                self._warn(f"PPO health alert at step {logs['step']}: {alert['message']}")
+        return alerts
+
+    def _warn(self, message: str) -> None:
+        """A warning on the main process: through logging, and printed unless logging already prints it
+        (with no handler configured, Python's last-resort handler writes warnings to stderr)."""
+        if not self.accelerator.is_main_process:
+            return
+        logger.warning(message)
+        if logger.hasHandlers():
+            say(message)
 
     def _samples(self, rollout: Rollout, count: int = 3) -> list[dict[str, Any]]:
         """A few decoded prompt/response/score triples, for a human to look at."""

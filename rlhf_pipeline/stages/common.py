@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from rlhf_pipeline.distributed import is_main_process, say
+from rlhf_pipeline.distributed import is_main_process, quiet_unless_main, say
 from rlhf_pipeline.errors import PipelineError
 from rlhf_pipeline.models import (
     CAUSAL_LM,
@@ -36,6 +36,7 @@ from rlhf_pipeline.outputs import (
     staging_dir,
     write_json,
 )
+from rlhf_pipeline.preflight import check_launch
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -83,8 +84,17 @@ def activation_checkpointing_default(recipe: Recipe) -> bool:
 
 
 def load_for_training(recipe: Recipe, task: str = CAUSAL_LM) -> Loaded:
-    """Check the hardware, then load tokenizer and model and add the stage's trainable LoRA."""
+    """Check the hardware and the launch, then load tokenizer and model and add the stage's trainable LoRA.
+
+    The seed is set before loading so the new LoRA (and a reward model's new score head) start the same in
+    every run and on every rank; unseeded, two runs of one recipe differed from the first gradient.
+    """
+    from transformers import set_seed
+
+    quiet_unless_main()
     check_hardware(recipe.model, recipe.config)
+    check_launch(recipe)
+    set_seed(recipe.config.get("seed", 42))
     source = resolve_source(recipe.model, progress=say)
     tokenizer = load_tokenizer(source, recipe.model)
     say(f"loading {source.origin}" + (f" with {len(source.adapters)} stage adapter(s) merged"
@@ -99,6 +109,7 @@ def load_policy(recipe: Recipe, name_or_path: str | None = None, task: str = CAU
     """A frozen model for sampling or scoring (stage adapters merged, no new LoRA), in eval mode."""
     import dataclasses
 
+    quiet_unless_main()
     check_hardware(recipe.model, recipe.config)
     spec = dataclasses.replace(recipe.model, name_or_path=name_or_path or recipe.model.name_or_path, lora=None)
     source = resolve_source(spec, progress=say)
@@ -123,6 +134,21 @@ def trainer_config(config_class: type, recipe: Recipe, **stage_values: Any) -> A
     return config_class(**values)
 
 
+def launch_facts(accelerator: Any) -> dict[str, Any]:
+    """How the run was distributed, as the ranks saw it (never as the launch command claimed).
+
+    `ranks` is gathered from every process, so it lists rank 1 only if rank 1 really joined rank 0's
+    world. Every process must call this (it is a collective operation).
+    """
+    from accelerate.utils import gather_object
+
+    ranks = gather_object([accelerator.process_index]) if accelerator.num_processes > 1 else [0]
+    plugin = accelerator.state.deepspeed_plugin if accelerator.distributed_type.value == "DEEPSPEED" else None
+    return {"world_size": accelerator.num_processes, "ranks": sorted(ranks),
+            "distributed_type": accelerator.distributed_type.value,
+            "zero_stage": plugin.zero_stage if plugin is not None else None}
+
+
 def finished_manifest(recipe: Recipe, source: ModelSource, metrics: dict[str, Any], adapter: bool,
                       task: str = CAUSAL_LM, extra: dict[str, Any] | None = None) -> StageManifest:
     """The completion record of a stage run: recipe fingerprint, base model lineage and metrics."""
@@ -132,34 +158,108 @@ def finished_manifest(recipe: Recipe, source: ModelSource, metrics: dict[str, An
 
 
 def finish_outputs(recipe: Recipe, manifest: StageManifest, write_files: Callable[[Path], None]) -> StageManifest:
-    """Write a stage's files, recipe and metrics through a scratch folder, then the completion marker last."""
+    """Write a stage's files, recipe and metrics through a scratch folder, then the completion marker last.
+
+    The stage's report.md and plots follow the marker: they are derived from the files above (and can be
+    rewritten with `rlhf-pipeline report`), so a plotting problem never leaves a stage unfinished.
+    """
+    from rlhf_pipeline.report import write_report_safely, write_stage_report
+
     if is_main_process():
         with staging_dir(recipe.output_dir) as scratch:
             write_files(scratch)
             save_recipe_and_metrics(scratch, recipe.resolved(), manifest.metrics)
         mark_complete(recipe.output_dir, manifest)
         say(f"{recipe.stage}: finished; outputs in {recipe.output_dir}")
+        if report := write_report_safely(write_stage_report, recipe.output_dir):
+            say(f"{recipe.stage}: report in {report}")
     return manifest
+
+
+def gathered_state_dict(model: Any) -> dict[str, Any] | None:
+    """Full tensors to save when DeepSpeed ZeRO-3 has partitioned the parameters; None otherwise.
+
+    Under ZeRO-3 each rank keeps a slice of every partitioned parameter, so `save_pretrained` on rank 0
+    writes zero-sized tensors (a LoRA adapter of 28 empty tensors, checked). The parameters the saved
+    file needs (the trainable ones for LoRA: adapter and modules_to_save; all of them for full
+    fine-tuning) are gathered one at a time and copied on rank 0. Every rank must call this.
+    """
+    partitioned = [(name, param) for name, param in model.named_parameters(remove_duplicate=False)
+                   if hasattr(param, "ds_id")]
+    if not partitioned:
+        return None
+    import deepspeed
+
+    adapter_only = hasattr(model, "peft_config")
+    main = is_main_process()
+    state = dict(model.state_dict()) if main else {}
+    for name, param in partitioned:
+        if adapter_only and not param.requires_grad:
+            continue
+        with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
+            if main:
+                state[name] = param.detach().to("cpu", copy=True)
+    return state
+
+
+def check_saved_weights(folder: Path) -> None:
+    """Refuse to call a stage finished when a saved weight is empty (sharded weights saved ungathered)."""
+    from safetensors import safe_open
+
+    for path in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as weights:
+            empty = [key for key in weights.keys() if 0 in weights.get_slice(key).get_shape()]  # noqa: SIM118
+        if empty:
+            raise PipelineError(f"{path.name}: {len(empty)} saved tensor(s) are empty (e.g. {empty[0]}): "
+                                "the weights were sharded (DeepSpeed ZeRO-3 / FSDP) and not gathered before "
+                                "saving; the stage is not marked finished")
 
 
 def finish(recipe: Recipe, loaded: Loaded, model: PreTrainedModel, metrics: dict[str, Any],
            task: str = CAUSAL_LM, extra: dict[str, Any] | None = None) -> StageManifest:
     """Save the trained weights (adapter or full model) and tokenizer with the stage's record."""
+    from rlhf_pipeline.hub import push_if_configured, write_model_card
+
+    state_dict = gathered_state_dict(model)  # on every rank: a collective operation under ZeRO-3
+
     def write_weights(folder: Path) -> None:
-        model.save_pretrained(folder, safe_serialization=True)
+        model.save_pretrained(folder, safe_serialization=True,
+                              **({"state_dict": state_dict} if state_dict is not None else {}))
+        check_saved_weights(folder)
         loaded.tokenizer.save_pretrained(folder)
         record_origin(folder, loaded.source)
+        write_model_card(folder, manifest, recipe_path=recipe.path, recipe=recipe.resolved())
 
     manifest = finished_manifest(recipe, loaded.source, metrics, recipe.model.lora is not None, task, extra)
-    return finish_outputs(recipe, manifest, write_weights)
+    finish_outputs(recipe, manifest, write_weights)
+    push_if_configured(recipe)  # the recipe's hub.push: true; main process only
+    return manifest
 
 
 def evaluate_once_before_training(trainer: Any, output_dir: Path) -> dict[str, float]:
-    """The untrained model's eval metrics, kept on disk so a resumed run still reports them."""
+    """The untrained model's eval metrics, kept on disk so a resumed run still reports them.
+
+    They are measured by a callback when `train()` starts, after the trainer has prepared the model: under
+    DeepSpeed an `evaluate()` before `train()` builds an inference-only engine, which ZeRO-2 refuses ("ZeRO
+    inference only makes sense with ZeRO Stage 3") and after which ZeRO-3 trains without an optimizer
+    (both checked). The returned dict is filled then; a run resumed without the saved file leaves it empty
+    rather than report a trained model as the untrained one.
+    """
+    from transformers import TrainerCallback
+
     saved = output_dir / "eval_before_training.json"
+    metrics: dict[str, float] = {}
     if saved.is_file():
-        return json.loads(saved.read_text(encoding="utf-8"))
-    metrics = trainer.evaluate(metric_key_prefix="eval")
-    if is_main_process():
-        write_json(saved, metrics)
+        metrics.update(json.loads(saved.read_text(encoding="utf-8")))
+        return metrics
+
+    class _EvaluateAtStart(TrainerCallback):
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if state.global_step > 0:
+                return
+            metrics.update(trainer.evaluate(metric_key_prefix="eval"))
+            if is_main_process():
+                write_json(saved, metrics)
+
+    trainer.add_callback(_EvaluateAtStart())
     return metrics

@@ -5,7 +5,8 @@
 `model.name_or_path` is the baseline (the SFT output) and `evaluation.policy` the policy under test
 (the PPO output). Both answer the same held-out prompts with the same sampling settings and seed; the
 KL is the Monte-Carlo estimate of KL(policy‖baseline) per answer on the policy's own samples, under the
-sampling temperature. Writes `eval.json`, `eval.md` and `eval.png`.
+sampling temperature. Writes `eval.json` (summaries, per-answer values, samples); `report.md` and
+`eval.png` come from `rlhf_pipeline.report`.
 """
 
 from __future__ import annotations
@@ -41,15 +42,18 @@ class EvalConfig:
     num_examples: int = 6
 
 
-def answer_logprob(model: PreTrainedModel, samples: list[Sample], temperature: float) -> list[float]:
+def answer_logprob(model: PreTrainedModel, samples: list[Sample], temperature: float,
+                   description: str | None = None) -> list[float]:
     """log π(answer | prompt) summed over answer tokens, under the sampling temperature."""
     import torch
+    from tqdm.auto import tqdm
 
+    from rlhf_pipeline.distributed import is_main_process
     from rlhf_pipeline.ppo.formulas import logprobs_from_logits
 
     totals = []
     with torch.no_grad():
-        for sample in samples:
+        for sample in tqdm(samples, desc=description, disable=description is None or not is_main_process()):
             ids = torch.tensor([sample.prompt_ids + sample.answer_ids])
             logits = model(input_ids=ids, use_cache=False).logits[0, len(sample.prompt_ids) - 1 : -1]
             labels = ids[0, len(sample.prompt_ids):]
@@ -57,56 +61,31 @@ def answer_logprob(model: PreTrainedModel, samples: list[Sample], temperature: f
     return totals
 
 
-def _policy_report(samples: list[Sample], rewards: list[float] | None, judged: list[float],
-                   config: EvalConfig) -> dict[str, Any]:
-    from rlhf_pipeline.stats import summary
+# The win_rate module names its gain keys explicitly; the report keeps the summary-shaped names it always had.
+_GAIN_KEYS = {"mean_gain": "mean", "gain_std": "std", "gain_ci95_low": "ci95_low", "gain_ci95_high": "ci95_high"}
 
-    report = {"judge": summary(judged, config.bootstrap_samples, config.seed),
-              "length_tokens": summary([len(s.answer_ids) for s in samples], 200, config.seed),
-              "eos_fraction": sum(s.finished for s in samples) / len(samples)}
-    if rewards is not None:
-        report["reward"] = summary(rewards, config.bootstrap_samples, config.seed)
+
+def compare(per_answer: dict[str, dict[str, list[float]]], config: EvalConfig) -> dict[str, Any]:
+    """Summaries of every per-answer column (metric `sequence_summary`) and the paired gains (`win_rate`).
+
+    `per_answer` is {"baseline": {column: values}, "policy": {column: values}}; the policy's "kl" column
+    (KL to the baseline) is summarised on its own, as `kl`.
+    """
+    from rlhf_pipeline.metrics import load_metric
+
+    summary, win_rate = load_metric("sequence_summary"), load_metric("win_rate")
+    settings = {"bootstrap_samples": config.bootstrap_samples, "seed": config.seed}
+    report: dict[str, Any] = {name: {column: summary.compute(values=values, **settings)
+                                     for column, values in columns.items() if column != "kl"}
+                              for name, columns in per_answer.items()}
+    report["kl"] = summary.compute(values=per_answer["policy"]["kl"], **settings)
+    for column in ("judge", "reward"):
+        if column in per_answer["baseline"]:
+            result = win_rate.compute(policy_scores=per_answer["policy"][column],
+                                      baseline_scores=per_answer["baseline"][column], **settings)
+            report[f"{column}_gain"] = {_GAIN_KEYS.get(key, key): value for key, value in result.items()}
+            report[f"{column}_win_rate"] = result["win_rate"]
     return report
-
-
-def _markdown(report: dict[str, Any], examples: list[dict[str, str]]) -> str:
-    rows = ["| | baseline | policy |", "|---|---|---|"]
-    for key, label in (("reward", "mean RM reward"), ("judge", "mean judge score"),
-                       ("length_tokens", "mean answer length (tokens)")):
-        if key in report["baseline"]:
-            cells = [f"{report[p][key]['mean']:.3f} [{report[p][key]['ci95_low']:.3f}, "
-                     f"{report[p][key]['ci95_high']:.3f}]" for p in ("baseline", "policy")]
-            rows.append(f"| {label} | {cells[0]} | {cells[1]} |")
-    rows.append(f"| answers ending in EOS | {report['baseline']['eos_fraction']:.2f} | "
-                f"{report['policy']['eos_fraction']:.2f} |")
-    gain = report["judge_gain"]
-    lines = [f"# Evaluation on {report['prompts']} held-out prompts", "", *rows, "",
-             f"Judge gain (policy - baseline): {gain['mean']:+.3f}, 95% CI [{gain['ci95_low']:+.3f}, "
-             f"{gain['ci95_high']:+.3f}]; win rate {report['judge_win_rate']:.2f}.",
-             f"KL(policy || baseline): {report['kl']['mean']:.2f} nats per answer.", "", "## Samples", ""]
-    for example in examples:
-        lines += [f"**Prompt:** {example['prompt']}", "", f"- baseline: {example['baseline']}",
-                  f"- policy: {example['policy']}", ""]
-    return "\n".join(lines)
-
-
-def _plot(path: Path, baseline: list[float], policy: list[float], judge: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axis = plt.subplots(figsize=(7, 4))
-    bins = [i / 10 for i in range(-10, 11)] if judge == "vader" else 20
-    axis.hist(baseline, bins=bins, alpha=0.6, label="baseline (SFT)")
-    axis.hist(policy, bins=bins, alpha=0.6, label="policy (PPO)")
-    axis.set_xlabel(f"judge score ({judge})")
-    axis.set_ylabel("answers")
-    axis.set_title("Held-out answers: judge scores")
-    axis.legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
 
 
 def run(recipe: Recipe) -> dict[str, Any]:
@@ -118,7 +97,6 @@ def run(recipe: Recipe) -> dict[str, Any]:
     from rlhf_pipeline.outputs import write_json
     from rlhf_pipeline.reward import RewardModel
     from rlhf_pipeline.stages.common import finish_outputs, finished_manifest, load_policy
-    from rlhf_pipeline.stats import summary
 
     config = EvalConfig(**recipe.config)
     baseline = load_policy(recipe)
@@ -128,31 +106,33 @@ def run(recipe: Recipe) -> dict[str, Any]:
     settings = (1, config.max_new_tokens, config.temperature, config.top_p, config.batch_size, config.seed)
     samples = {name: [s[0] for s in sample_answers(loaded.model, loaded.tokenizer, prompts, *settings, name)]
                for name, loaded in (("baseline", baseline), ("policy", policy))}
+    kl = [p - b for p, b in zip(answer_logprob(policy.model, samples["policy"], config.temperature, "eval: log π"),
+                                answer_logprob(baseline.model, samples["policy"], config.temperature,
+                                               "eval: log π_baseline"), strict=True)]
     say("eval: scoring")
-    kl = [p - b for p, b in zip(answer_logprob(policy.model, samples["policy"], config.temperature),
-                                answer_logprob(baseline.model, samples["policy"], config.temperature), strict=True)]
     judge = load_judge(recipe.sections["judge"])
     scorer = RewardModel.from_stage(config.reward_model) if config.reward_model else None
     texts = {name: [s.text for s in group] for name, group in samples.items()}
-    judged = {name: judge(prompts, texts[name]) for name in texts}
-    rewards = {name: scorer.score(prompts, texts[name]) if scorer else None for name in texts}
-    report: dict[str, Any] = {name: _policy_report(samples[name], rewards[name], judged[name], config)
-                              for name in samples}
-    gains = [p - b for p, b in zip(judged["policy"], judged["baseline"], strict=True)]
-    report |= {"prompts": len(prompts), "judge": recipe.sections["judge"].name, "kl": summary(kl, 200, config.seed),
-               "judge_gain": summary(gains, config.bootstrap_samples, config.seed),
-               "judge_win_rate": sum(g > 0 for g in gains) / len(gains) + 0.5 * sum(g == 0 for g in gains) / len(gains)}
-    if scorer:
-        report["reward_gain"] = summary([p - b for p, b in zip(rewards["policy"], rewards["baseline"], strict=True)],
-                                        config.bootstrap_samples, config.seed)
+    per_answer: dict[str, dict[str, list[float]]] = {
+        name: {"judge": judge(prompts, texts[name]), "length_tokens": [len(s.answer_ids) for s in samples[name]]}
+        | ({"reward": scorer.score(prompts, texts[name], f"eval: RM scores ({name})")} if scorer else {})
+        for name in samples}
+    per_answer["policy"]["kl"] = kl
+    report = compare(per_answer, config)
+    for name, group in samples.items():
+        report[name]["eos_fraction"] = sum(s.finished for s in group) / len(group)
+    report |= {"prompts": len(prompts), "judge": recipe.sections["judge"].name}
     examples = [{"prompt": prompts[i][-1]["content"], "baseline": texts["baseline"][i], "policy": texts["policy"][i]}
                 for i in range(min(config.num_examples, len(prompts)))]
-    say(_markdown(report, examples))
+    for column in ("reward", "judge"):
+        if f"{column}_gain" in report:
+            gain = report[f"{column}_gain"]
+            say(f"eval: {column} gain {gain['mean']:+.3f} [{gain['ci95_low']:+.3f}, {gain['ci95_high']:+.3f}], "
+                f"win rate {gain['win_rate']:.2f}")
+    say(f"eval: KL(policy || baseline) {report['kl']['mean']:.3f} nats per answer")
 
     def write_files(folder: Path) -> None:
-        write_json(folder / "eval.json", report | {"examples": examples})
-        (folder / "eval.md").write_text(_markdown(report, examples))
-        _plot(folder / "eval.png", judged["baseline"], judged["policy"], recipe.sections["judge"].type)
+        write_json(folder / "eval.json", report | {"examples": examples, "per_answer": per_answer})
 
     finish_outputs(recipe, finished_manifest(recipe, policy.source, report, adapter=False), write_files)
     return report

@@ -85,9 +85,10 @@ def _card(recipe: Recipe, config: LabelConfig, judge: JudgeSpec, counts: dict[st
 def run(recipe: Recipe) -> dict[str, Any]:
     """Sample, judge and pair; write the pairs, every scored answer and the generated data card."""
     import yaml
+    from tqdm.auto import tqdm
 
     from rlhf_pipeline.data.loading import load_datasets
-    from rlhf_pipeline.distributed import say
+    from rlhf_pipeline.distributed import is_main_process, say
     from rlhf_pipeline.generation import sample_answers
     from rlhf_pipeline.judges import load_judge
     from rlhf_pipeline.stages.common import finish_outputs, finished_manifest, load_policy
@@ -102,7 +103,8 @@ def run(recipe: Recipe) -> dict[str, Any]:
                              config.temperature, config.top_p, config.batch_size, config.seed, "labelling")
     judge = load_judge(judge_spec)
     ranked_rows, pair_rows, too_close = [], [], 0
-    for prompt, answers in zip(prompts, samples, strict=True):
+    for prompt, answers in tqdm(list(zip(prompts, samples, strict=True)), desc="label: judging",
+                                disable=not is_main_process()):
         texts = [a.text for a in answers]
         scores = judge([prompt] * len(texts), texts)
         ranked_rows.append({"prompt": prompt, "answers": texts, "scores": scores})

@@ -9,14 +9,23 @@ output, adapter merged) plus a new LoRA; with that LoRA switched off it is the f
 KL penalty always anchors to the SFT policy. The critic is the reward model (`training.reward_model_path`,
 its adapters merged) plus a new LoRA and a trainable copy of its score head; with that LoRA switched off
 it is the frozen reward model, so scoring needs no extra copy either.
+
+Health monitors (`training.max_kl`, `min_entropy`, `max_length_drift`, `max_missing_eos_fraction`,
+`max_reward_jump`; ppo/monitors.py) warn while training. With `early_stop_on_alert: true` the trainer saves
+`checkpoint-N` at the alert and stops, and the stage still finishes, so the work is kept: the policy of
+step N is saved as the stage's adapter, and metrics record `stopped_early: true` and `stop` (step, alerts,
+checkpoint); downstream stages (eval) then measure that policy. To train on past the alert, delete
+`stage.json` and re-run with the threshold changed: training resumes from `checkpoint-N`.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rlhf_pipeline.data.formats import FORMATS
 from rlhf_pipeline.errors import RecipeError
+from rlhf_pipeline.outputs import MARKER, read_manifest
 from rlhf_pipeline.stages import Stage
 
 if TYPE_CHECKING:
@@ -32,15 +41,30 @@ def _check(recipe: Recipe) -> None:
     if recipe.model.lora is None:
         raise RecipeError(recipe.path, "model.lora", "PPO trains a LoRA on the SFT policy (its reference is the "
                           "same model with the LoRA off); add a lora section")
+    _check_reward_model_folder(recipe, Path(recipe.config["reward_model_path"]))
 
 
-def check_same_tokenizer(policy_tokenizer: Any, reward_tokenizer: Any, reward_path: str) -> None:
+def _check_reward_model_folder(recipe: Recipe, folder: Path) -> None:
+    """An existing reward_model_path must hold a finished rm stage; an earlier pipeline stage may still write it."""
+    if not folder.is_dir() or any(folder.resolve() == p.resolve() for p in recipe.pending_outputs):
+        return
+    manifest = read_manifest(folder)
+    if manifest is None:
+        raise RecipeError(recipe.path, "training.reward_model_path", f"{folder} is not a finished rm stage (no "
+                          f"{MARKER}); run the rm stage to the end first (re-running it resumes)")
+    if manifest.stage != "rm":
+        raise RecipeError(recipe.path, "training.reward_model_path", f"{folder} holds a finished "
+                          f"'{manifest.stage}' stage, not a reward model; point it at the rm stage's output_dir")
+
+
+def check_same_tokenizer(policy_tokenizer: Any, reward_tokenizer: Any, reward_path: str,
+                         recipe_path: Path | None = None) -> None:
     """Policy answers are scored as token ids, so both models must read ids the same way."""
     same = (policy_tokenizer.get_vocab() == reward_tokenizer.get_vocab()
             and policy_tokenizer.all_special_tokens == reward_tokenizer.all_special_tokens
             and policy_tokenizer.pad_token_id == reward_tokenizer.pad_token_id)
     if not same:
-        raise RecipeError(None, "training.reward_model_path", f"the reward model at {reward_path} uses a "
+        raise RecipeError(recipe_path, "training.reward_model_path", f"the reward model at {reward_path} uses a "
                           "different tokenizer (vocabulary or special tokens) than the policy; train the RM "
                           "from the same SFT output as the policy")
 
@@ -57,14 +81,16 @@ def run(recipe: Recipe) -> dict[str, Any]:
     from rlhf_pipeline.ppo.config import PPOConfig
     from rlhf_pipeline.ppo.trainer import PPOTrainer
     from rlhf_pipeline.reward import sequence_scores
-    from rlhf_pipeline.stages.common import finish, load_for_training
+    from rlhf_pipeline.stages.common import finish, launch_facts, load_for_training
 
     config = PPOConfig(**recipe.config)
     rm_manifest = require_finished(config.reward_model_path, "rm", "training.reward_model_path")
-    policy = load_for_training(recipe)
     critic_spec = dataclasses.replace(recipe.model, name_or_path=config.reward_model_path)
     critic_source = resolve_source(critic_spec)
-    check_same_tokenizer(policy.tokenizer, load_tokenizer(critic_source, critic_spec), config.reward_model_path)
+    # Tokenizers first: a mismatch is reported before any weights load.
+    check_same_tokenizer(load_tokenizer(resolve_source(recipe.model, progress=say), recipe.model),
+                         load_tokenizer(critic_source, critic_spec), config.reward_model_path, recipe.path)
+    policy = load_for_training(recipe)
     critic = attach_lora(load_model(critic_source, critic_spec, policy.tokenizer, task=REWARD), critic_spec,
                          task=REWARD)
 
@@ -80,12 +106,19 @@ def run(recipe: Recipe) -> dict[str, Any]:
                          reward_stats=(stats["mean"], stats["std"]) if config.normalize_reward else None)
     checkpoint = last_checkpoint(recipe.output_dir)
     final = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    history = [entry for entry in trainer.log_history if "samples" not in entry]
+    history = [entry for entry in trainer.log_history if "objective/scores" in entry]
+    alerts = [entry for entry in trainer.log_history if "alerts" in entry]
     metrics = {
         "final": final,
         "first": history[0] if history else {},
+        "stopped_early": trainer.stopped_early,
+        "stop": ({"step": trainer.global_step, "alerts": alerts[-1]["alerts"],
+                  "checkpoint": str(recipe.output_dir / f"checkpoint-{trainer.global_step}")}
+                 if trainer.stopped_early else None),
+        "alerts": alerts,
         "global_steps": trainer.global_step,
         "global_batch_size": trainer.global_batch_size,
+        **launch_facts(trainer.accelerator),
         "resumed_from": str(checkpoint) if checkpoint else None,
         "reward_model": str(config.reward_model_path),
         "data": data_report.as_dict(),
@@ -93,6 +126,9 @@ def run(recipe: Recipe) -> dict[str, Any]:
     }
     say(f"ppo: mean score {metrics['first'].get('objective/scores', float('nan')):.3f} -> "
         f"{final.get('objective/scores', float('nan')):.3f}, KL {final.get('objective/kl', float('nan')):.3f}")
+    if trainer.stopped_early:
+        say(f"ppo: stopped early at step {trainer.global_step} of {trainer.total_steps} on a health alert; the "
+            "policy of that step is saved as the stage's adapter (see report.md)")
     finish(recipe, policy, trainer.accelerator.unwrap_model(trainer.policy), metrics,
            extra={"reward_model": str(config.reward_model_path)})
     return metrics

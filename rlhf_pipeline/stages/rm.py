@@ -34,18 +34,18 @@ def _encode_pairs(dataset: Dataset, tokenizer: Any) -> Dataset:
                 "rejected_ids": prompt + encode_answer(tokenizer, answer_text(row["rejected"]))}
 
     keep = {"margin"} & set(dataset.column_names)
-    return dataset.map(encode, remove_columns=[c for c in dataset.column_names if c not in keep])
+    return dataset.map(encode, remove_columns=[c for c in dataset.column_names if c not in keep],
+                       desc="rm: encoding pairs")
 
 
 def pair_metrics(scorer: RewardModel, dataset: Dataset) -> dict[str, Any]:
-    """Held-out pairwise accuracy, mean margin and the chosen/rejected reward distributions."""
-    chosen = scorer.score_ids(list(dataset["chosen_ids"]))
-    rejected = scorer.score_ids(list(dataset["rejected_ids"]))
-    margins = [c - r for c, r in zip(chosen, rejected, strict=True)]
+    """Held-out pairwise accuracy, margin and calibration (metric `pairwise_accuracy`), plus both reward lists."""
+    from rlhf_pipeline.metrics import load_metric
+
+    chosen = scorer.score_ids(list(dataset["chosen_ids"]), "rm: scoring held-out chosen")
+    rejected = scorer.score_ids(list(dataset["rejected_ids"]), "rm: scoring held-out rejected")
     return {
-        "pairs": len(margins),
-        "accuracy": sum(m > 0 for m in margins) / len(margins),
-        "mean_margin": statistics.fmean(margins),
+        **load_metric("pairwise_accuracy").compute(chosen_rewards=chosen, rejected_rewards=rejected),
         "chosen_reward_mean": statistics.fmean(chosen),
         "rejected_reward_mean": statistics.fmean(rejected),
         "chosen_rewards": chosen,
@@ -55,7 +55,7 @@ def pair_metrics(scorer: RewardModel, dataset: Dataset) -> dict[str, Any]:
 
 def reward_stats(scorer: RewardModel, dataset: Dataset) -> dict[str, float]:
     """Mean and std of the rewards over the training answers, which PPO uses to normalise scores."""
-    rewards = scorer.score_ids(list(dataset["chosen_ids"]) + list(dataset["rejected_ids"]))
+    rewards = scorer.score_ids(list(dataset["chosen_ids"]) + list(dataset["rejected_ids"]), "rm: reward statistics")
     return {"mean": statistics.fmean(rewards), "std": statistics.pstdev(rewards) or 1.0}
 
 
@@ -67,7 +67,7 @@ def run(recipe: Recipe) -> dict[str, Any]:
     from rlhf_pipeline.models import REWARD
     from rlhf_pipeline.outputs import last_checkpoint
     from rlhf_pipeline.reward import RewardModel
-    from rlhf_pipeline.stages.common import finish, load_for_training, say, trainer_config
+    from rlhf_pipeline.stages.common import finish, launch_facts, load_for_training, say, trainer_config
 
     loaded = load_for_training(recipe, task=REWARD)
     datasets, data_report = load_datasets(recipe, loaded.tokenizer)
@@ -85,17 +85,20 @@ def run(recipe: Recipe) -> dict[str, Any]:
     metrics = {
         "eval_accuracy": held_out["accuracy"],
         "eval_mean_margin": held_out["mean_margin"],
+        "eval_ece": held_out["ece"],
+        "eval_brier": held_out["brier"],
         "eval": held_out,
         "reward_stats": stats,
         "global_steps": trainer.state.global_step,
         "resumed_from": str(checkpoint) if checkpoint else None,
         "global_batch_size": args.per_device_train_batch_size * args.gradient_accumulation_steps
         * args.world_size,
+        **launch_facts(trainer.accelerator),
         "data": data_report.as_dict(),
         "log_history": trainer.state.log_history,
     }
     say(f"rm: held-out pairwise accuracy {held_out['accuracy']:.3f} on {held_out['pairs']} pairs, "
-        f"mean margin {held_out['mean_margin']:.3f}")
+        f"mean margin {held_out['mean_margin']:.3f}, calibration error {held_out['ece']:.3f}")
     finish(recipe, loaded, trainer.model, metrics, task=REWARD, extra={"reward_stats": stats})
     return metrics
 

@@ -34,6 +34,7 @@ def run(recipe: Recipe) -> dict[str, Any]:
     from rlhf_pipeline.stages.common import (
         evaluate_once_before_training,
         finish,
+        launch_facts,
         load_for_training,
         say,
         trainer_config,
@@ -61,6 +62,7 @@ def run(recipe: Recipe) -> dict[str, Any]:
         "resumed_from": str(checkpoint) if checkpoint else None,
         "global_batch_size": args.per_device_train_batch_size * args.gradient_accumulation_steps
         * args.world_size,
+        **launch_facts(trainer.accelerator),
         "data": data_report.as_dict(),
         "log_history": trainer.state.log_history,
     }
