@@ -77,6 +77,7 @@ _CPU_HEAP_RETENTION = 0.5  # glibc keeps freed forward temporaries: ≈ this × 
 _CPU_LIBRARIES = 0.5 * GIB  # torch + transformers + TRL + PEFT + datasets + deepspeed, resident
 _GPU_RUNTIME = 0.8 * GIB  # CUDA context, cuBLAS workspace, caching-allocator slack
 _TRAINING_STAGES = ("sft", "rm", "ppo")
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]*[A-Za-z0-9]")  # org/name; dots allowed (Llama-3.1-8B)
 _UNITS = {"": GIB, "B": 1, "K": 2**10, "KB": 2**10, "KIB": 2**10, "M": 2**20, "MB": 2**20, "MIB": 2**20,
           "G": GIB, "GB": GIB, "GIB": GIB, "T": 2**40, "TB": 2**40, "TIB": 2**40}
 
@@ -223,7 +224,7 @@ def find_config(name_or_path: str, revision: str | None = "main") -> tuple[dict[
         if (path / "config.json").is_file():
             return _read_config(path / "config.json"), str(path / "config.json")
         raise PipelineError(f"model.name_or_path: {path} has no config.json and is not a finished stage")
-    if path.suffix or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") != 1:
+    if not _HUB_ID.fullmatch(name_or_path):
         raise PipelineError(f"model.name_or_path: '{name_or_path}' does not exist yet; the estimate needs the "
                             "base model's config.json: pass --base MODEL (the model that stage starts from)")
     return _hub_config(name_or_path, revision or "main"), f"{name_or_path} (Hugging Face cache)"
@@ -759,7 +760,9 @@ def _gib(value: float) -> str:
 
 def render(result: Estimate, fix: tuple[list[Change], Estimate] | None) -> str:
     setup = result.setup
-    lines = [f"model: {setup.arch.model_type}, {setup.arch.total_params() / 1e9:.2f}B params "
+    params = setup.arch.total_params()
+    size = f"{params / 1e9:.2f}B" if params >= 1e9 else f"{params / 1e6:.1f}M"
+    lines = [f"model: {setup.arch.model_type}, {size} params "
              f"(config: {setup.arch.source})", setup.describe(), "",
              f"{'component':<48} {'GiB':>8}  how"]
     for row in result.rows:

@@ -67,7 +67,7 @@ def claim_output_dir(recipe: Recipe, overwrite: bool) -> None:
     if manifest is None:
         return
     if not overwrite:
-        raise PipelineError(f"{recipe.path}: training.output_dir: {recipe.output_dir} holds a finished "
+        raise PipelineError(f"{recipe.path}: {recipe.config_section}.output_dir: {recipe.output_dir} holds a finished "
                             f"'{manifest.stage}' run of a different recipe; pass --overwrite to replace it, "
                             "or choose another output_dir")
     (recipe.output_dir / MARKER).unlink()

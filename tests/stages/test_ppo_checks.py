@@ -1,0 +1,121 @@
+"""PPO's cross-stage checks, before any weights load: the reward model is a finished RM stage and reads
+token ids exactly as the policy does."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from transformers import AutoTokenizer
+
+from rlhf_pipeline import models
+from rlhf_pipeline.cli import main
+from rlhf_pipeline.errors import PipelineError, RecipeError
+from rlhf_pipeline.outputs import StageManifest, mark_complete
+from rlhf_pipeline.pipeline import validate_pipeline
+from rlhf_pipeline.recipe import load_recipe
+from rlhf_pipeline.stages import common
+from rlhf_pipeline.stages.ppo import check_same_tokenizer
+from tests.stages.conftest import preference_rows, write_card
+
+LORA = {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0}
+
+
+def _fake_stage(folder: Path, stage: str, base: Path, tokenizer: Any) -> Path:
+    """A folder that looks like a finished stage (its manifest and tokenizer); no weights are needed here."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer.save_pretrained(folder)
+    mark_complete(folder, StageManifest(stage=stage, fingerprint="f" * 16, adapter=True,
+                                        task="reward" if stage == "rm" else "causal-lm",
+                                        base_model={"path": str(base), "revision": None, "origin": str(base),
+                                                    "origin_revision": None},
+                                        extra={"reward_stats": {"mean": 0.0, "std": 1.0}}))
+    return folder
+
+
+def _ppo_recipe(tmp_path: Path, model_dir: Path, reward_model_path: Path, name: str = "ppo") -> Path:
+    write_card(tmp_path, "prompts", [{"prompt": f"Say something about topic {i}."} for i in range(8)],
+               "prompt_only", ["ppo"])
+    recipe = {"stage": "ppo", "model": {"name_or_path": str(model_dir), "lora": LORA},
+              "data": {"train": ["prompts"], "eval_split": 0.0, "max_length": 64},
+              "training": {"output_dir": str(tmp_path / "outputs" / name),
+                           "reward_model_path": str(reward_model_path), "response_length": 4}}
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def test_tokenizers_differing_in_special_tokens_are_refused(tiny_model_dir: Path) -> None:
+    policy = AutoTokenizer.from_pretrained(tiny_model_dir)
+    same = AutoTokenizer.from_pretrained(tiny_model_dir)
+    check_same_tokenizer(policy, same, "outputs/rm", Path("ppo.yaml"))  # identical: fine
+
+    extra_special = AutoTokenizer.from_pretrained(tiny_model_dir)
+    extra_special.add_special_tokens({"additional_special_tokens": ["<|reward|>"]})
+    other_pad = AutoTokenizer.from_pretrained(tiny_model_dir)
+    other_pad.pad_token = "<|endoftext|>"  # same vocabulary, a different pad token
+    for reward in (extra_special, other_pad):
+        with pytest.raises(RecipeError) as info:
+            check_same_tokenizer(policy, reward, "outputs/rm", Path("ppo.yaml"))
+        assert str(info.value).startswith("ppo.yaml: training.reward_model_path: the reward model at outputs/rm "
+                                          "uses a different tokenizer")
+
+
+def test_tokenizer_mismatch_stops_ppo_before_weights_load(tmp_path: Path, tiny_model_dir: Path,
+                                                          monkeypatch: pytest.MonkeyPatch,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|reward|>"]})
+    rm_dir = _fake_stage(tmp_path / "outputs" / "rm", "rm", tiny_model_dir, tokenizer)
+    recipe = _ppo_recipe(tmp_path, tiny_model_dir, rm_dir)
+
+    def no_weights(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("weights were loaded before the tokenizer check")
+
+    # common is imported first (above), so it keeps the real load_model once the patches are undone
+    monkeypatch.setattr(common, "load_for_training", no_weights)
+    monkeypatch.setattr(models, "load_model", no_weights)
+    assert main(["ppo", str(recipe)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {recipe}: training.reward_model_path: the reward model at {rm_dir} uses a "
+                          "different tokenizer")
+    assert len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("kind", ["sft", "unfinished"])
+def test_reward_model_path_must_be_a_finished_rm_stage(kind: str, tmp_path: Path, tiny_model_dir: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    folder = tmp_path / "outputs" / "not-an-rm"
+    if kind == "sft":
+        _fake_stage(folder, "sft", tiny_model_dir, AutoTokenizer.from_pretrained(tiny_model_dir))
+        words = "holds a finished 'sft' stage, not a reward model"
+    else:
+        (folder / "checkpoint-4").mkdir(parents=True)  # an rm stage that was interrupted
+        words = "is not a finished rm stage (no stage.json)"
+    recipe = _ppo_recipe(tmp_path, tiny_model_dir, folder)
+    with pytest.raises(PipelineError) as info:
+        load_recipe(recipe)  # at validate time: no torch, no weights
+    assert str(info.value).startswith(f"{recipe}: training.reward_model_path: {folder} {words}")
+
+    assert main(["validate", str(recipe)]) == 2
+    err = capsys.readouterr().err
+    assert "training.reward_model_path" in err and len(err.strip().splitlines()) == 1
+
+
+def test_an_rm_the_pipeline_will_finish_first_is_allowed(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """In a chain the RM folder may hold an interrupted run: the pipeline's rm step finishes it before PPO."""
+    rm_out = tmp_path / "outputs" / "rm"
+    (rm_out / "checkpoint-2").mkdir(parents=True)
+    write_card(tmp_path, "pairs", preference_rows(8), "prompt_chosen_rejected", ["rm"])
+    rm_recipe = {"stage": "rm", "model": {"name_or_path": str(tiny_model_dir), "lora": LORA},
+                 "data": {"train": ["pairs"], "max_length": 64}, "training": {"output_dir": str(rm_out)}}
+    (tmp_path / "rm.yaml").write_text(yaml.safe_dump(rm_recipe))
+    ppo = _ppo_recipe(tmp_path, tiny_model_dir, rm_out)
+    pipeline = tmp_path / "pipeline.yaml"
+    pipeline.write_text(yaml.safe_dump({"stages": [{"stage": "rm", "recipe": "rm.yaml"},
+                                                   {"stage": "ppo", "recipe": ppo.name}]}))
+    assert [r.stage for r in validate_pipeline(pipeline)] == ["rm", "ppo"]
+    with pytest.raises(RecipeError, match="is not a finished rm stage"):
+        load_recipe(ppo)  # on its own, the same recipe cannot run yet
