@@ -1,0 +1,43 @@
+"""`python tests/launch_probe.py STAGE RECIPE [overrides]`: the CLI, plus the trained model's logits on disk.
+
+Launched by tests/test_distributed.py under `accelerate launch` instead of `-m rlhf_pipeline`. Just before a
+stage saves its weights, every rank runs the in-memory trained model on PROBE_IDS (under ZeRO-3 that forward
+gathers the sharded parameters, a collective step) and rank 0 writes the logits next to the recipe as
+`<recipe>.logits.pt`, so the test can check that the saved adapter reproduces the model that was trained.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rlhf_pipeline.cli import main
+from rlhf_pipeline.distributed import is_main_process
+from rlhf_pipeline.stages import common
+
+PROBE_IDS = [[1, 17, 42, 99, 123, 250, 301, 2]]  # no pad token (id 0 after the pad policy)
+
+_finish = common.finish
+
+
+def logits_path(recipe_path: Path) -> Path:
+    return recipe_path.with_suffix(".logits.pt")
+
+
+def finish_with_probe(recipe: Any, loaded: Any, model: Any, metrics: dict[str, Any], *args: Any,
+                      **kwargs: Any) -> Any:
+    model.eval()
+    with torch.no_grad():
+        ids = torch.tensor(PROBE_IDS)
+        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits.float()
+    if is_main_process():
+        torch.save(logits, logits_path(Path(recipe.path)))
+    return _finish(recipe, loaded, model, metrics, *args, **kwargs)
+
+
+if __name__ == "__main__":
+    common.finish = finish_with_probe  # stages import finish when they run, so they get this one
+    sys.exit(main(sys.argv[1:]))
