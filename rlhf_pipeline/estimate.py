@@ -24,18 +24,23 @@ size d, I MLP width, V vocabulary, r LoRA rank; ab = activation bytes: 4 fp32 on
 - ZeRO: stage 1 shards optimizer states (and masters) over the N processes, stage 2 also gradients, stage
   3 also weights (plus two gathered layers as working set); CPU offload moves optimizer states (and for
   stage 3 weights) to host RAM, shown on a separate line.
-- activations of one micro-batch, what autograd keeps for backward (checked tensor by tensor with
-  saved-tensor hooks on SmolLM2 and the tiny test Llama), per token and layer:
-    4h (the RMSNorm inputs, fp32)  + ab·(4·a·d or a·d + 2·kv·d + a·d)  [q, k, v (repeated to a heads
-    when a padding mask stops SDPA's native GQA), attention output] + 4a (log-sum-exp)
-    + ab·3I (gate, SiLU, up) + saved linear inputs (ab·(2h + I) when LoRA without dropout or QLoRA or
-    full fine-tuning keeps them) + LoRA: ab·r per adapter, with dropout a dropped copy (+ its mask: a
-    1-byte mask on GPUs, a full fp32 noise tensor on CPU) per adapter input
-    + the padding mask SDPA converts to a float bias in every layer: ab·s per token (none with
-    flash_attention_2 or padding-free packing); eager attention keeps the softmax instead: a·s·4(+ab).
-  This is Korthikanti et al.'s s·b·h·(34 + 5·a·s/h) re-derived for Llama blocks without dropout in the
-  base model, fused SDPA, LoRA and fp32. With activation checkpointing only each layer's input (ab·h per
-  token and layer) is kept, plus one layer recomputed during backward.
+- activations: what autograd keeps for backward over one micro-batch, checked tensor by tensor with
+  saved-tensor hooks on SmolLM2 and the tiny test Llama. Per token and decoder layer, in bytes:
+      2·(4h + 4)              two RMSNorms: fp32 input (a copy under bf16) and rsqrt
+    + ab·(2·a·d + 2·kv')      rotated q, attention output, k and v (kv' = a·d: a mask stops SDPA's native
+                              GQA, so k and v are repeated to every head; kv·d with flash_attention_2)
+    + 4a + ab·w               SDPA's log-sum-exp, and the float copy of the mask it makes in every layer
+                              (w = s for padded rows, b·s for padding-free packing: one flattened row
+                              with a block-diagonal mask; 0 with flash_attention_2)
+    + ab·3I                   gate, SiLU(gate), up
+    + ab·(2h + I)             norm outputs and down_proj's input, when something keeps them (LoRA
+                              without dropout, a 4/8-bit base, full fine-tuning)
+    + Σ adapters: ab·r, plus with dropout a dropped copy of the input and its mask (1 B/value on GPUs,
+      an fp32 noise tensor on CPU), or under bf16 autocast the cast copy of the fp32-cast input.
+  Eager attention keeps the softmax instead: a·w·(4 + ab). This is Korthikanti et al.'s
+  s·b·h·(34 + 5·a·s/h) (fp16, GPT blocks with dropout) re-derived for Llama blocks, SDPA, LoRA and fp32;
+  the quadratic term survives only as SDPA's per-layer mask copy. With activation checkpointing each
+  layer keeps its input (ab·h) and one layer is recomputed at a time.
 - LM head / loss: TRL's SFT never builds the b·s·V logits (a fused, chunked log-prob head): on GPUs one
   [min(T, 4096) × min(V, 32768)] tile in the compute dtype; on CPU its torch fallback holds ~8.25 fp32
   tiles during backward. Our PPO materialises the response logits b·(R+1)·V: logits, /temperature,
@@ -299,7 +304,7 @@ class Setup:
         return _DTYPE_BYTES[self.dtype]
 
     def describe(self) -> str:
-        method = "full fine-tuning" if self.lora_r is None else (
+        method = "sampling" if self.stage not in _TRAINING_STAGES else "full fine-tuning" if self.lora_r is None else (
             f"{'QLoRA ' + self.quantization if self.quantization else 'LoRA'} r={self.lora_r}")
         zero = f", ZeRO-{self.zero}" if self.zero else ""
         offload = ", optimizer offload" if self.offload_optimizer else ""
@@ -309,8 +314,9 @@ class Setup:
         shape = f"micro-batch {self.micro_batch} × {self.seq_len} tokens"
         if self.stage == "ppo":
             shape += f" (response {self.response_length}), rollout {self.rollout_batch}"
+        shape += ", packed (padding-free)" if self.packing else ""
         ckpt = ", activation checkpointing" if self.checkpointing else ""
-        return f"{self.stage}: {method}, {self.dtype}; {shape}{ckpt}; {hardware}{zero}{offload}"
+        return f"{self.stage}: {method}, {self.dtype}, {self.attn}; {shape}{ckpt}; {hardware}{zero}{offload}"
 
 
 # ------------------------------------------------------------------------------------------- estimate
@@ -424,22 +430,25 @@ def trainable_rows(setup: Setup, params: int, label: str) -> list[Row]:
     return rows
 
 
-def _layer_bytes_per_token(setup: Setup, arch: Architecture, seq: int, lora: bool, dropout: float) -> float:
+def _layer_bytes_per_token(setup: Setup, arch: Architecture, batch: int, seq: int, lora: bool,
+                           dropout: float) -> float:
     """What autograd keeps for one decoder layer, per token of the micro-batch (see the module docstring)."""
     ab = setup.act_bytes
     h, q, kv, inter = arch.hidden_size, arch.q_dim, arch.kv_dim, arch.intermediate_size * arch.experts_per_token
     gpu = setup.device == "gpu"
-    masked = not setup.packing  # right-padded batches carry a padding mask
-    repeat = setup.attn == "eager" or (setup.attn == "sdpa" and masked and arch.num_kv_heads != arch.num_heads)
+    # Padded rows carry a padding mask; padding-free packing flattens the micro-batch into one row whose
+    # documents are kept apart by a block-diagonal mask over all of it (except with flash attention's varlen).
+    span = batch * seq if setup.packing else seq
+    repeat = setup.attn != "flash_attention_2" and arch.num_kv_heads != arch.num_heads  # a mask stops native GQA
     kv_saved = q if repeat else kv
     total = 2 * (4 * h + 4)  # two RMSNorms: fp32 input (a copy under bf16) and rsqrt
     total += ab * (q + 2 * kv_saved + q)  # rotated q, k, v as attention saw them, attention output
     if setup.attn == "eager":
-        total += arch.num_heads * seq * (4 + (ab if ab != 4 else 0))  # fp32 softmax (+ its cast)
+        total += arch.num_heads * span * (4 + (ab if ab != 4 else 0))  # fp32 softmax (+ its cast)
     else:
         total += 4 * arch.num_heads  # log-sum-exp
-        if setup.attn == "sdpa" and masked:
-            total += ab * seq  # the bool padding mask, converted to a float bias in every layer
+        if setup.attn == "sdpa":
+            total += ab * span  # the bool mask, converted to a float bias in every layer
     total += ab * 3 * inter  # gate, SiLU(gate), up
     if arch.num_experts > 1:
         total += 4 * arch.num_experts  # router logits
@@ -467,7 +476,7 @@ def activation_bytes(setup: Setup, arch: Architecture, batch: int, seq: int, lor
     """Saved activations of one forward+backward over batch × seq tokens (decoder layers + final norm)."""
     tokens = batch * seq
     ab = setup.act_bytes
-    layer = _layer_bytes_per_token(setup, arch, seq, lora, dropout)
+    layer = _layer_bytes_per_token(setup, arch, batch, seq, lora, dropout)
     outside = 4 * arch.hidden_size + 4 + ab * arch.hidden_size  # final norm input and output
     if setup.checkpointing:
         # each layer's input is kept; one layer is recomputed (and back-propagated) at a time
@@ -518,9 +527,15 @@ def estimate(setup: Setup) -> Estimate:
     training = setup.stage in _TRAINING_STAGES
     rows = _shard_weights(setup, weight_rows(setup, arch, head, "", training), arch)
     notes: list[str] = []
-    if not training:  # label / eval: sampling only
+    if not training:  # label / eval: sampling only, no gradients
+        if setup.stage == "eval":  # the baseline and the policy under test, plus the reward model
+            rows = [dataclasses.replace(r, name=r.name.replace("weights", "weights × 2 policies"), bytes=2 * r.bytes)
+                    for r in rows]
+            rows += [dataclasses.replace(r, name=r.name.replace("weights", "weights reward model"))
+                     for r in weight_rows(setup, arch, "score", "", training=False)]
         kv = _kv_cache_bytes(setup, arch, setup.micro_batch, setup.seq_len)
         rows.append(Row("KV cache (generation)", kv, f"batch {setup.micro_batch} × {setup.seq_len} tokens"))
+        rows.append(Row("next-token logits", setup.micro_batch * arch.vocab_size * 4 * 2, "fp32, with a softmax"))
         rows += _runtime_rows(setup, 0)
         return Estimate(setup, rows, phase="generation", notes=notes)
     modules = setup.modules_to_save or (("score",) if head == "score" and setup.lora_r is not None else ())
@@ -730,9 +745,9 @@ def setup_from_recipe(recipe: Recipe, device: str = "gpu", num_devices: int = 1,
         extra = {"response_length": response, "rollout_batch": micro * accum * minis,
                  "forward_chunk": int(config.get("local_rollout_forward_batch_size", 16))}
     elif recipe.stage in ("label", "eval"):
-        section = next(iter(recipe.sections.values()), None)
-        micro = int(getattr(section, "batch_size", 8) or 8)
-        seq += int(getattr(section, "max_new_tokens", 0) or 0)
+        micro = int(config.get("batch_size", 16))  # sequences per generate call (prompts × samples, in rows)
+        seq += int(config.get("max_new_tokens", 48))
+        lora = None  # sampling from finished stages: no new adapter
     return Setup(
         stage=recipe.stage, arch=arch, critic_arch=critic_arch, device=device, num_devices=num_devices,
         device_memory=device_memory or (_total_ram() if device == "cpu" else 80 * GIB), dtype=dtype,
