@@ -75,6 +75,7 @@ def _trl112(work: Path, steps: int, out: Path) -> int:
     rm_source = resolve_source(rm_spec, progress=lambda _: None)
     reward = load_model(rm_source, rm_spec, tokenizer, task=REWARD)  # RM adapters and score head merged
     value = load_model(rm_source, rm_spec, tokenizer, task=REWARD)  # TRL trains a full copy as the critic
+    value.requires_grad_(True)  # merging the RM adapter leaves every weight frozen; TRL's critic trains them all
     rows = [json.loads(line) for line in (common.REPO / "data" / "demo" / "ppo_prompts.jsonl").read_text().splitlines()
             if line.strip()]
     prompts = [encode_prompt(tokenizer, [{"role": "user", "content": row["prompt"]}]) for row in rows]
