@@ -10,9 +10,9 @@ library's traceback) or, worse, train something other than the recipe says:
   (the Trainer stops with "DeepSpeed config values that mismatch TrainingArguments");
 * a 4-bit (QLoRA) base sharded by ZeRO-3 or FSDP without `bnb_4bit_quant_storage` equal to the compute
   dtype (the 4-bit weights must be stored in a float dtype to be sharded);
-* PPO under DeepSpeed: our PPO trainer trains two models (policy and critic) with one Accelerator, and
-  accelerate's DeepSpeed integration takes one model per Accelerator ("You can't use same `Accelerator()`
-  instance with multiple models when using DeepSpeed", checked);
+* PPO under a launch that shards parameters (ZeRO-3, FSDP): PPO samples its answers with `generate()` from
+  the model it trains, token by token, and switches adapters off for the reference and reward passes; it runs
+  under DDP and DeepSpeed ZeRO-1/2, which keep whole parameters on every rank;
 * a PPO run whose prompts or episodes do not fill the global rollout batch (per process × processes).
 
 Nothing heavy is imported at module level; `check_launch` takes the environment as a mapping so it can be
@@ -34,8 +34,8 @@ from rlhf_pipeline.errors import PipelineError, RecipeError
 if TYPE_CHECKING:
     from rlhf_pipeline.recipe import Recipe
 
-PPO_LAUNCH_HINT = ("launch PPO under DDP: accelerate_configs/multi_gpu.yaml (cpu_multi_process.yaml on a machine "
-                   "without GPUs)")
+PPO_LAUNCH_HINT = ("launch PPO with accelerate_configs/multi_gpu.yaml (DDP) or deepspeed_zero2.yaml "
+                   "(cpu_multi_process.yaml or deepspeed_zero2_cpu.yaml on a machine without GPUs)")
 
 # DeepSpeed config keys that must agree with the recipe: DeepSpeed key -> (recipe key, its default).
 _DEEPSPEED_RECIPE_KEYS = {
@@ -135,10 +135,11 @@ def check_launch(recipe: Recipe, env: Mapping[str, str] | None = None) -> Launch
 
 
 def _check_ppo_backend(recipe: Recipe, launch: Launch) -> None:
-    if launch.deepspeed:
-        raise PipelineError(f"{recipe.path}: this launch uses {launch.backend}, but our PPO trainer trains two "
-                            "models (policy and critic) with one accelerate Accelerator, which accelerate's "
-                            f"DeepSpeed integration does not support (one model per Accelerator); {PPO_LAUNCH_HINT}")
+    if launch.shards_parameters:
+        raise PipelineError(f"{recipe.path}: this launch uses {launch.backend}, which shards every parameter over "
+                            "the processes, but PPO samples answers with generate() from the model it trains and "
+                            "needs whole parameters on each rank (DDP or DeepSpeed ZeRO-1/2, which shard only "
+                            f"gradients and optimizer states); {PPO_LAUNCH_HINT}")
 
 
 def _check_deepspeed_values(recipe: Recipe, launch: Launch) -> None:

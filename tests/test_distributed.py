@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -197,15 +198,24 @@ def test_rm_ddp(work: Path, tiny_model_dir: Path, ddp_runs: dict[str, Path]) -> 
     ddp_runs["rm"] = out
 
 
+def ppo_recipe(work: Path, name: str, ddp_runs: dict[str, Path], **extra: Any) -> Path:
+    """Two PPO steps of 8 prompts (2 per micro-batch x 2 accumulated x 2 processes) against the DDP reward model."""
+    return write_recipe(work, name, "ppo", {
+        "reward_model_path": str(ddp_runs["rm"]), "per_device_train_batch_size": 2,
+        "gradient_accumulation_steps": 2, "response_length": 8, "total_episodes": 16, "num_ppo_epochs": 1,
+        "learning_rate": 1e-3, "normalize_reward": True, "disable_tqdm": True, "num_sample_generations": 0,
+        **extra}, eval_split=0.0)
+
+
+def ppo_steps(metrics: dict[str, Any]) -> list[dict[str, Any]]:
+    return [entry for entry in metrics["log_history"] if "objective/scores" in entry]
+
+
 def test_ppo_ddp(work: Path, tiny_model_dir: Path, ddp_runs: dict[str, Path]) -> None:
     if "rm" not in ddp_runs:
         pytest.skip("needs the reward model of test_rm_ddp")
     per_device, accumulation, episodes = 2, 2, 16
-    recipe = write_recipe(work, "ppo-ddp", "ppo", {
-        "reward_model_path": str(ddp_runs["rm"]), "per_device_train_batch_size": per_device,
-        "gradient_accumulation_steps": accumulation, "response_length": 8, "total_episodes": episodes,
-        "num_ppo_epochs": 1, "learning_rate": 1e-3, "normalize_reward": True, "disable_tqdm": True,
-        "num_sample_generations": 0}, eval_split=0.0)
+    recipe = ppo_recipe(work, "ppo-ddp", ddp_runs)
     output = succeeded(launch("ppo ddp", CONFIGS / "cpu_multi_process.yaml", stage("ppo", recipe)))
     out = work / "out" / "ppo-ddp"
     metrics = metrics_of(out)
@@ -216,6 +226,7 @@ def test_ppo_ddp(work: Path, tiny_model_dir: Path, ddp_runs: dict[str, Path]) ->
     assert_adapter_trained(out)
     base, tuned = load_trained(tiny_model_dir, out, "sft")
     assert not torch.allclose(logits(base), logits(tuned), atol=1e-6)
+    ddp_runs["ppo"] = out
 
 
 def _free_port() -> int:
@@ -311,17 +322,58 @@ def test_zero3_sharded_adapter_and_head_are_gathered_on_save(work: Path, tiny_mo
     _check_deepspeed_run(work, tiny_model_dir, "rm-zero3-sharded", "rm", 3, ddp_runs)
 
 
-def test_ppo_refuses_deepspeed_before_loading_weights(work: Path, ddp_runs: dict[str, Path]) -> None:
+def assert_same_ppo_steps(ours: dict[str, Any], theirs: dict[str, Any]) -> None:
+    mine, reference = ppo_steps(ours), ppo_steps(theirs)
+    assert [entry["step"] for entry in mine] == [entry["step"] for entry in reference] == [1, 2]
+    for entry, expected in zip(mine, reference, strict=True):
+        for key, value in expected.items():
+            assert entry[key] == pytest.approx(value, rel=1e-4, abs=1e-5), (expected["step"], key)
+
+
+def test_ppo_zero2_trains_like_ddp_saves_and_resumes(work: Path, tiny_model_dir: Path,
+                                                     ddp_runs: dict[str, Path]) -> None:
+    """PPO under DeepSpeed ZeRO-2: the same two steps as DDP, the trained adapter saved, exact resume.
+
+    Policy and critic are one module (ppo/trainer.py's ActorCritic), so accelerate builds one DeepSpeed
+    engine; the optimizer states are partitioned, so each checkpoint holds one optimizer shard per rank.
+    """
+    if "ppo" not in ddp_runs:
+        pytest.skip("needs the PPO run of test_ppo_ddp")
+    recipe = ppo_recipe(work, "ppo-zero2", ddp_runs, save_steps=1)
+    config = CONFIGS / "deepspeed_zero2_cpu.yaml"
+    succeeded(launch("ppo zero2", config, probed("ppo", recipe)))
+    out = work / "out" / "ppo-zero2"
+    metrics = metrics_of(out)
+    assert_two_ranks(metrics, "DEEPSPEED", 2)
+    assert metrics["global_batch_size"] == 8 and metrics["global_steps"] == 2
+    assert_same_ppo_steps(metrics, metrics_of(ddp_runs["ppo"]))
+    assert_adapter_trained(out)
+    base, tuned = load_trained(tiny_model_dir, out, "sft")
+    torch.testing.assert_close(logits(tuned), torch.load(logits_path(recipe)), atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(logits(tuned), logits(base), atol=1e-6)
+    shards = list((out / "checkpoint-1" / "deepspeed" / "state").glob("*optim_states.pt"))
+    assert len(shards) == 2, shards
+
+    # What a crash during step 2 leaves: checkpoint-1 and no completion marker. The same command resumes.
+    (out / "stage.json").unlink()
+    shutil.rmtree(out / "checkpoint-2")
+    succeeded(launch("ppo zero2 resumed", config, stage("ppo", recipe)))
+    resumed = metrics_of(out)
+    assert resumed["resumed_from"] == str(out / "checkpoint-1")
+    assert_same_ppo_steps(resumed, metrics)
+
+
+def test_ppo_refuses_zero3_before_loading_weights(work: Path, ddp_runs: dict[str, Path]) -> None:
     if "rm" not in ddp_runs:
         pytest.skip("needs the reward model of test_rm_ddp")
-    recipe = write_recipe(work, "ppo-zero2", "ppo", {"reward_model_path": str(ddp_runs["rm"]),
+    recipe = write_recipe(work, "ppo-zero3", "ppo", {"reward_model_path": str(ddp_runs["rm"]),
                                                      "per_device_train_batch_size": 2, "total_episodes": 16},
                           eval_split=0.0)
-    done = launch("ppo zero2 refused", CONFIGS / "deepspeed_zero2_cpu.yaml", stage("ppo", recipe))
+    done = launch("ppo zero3 refused", CONFIGS / "deepspeed_zero3_cpu.yaml", stage("ppo", recipe))
     assert done.returncode != 0
-    assert "error: " in done.stdout and "this launch uses DeepSpeed ZeRO-2" in done.stdout
-    assert "accelerate_configs/multi_gpu.yaml" in done.stdout
+    assert "error: " in done.stdout and "this launch uses DeepSpeed ZeRO-3, which shards" in done.stdout
+    assert "deepspeed_zero2_cpu.yaml" in done.stdout
     assert re.search(r"exitcode\s*:\s*2\b", done.stdout)  # the CLI's status for a PipelineError, no crash
     assert "]: Traceback" not in done.stdout  # no rank raised anything else
     assert "loading " not in done.stdout  # refused before any weights were read
-    assert not (work / "out" / "ppo-zero2" / "stage.json").exists()
+    assert not (work / "out" / "ppo-zero3" / "stage.json").exists()

@@ -110,13 +110,15 @@ def test_4bit_without_sharding_needs_no_storage_dtype(recipe_for) -> None:
         check_launch(recipe_for("sft", model=qlora), env)
 
 
-@pytest.mark.parametrize("env", [ZERO2, ZERO3], ids=["zero2", "zero3"])
-def test_ppo_refuses_deepspeed(recipe_for, env: dict[str, str]) -> None:
+def test_ppo_refuses_launches_that_shard_parameters(recipe_for) -> None:
     recipe = recipe_for("ppo", {"per_device_train_batch_size": 1, "total_episodes": 4})
-    with pytest.raises(PipelineError, match=r"this launch uses DeepSpeed ZeRO-\d, but our PPO trainer trains two "
-                                            r"models .* accelerate_configs/multi_gpu\.yaml"):
+    for env, backend in ((ZERO3, "DeepSpeed ZeRO-3"), (FSDP, "FSDP")):
+        with pytest.raises(PipelineError, match=rf"this launch uses {backend}, which shards every parameter .* "
+                                                r"generate\(\) .* accelerate_configs/multi_gpu\.yaml \(DDP\) or "
+                                                r"deepspeed_zero2\.yaml"):
+            check_launch(recipe, env)
+    for env in (DDP, ZERO2):
         check_launch(recipe, env)
-    check_launch(recipe, DDP)
 
 
 def test_ppo_episodes_must_fill_whole_global_batches(recipe_for) -> None:

@@ -24,7 +24,6 @@ import random
 import shutil
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -64,6 +63,7 @@ LogCallback = Callable[[dict[str, Any]], None]
 CHECKPOINT_PREFIX = "checkpoint-"
 VALUE_MODEL_DIR = "value_model"
 TRAINER_STATE = "trainer_state.json"
+DEEPSPEED_STATE = "deepspeed"  # under DeepSpeed the optimizer is sharded: the engine writes one file per rank
 
 # The model's own generation_config fills every sampling option we leave unset (e.g. Qwen's top_k=20 and
 # repetition_penalty=1.05). PPO optimises log softmax(logits/T), so it must sample from exactly that.
@@ -130,6 +130,39 @@ class TokenValueModel(torch.nn.Module):
         return getattr(classifier, self.head_name)(hidden).squeeze(-1).float()
 
 
+class ActorCritic(torch.nn.Module):
+    """The two trained networks as one module, so accelerate prepares one model with one optimizer.
+
+    That gives DDP a single all-reduce per minibatch, and it is what accelerate's DeepSpeed integration
+    needs: one model (one engine) per Accelerator. `forward` returns what the PPO loss reads: the
+    policy's logits and the critic's values at the positions that predict each response token.
+    """
+
+    def __init__(self, policy: PeftModel, critic: TokenValueModel) -> None:
+        super().__init__()
+        self.policy = policy
+        self.critic = critic
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                context_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return (response_logits(self.policy, input_ids, attention_mask, context_length),
+                response_values(self.critic, input_ids, attention_mask, context_length))
+
+
+def response_logits(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    context_length: int) -> torch.Tensor:
+    """Logits at the positions that predict each response token (only those are computed)."""
+    width = input_ids.shape[1] - context_length
+    return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=_positions(attention_mask),
+                 logits_to_keep=width + 1, use_cache=False).logits[:, :-1]
+
+
+def response_values(critic: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    context_length: int) -> torch.Tensor:
+    """V(s_t) for each response token t, read at the position that predicts it (as the log-probs are)."""
+    return critic(input_ids, attention_mask, _positions(attention_mask))[:, context_length - 1:-1]
+
+
 class PPOTrainer:
     """Rollout + PPO optimisation of a LoRA policy against a reward function, with exact resume.
 
@@ -147,7 +180,6 @@ class PPOTrainer:
         reward_fn: RewardFn,
         tokenizer: PreTrainedTokenizerBase,
         train_prompts: Sequence[Sequence[int]],
-        accelerator: Accelerator | None = None,
         reward_stats: tuple[float, float] | None = None,
         on_log: LogCallback | None = None,
     ) -> None:
@@ -162,8 +194,10 @@ class PPOTrainer:
         self.reward_stats = reward_stats
         self.on_log = on_log
         process_state()
-        self.accelerator = accelerator or Accelerator(log_with=config.report_to or None,
-                                                      project_dir=config.output_dir)
+        # accelerate's accumulate() marks the last micro-batch of each minibatch: DDP syncs and DeepSpeed
+        # steps there, and every loss is divided by the number of micro-batches.
+        self.accelerator = Accelerator(gradient_accumulation_steps=config.gradient_accumulation_steps,
+                                       log_with=config.report_to or None, project_dir=config.output_dir)
         self.prompts = self._usable_prompts(train_prompts)
         self.stop_token_ids = self._stop_token_ids()
         self.generation_config = GenerationConfig(
@@ -181,14 +215,38 @@ class PPOTrainer:
             config.lr_scheduler_type, optimizer, num_warmup_steps=math.ceil(config.warmup_ratio * self.total_steps),
             num_training_steps=self.total_steps,
         )
-        self.policy, self.value_model, self.optimizer = self.accelerator.prepare(
-            policy, TokenValueModel(value_model), optimizer
-        )
+        self._fill_deepspeed_config()
+        self.model, self.optimizer = self.accelerator.prepare(ActorCritic(policy, TokenValueModel(value_model)),
+                                                              optimizer)
+        actor_critic = self.accelerator.unwrap_model(self.model)
+        self.policy, self.value_model = actor_critic.policy, actor_critic.critic
         self.global_step = 0
         self.log_history: list[dict[str, Any]] = []
         self.stopped_early = False
 
+    def _fill_deepspeed_config(self) -> None:
+        """Give DeepSpeed's "auto" batch and clipping values from this config (the Trainer does this for SFT/RM).
+
+        The engine then accumulates over the micro-batches of a minibatch and clips as the recipe says; the
+        learning-rate schedule stays ours, stepped once per PPO step.
+        """
+        plugin = self.accelerator.state.deepspeed_plugin
+        if plugin is None:
+            return
+        cfg = self.config
+        values = {"train_micro_batch_size_per_gpu": cfg.micro_batch_size,
+                  "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
+                  "train_batch_size": cfg.mini_batch_size * self.accelerator.num_processes,
+                  "gradient_clipping": cfg.max_grad_norm or 0.0}
+        for key, value in values.items():
+            if plugin.deepspeed_config.get(key, "auto") == "auto":
+                plugin.deepspeed_config[key] = value
+
     # ------------------------------------------------------------------ data
+
+    @property
+    def _deepspeed(self) -> bool:
+        return self.accelerator.state.deepspeed_plugin is not None
 
     @property
     def global_batch_size(self) -> int:
@@ -243,8 +301,7 @@ class PPOTrainer:
     def rollout(self, prompts: Sequence[Sequence[int]]) -> Rollout:
         """Sample responses and compute everything PPO needs about them (log-probs, values, rewards, advantages)."""
         cfg, device = self.config, self.accelerator.device
-        policy = self.accelerator.unwrap_model(self.policy)
-        critic = self.accelerator.unwrap_model(self.value_model)
+        policy, critic = self.policy, self.value_model
         policy.eval()
         critic.eval()
         queries, query_mask = (t.to(device) for t in left_pad(prompts, self.tokenizer.pad_token_id))
@@ -259,10 +316,13 @@ class PPOTrainer:
         for rows in _chunks(len(prompts), cfg.local_rollout_forward_batch_size):
             ids, mask = input_ids[rows], attention_mask[rows]
             with self.accelerator.autocast():
-                chunk_logprobs, chunk_entropy = self._response_logprobs(policy, ids, mask, context_length, True)
+                logits = self._tempered(response_logits(policy, ids, mask, context_length))
+                chunk_logprobs = logprobs_from_logits(logits, ids[:, context_length:])
+                chunk_entropy = entropy_from_logits(logits)
                 with policy.disable_adapter():
-                    chunk_ref, _ = self._response_logprobs(policy, ids, mask, context_length)
-                chunk_values = self._response_values(critic, ids, mask, context_length)
+                    ref_logits = self._tempered(response_logits(policy, ids, mask, context_length))
+                chunk_ref = logprobs_from_logits(ref_logits, ids[:, context_length:])
+                chunk_values = response_values(critic, ids, mask, context_length)
             logprobs.append(chunk_logprobs)
             entropy.append(chunk_entropy)
             ref_logprobs.append(chunk_ref)
@@ -299,23 +359,9 @@ class PPOTrainer:
         stops_before = is_stop.long().cumsum(dim=1) - is_stop.long()
         return stops_before == 0, is_stop.any(dim=1)
 
-    def _response_logprobs(
-        self, model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, context_length: int,
-        with_entropy: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """log π(y_t | x, y_<t) under softmax(logits/T), from logits of the response positions only."""
-        width = input_ids.shape[1] - context_length
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=_positions(attention_mask),
-                       logits_to_keep=width + 1, use_cache=False).logits[:, :-1]
-        logits = logits / self.config.temperature
-        entropy = entropy_from_logits(logits) if with_entropy else None
-        return logprobs_from_logits(logits, input_ids[:, context_length:]), entropy
-
-    def _response_values(self, critic: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                         context_length: int) -> torch.Tensor:
-        """V(s_t) for each response token t, read at the position that predicts it (as the log-probs are)."""
-        values = critic(input_ids, attention_mask, _positions(attention_mask))
-        return values[:, context_length - 1:-1]
+    def _tempered(self, logits: torch.Tensor) -> torch.Tensor:
+        """PPO's distribution is the one it samples from: softmax(logits / temperature)."""
+        return logits / self.config.temperature
 
     def _score(self, queries: torch.Tensor, query_mask: torch.Tensor, responses: torch.Tensor,
                response_mask: torch.Tensor) -> torch.Tensor:
@@ -349,30 +395,26 @@ class PPOTrainer:
     def ppo_update(self, rollout: Rollout) -> dict[str, float]:
         """num_ppo_epochs passes of shuffled minibatch AdamW steps on policy_loss + vf_coef·value_loss."""
         cfg = self.config
-        self.policy.train()
-        self.value_model.train()
+        self.model.train()
         stats: dict[str, list[torch.Tensor]] = defaultdict(list)
         for _ in range(cfg.num_ppo_epochs):
             order = torch.randperm(len(rollout)).to(self.accelerator.device)
-            for minibatch in order.split(cfg.mini_batch_size):
-                micro_batches = minibatch.split(cfg.micro_batch_size)
-                for i, rows in enumerate(micro_batches):
-                    with self._gradient_sync(i == len(micro_batches) - 1):
-                        loss, micro_stats = self._loss(rollout.select(rows))
-                        self.accelerator.backward(loss / len(micro_batches))
-                    for name, value in micro_stats.items():
-                        stats[name].append(value)
-                if cfg.max_grad_norm is not None:
-                    self.accelerator.clip_grad_norm_(self.trainable_params, cfg.max_grad_norm)
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
+            for rows in order.split(cfg.micro_batch_size):
+                with self.accelerator.accumulate(self.model):
+                    loss, micro_stats = self._loss(rollout.select(rows))
+                    self.accelerator.backward(loss)
+                    if self.accelerator.sync_gradients and cfg.max_grad_norm is not None:
+                        self.accelerator.clip_grad_norm_(self.trainable_params, cfg.max_grad_norm)
+                    self.optimizer.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+                for name, value in micro_stats.items():
+                    stats[name].append(value)
         return {name: torch.stack(values).mean().item() for name, values in stats.items()}
 
     def _loss(self, batch: Rollout) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """PPO loss of one micro-batch with the current policy and critic, plus its statistics."""
-        logprobs, _ = self._response_logprobs(self.policy, batch.input_ids, batch.attention_mask,
-                                              batch.context_length)
-        values = self._response_values(self.value_model, batch.input_ids, batch.attention_mask, batch.context_length)
+        logits, values = self.model(batch.input_ids, batch.attention_mask, batch.context_length)
+        logprobs = logprobs_from_logits(self._tempered(logits), batch.responses)
         pg_loss, clipfrac, approxkl = policy_loss(logprobs, batch.logprobs, batch.advantages, batch.response_mask,
                                                   self.config.cliprange)
         vf_loss, vf_clipfrac = value_loss(values, batch.values, batch.returns, batch.response_mask,
@@ -380,15 +422,6 @@ class PPOTrainer:
         stats = {"policy/clipfrac": clipfrac, "policy/approxkl": approxkl, "loss/policy": pg_loss.detach(),
                  "loss/value": vf_loss.detach(), "val/clipfrac": vf_clipfrac}
         return pg_loss + self.config.vf_coef * vf_loss, stats
-
-    @contextmanager
-    def _gradient_sync(self, sync: bool) -> Iterator[None]:
-        """Skip DDP's all-reduce on all but the last micro-batch of a minibatch."""
-        with ExitStack() as stack:
-            if not sync:
-                for model in (self.policy, self.value_model):
-                    stack.enter_context(self.accelerator.no_sync(model))
-            yield
 
     # -------------------------------------------------------------- training
 
@@ -529,8 +562,7 @@ class PPOTrainer:
         self.accelerator.wait_for_everyone()
 
     def _save_weights(self, folder: Path) -> None:
-        policy = self.accelerator.unwrap_model(self.policy)
-        critic = self.accelerator.unwrap_model(self.value_model).model
+        policy, critic = self.policy, self.value_model.model
         policy.save_pretrained(folder, selected_adapters=[policy.active_adapter])
         critic.save_pretrained(folder / VALUE_MODEL_DIR, selected_adapters=[critic.active_adapter])
 
@@ -539,12 +571,17 @@ class PPOTrainer:
         output_dir = Path(self.config.output_dir)
         final = output_dir / f"{CHECKPOINT_PREFIX}{self.global_step}"
         rng_states = gather_object([_rng_state()])
+        staging = output_dir / f".tmp-{final.name}"
         if self.accelerator.is_main_process:
-            staging = output_dir / f".tmp-{final.name}"
             shutil.rmtree(staging, ignore_errors=True)
             staging.mkdir(parents=True)
+        if self._deepspeed:
+            self.accelerator.wait_for_everyone()
+            self.model.save_checkpoint(str(staging / DEEPSPEED_STATE), tag="state", exclude_frozen_parameters=True)
+        if self.accelerator.is_main_process:
             self._save_weights(staging)
-            torch.save(self.optimizer.state_dict(), staging / "optimizer.pt")
+            if not self._deepspeed:
+                torch.save(self.optimizer.state_dict(), staging / "optimizer.pt")
             torch.save(self.lr_scheduler.state_dict(), staging / "scheduler.pt")
             for rank, state in enumerate(rng_states):
                 torch.save(state, staging / f"rng_state_{rank}.pth")
@@ -575,11 +612,13 @@ class PPOTrainer:
         if not same_launch or state["global_batch_size"] != self.global_batch_size:
             raise ValueError(f"{folder} was written by {state['world_size']} process(es) with global batch "
                              f"{state['global_batch_size']}; resume with the same launch and batch settings")
-        policy = self.accelerator.unwrap_model(self.policy)
-        critic = self.accelerator.unwrap_model(self.value_model).model
-        _load_adapter(policy, folder)
-        _load_adapter(critic, folder / VALUE_MODEL_DIR)
-        self.optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True))
+        _load_adapter(self.policy, folder)
+        _load_adapter(self.value_model.model, folder / VALUE_MODEL_DIR)
+        if self._deepspeed:
+            self.model.load_checkpoint(str(folder / DEEPSPEED_STATE), tag="state", load_module_strict=False,
+                                       load_optimizer_states=True, load_lr_scheduler_states=False)
+        else:
+            self.optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True))
         self.lr_scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
         _set_rng_state(torch.load(folder / f"rng_state_{self.accelerator.process_index}.pth", weights_only=True))
         self.global_step = state["global_step"]

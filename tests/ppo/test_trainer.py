@@ -158,8 +158,8 @@ def test_rollout_logprobs_are_those_of_the_sampling_distribution(tokenizer: PreT
     response_mask, _ = trainer._truncate_after_stop(responses)
     sampling_logprobs = logprobs_from_logits(torch.stack(out.scores, dim=1), responses)
     with torch.no_grad():
-        logprobs, _ = trainer._response_logprobs(policy, out.sequences, torch.cat([mask, response_mask.long()], 1),
-                                                 width)
+        logits, _ = trainer.model(out.sequences, torch.cat([mask, response_mask.long()], 1), width)
+        logprobs = logprobs_from_logits(trainer._tempered(logits), responses)
     assert torch.allclose(logprobs[response_mask], sampling_logprobs[response_mask], atol=1e-5)
 
 
