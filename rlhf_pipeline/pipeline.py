@@ -14,6 +14,7 @@ collectively; ranks wait for each other between stages.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -87,20 +88,30 @@ def run_pipeline(path: str | Path, start: str | None = None, force: bool = False
         raise RecipeError(Path(path), "--from", f"no stage '{start}' in this pipeline; stages: {', '.join(names)}")
     rerun_from = names.index(start) if start else (0 if force else len(names))
     results: dict[str, Any] = {}
+    output_dirs: list[Path] = []
+    seconds: list[float | None] = []
+    started = time.monotonic()
     for index, step in enumerate(steps):
         recipe = load_recipe(step.recipe, step.overrides, stage=step.stage)  # upstream outputs exist now
+        output_dirs.append(recipe.output_dir)
         counter = f"[{index + 1}/{len(steps)}] {recipe.stage}"
         if index < rerun_from and finished_run(recipe):
             say(f"{counter}: finished earlier with this recipe and inputs; skipped")
             results[recipe.stage] = "skipped"
+            seconds.append(None)
             continue
         say(f"{counter}: running {recipe.path}")
+        stage_started = time.monotonic()
         claim_output_dir(recipe, overwrite=True)
         results[recipe.stage] = get_stage(recipe.stage).run(recipe)
         wait_for_everyone()
+        seconds.append(time.monotonic() - stage_started)
     if is_main_process():
-        from rlhf_pipeline.report import write_pipeline_report, write_report_safely
+        from rlhf_pipeline.report import console_summary, write_pipeline_report, write_report_safely
 
+        say(f"pipeline finished in {time.monotonic() - started:.0f} s:")
+        for line in console_summary(output_dirs, seconds):
+            say(line)
         if report := write_report_safely(write_pipeline_report, path):
             say(f"pipeline report: {report}")
     return results

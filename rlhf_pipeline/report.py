@@ -603,6 +603,19 @@ def write_summary_report(stage_dirs: Sequence[Path], report_dir: Path, title: st
     return path
 
 
+def console_summary(stage_dirs: Sequence[Path], seconds: Sequence[float | None]) -> list[str]:
+    """The chain at a glance for the terminal: each stage's wall time (or "skipped") and headline."""
+    lines = []
+    for folder, took in zip(stage_dirs, seconds, strict=True):
+        manifest = read_manifest(folder)
+        if manifest is None:
+            continue
+        metrics = _read_json(Path(folder) / "metrics.json") or manifest.metrics
+        when = "skipped" if took is None else f"{took:5.0f} s"
+        lines.append(f"  {manifest.stage:<6} {when:>8}  {headline(manifest.stage, metrics)}")
+    return lines
+
+
 def write_pipeline_report(pipeline_recipe_path: str | Path) -> Path:
     """The summary of a pipeline recipe's stages, in the common parent of their output folders."""
     from rlhf_pipeline.pipeline import read_pipeline

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 from pathlib import Path
 
+import pytest
 import yaml
 
 from rlhf_pipeline.pipeline import run_pipeline, validate_pipeline
@@ -53,7 +55,8 @@ def _chain(tmp_path: Path, model_dir: Path) -> Path:
     return pipeline
 
 
-def test_chain_runs_then_skips_then_reruns_only_downstream(tmp_path: Path, tiny_model_dir: Path) -> None:
+def test_chain_runs_then_skips_then_reruns_only_downstream(tmp_path: Path, tiny_model_dir: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
     pipeline = _chain(tmp_path, tiny_model_dir)
     assert [r.stage for r in validate_pipeline(pipeline)] == ["sft", "label", "rm", "ppo", "eval"]
     results = run_pipeline(pipeline)
@@ -71,11 +74,18 @@ def test_chain_runs_then_skips_then_reruns_only_downstream(tmp_path: Path, tiny_
     report = json.loads((out / "eval" / "eval.json").read_text())
     assert report["prompts"] == 24 and "reward" in report["policy"]
     assert (out / "eval" / "eval.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    printed = capsys.readouterr().out
+    summary = printed[printed.index("pipeline finished in "):].splitlines()[1:6]
+    assert [line.split()[0] for line in summary] == ["sft", "label", "rm", "ppo", "eval"]
+    assert all(re.match(r"\s+\w+\s+\d+ s  \S", line) for line in summary), summary
+    assert "held-out accuracy" in summary[2] and "judge gain" in summary[4] and "nats/answer" in summary[4]
 
     started = time.monotonic()
     again = run_pipeline(pipeline)
     assert set(again.values()) == {"skipped"}
     assert time.monotonic() - started < 15
+    printed = capsys.readouterr().out
+    assert all(" skipped  " in line for line in printed[printed.index("pipeline finished in "):].splitlines()[1:6])
 
     rm_recipe = yaml.safe_load((tmp_path / "rm.yaml").read_text())
     rm_recipe["training"]["learning_rate"] = 1e-3
