@@ -5,8 +5,8 @@
 
 The PPO stage runs the demo recipe (recipes/smollm2-135m/ppo.yaml: 16 prompts per step, 32-token answers,
 2 PPO epochs, micro-batch 8, LoRA r=16 on policy and critic) from small finished SFT and RM stages. Timing
-wraps PPOTrainer's own methods in the child process — `rollout` (and within it `_generate`,
-`_response_logprobs` with the adapter on = policy / off = reference, `_response_values`, `_score`) and
+wraps ppo/trainer.py's own code in the child process — `rollout` (and within it `_generate`,
+`response_logits` with the adapter on = policy, then off = reference, `response_values`, `_score`) and
 `ppo_update` — and calls the originals unchanged. Times are the child's CPU time (one torch thread, so on an
 idle core they equal wall time; on a shared machine they do not count the neighbours). The first step is
 reported apart (warm-up); the rest are medians over steps and runs. Generation tokens/s counts the answer
@@ -37,6 +37,7 @@ PARTS = ("generation", "policy logprobs", "reference logprobs", "value", "reward
 def child(work: Path, steps: int) -> dict[str, Any]:
     import torch
 
+    from rlhf_pipeline.ppo import trainer as trainer_module
     from rlhf_pipeline.ppo.trainer import PPOTrainer
     from rlhf_pipeline.recipe import load_recipe
     from rlhf_pipeline.stages import get_stage
@@ -52,26 +53,29 @@ def child(work: Path, steps: int) -> dict[str, Any]:
         yield
         current[part] += time.process_time() - started
 
-    def wrap(name: str, part_of: Any) -> None:
-        original = getattr(PPOTrainer, name)
+    def wrap(owner: Any, name: str, part_of: Any) -> None:
+        """Time calls of owner.name (a method, or a module function that the trainer looks up when called)."""
+        original = getattr(owner, name)
 
-        def method(self: Any, *args: Any, **kwargs: Any) -> Any:
-            with timed(part_of(self, args, kwargs)):
-                return original(self, *args, **kwargs)
+        def timed_call(*args: Any, **kwargs: Any) -> Any:
+            with timed(part_of()):
+                return original(*args, **kwargs)
 
-        setattr(PPOTrainer, name, method)
+        setattr(owner, name, timed_call)
 
-    def logprob_part(self: Any, args: tuple, kwargs: dict) -> str:
+    def logits_part() -> str:
+        """In a rollout the policy's logits come first, then the reference's (adapter off), chunk by chunk."""
+        nonlocal logits_calls
         if not in_rollout:
             return "optimisation forwards"
-        with_entropy = kwargs.get("with_entropy", args[4] if len(args) > 4 else False)
-        return "policy logprobs" if with_entropy else "reference logprobs"
+        logits_calls += 1
+        return "policy logprobs" if logits_calls % 2 else "reference logprobs"
 
-    in_rollout = False
-    wrap("_generate", lambda *_: "generation")
-    wrap("_response_logprobs", logprob_part)
-    wrap("_response_values", lambda *_: "value" if in_rollout else "optimisation forwards")
-    wrap("_score", lambda *_: "reward")
+    in_rollout, logits_calls = False, 0
+    wrap(PPOTrainer, "_generate", lambda: "generation")
+    wrap(trainer_module, "response_logits", logits_part)
+    wrap(trainer_module, "response_values", lambda: "value" if in_rollout else "optimisation forwards")
+    wrap(PPOTrainer, "_score", lambda: "reward")
     original_rollout, original_update = PPOTrainer.rollout, PPOTrainer.ppo_update
 
     def rollout(self: Any, prompts: Any) -> Any:
