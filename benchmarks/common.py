@@ -175,7 +175,9 @@ def machine() -> dict[str, Any]:
             packages[name] = version(name)
     return {"date": time.strftime("%Y-%m-%d %H:%M %Z"), "cpu": cpu, "cores": os.cpu_count(),
             "ram_gib": round(total / 2**30, 1), "python": platform.python_version(), "packages": packages,
-            "load_average": [round(x, 2) for x in os.getloadavg()]}
+            "load_average": [round(x, 2) for x in os.getloadavg()],
+            "allocator": f"MALLOC_MMAP_THRESHOLD_={os.environ['MALLOC_MMAP_THRESHOLD_']}"
+            if "MALLOC_MMAP_THRESHOLD_" in os.environ else "glibc default"}
 
 
 def emit(result: dict[str, Any]) -> None:
@@ -187,7 +189,8 @@ def report(title: str, machine_info: dict[str, Any], lines: list[str], load_afte
     print(f"\n== {title}")
     print(f"{machine_info['date']}; {machine_info['cpu']}, {machine_info['cores']} cores, "
           f"{machine_info['ram_gib']} GiB; " + ", ".join(f"{k} {v}" for k, v in machine_info["packages"].items()))
-    print(f"load average before {machine_info['load_average']}, after {[round(x, 2) for x in load_after]}")
+    print(f"load average before {machine_info['load_average']}, after {[round(x, 2) for x in load_after]}; "
+          f"malloc: {machine_info['allocator']}; torch threads per child: {threads()}")
     for line in lines:
         print(line)
 

@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         f"-> {p_ppo / p_sft:.2f}; PPO peak phase: {predicted['ppo'].phase}",
         f"estimator at the data's longest rows (SFT {longest['sft']} tokens, PPO prompts {longest['ppo']}): SFT "
         f"{a_sft:.0f} MiB, PPO {a_ppo:.0f} MiB -> {a_ppo / a_sft:.2f}; measured/predicted SFT {sft / a_sft:.2f}, "
-        f"PPO {ppo / a_ppo:.2f} (default allocator: the heap keeps freed blocks, see memory_probe.py)",
+        f"PPO {ppo / a_ppo:.2f} (with glibc's default the heap also keeps freed blocks: benchmarks/allocator.py)",
         "per run (peak MiB, train s): " + json.dumps({m: [(round(r["peak_mib"]), round(r["train_seconds"], 1))
                                                            for r in rs] for m, rs in results.items()}),
     ]
