@@ -6,9 +6,10 @@
 TRL 1.12 is never a dependency: it is installed with `pip install --no-deps --target /tmp/trl112 trl==1.12.0`
 and put first on sys.path of its child process only. Both sides start from the same small finished SFT and
 RM stages (benchmarks/common.py) and answer the same demo prompts (chat-templated ids), with the demo PPO
-recipe's settings: 16 prompts per update (micro-batch 8 × 2 accumulation), 32-token answers at temperature
-0.9, stop at EOS with a missing-EOS penalty of 1, 2 PPO epochs, k1 KL at 0.05, clip 0.2/0.2, vf_coef 0.1,
-γ 1, λ 0.95, lr 1e-4, LoRA r=16 / alpha 32 on all linear layers of the policy, fp32, one torch thread.
+recipe's settings, read from recipes/smollm2-135m/ppo.yaml for both sides (our knob names are TRL's: batch
+sizes, mini-batches, PPO epochs, answer length, temperature, stop token and missing-EOS penalty, KL
+coefficient and estimator, clip ranges, vf_coef, γ, λ, learning rate and schedule), LoRA r=16 / alpha 32 on
+all linear layers of the policy, fp32, one torch thread.
 
 The designs differ where the memory goes: TRL 1.12 takes the reward model and a full value model (a second
 sequence-classification copy, trained entirely, so in the optimizer) besides the policy (its reference is
@@ -33,6 +34,11 @@ import common
 
 TRL112 = Path(os.environ.get("TRL112_DIR", "/tmp/trl112"))
 RECIPE = common.REPO / "recipes" / "smollm2-135m" / "ppo.yaml"
+# Recipe keys that mean the same in TRL 1.12's PPOConfig (ours kept its names), passed to it unchanged.
+SHARED_KNOBS = ("per_device_train_batch_size", "gradient_accumulation_steps", "num_mini_batches", "num_ppo_epochs",
+                "response_length", "temperature", "stop_token", "missing_eos_penalty", "kl_coef", "kl_estimator",
+                "cliprange", "cliprange_value", "vf_coef", "gamma", "lam", "learning_rate", "lr_scheduler_type",
+                "local_rollout_forward_batch_size", "seed")
 
 
 def install_trl112() -> None:
@@ -81,13 +87,11 @@ def _trl112(work: Path, steps: int, out: Path) -> int:
     prompts = [encode_prompt(tokenizer, [{"role": "user", "content": row["prompt"]}]) for row in rows]
     tokenizer.padding_side = "left"
     config = PPOConfig(
-        output_dir=str(out), per_device_train_batch_size=8, gradient_accumulation_steps=2, num_mini_batches=1,
-        num_ppo_epochs=2, total_episodes=16 * steps, response_length=32, temperature=0.9, stop_token="eos",
-        missing_eos_penalty=1.0, kl_coef=0.05, kl_estimator="k1", cliprange=0.2, cliprange_value=0.2, vf_coef=0.1,
-        gamma=1.0, lam=0.95, learning_rate=1e-4, lr_scheduler_type="linear", local_rollout_forward_batch_size=16,
-        num_sample_generations=0, save_strategy="no", report_to="none", use_cpu=True, bf16=False, seed=42,
-        logging_steps=1, sft_model_path=str(work / "sft"), reward_model_path=str(work / "rm"),
+        output_dir=str(out), total_episodes=16 * steps, num_sample_generations=0, save_strategy="no",
+        report_to="none", use_cpu=True, bf16=False, logging_steps=1, sft_model_path=str(work / "sft"),
+        reward_model_path=str(work / "rm"),
         gradient_checkpointing=False,  # its default is True but its PPO loop never enables it; say so explicitly
+        **{knob: recipe.config[knob] for knob in SHARED_KNOBS if knob in recipe.config},
     )
     lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
     trainer = PPOTrainer(args=config, processing_class=tokenizer, model=policy, ref_model=None, reward_model=reward,
