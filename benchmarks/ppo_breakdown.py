@@ -4,7 +4,7 @@
     python benchmarks/ppo_breakdown.py --work /tmp/stages    # reuse the small SFT/RM stages
 
 The PPO stage runs the demo recipe (recipes/smollm2-135m/ppo.yaml: 16 prompts per step, 32-token answers,
-2 PPO epochs, micro-batch 8, LoRA r=16 on policy and critic) from small finished SFT and RM stages. Timing
+one PPO epoch of two mini-batches of 8, LoRA r=16 on policy and critic) from small finished SFT and RM stages. Timing
 wraps ppo/trainer.py's own code in the child process — `rollout` (and within it `_generate`,
 `response_logits` with the adapter on = policy, then off = reference, `response_values`, `_score`) and
 `ppo_update` — and calls the originals unchanged. Times are the child's CPU time (one torch thread, so on an

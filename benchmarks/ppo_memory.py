@@ -5,7 +5,7 @@
 
 Both are the shipped demo recipes (recipes/smollm2-135m/{sft,ppo}.yaml) run by the stages themselves:
 SFT for 4 optimizer steps on its demo rows (micro-batch 8); PPO for 2 PPO steps (16 prompts, 32-token answers,
-2 PPO epochs, micro-batch 8), starting from small finished SFT and RM stages built first in a work folder.
+one PPO epoch of two mini-batches of 8), starting from small finished SFT and RM stages built first in a work folder.
 Memory: peak RSS during `train()` minus the process baseline before any weights load (benchmarks/common.py),
 median of the rounds. PPO holds two copies of the base (policy/reference and critic/reward model) where SFT
 holds one, plus the rollout. Target: PPO/SFT ≤ 1.6.
