@@ -34,8 +34,10 @@ import common
 
 TRL112 = Path(os.environ.get("TRL112_DIR", "/tmp/trl112"))
 RECIPE = common.REPO / "recipes" / "smollm2-135m" / "ppo.yaml"
-# Recipe keys that mean the same in TRL 1.12's PPOConfig (ours kept its names), passed to it unchanged.
-SHARED_KNOBS = ("per_device_train_batch_size", "gradient_accumulation_steps", "num_mini_batches", "num_ppo_epochs",
+# Recipe keys that mean the same in TRL 1.12's PPOConfig (ours kept its names), passed to it unchanged. Not
+# gradient_accumulation_steps: TRL 1.12's rollout is per_device × accumulation, split into num_mini_batches;
+# ours is per_device × accumulation × num_mini_batches (ppo/config.py), so TRL gets accumulation × mini-batches.
+SHARED_KNOBS = ("per_device_train_batch_size", "num_mini_batches", "num_ppo_epochs",
                 "response_length", "temperature", "stop_token", "missing_eos_penalty", "kl_coef", "kl_estimator",
                 "cliprange", "cliprange_value", "vf_coef", "gamma", "lam", "learning_rate", "lr_scheduler_type",
                 "local_rollout_forward_batch_size", "seed")
@@ -70,9 +72,11 @@ def _trl112(work: Path, steps: int, out: Path) -> int:
 
     from rlhf_pipeline.chat import encode_prompt
     from rlhf_pipeline.models import REWARD, load_model, load_tokenizer, resolve_source
+    from rlhf_pipeline.ppo.config import PPOConfig as OurPPOConfig
     from rlhf_pipeline.recipe import load_recipe
 
     recipe = load_recipe(RECIPE, [f"model.name_or_path={work / 'sft'}", f"training.reward_model_path={work / 'rm'}"])
+    ours = OurPPOConfig(**recipe.config)
     spec = dataclasses.replace(recipe.model, lora=None)
     source = resolve_source(spec, progress=lambda _: None)
     tokenizer = load_tokenizer(source, spec)
@@ -91,8 +95,10 @@ def _trl112(work: Path, steps: int, out: Path) -> int:
         report_to="none", use_cpu=True, bf16=False, logging_steps=1, sft_model_path=str(work / "sft"),
         reward_model_path=str(work / "rm"),
         gradient_checkpointing=False,  # its default is True but its PPO loop never enables it; say so explicitly
+        gradient_accumulation_steps=ours.gradient_accumulation_steps * ours.num_mini_batches,
         **{knob: recipe.config[knob] for knob in SHARED_KNOBS if knob in recipe.config},
     )
+    assert config.per_device_train_batch_size * config.gradient_accumulation_steps == ours.rollout_batch_size
     lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
     trainer = PPOTrainer(args=config, processing_class=tokenizer, model=policy, ref_model=None, reward_model=reward,
                          train_dataset=Dataset.from_dict({"input_ids": prompts}), value_model=value,

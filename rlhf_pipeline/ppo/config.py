@@ -1,13 +1,15 @@
-"""`PPOConfig`: the PPO stage's knobs, with TRL's `PPOConfig` names and meanings.
+"""`PPOConfig`: the PPO stage's knobs, with TRL's `PPOConfig` names (and meanings, but for one batch-size detail below).
 
 A plain dataclass with no torch/transformers import, so `rlhf-pipeline validate` can build it (and get
 its ValueErrors, each naming the field) in milliseconds.
 
-Batch sizes mean what they meant in TRL: `per_device_train_batch_size` is the micro-batch of one
-forward/backward pass; `gradient_accumulation_steps` micro-batches make a minibatch (one optimizer
-step); `num_mini_batches` minibatches make the rollout, so each process answers
+Batch sizes: `per_device_train_batch_size` is the micro-batch of one forward/backward pass, as in TRL;
+`gradient_accumulation_steps` micro-batches make a minibatch (one optimizer step); `num_mini_batches`
+minibatches make the rollout, so each process answers
 per_device_train_batch_size × gradient_accumulation_steps × num_mini_batches prompts per PPO step, and
-the rollout is replayed for `num_ppo_epochs` passes.
+the rollout is replayed for `num_ppo_epochs` passes. TRL 1.12 differed when num_mini_batches > 1: its
+rollout was per_device_train_batch_size × gradient_accumulation_steps, split into num_mini_batches. To
+port a TRL recipe with num_mini_batches = m, divide its gradient_accumulation_steps by m.
 """
 
 from __future__ import annotations
