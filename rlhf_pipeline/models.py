@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -265,16 +266,38 @@ def attach_lora(model: PreTrainedModel, spec: ModelSpec, task: str = CAUSAL_LM,
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
                                                 gradient_checkpointing_kwargs={"use_reentrant": False})
     lora = spec.lora
+    targets = lora.target_modules
+    if lora.layers_to_transform is not None:
+        _check_layer_indices(model, lora.layers_to_transform)
+        if targets == "all-linear":  # PEFT takes layers_to_transform only with explicit module names
+            targets = block_linear_names(model)
     config = LoraConfig(
         r=lora.r,
         lora_alpha=lora.lora_alpha,
         lora_dropout=lora.lora_dropout,
-        target_modules=lora.target_modules,
+        target_modules=targets,
+        layers_to_transform=lora.layers_to_transform,
         modules_to_save=lora.modules_to_save,
         bias=lora.bias,
         task_type=TaskType.CAUSAL_LM if task == CAUSAL_LM else TaskType.SEQ_CLS,
     )
     return get_peft_model(model, config)
+
+
+def block_linear_names(model: PreTrainedModel) -> list[str]:
+    """The names of the linear layers inside the numbered transformer blocks: what `all-linear` adapts."""
+    import torch
+
+    return sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                   if isinstance(module, torch.nn.Linear) and re.search(r"\.\d+\.", name)})
+
+
+def _check_layer_indices(model: PreTrainedModel, indices: list[int]) -> None:
+    blocks = model.config.num_hidden_layers
+    outside = sorted(i for i in indices if i >= blocks)
+    if outside:
+        raise PipelineError(f"model.lora.layers_to_transform: {model.config.name_or_path or 'the model'} has "
+                         f"{blocks} blocks (0..{blocks - 1}); {outside} do not exist")
 
 
 def record_origin(output_dir: Path, source: ModelSource) -> None:

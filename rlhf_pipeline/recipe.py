@@ -56,12 +56,17 @@ class QuantizationSpec:
 
 @dataclass
 class LoraSpec:
-    """The trainable adapter. `target_modules: all-linear` adapts every linear layer but the head."""
+    """The trainable adapter. `target_modules: all-linear` adapts every linear layer but the head.
+
+    `layers_to_transform` (PEFT's knob: block indices, 0 = nearest the embeddings) limits the adapter to
+    those transformer blocks; adapting only the top blocks makes the backward pass stop there.
+    """
 
     r: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.05
     target_modules: str | list[str] = "all-linear"
+    layers_to_transform: list[int] | None = None
     modules_to_save: list[str] | None = None
     bias: str = "none"
 
@@ -74,6 +79,10 @@ class LoraSpec:
             raise ValueError("lora_dropout: must be in [0, 1)")
         if self.bias not in ("none", "all", "lora_only"):
             raise ValueError("bias: must be none, all or lora_only")
+        if self.layers_to_transform is not None and (
+                not self.layers_to_transform or min(self.layers_to_transform) < 0):
+            raise ValueError("layers_to_transform: a non-empty list of block indices (0, 1, ...), or omit it "
+                             "to adapt every block")
 
 
 @dataclass

@@ -158,6 +158,33 @@ def test_full_fine_tuning_of_a_quantized_base_is_refused(quantization: Quantizat
         build_section(ModelSpec, data, Path("sft.yaml"), "model")
 
 
+def test_layers_to_transform_adapts_every_linear_of_the_chosen_blocks_only(tiny_model_dir: Path) -> None:
+    spec = ModelSpec(name_or_path=str(tiny_model_dir), lora=LoraSpec(r=4, layers_to_transform=[1]))
+    model = attach_lora(AutoModelForCausalLM.from_pretrained(tiny_model_dir), spec)
+    adapted = {name for name, module in model.named_modules() if isinstance(module, LoraLayer)}
+    assert {name.split(".layers.")[1] for name in adapted} == {
+        f"1.{part}" for part in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                                 "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")}
+    loss = model(input_ids=IDS, attention_mask=MASK).logits.sum()
+    loss.backward()
+    trained = {name for name, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert trained and all(".layers.1." in name and "lora_" in name for name in trained)
+
+
+def test_layers_to_transform_outside_the_model_fails_with_the_block_count(tiny_model_dir: Path) -> None:
+    spec = ModelSpec(name_or_path=str(tiny_model_dir), lora=LoraSpec(r=4, layers_to_transform=[1, 2, 5]))
+    with pytest.raises(PipelineError, match=r"model\.lora\.layers_to_transform: .* has 2 blocks \(0\.\.1\); "
+                                            r"\[2, 5\] do not exist"):
+        attach_lora(AutoModelForCausalLM.from_pretrained(tiny_model_dir), spec)
+
+
+@pytest.mark.parametrize("layers", [[], [-1, 3]])
+def test_layers_to_transform_must_name_blocks(layers: list[int]) -> None:
+    data = {"name_or_path": "./nope/model", "lora": {"layers_to_transform": layers}}
+    with pytest.raises(RecipeError, match=r"^sft\.yaml: model\.lora\.layers_to_transform: a non-empty list"):
+        build_section(ModelSpec, data, Path("sft.yaml"), "model")
+
+
 # --- 3. pad policy ------------------------------------------------------------------------------------
 
 

@@ -54,7 +54,7 @@ def pair_metrics(scorer: RewardModel, dataset: Dataset) -> dict[str, Any]:
     }
 
 
-def reward_stats(scorer: RewardModel, dataset: Dataset, sample: int = 256, seed: int = 0) -> dict[str, float]:
+def reward_stats(scorer: RewardModel, dataset: Dataset, sample: int = 128, seed: int = 0) -> dict[str, float]:
     """Mean and std of the rewards of training answers, which PPO uses to normalise scores.
 
     A seeded sample of at most `sample` answers pins both numbers well enough for normalising while
