@@ -278,6 +278,7 @@ class Setup:
     double_quant: bool = True
     lora_r: int | None = 16  # None: full fine-tuning
     lora_targets: str | list[str] = "all-linear"
+    lora_layers: tuple[int, ...] | None = None  # layers_to_transform; None: every block
     lora_dropout: float = 0.05
     modules_to_save: tuple[str, ...] = ()
     micro_batch: int = 8
@@ -394,11 +395,18 @@ def weight_rows(setup: Setup, arch: Architecture, head: str, label: str, trainin
                 f"{total / 1e9:.3f}B params × {setup.weight_bytes} B")]
 
 
+def adapted_and_reached_layers(setup: Setup, arch: Architecture) -> tuple[int, int]:
+    """Blocks that carry the adapter, and blocks the backward pass reaches (from the lowest adapted one up)."""
+    if setup.lora_r is None or not setup.lora_layers:
+        return arch.num_layers, arch.num_layers
+    return len(set(setup.lora_layers)), arch.num_layers - min(setup.lora_layers)
+
+
 def lora_params(setup: Setup, arch: Architecture, head: str) -> int:
     """Trainable parameters of the adapter: r·(in+out) per targeted linear, plus modules_to_save copies."""
     if setup.lora_r is None:
         return arch.total_params(head)
-    count = arch.num_layers * sum(setup.lora_r * (lin.n_in + lin.n_out) * lin.copies
+    count = adapted_and_reached_layers(setup, arch)[0] * sum(setup.lora_r * (lin.n_in + lin.n_out) * lin.copies
                                   for lin in targeted_linears(arch, setup.lora_targets))
     for name in setup.modules_to_save:
         count += arch.hidden_size if name in ("score", "classifier") else (
@@ -478,10 +486,14 @@ def activation_bytes(setup: Setup, arch: Architecture, batch: int, seq: int, lor
     ab = setup.act_bytes
     layer = _layer_bytes_per_token(setup, arch, batch, seq, lora, dropout)
     outside = 4 * arch.hidden_size + 4 + ab * arch.hidden_size  # final norm input and output
+    # Blocks below the lowest adapted one need no gradient, so autograd keeps nothing for them; blocks in
+    # between keep what back-propagating through their frozen weights needs, without the adapters' inputs.
+    adapted, reached = adapted_and_reached_layers(setup, arch) if lora else (arch.num_layers, arch.num_layers)
+    plain = _layer_bytes_per_token(dataclasses.replace(setup, lora_targets=[]), arch, batch, seq, lora, dropout)
     if setup.checkpointing:
         # each layer's input is kept; one layer is recomputed (and back-propagated) at a time
-        return tokens * (arch.num_layers * ab * arch.hidden_size + layer + outside + ab * 2 * arch.intermediate_size)
-    return tokens * (arch.num_layers * layer + outside)
+        return tokens * (reached * ab * arch.hidden_size + layer + outside + ab * 2 * arch.intermediate_size)
+    return tokens * (adapted * layer + (reached - adapted) * plain + outside)
 
 
 def fused_head_bytes(setup: Setup, arch: Architecture, tokens: int) -> float:
@@ -754,6 +766,7 @@ def setup_from_recipe(recipe: Recipe, device: str = "gpu", num_devices: int = 1,
         mixed_precision=device == "gpu" and (dtype != "float32" or bool(config.get("bf16") or config.get("fp16"))),
         quantization=quantization, double_quant=quant.bnb_4bit_use_double_quant,
         lora_r=lora.r if lora else None, lora_targets=lora.target_modules if lora else "all-linear",
+        lora_layers=tuple(lora.layers_to_transform) if lora and lora.layers_to_transform else None,
         lora_dropout=lora.lora_dropout if lora else 0.0,
         modules_to_save=tuple(lora.modules_to_save or ()) if lora else (),
         micro_batch=micro, grad_accum=int(config.get("gradient_accumulation_steps", 1)), seq_len=seq,

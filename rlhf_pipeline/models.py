@@ -270,7 +270,7 @@ def attach_lora(model: PreTrainedModel, spec: ModelSpec, task: str = CAUSAL_LM,
     if lora.layers_to_transform is not None:
         _check_layer_indices(model, lora.layers_to_transform)
         if targets == "all-linear":  # PEFT takes layers_to_transform only with explicit module names
-            targets = block_linear_names(model)
+            targets = _block_linear_names(model)
     config = LoraConfig(
         r=lora.r,
         lora_alpha=lora.lora_alpha,
@@ -284,7 +284,7 @@ def attach_lora(model: PreTrainedModel, spec: ModelSpec, task: str = CAUSAL_LM,
     return get_peft_model(model, config)
 
 
-def block_linear_names(model: PreTrainedModel) -> list[str]:
+def _block_linear_names(model: PreTrainedModel) -> list[str]:
     """The names of the linear layers inside the numbered transformer blocks: what `all-linear` adapts."""
     import torch
 
@@ -297,7 +297,7 @@ def _check_layer_indices(model: PreTrainedModel, indices: list[int]) -> None:
     outside = sorted(i for i in indices if i >= blocks)
     if outside:
         raise PipelineError(f"model.lora.layers_to_transform: {model.config.name_or_path or 'the model'} has "
-                         f"{blocks} blocks (0..{blocks - 1}); {outside} do not exist")
+                            f"{blocks} blocks (0..{blocks - 1}); {outside} do not exist")
 
 
 def record_origin(output_dir: Path, source: ModelSource) -> None:

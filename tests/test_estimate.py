@@ -95,6 +95,31 @@ def test_lora_count_is_rank_times_in_plus_out_per_targeted_linear(tiny_model_dir
     assert {lin.name for lin in targeted_linears(smol, ".*self_attn\\.(q|v)_proj")} == {"q_proj", "v_proj"}
 
 
+def test_layers_to_transform_counts_only_the_adapted_blocks(tiny_model_dir: Path) -> None:
+    """The adapter's size follows PEFT's count (through our attach_lora); saved activations stop at the
+    lowest adapted block, and blocks between adapted ones keep less than adapted ones."""
+    from transformers import AutoModelForCausalLM
+
+    from rlhf_pipeline.models import attach_lora
+    from rlhf_pipeline.recipe import LoraSpec, ModelSpec
+
+    arch = Architecture.from_config(json.loads((tiny_model_dir / "config.json").read_text()))
+    spec = ModelSpec(name_or_path=str(tiny_model_dir), lora=LoraSpec(r=8, layers_to_transform=[1]))
+    trainable, _ = attach_lora(AutoModelForCausalLM.from_pretrained(tiny_model_dir), spec).get_nb_trainable_parameters()
+    assert lora_params(Setup(stage="sft", arch=arch, lora_r=8, lora_layers=(1,)), arch, "lm") == trainable
+    assert 2 * trainable == lora_params(Setup(stage="sft", arch=arch, lora_r=8), arch, "lm")
+
+    smol = Architecture.from_config(SMOLLM2)
+    base = Setup(stage="sft", arch=smol, device="cpu", dtype="float32", mixed_precision=False, micro_batch=4,
+                 seq_len=256, lora_dropout=0.0)
+    act = {layers: next(r.bytes for r in estimate(dataclasses.replace(base, lora_layers=layers)).rows
+                        if r.name == "activations")
+           for layers in (None, tuple(range(10, 30)), tuple(range(20, 30)), (20, 29), (28, 29))}
+    ten_blocks = act[None] - act[tuple(range(10, 30))]
+    assert ten_blocks > 0 and act[tuple(range(10, 30))] - act[tuple(range(20, 30))] == pytest.approx(ten_blocks)
+    assert act[(28, 29)] < act[(20, 29)] < act[tuple(range(20, 30))]
+
+
 def test_nf4_with_double_quantization_costs_4_127_bits_per_weight() -> None:
     arch = Architecture.from_config(LLAMA2_7B)
     setup = Setup(stage="sft", arch=arch, quantization="4bit", double_quant=True)
