@@ -6,7 +6,7 @@
 The PPO stage runs the demo recipe (recipes/smollm2-135m/ppo.yaml: 16 prompts per step, 32-token answers,
 one PPO epoch of two mini-batches of 8, LoRA r=16 on policy and critic) from small finished SFT and RM stages. Timing
 wraps ppo/trainer.py's own code in the child process — `rollout` (and within it `_generate`,
-`response_logits` with the adapter on = policy, then off = reference, `response_values`, `_score`) and
+`response_logits` for the policy role, then the reference role, `response_values`, `_score`) and
 `ppo_update` — and calls the originals unchanged. Times are the child's CPU time (one torch thread, so on an
 idle core they equal wall time; on a shared machine they do not count the neighbours). The first step is
 reported apart (warm-up); the rest are medians over steps and runs. Generation tokens/s counts the answer
@@ -64,7 +64,7 @@ def child(work: Path, steps: int) -> dict[str, Any]:
         setattr(owner, name, timed_call)
 
     def logits_part() -> str:
-        """In a rollout the policy's logits come first, then the reference's (adapter off), chunk by chunk."""
+        """In a rollout the policy's logits come first, then the reference's, chunk by chunk."""
         nonlocal logits_calls
         if not in_rollout:
             return "optimisation forwards"

@@ -45,11 +45,12 @@ size d, I MLP width, V vocabulary, r LoRA rank; ab = activation bytes: 4 fp32 on
   [min(T, 4096) × min(V, 32768)] tile in the compute dtype; on CPU its torch fallback holds ~8.25 fp32
   tiles during backward. Our PPO materialises the response logits b·(R+1)·V: logits, /temperature,
   fp32 log-softmax and its gradients (3 × 4 + ab bytes per value) while training.
-- PPO holds two copies of the base: policy (the reference is the same weights with the LoRA off) and
-  critic (the reward model is the same weights with the LoRA off). Peak = both + trainable states +
-  the largest phase: generation (KV cache 2·L·kv·d·(prompt + response)·chunk·ab + prefill), scoring
-  (no-grad forwards of policy, reference, critic, reward; logits of the responses), optimisation
-  (policy and critic activations of one micro-batch at once, plus the response logits).
+- PPO holds one copy of the base and four adapters on it (reference, policy, reward model, critic) plus two
+  scalar heads; the policy and critic adapters and the value head train. Peak = the base + adapters +
+  trainable states + the largest phase: generation (KV cache 2·L·kv·d·(prompt + response)·chunk·ab +
+  prefill), scoring (no-grad forwards of one role at a time; one role's response logits), optimisation
+  (one role's activations of a micro-batch, since the policy's backward runs before the critic's forward,
+  plus the response logits).
 - runtime: CUDA context and allocator slack on GPUs (0.8 GiB); on CPU the libraries (~0.5 GiB) and an
   allowance of 0.5 × (activations + loss temporaries) for the freed temporaries glibc's heap keeps
   resident (0 to 1.8 GiB measured on SmolLM2; none with MALLOC_MMAP_THRESHOLD_=65536).
@@ -268,7 +269,6 @@ class Setup:
 
     stage: str
     arch: Architecture
-    critic_arch: Architecture | None = None  # PPO: the reward model / critic's base
     device: str = "gpu"  # gpu | cpu
     num_devices: int = 1
     device_memory: float = 80 * GIB
@@ -571,35 +571,38 @@ def _kv_cache_bytes(setup: Setup, arch: Architecture, batch: int, tokens: int) -
 
 
 def _estimate_ppo(setup: Setup) -> Estimate:
-    """Policy (+ reference) and critic (+ reward model): two base copies, then the largest phase."""
-    policy, critic = setup.arch, setup.critic_arch or setup.arch
-    rows = _shard_weights(setup, weight_rows(setup, policy, "lm", "policy + reference "), policy)
-    rows += _shard_weights(setup, weight_rows(setup, critic, "score", "critic + reward model "), critic)
-    rows += trainable_rows(setup, lora_params(setup, policy, "lm"), "policy")
-    critic_setup = dataclasses.replace(setup, modules_to_save=("score",))
-    rows += trainable_rows(setup, lora_params(critic_setup, critic, "score"), "critic")
+    """One base copy with four adapters (ppo/roles.py), two of them trained, then the largest phase."""
+    arch = setup.arch
+    rows = _shard_weights(setup, weight_rows(setup, arch, "lm", "base (all four roles) "), arch)
+    adapter = lora_params(setup, arch, "lm")
+    frozen = 2 * adapter + arch.hidden_size + 1  # the reference's and reward model's adapters, the reward head
+    rows.append(Row("frozen adapters (reference, reward model)", frozen * 4, f"{frozen / 1e6:.2f}M params, fp32"))
+    rows += trainable_rows(setup, adapter, "policy")
+    rows += trainable_rows(setup, adapter + arch.hidden_size + 1, "critic (+ value head)")
     ab = setup.act_bytes
     seq, response, prompt = setup.seq_len, setup.response_length, setup.seq_len - setup.response_length
     chunk = max(1, min(setup.forward_chunk or setup.rollout_batch, setup.rollout_batch))
-    vocab = policy.vocab_size
+    vocab = arch.vocab_size
     rollout_store = setup.rollout_batch * (2 * seq * 8 + 12 * response * 4)
-    prefill = chunk * prompt * ab * (policy.q_dim + 2 * policy.kv_dim + 3 * policy.intermediate_size)
-    generation = _kv_cache_bytes(setup, policy, chunk, seq) + prefill + chunk * vocab * 4
+    prefill = chunk * prompt * ab * (arch.q_dim + 2 * arch.kv_dim + 3 * arch.intermediate_size)
+    generation = _kv_cache_bytes(setup, arch, chunk, seq) + prefill + chunk * vocab * 4
     logits = chunk * (response + 1) * vocab
-    scoring = logits * (2 * ab + 12) + chunk * seq * ab * (2 * policy.hidden_size + 3 * policy.intermediate_size)
+    # one role's response logits at a time (fp32 when computed in bf16), entropy in 128-row chunks
+    scoring = (logits * (ab + (4 if ab < 4 else 0)) + 2 * 128 * vocab * 4
+               + chunk * seq * ab * (2 * arch.hidden_size + 3 * arch.intermediate_size))
     no_dropout = dataclasses.replace(setup, lora_dropout=0.0)  # PPO switches dropout off
-    act_policy = activation_bytes(no_dropout, policy, setup.micro_batch, seq, True, 0.0)
-    act_critic = activation_bytes(no_dropout, critic, setup.micro_batch, seq, True, 0.0)
+    activations = activation_bytes(no_dropout, arch, setup.micro_batch, seq, True, 0.0)
     train_logits = setup.micro_batch * (response + 1) * vocab * (12 + ab)
-    optimisation = act_policy + act_critic + train_logits
+    # the policy's backward frees its activations before the critic's forward: one role's at a time
+    optimisation = activations + train_logits
     phases = {"generation": generation, "scoring": scoring, "optimisation": optimisation}
     phase = max(phases, key=phases.__getitem__)
     rows.append(Row("rollout buffers", rollout_store, f"{setup.rollout_batch} sequences"))
     details = {
         "generation": f"KV cache {chunk} × {seq} tokens + prefill",
         "scoring": f"no-grad forwards of {chunk} rows, response logits {chunk} × {response + 1} × {vocab}",
-        "optimisation": f"policy {act_policy / GIB:.2f} + critic {act_critic / GIB:.2f} GiB activations, "
-                        f"logits {train_logits / GIB:.2f} GiB",
+        "optimisation": f"policy {activations / GIB:.2f} GiB activations + logits {train_logits / GIB:.2f} GiB "
+                        "(the critic's come after the policy's backward)",
     }
     rows.append(Row(f"peak phase: {phase}", phases[phase], details[phase]))
     rows += _runtime_rows(setup, phases[phase])
@@ -731,11 +734,6 @@ def setup_from_recipe(recipe: Recipe, device: str = "gpu", num_devices: int = 1,
     name = base or spec.name_or_path
     model_config, where = find_config(name, spec.revision)
     arch = Architecture.from_config(model_config, where)
-    critic_arch = None
-    if recipe.stage == "ppo":
-        reward_path = config.get("reward_model_path")
-        if reward_path and Path(reward_path).is_dir():
-            critic_arch = Architecture.from_config(*find_config(str(reward_path)))
     dtype = spec.dtype if spec.dtype != "auto" else ("bfloat16" if device == "gpu" else "float32")
     explicit = config.get("activation_checkpointing", config.get("gradient_checkpointing"))
     quant = spec.quantization
@@ -761,7 +759,7 @@ def setup_from_recipe(recipe: Recipe, device: str = "gpu", num_devices: int = 1,
         seq += int(config.get("max_new_tokens", 48))
         lora = None  # sampling from finished stages: no new adapter
     return Setup(
-        stage=recipe.stage, arch=arch, critic_arch=critic_arch, device=device, num_devices=num_devices,
+        stage=recipe.stage, arch=arch, device=device, num_devices=num_devices,
         device_memory=device_memory or (_total_ram() if device == "cpu" else 80 * GIB), dtype=dtype,
         mixed_precision=device == "gpu" and (dtype != "float32" or bool(config.get("bf16") or config.get("fp16"))),
         quantization=quantization, double_quant=quant.bnb_4bit_use_double_quant,

@@ -7,7 +7,7 @@ review, the push itself, and merging an adapter chain into plain weights.
 
 A push uploads what someone needs to load and judge the model (adapter, tokenizer, resolved recipe,
 metrics, card) in one commit. `stage.json` stays local: it is this machine's completion marker, full of
-absolute paths, and a downloaded copy would pose as a finished local stage whose adapters are missing;
+absolute paths, and a downloaded copy would pose as a finished local stage of this machine;
 the card's lineage section carries its portable part (Hub id of the base, adapter hashes). Checkpoints
 and merged weights stay local too. The token is never read here: huggingface_hub finds it (HF_TOKEN or
 the login cache) by itself, and nothing we print or write contains it.
@@ -200,11 +200,11 @@ def _lineage(manifest: StageManifest, here: str, repo: str, adapter_file: Path) 
     if not is_hub_id(origin):
         where = f"{shown_path(origin)} (a local folder, not on the Hub)"
     rows = [("base model", where, "—")]
-    for adapter in manifest.merged_adapters:
-        earlier = read_manifest(Path(adapter))
+    for stage_dir in manifest.lineage:
+        earlier = read_manifest(Path(stage_dir))
         stage = earlier.stage if earlier else "earlier"
-        rows.append((f"{stage} adapter (merged into the base before this stage)", shown_path(adapter),
-                     _short_sha(Path(adapter) / ADAPTER_WEIGHTS)))
+        rows.append((f"{stage} adapter (this one started as a copy of it; not needed to load this model)",
+                     shown_path(stage_dir), _short_sha(Path(stage_dir) / ADAPTER_WEIGHTS)))
     reward_model = manifest.extra.get("reward_model")
     if reward_model:
         rows.append(("reward model (scored the PPO rollouts; not part of these weights)", shown_path(reward_model),
@@ -252,13 +252,12 @@ def _end_of_turn_token(folder: Path) -> str:
 
 
 def _loading_snippet(manifest: StageManifest, repo: str, revision: str | None, folder: Path) -> str:
-    """Python that loads the model the way the pipeline does (earlier adapters merged first)."""
+    """Python that loads the model on its plain base: this stage's adapter alone carries its whole lineage."""
     base = manifest.base_model
     origin = base.get("origin", base.get("path"))
     base_revision = base.get("origin_revision")
     reward = manifest.task == "reward"
     model_class = "AutoModelForSequenceClassification" if reward else "AutoModelForCausalLM"
-    chain = manifest.merged_adapters
     repo_kw = f", revision={revision!r}" if revision else ""
     labels_kw = ", num_labels=1" if reward else ""
     base_kw = (f", revision={base_revision!r}" if base_revision and base_revision != "main" else "") + labels_kw
@@ -268,31 +267,14 @@ def _loading_snippet(manifest: StageManifest, repo: str, revision: str | None, f
                   f"tokenizer = AutoTokenizer.from_pretrained(MODEL{repo_kw})",
                   f"model = {model_class}.from_pretrained(MODEL{repo_kw}{labels_kw}).eval()"]
     else:
-        lines += ["from peft import PeftConfig, PeftModel" if chain else "from peft import PeftModel",
-                  f"from transformers import {model_class}, AutoTokenizer", "",
-                  f"BASE = {origin!r}", f"ADAPTER = {repo!r}"]
-        if chain:
-            lines += ["# This adapter was trained on the base with the earlier stages' adapters merged in, in",
-                      "# this order: merge them first (local folders, or the Hub repos you pushed them to).",
-                      "EARLIER_ADAPTERS = [", *[f"    {shown_path(path, home=False)!r}," for path in chain], "]",
-                      "", "",
-                      "def merge(model, adapter):",
-                      '    """Fold an earlier LoRA into the weights (only the shared layers when heads differ)."""',
-                      "    config = PeftConfig.from_pretrained(adapter)",
-                      '    if (config.task_type == "CAUSAL_LM") != hasattr(model, "lm_head"):',
-                      "        config.task_type = None",
-                      "    return PeftModel.from_pretrained(model, adapter, config=config).merge_and_unload()",
-                      "", ""]
-        else:
-            lines.append("")
-        lines += [f"tokenizer = AutoTokenizer.from_pretrained(ADAPTER{repo_kw})",
+        lines += ["from peft import PeftModel", f"from transformers import {model_class}, AutoTokenizer", "",
+                  f"BASE = {origin!r}", f"ADAPTER = {repo!r}", "",
+                  f"tokenizer = AutoTokenizer.from_pretrained(ADAPTER{repo_kw})",
                   f"model = {model_class}.from_pretrained(BASE{base_kw})",
                   "if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:",
                   "    model.resize_token_embeddings(len(tokenizer))",
-                  "model.config.pad_token_id = tokenizer.pad_token_id"]
-        if chain:
-            lines += ["for earlier in EARLIER_ADAPTERS:", "    model = merge(model, earlier)"]
-        lines.append(f"model = PeftModel.from_pretrained(model, ADAPTER{repo_kw}).eval()")
+                  "model.config.pad_token_id = tokenizer.pad_token_id",
+                  f"model = PeftModel.from_pretrained(model, ADAPTER{repo_kw}).eval()"]
     lines.append("")
     if reward:
         lines += ["# Scored the way the pipeline scores: prompt up to the assistant turn, answer, end-of-turn.",
@@ -384,9 +366,9 @@ def render_model_card(output_dir: str | Path, manifest: StageManifest | None = N
              "## Lineage", "", "| step | where | adapter sha256 |", "|---|---|---|"]
     lines += [f"| {role} | {where} | `{sha}` |" for role, where, sha in
               _lineage(manifest, here, repo, folder / ADAPTER_WEIGHTS)]
-    if manifest.merged_adapters:
-        lines += ["", "Each step starts from the previous one's weights: the earlier adapters are merged into the "
-                  "base before this adapter applies (see *Use* below)."]
+    if manifest.lineage and manifest.adapter:
+        lines += ["", "Each stage trains a copy of the previous stage's adapter, so this adapter alone, on the base "
+                  "model, is the whole model (see *Use* below)."]
     stats = manifest.extra.get("reward_stats")
     if stats:
         lines += ["", f"Reward statistics over the training answers (PPO normalises scores with them): "
@@ -656,7 +638,7 @@ def _merge_spec(output_dir: Path, recipe: dict[str, Any], full_precision: bool) 
 
 def merge(output_dir: str | Path, output: str | Path, *, full_precision: bool = False,
           overwrite: bool = False) -> Path:
-    """Base + every lineage adapter folded into plain safetensors weights, with the tokenizer, written atomically.
+    """Base + the stage's adapter (its whole lineage) folded into plain safetensors weights, written atomically.
 
     The result loads with `AutoModelForCausalLM.from_pretrained(output)` (AutoModelForSequenceClassification
     for a reward model) without PEFT.
@@ -676,12 +658,12 @@ def merge(output_dir: str | Path, output: str | Path, *, full_precision: bool = 
     if not is_main_process():
         return output
 
-    from rlhf_pipeline.models import load_model, load_tokenizer, resolve_source
+    from rlhf_pipeline.models import load_base, load_tokenizer, merged_model, resolve_source
 
     source = resolve_source(spec, progress=say)
     tokenizer = load_tokenizer(source, spec)
-    say(f"merge: {source.origin} + {len(source.adapters)} adapter(s) from {output_dir}")
-    model = load_model(source, spec, tokenizer, task=manifest.task)
+    say(f"merge: {source.origin} + the adapter of {output_dir}")
+    model = merged_model(load_base(source, spec, tokenizer, task=manifest.task), str(source.adapter))
     output.parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.tmp-"))
     try:
@@ -690,8 +672,9 @@ def merge(output_dir: str | Path, output: str | Path, *, full_precision: bool = 
         write_json(scratch / "merged_from.json", {
             "stage": manifest.stage, "task": manifest.task, "fingerprint": manifest.fingerprint,
             "base_model": source.origin, "base_revision": source.origin_revision, "full_precision": full_precision,
-            "adapters": [{"path": shown_path(a), "sha256": _short_sha(Path(a) / ADAPTER_WEIGHTS)}
-                         for a in source.adapters]})
+            "adapter": {"path": shown_path(str(source.adapter)),
+                        "sha256": _short_sha(Path(str(source.adapter)) / ADAPTER_WEIGHTS)},
+            "lineage": [shown_path(stage_dir) for stage_dir in source.lineage[:-1]]})
         if output.exists():
             old = output.with_name(f".{output.name}.old-{os.getpid()}")
             os.replace(output, old)
@@ -742,9 +725,10 @@ def add_commands(subparsers: Any) -> None:
     sub.set_defaults(handler=_push_command)
 
     sub = subparsers.add_parser(
-        "merge", help="merge base + every lineage adapter into plain safetensors weights",
-        description="Fold the base model and all of a finished stage's adapters (e.g. SFT then PPO) into one "
-                    "model that loads with from_pretrained without PEFT; written atomically with the tokenizer.",
+        "merge", help="merge base + a finished stage's adapter into plain safetensors weights",
+        description="Fold a finished stage's adapter (which carries its whole lineage, e.g. SFT then PPO) into the "
+                    "base in full precision: one model that loads with from_pretrained without PEFT; written "
+                    "atomically with the tokenizer.",
         epilog="example: rlhf-pipeline merge outputs/smollm2-135m/ppo --output merged/smollm2-135m-rlhf")
     sub.add_argument("output_dir", help="a finished sft/rm/ppo output folder")
     sub.add_argument("--output", required=True, help="folder for the merged model")

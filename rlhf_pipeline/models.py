@@ -2,8 +2,11 @@
 
 One place decides how a recipe's `model` section becomes weights in memory, so SFT, RM, PPO, labelling
 and evaluation load the same way. A `name_or_path` may be a Hub id, a local folder, the embedded
-default (`smollm2-135m-instruct`) or a finished stage's output folder, in which case the base is
-loaded and the stage's adapters are merged in (the RM starts from the SFT model, never the raw base).
+default (`smollm2-135m-instruct`) or a finished stage's output folder. A finished stage is the base plus
+that stage's one adapter (and, for a reward model, its score head): every stage continues a trainable
+copy of the adapter it starts from, so its own adapter carries the whole lineage. Adapters are never
+merged into a quantized base at load time, where re-quantising would erase their update; only
+full fine-tuning from an adapter merges it, in full precision.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ if TYPE_CHECKING:
     from peft import PeftModel
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-    from rlhf_pipeline.recipe import ModelSpec
+    from rlhf_pipeline.recipe import LoraSpec, ModelSpec
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +49,8 @@ class ModelSource:
     origin: str
     origin_revision: str | None
     tokenizer_path: str
-    adapters: list[str] = field(default_factory=list)
+    adapter: str | None = None  # a finished stage's folder whose adapter (and head) sits on the base
+    lineage: list[str] = field(default_factory=list)  # finished stage folders behind this model, oldest first
 
     def as_dict(self) -> dict[str, Any]:
         return {"path": self.path, "revision": self.revision, "origin": self.origin,
@@ -54,7 +58,7 @@ class ModelSource:
 
 
 def resolve_source(spec: ModelSpec, progress: Any = print) -> ModelSource:
-    """Turn `name_or_path` into a loadable source; finished stage outputs expand into base + adapters."""
+    """Turn `name_or_path` into a loadable source; a finished stage's output is its base plus its adapter."""
     name = spec.name_or_path
     if embedded.is_embedded(name):
         folder = str(embedded.materialise(name, progress=progress))
@@ -68,12 +72,13 @@ def resolve_source(spec: ModelSpec, progress: Any = print) -> ModelSource:
                                     "let the stage finish, or re-run it to resume from its checkpoint")
             folder = str(path.resolve())
             return ModelSource(folder, None, folder, None, folder)
-        base = manifest.base_model
-        if not manifest.adapter:
+        base, folder = manifest.base_model, str(path.resolve())
+        lineage = [*manifest.lineage, folder]
+        if not manifest.adapter:  # a full fine-tune: the folder holds the weights themselves
             return ModelSource(str(path), None, base["origin"], base.get("origin_revision"), str(path),
-                               [])
+                               lineage=lineage)
         return ModelSource(base["path"], base.get("revision"), base["origin"], base.get("origin_revision"),
-                           str(path), [*manifest.merged_adapters, str(path.resolve())])
+                           str(path), folder, lineage)
     if path.suffix or name.startswith((".", "/", "~")) or name.count("/") > 1:
         raise PipelineError(f"model.name_or_path: folder '{name}' not found")
     _check_hub_reachable(name, spec.revision)
@@ -152,7 +157,7 @@ def is_distributed() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def _quantization_config(spec: ModelSpec, compute_dtype: torch.dtype) -> Any:
+def _quantization_config(spec: ModelSpec) -> Any:
     from transformers import BitsAndBytesConfig
 
     quant = spec.quantization
@@ -165,10 +170,32 @@ def _quantization_config(spec: ModelSpec, compute_dtype: torch.dtype) -> Any:
         load_in_4bit=True,
         bnb_4bit_quant_type=quant.bnb_4bit_quant_type,
         bnb_4bit_use_double_quant=quant.bnb_4bit_use_double_quant,
-        bnb_4bit_compute_dtype=resolve_dtype(quant.bnb_4bit_compute_dtype)
-        if quant.bnb_4bit_compute_dtype != "auto" else compute_dtype,
+        bnb_4bit_compute_dtype=compute_dtype(spec),
         bnb_4bit_quant_storage=storage or "uint8",
     )
+
+
+def compute_dtype(spec: ModelSpec) -> torch.dtype:
+    """The dtype the model computes in: the 4-bit compute dtype when set, else the model's own."""
+    quant = spec.quantization
+    if quant.load_in_4bit and quant.bnb_4bit_compute_dtype != "auto":
+        return resolve_dtype(quant.bnb_4bit_compute_dtype)
+    return resolve_dtype(spec.dtype)
+
+
+def match_compute_dtype(model: torch.nn.Module, spec: ModelSpec) -> None:
+    """Keep a quantized model's trainable weights in its compute dtype, after a TRL trainer is built.
+
+    TRL's SFT and reward trainers store QLoRA's trainable weights in bf16 (the QLoRA paper's choice). LoRA
+    layers cast their input, but a reward model's score head does not: with an fp32 compute dtype (the CPU
+    default) its first forward fails on fp32 hidden states. The optimizer is made later, at `train()`.
+    """
+    if not spec.quantization.enabled:
+        return
+    dtype = compute_dtype(spec)
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != dtype:
+            param.data = param.data.to(dtype)
 
 
 def _device_map(quantized: bool) -> dict[str, Any] | None:
@@ -188,13 +215,13 @@ def _device_map(quantized: bool) -> dict[str, Any] | None:
     return {"": "cpu"}
 
 
-def load_model(source: ModelSource, spec: ModelSpec, tokenizer: PreTrainedTokenizerBase,
-               task: str = CAUSAL_LM) -> PreTrainedModel:
-    """Load the base (quantized if asked), merge the source's stage adapters, and sync special tokens."""
+def load_base(source: ModelSource, spec: ModelSpec, tokenizer: PreTrainedTokenizerBase,
+              task: str = CAUSAL_LM) -> PreTrainedModel:
+    """Load the base weights alone (quantized if asked) and sync its special tokens with the tokenizer."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     dtype = resolve_dtype(spec.dtype)
-    quantization = _quantization_config(spec, dtype)
+    quantization = _quantization_config(spec)
     model_class = AutoModelForCausalLM if task == CAUSAL_LM else AutoModelForSequenceClassification
     extra = {"num_labels": 1} if task == REWARD else {}
     if spec.trust_remote_code:
@@ -218,8 +245,6 @@ def load_model(source: ModelSource, spec: ModelSpec, tokenizer: PreTrainedTokeni
         raise PipelineError(_unsafe_weights_message(source)) from None
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer))
-    for adapter in source.adapters:
-        model = merge_adapter(model, adapter)
     model.config.pad_token_id = tokenizer.pad_token_id
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
@@ -237,51 +262,153 @@ def _unsafe_weights_message(source: ModelSource) -> str:
             "once, somewhere safe), or set model.allow_unsafe_weights: true if you trust the source")
 
 
-def merge_adapter(model: PreTrainedModel, adapter_dir: str) -> PreTrainedModel:
-    """Fold a finished stage's LoRA into the weights, so the next stage starts from that stage's model.
+def keep_4bit_gradients_exact(model: torch.nn.Module) -> None:
+    """Stop bitsandbytes repacking 4-bit weights for its CPU bf16 kernel, which has no autograd.
 
-    The task type is cleared when the adapter was trained on another head (the SFT adapter merged into
-    the reward model's backbone): only the shared backbone's LoRA weights matter for the merge.
+    On a CPU with AVX512-BF16, the first no-grad eval forward (an evaluation before training, a PPO
+    rollout) repacks every Linear4bit for inference; gradients through those layers are garbage from then
+    on, with nothing but a PyTorch warning (measured: cosine 0.5 to the true gradient). Every training path
+    over a 4-bit base calls this.
     """
-    from peft import PeftConfig, PeftModel
-
-    config = PeftConfig.from_pretrained(adapter_dir)
-    if (config.task_type == "CAUSAL_LM") != hasattr(model, "lm_head"):
-        config.task_type = None
-    return PeftModel.from_pretrained(model, adapter_dir, config=config, is_trainable=False).merge_and_unload()
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
-def attach_lora(model: PreTrainedModel, spec: ModelSpec, task: str = CAUSAL_LM,
-                gradient_checkpointing: bool = False) -> PeftModel | PreTrainedModel:
-    """Add the stage's trainable LoRA (after k-bit preparation for QLoRA); full fine-tuning without one.
+def read_adapter_config(adapter_dir: str | Path) -> dict[str, Any]:
+    """A finished stage's `adapter_config.json`, as PEFT wrote it."""
+    return json.loads((Path(adapter_dir) / "adapter_config.json").read_text(encoding="utf-8"))
 
-    k-bit preparation is told `use_reentrant=False` explicitly: PEFT otherwise enables checkpointing with
-    empty kwargs, so torch warns on every checkpointed layer call (and plans to make it an error).
+
+def check_continued_lora(lora: LoraSpec, adapter_dir: str | Path) -> None:
+    """A stage continues the adapter it starts from, so its recipe's LoRA shape must be that adapter's.
+
+    `target_modules: all-linear` matches whatever the earlier adapter targets (it was resolved to names);
+    dropout and modules_to_save are this stage's own.
     """
-    from peft import LoraConfig, TaskType, get_peft_model, prepare_model_for_kbit_training
+    saved = read_adapter_config(adapter_dir)
+    wanted: dict[str, Any] = {"r": lora.r, "lora_alpha": lora.lora_alpha, "bias": lora.bias,
+                              "layers_to_transform": lora.layers_to_transform}
+    if lora.target_modules != "all-linear":
+        wanted["target_modules"] = sorted({name.rsplit(".", 1)[-1] for name in lora.target_modules})
+    have = {key: saved.get(key) for key in wanted}
+    have["target_modules"] = sorted({name.rsplit(".", 1)[-1] for name in saved.get("target_modules") or []})
+    for key, value in wanted.items():
+        if value != have[key]:
+            raise PipelineError(f"model.lora.{key}: {value!r}, but this stage continues the adapter of {adapter_dir}, "
+                                f"which has {key} {have[key]!r}; set model.lora.{key} to {have[key]!r} (every "
+                                "stage trains a copy of the adapter it starts from, so the shapes must agree)")
 
-    if spec.lora is None:
-        return model
-    if spec.quantization.enabled:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
-                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+
+def lora_config(spec: ModelSpec, task: str, model: PreTrainedModel, continues: str | None = None) -> Any:
+    """The stage's LoRA: the shape of the adapter it continues (checked against the recipe), or the recipe's.
+
+    Dropout and modules_to_save are always this stage's. A reward task adds its score head to the modules
+    PEFT saves with the adapter, so the reward model's folder holds its whole head.
+    """
+    from peft import LoraConfig, TaskType
+
     lora = spec.lora
+    assert lora is not None
+    task_type = TaskType.CAUSAL_LM if task == CAUSAL_LM else TaskType.SEQ_CLS
+    if continues is not None:
+        check_continued_lora(lora, continues)
+        saved = read_adapter_config(continues)
+        return LoraConfig(r=saved["r"], lora_alpha=saved["lora_alpha"], target_modules=saved["target_modules"],
+                          layers_to_transform=saved.get("layers_to_transform"), bias=saved.get("bias", "none"),
+                          use_rslora=saved.get("use_rslora", False), lora_dropout=lora.lora_dropout,
+                          modules_to_save=lora.modules_to_save, task_type=task_type)
     targets = lora.target_modules
     if lora.layers_to_transform is not None:
         _check_layer_indices(model, lora.layers_to_transform)
         if targets == "all-linear":  # PEFT takes layers_to_transform only with explicit module names
             targets = _block_linear_names(model)
-    config = LoraConfig(
-        r=lora.r,
-        lora_alpha=lora.lora_alpha,
-        lora_dropout=lora.lora_dropout,
-        target_modules=targets,
-        layers_to_transform=lora.layers_to_transform,
-        modules_to_save=lora.modules_to_save,
-        bias=lora.bias,
-        task_type=TaskType.CAUSAL_LM if task == CAUSAL_LM else TaskType.SEQ_CLS,
-    )
-    return get_peft_model(model, config)
+    return LoraConfig(r=lora.r, lora_alpha=lora.lora_alpha, lora_dropout=lora.lora_dropout, target_modules=targets,
+                      layers_to_transform=lora.layers_to_transform, modules_to_save=lora.modules_to_save,
+                      bias=lora.bias, task_type=task_type)
+
+
+def load_adapter_weights(model: PeftModel, adapter_dir: str | Path, adapter_name: str = "default") -> None:
+    """Copy a finished stage's adapter weights into `adapter_name`, every LoRA tensor accounted for.
+
+    Score heads are the one thing allowed to differ: a saved head the model has no slot for is dropped (a
+    reward adapter on a causal-LM base), and a head slot the folder has no weights for keeps its new
+    initialisation (an SFT adapter continued as a reward model). Any other mismatch is an error, so a
+    wrong folder never loads half-way.
+    """
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+    from peft.utils import load_peft_weights
+
+    weights = load_peft_weights(str(adapter_dir), device="cpu")
+    expected = get_peft_model_state_dict(model, adapter_name=adapter_name)
+    weights = {key: value for key, value in weights.items() if key in expected or not _is_head_key(key)}
+    weights |= {key: value for key, value in expected.items() if key not in weights and _is_head_key(key)}
+    result = set_peft_model_state_dict(model, weights, adapter_name=adapter_name)
+    missing = [key for key in expected if key not in weights and "lora_" in key]
+    if missing or result.unexpected_keys:
+        raise PipelineError(f"{adapter_dir}: its adapter does not fit this model (missing {missing[:3]}, "
+                            f"unexpected {list(result.unexpected_keys)[:3]}); was it trained on another base?")
+
+
+_HEAD_NAMES = ("score", "classifier")
+
+
+def _is_head_key(key: str) -> bool:
+    return any(f".{name}." in key for name in _HEAD_NAMES)
+
+
+def read_score_head(adapter_dir: str | Path) -> torch.Tensor:
+    """The reward model's score head ([1, hidden], saved beside its LoRA as a module PEFT keeps whole)."""
+    from peft.utils import load_peft_weights
+
+    weights = load_peft_weights(str(adapter_dir), device="cpu")
+    heads = [value for key, value in weights.items() if _is_head_key(key) and key.endswith(".weight")]
+    if len(heads) != 1:
+        raise PipelineError(f"{adapter_dir}: expected one score head in its adapter, found {len(heads)}; is it the "
+                            "output of an rm stage?")
+    return heads[0]
+
+
+def trainable_model(base: PreTrainedModel, spec: ModelSpec, task: str = CAUSAL_LM, continues: str | None = None,
+                    gradient_checkpointing: bool = False) -> PeftModel | PreTrainedModel:
+    """The stage's trainable weights on a loaded base: a copy of the adapter in the `continues` folder (the
+    finished stage it starts from), a new LoRA, or all weights.
+
+    Continuing the adapter the stage starts from (rather than stacking a new one on it) makes this stage's
+    adapter a complete model on the base: `PeftModel.from_pretrained(base, folder)` alone loads it.
+    k-bit preparation is told `use_reentrant=False` explicitly: PEFT otherwise enables checkpointing with
+    empty kwargs, so torch warns on every checkpointed layer call (and plans to make it an error).
+    """
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    if spec.lora is None:  # full fine-tuning (never on a quantized base: the recipe check refuses it)
+        return base if continues is None else merged_model(base, continues)
+    if spec.quantization.enabled:
+        keep_4bit_gradients_exact(base)
+        base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=gradient_checkpointing,
+                                               gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = get_peft_model(base, lora_config(spec, task, base, continues=continues))
+    if continues is not None:
+        load_adapter_weights(model, continues)
+    return model
+
+
+def merged_model(base: PreTrainedModel, adapter_dir: str | Path) -> PreTrainedModel:
+    """A full-precision base with a finished stage's adapter (and its head, when `base` has one) folded in.
+
+    Never into 4/8-bit weights: merging there re-quantises, and updates below a quantisation step vanish
+    (the demo's SFT kept 0.0024 of its 0.35 nats/token of KL to the base).
+    """
+    from peft import PeftConfig, PeftModel
+
+    if getattr(base, "is_quantized", False):
+        raise PipelineError(f"{adapter_dir}: refusing to merge an adapter into a 4/8-bit base (re-quantising erases "
+                            "small updates); load the base in full precision to merge")
+    config = PeftConfig.from_pretrained(str(adapter_dir))
+    if (config.task_type == "CAUSAL_LM") != hasattr(base, "lm_head"):  # another head: merge the shared layers
+        config.task_type = None
+        config.modules_to_save = None
+    return PeftModel.from_pretrained(base, str(adapter_dir), config=config).merge_and_unload()
 
 
 def _block_linear_names(model: PreTrainedModel) -> list[str]:

@@ -82,7 +82,7 @@ class StageManifest:
     fingerprint: str
     base_model: dict[str, Any]
     adapter: bool
-    merged_adapters: list[str] = field(default_factory=list)
+    lineage: list[str] = field(default_factory=list)  # finished stage folders this stage started from, oldest first
     task: str = "causal-lm"
     metrics: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
@@ -100,7 +100,11 @@ def read_manifest(output_dir: Path) -> StageManifest | None:
     marker = Path(output_dir) / MARKER
     if not marker.is_file():
         return None
-    return StageManifest(**json.loads(marker.read_text(encoding="utf-8")))
+    record = json.loads(marker.read_text(encoding="utf-8"))
+    if record.pop("merged_adapters", None):
+        raise PipelineError(f"{marker}: written by an earlier rlhf-pipeline whose adapters apply on top of merged "
+                            "ones, which this version no longer loads; re-run that stage (delete its stage.json)")
+    return StageManifest(**record)
 
 
 def require_finished(output_dir: Path, stage: str, key: str) -> StageManifest:

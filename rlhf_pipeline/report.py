@@ -551,12 +551,12 @@ def write_stage_report(output_dir: str | Path) -> Path:
     metrics = _read_json(folder / "metrics.json") or manifest.metrics
     plots = _Plots(folder)
     section = _SECTIONS.get(manifest.stage, _generic_section)(folder, metrics, plots)
-    merged = len(manifest.merged_adapters)
+    earlier = [Path(stage_dir).name for stage_dir in manifest.lineage]
     title = _TITLES.get(manifest.stage, manifest.stage)
     lines = [f"# {title}" + (f" ({folder.name})" if folder.name != manifest.stage else ""), "",
              f"{headline(manifest.stage, metrics)}.", "",
              f"Finished {manifest.finished_at}; base model `{manifest.base_model.get('origin')}`"
-             + (f" with {merged} earlier stage adapter(s) merged" if merged else "")
+             + (f", starting from {' → '.join(earlier)}" if earlier else "")
              + ". Numbers: `metrics.json`; recipe: `recipe.yaml`.", "", *section, *plots.note()]
     path = folder / REPORT
     write_text_atomic(path, "\n".join(lines).rstrip() + "\n")

@@ -1,4 +1,4 @@
-"""Scoring with a reward model: the one public function PPO, labelling and evaluation all call.
+"""Scoring with a reward model: the one public class PPO's stage, labelling and evaluation all call.
 
     from rlhf_pipeline.reward import RewardModel
     rm = RewardModel.from_stage("outputs/smollm2-135m/rm")
@@ -7,7 +7,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -17,6 +17,10 @@ from rlhf_pipeline.chat import Messages, encode_conversations
 if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from rlhf_pipeline.adapters import SharedBase
+
+ScoreFn = Callable[["torch.Tensor", "torch.Tensor"], "torch.Tensor"]  # right-padded ids, mask -> a score per row
 
 
 def right_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -33,7 +37,7 @@ def right_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Te
 
 
 def sequence_scores(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """One scalar per right-padded row: the score head at the row's last real token."""
+    """A sequence-classification model's scalar per right-padded row, read at the row's last real token."""
     import torch
 
     logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
@@ -45,29 +49,44 @@ def sequence_scores(model: PreTrainedModel, input_ids: torch.Tensor, attention_m
 
 @dataclass
 class RewardModel:
-    """A frozen reward model with its tokenizer and the training-set reward statistics (for normalising)."""
+    """A frozen reward model's score function, its tokenizer and its training-set reward statistics."""
 
-    model: PreTrainedModel
+    score_fn: ScoreFn
     tokenizer: PreTrainedTokenizerBase
+    device: torch.device | str = "cpu"
     mean: float = 0.0
     std: float = 1.0
     batch_size: int = 16
 
     @classmethod
     def from_stage(cls, output_dir: str | Path, model_spec: object | None = None) -> RewardModel:
-        """Load a finished RM stage (base + SFT + RM adapters merged) in eval mode."""
-        from rlhf_pipeline.models import REWARD, load_model, load_tokenizer, resolve_source
+        """A finished rm stage as PPO holds it: its adapter on the base (never merged) and its score head."""
+        import dataclasses
+
+        from rlhf_pipeline.adapters import load_frozen_roles
+        from rlhf_pipeline.models import load_tokenizer, resolve_source
         from rlhf_pipeline.outputs import require_finished
         from rlhf_pipeline.recipe import ModelSpec
 
-        manifest = require_finished(Path(output_dir), "rm", "reward model")
-        spec = model_spec if isinstance(model_spec, ModelSpec) else ModelSpec(name_or_path=str(output_dir),
-                                                                                lora=None)
+        require_finished(Path(output_dir), "rm", "reward model")
+        spec = dataclasses.replace(model_spec, name_or_path=str(output_dir)) if isinstance(model_spec, ModelSpec) \
+            else ModelSpec(name_or_path=str(output_dir))
         source = resolve_source(spec)
         tokenizer = load_tokenizer(source, spec)
-        model = load_model(source, spec, tokenizer, task=REWARD).eval()
-        stats = manifest.extra.get("reward_stats", {})
-        return cls(model, tokenizer, stats.get("mean", 0.0), stats.get("std", 1.0))
+        shared = load_frozen_roles({"reward": source}, spec, tokenizer, scorers=frozenset({"reward"}))["reward"]
+        return cls.from_role(shared, "reward", tokenizer, output_dir)
+
+    @classmethod
+    def from_role(cls, shared: SharedBase, role: str, tokenizer: PreTrainedTokenizerBase,
+                  stage_dir: str | Path) -> RewardModel:
+        """A scorer role of a loaded shared base, with the reward statistics its rm stage measured."""
+        from functools import partial
+
+        from rlhf_pipeline.outputs import require_finished
+
+        stats = require_finished(Path(stage_dir), "rm", "reward model").extra.get("reward_stats", {})
+        return cls(partial(shared.last_scores, role), tokenizer, next(shared.parameters()).device,
+                   stats.get("mean", 0.0), stats.get("std", 1.0))
 
     def score_ids(self, sequences: Sequence[Sequence[int]], description: str | None = None) -> list[float]:
         """Raw scores of already-encoded prompt+answer sequences, in batches (a progress bar when described)."""
@@ -81,8 +100,7 @@ class RewardModel:
         with torch.no_grad():
             for start in tqdm(batches, desc=description, disable=description is None or not is_main_process()):
                 ids, mask = right_pad(sequences[start : start + self.batch_size], self.tokenizer.pad_token_id)
-                device = next(self.model.parameters()).device
-                scores.extend(sequence_scores(self.model, ids.to(device), mask.to(device)).tolist())
+                scores.extend(self.score_fn(ids.to(self.device), mask.to(self.device)).tolist())
         return scores
 
     def score(self, prompts: Sequence[Messages], answers: Sequence[str], description: str | None = None) -> list[float]:

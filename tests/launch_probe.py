@@ -14,8 +14,10 @@ from typing import Any
 
 import torch
 
+from rlhf_pipeline.adapters import SharedBase
 from rlhf_pipeline.cli import main
 from rlhf_pipeline.distributed import is_main_process
+from rlhf_pipeline.ppo.roles import POLICY
 from rlhf_pipeline.stages import common
 
 PROBE_IDS = [[1, 17, 42, 99, 123, 250, 301, 2]]  # no pad token (id 0 after the pad policy)
@@ -32,7 +34,10 @@ def finish_with_probe(recipe: Any, loaded: Any, model: Any, metrics: dict[str, A
     model.eval()
     with torch.no_grad():
         ids = torch.tensor(PROBE_IDS)
-        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits.float()
+        if isinstance(model, SharedBase):  # PPO's roles on one base: the policy is what the stage saves
+            logits = model(POLICY, ids, torch.ones_like(ids)).float()
+        else:
+            logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits.float()
     if is_main_process():
         torch.save(logits, logits_path(Path(recipe.path)))
     return _finish(recipe, loaded, model, metrics, *args, **kwargs)

@@ -96,16 +96,17 @@ def test_lora_count_is_rank_times_in_plus_out_per_targeted_linear(tiny_model_dir
 
 
 def test_layers_to_transform_counts_only_the_adapted_blocks(tiny_model_dir: Path) -> None:
-    """The adapter's size follows PEFT's count (through our attach_lora); saved activations stop at the
+    """The adapter's size follows PEFT's count (through our trainable_model); saved activations stop at the
     lowest adapted block, and blocks between adapted ones keep less than adapted ones."""
     from transformers import AutoModelForCausalLM
 
-    from rlhf_pipeline.models import attach_lora
+    from rlhf_pipeline.models import trainable_model
     from rlhf_pipeline.recipe import LoraSpec, ModelSpec
 
     arch = Architecture.from_config(json.loads((tiny_model_dir / "config.json").read_text()))
     spec = ModelSpec(name_or_path=str(tiny_model_dir), lora=LoraSpec(r=8, layers_to_transform=[1]))
-    trainable, _ = attach_lora(AutoModelForCausalLM.from_pretrained(tiny_model_dir), spec).get_nb_trainable_parameters()
+    model = trainable_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), spec)
+    trainable, _ = model.get_nb_trainable_parameters()
     assert lora_params(Setup(stage="sft", arch=arch, lora_r=8, lora_layers=(1,)), arch, "lm") == trainable
     assert 2 * trainable == lora_params(Setup(stage="sft", arch=arch, lora_r=8), arch, "lm")
 

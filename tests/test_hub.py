@@ -202,23 +202,27 @@ def test_finish_writes_a_model_card_and_names_the_base_by_hub_id(stages: Stages)
         assert re.search(rf"\| {library} \| \d", card), library
 
 
-def test_chain_card_explains_and_merges_earlier_adapters(stages: Stages, tiny_model_dir: Path, capsys) -> None:
-    from rlhf_pipeline.models import load_model, load_tokenizer, resolve_source
+def test_chain_card_loads_the_chain_with_its_own_adapter_alone(stages: Stages, tiny_model_dir: Path,
+                                                                capsys) -> None:
+    from rlhf_pipeline.adapters import load_frozen_roles
+    from rlhf_pipeline.models import load_tokenizer, resolve_source
     from rlhf_pipeline.recipe import ModelSpec
 
     card = (stages.chain / "README.md").read_text()
     assert front_matter(card)["base_model"] == HUB_BASE
-    assert "merged into the base before this stage" in card
+    assert "started as a copy of it" in card
     assert f"`{short_sha(stages.sft / 'adapter_model.safetensors')}`" in card
     code = code_block(card, "python")
-    assert "EARLIER_ADAPTERS" in code and "revision='exp'" in code  # the recipe pushes it to me/tiny-chain@exp
+    assert code.count("PeftModel.from_pretrained") == 1 and "merge" not in code
+    assert "revision='exp'" in code  # the recipe pushes it to me/tiny-chain@exp
     namespace = run_snippet(card, {"me/tiny-chain": str(stages.chain), HUB_BASE: str(tiny_model_dir)}, capsys)
 
-    spec = ModelSpec(name_or_path=str(stages.chain), lora=None)
+    spec = ModelSpec(name_or_path=str(stages.chain))
     source = resolve_source(spec)
-    assert source.adapters == [str(stages.sft.resolve()), str(stages.chain.resolve())]
-    reference = load_model(source, spec, load_tokenizer(source, spec)).eval()
-    torch.testing.assert_close(logits(namespace["model"]), logits(reference), atol=1e-5, rtol=0)
+    assert source.adapter == str(stages.chain.resolve())
+    assert source.lineage == [str(stages.sft.resolve()), str(stages.chain.resolve())]
+    shared = load_frozen_roles({"chain": source}, spec, load_tokenizer(source, spec))["chain"]
+    torch.testing.assert_close(logits(namespace["model"]), logits(shared.use("chain")), atol=1e-5, rtol=0)
 
 
 def test_finish_pushes_when_the_recipe_asks(stages: Stages) -> None:
@@ -379,15 +383,14 @@ def test_merge_gives_plain_weights_with_the_same_logits(stages: Stages, tiny_mod
     torch.testing.assert_close(logits(plain), logits(adapted), atol=1e-5, rtol=0)
     assert not torch.allclose(logits(plain), logits(AutoModelForCausalLM.from_pretrained(tiny_model_dir)))
 
-    # The chain: base + first SFT adapter + second, all folded in.
+    # The chain: its adapter continued the first SFT's, so base + the chain's adapter is the whole model.
     chain = tmp_path / "merged-chain"
     assert main(["merge", str(stages.chain), "--output", str(chain)]) == 0
-    step = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    step = PeftModel.from_pretrained(step, stages.sft).merge_and_unload()
-    step = PeftModel.from_pretrained(step, stages.chain).eval()
+    step = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), stages.chain).eval()
     torch.testing.assert_close(logits(AutoModelForCausalLM.from_pretrained(chain)), logits(step), atol=1e-5, rtol=0)
     sources = json.loads((chain / "merged_from.json").read_text())
-    assert sources["base_model"] == HUB_BASE and len(sources["adapters"]) == 2
+    assert sources["base_model"] == HUB_BASE and sources["lineage"] == [hub.shown_path(str(stages.sft.resolve()))]
+    assert sources["adapter"]["sha256"] == short_sha(stages.chain / "adapter_model.safetensors")
 
     capsys.readouterr()
     assert main(["merge", str(stages.sft), "--output", str(merged)]) == 2

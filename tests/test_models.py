@@ -19,18 +19,20 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
+from rlhf_pipeline.adapters import load_frozen_roles
 from rlhf_pipeline.errors import PipelineError, RecipeError
 from rlhf_pipeline.models import (
     REWARD,
     ModelSource,
-    attach_lora,
     check_hardware,
     ensure_distinct_pad_token,
-    load_model,
+    load_adapter_weights,
+    load_base,
     load_tokenizer,
-    merge_adapter,
+    merged_model,
     record_origin,
     resolve_source,
+    trainable_model,
 )
 from rlhf_pipeline.outputs import StageManifest, mark_complete
 from rlhf_pipeline.recipe import LoraSpec, ModelSpec, QuantizationSpec, build_section
@@ -77,7 +79,7 @@ def test_quantized_base_trains_lora_on_cpu(tiny_model_dir: Path, caplog: pytest.
     source = resolve_source(spec)
     tokenizer = load_tokenizer(source, spec)
     torch.manual_seed(0)
-    model = attach_lora(load_model(source, spec, tokenizer), spec, gradient_checkpointing=checkpointing)
+    model = trainable_model(load_base(source, spec, tokenizer), spec, gradient_checkpointing=checkpointing)
     assert model.base_model.model.is_activation_checkpointing == checkpointing
 
     bases = {name: module.base_layer for name, module in model.named_modules() if isinstance(module, LoraLayer)}
@@ -160,7 +162,7 @@ def test_full_fine_tuning_of_a_quantized_base_is_refused(quantization: Quantizat
 
 def test_layers_to_transform_adapts_every_linear_of_the_chosen_blocks_only(tiny_model_dir: Path) -> None:
     spec = ModelSpec(name_or_path=str(tiny_model_dir), lora=LoraSpec(r=4, layers_to_transform=[1]))
-    model = attach_lora(AutoModelForCausalLM.from_pretrained(tiny_model_dir), spec)
+    model = trainable_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), spec)
     adapted = {name for name, module in model.named_modules() if isinstance(module, LoraLayer)}
     assert {name.split(".layers.")[1] for name in adapted} == {
         f"1.{part}" for part in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
@@ -175,7 +177,7 @@ def test_layers_to_transform_outside_the_model_fails_with_the_block_count(tiny_m
     spec = ModelSpec(name_or_path=str(tiny_model_dir), lora=LoraSpec(r=4, layers_to_transform=[1, 2, 5]))
     with pytest.raises(PipelineError, match=r"model\.lora\.layers_to_transform: .* has 2 blocks \(0\.\.1\); "
                                             r"\[2, 5\] do not exist"):
-        attach_lora(AutoModelForCausalLM.from_pretrained(tiny_model_dir), spec)
+        trainable_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), spec)
 
 
 @pytest.mark.parametrize("layers", [[], [-1, 3]])
@@ -211,11 +213,11 @@ def test_loaded_models_mirror_the_borrowed_pad_and_score_the_real_last_token(tin
     source = resolve_source(spec)
     tokenizer = load_tokenizer(source, spec)
     assert (tokenizer.pad_token_id, tokenizer.padding_side) == (0, "right")
-    model = load_model(source, spec, tokenizer)
+    model = load_base(source, spec, tokenizer)
     assert model.config.pad_token_id == model.generation_config.pad_token_id == 0
     assert model.get_input_embeddings().weight.shape[0] == 400
 
-    reward = load_model(source, spec, tokenizer, task=REWARD).eval()
+    reward = load_base(source, spec, tokenizer, task=REWARD).eval()
     assert reward.config.pad_token_id == 0
     with torch.no_grad():
         scores = reward(input_ids=IDS, attention_mask=MASK).logits[:, 0]
@@ -237,7 +239,7 @@ def test_tokenizer_without_a_borrowable_token_gets_pad_added_and_embeddings_resi
     assert (tokenizer.pad_token, tokenizer.pad_token_id, len(tokenizer)) == ("<|pad|>", 400, 401)
     assert tokenizer.eos_token_id == 2
 
-    model = load_model(source, spec, tokenizer)
+    model = load_base(source, spec, tokenizer)
     assert model.get_input_embeddings().weight.shape == (401, 64)
     assert model.get_output_embeddings().weight.shape == (401, 64)
     assert model.config.vocab_size == 401
@@ -253,7 +255,7 @@ def test_tokenizer_without_a_borrowable_token_gets_pad_added_and_embeddings_resi
 
 def test_plain_local_folder_is_its_own_source(tiny_model_dir: Path) -> None:
     source = resolve_source(_spec(tiny_model_dir))
-    assert source == ModelSource(str(tiny_model_dir), None, str(tiny_model_dir), None, str(tiny_model_dir), [])
+    assert source == ModelSource(str(tiny_model_dir), None, str(tiny_model_dir), None, str(tiny_model_dir))
 
 
 def test_offline_hub_id_missing_from_the_cache_fails_fast_with_the_fix(tmp_path: Path,
@@ -305,18 +307,27 @@ def test_unfinished_stage_folder_is_refused(tmp_path: Path, marker: str) -> None
     assert "re-run it to resume" in str(caught.value)
 
 
-def test_finished_stage_folder_expands_into_base_and_adapters(tmp_path: Path) -> None:
+def test_finished_stage_folder_is_its_base_plus_its_own_adapter(tmp_path: Path) -> None:
     base = ModelSource("/models/base", "abc", PUBLIC_ID, "abc", "/models/base")
     adapter_stage = tmp_path / "rm"
-    mark_complete(adapter_stage, StageManifest("rm", "f", base.as_dict(), adapter=True,
-                                               merged_adapters=["/outputs/sft"]))
+    mark_complete(adapter_stage, StageManifest("rm", "f", base.as_dict(), adapter=True, lineage=["/outputs/sft"]))
     source = resolve_source(_spec(adapter_stage))
     assert source == ModelSource("/models/base", "abc", PUBLIC_ID, "abc", str(adapter_stage),
-                                 ["/outputs/sft", str(adapter_stage.resolve())])
+                                 str(adapter_stage.resolve()), ["/outputs/sft", str(adapter_stage.resolve())])
 
     full_stage = tmp_path / "full"
     mark_complete(full_stage, StageManifest("sft", "f", base.as_dict(), adapter=False))
-    assert resolve_source(_spec(full_stage)) == ModelSource(str(full_stage), None, PUBLIC_ID, "abc", str(full_stage))
+    assert resolve_source(_spec(full_stage)) == ModelSource(str(full_stage), None, PUBLIC_ID, "abc", str(full_stage),
+                                                            lineage=[str(full_stage.resolve())])
+
+
+def test_a_stage_json_of_the_merging_releases_is_refused_with_the_fix(tmp_path: Path) -> None:
+    old = tmp_path / "ppo"
+    old.mkdir()
+    (old / "stage.json").write_text(json.dumps({"stage": "ppo", "fingerprint": "f", "base_model": {},
+                                                "adapter": True, "merged_adapters": ["/outputs/sft"]}))
+    with pytest.raises(PipelineError, match="re-run that stage"):
+        resolve_source(_spec(old))
 
 
 # --- 5 and 6. adapters: recorded origin, merges into either head ------------------------------------------
@@ -356,9 +367,9 @@ def test_record_origin_names_the_public_base(adapter_dir: Path, tmp_path: Path) 
     assert list(empty.iterdir()) == []
 
 
-def test_merged_adapter_matches_the_peft_model(tiny_model_dir: Path, adapter_dir: Path) -> None:
+def test_merged_model_matches_the_peft_model(tiny_model_dir: Path, adapter_dir: Path) -> None:
     reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), adapter_dir).eval()
-    merged = merge_adapter(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(adapter_dir)).eval()
+    merged = merged_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(adapter_dir)).eval()
     assert not isinstance(merged, PeftModel)
     assert not any(isinstance(module, LoraLayer) for module in merged.modules())
     plain = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
@@ -367,9 +378,9 @@ def test_merged_adapter_matches_the_peft_model(tiny_model_dir: Path, adapter_dir
 
 
 def test_causal_lm_adapter_merges_into_a_reward_model_backbone(tiny_model_dir: Path, adapter_dir: Path) -> None:
-    merged_lm = merge_adapter(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(adapter_dir)).eval()
+    merged_lm = merged_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(adapter_dir)).eval()
     reward = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1)
-    reward = merge_adapter(reward, str(adapter_dir)).eval()
+    reward = merged_model(reward, str(adapter_dir)).eval()
     assert type(reward).__name__ == "LlamaForSequenceClassification"
     assert reward.score.weight.shape == (1, 64)
     plain = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
@@ -377,13 +388,61 @@ def test_causal_lm_adapter_merges_into_a_reward_model_backbone(tiny_model_dir: P
     torch.testing.assert_close(_hidden(reward.model), _hidden(merged_lm.model), atol=1e-5, rtol=0)
 
 
-def test_finished_stage_loads_with_its_adapter_merged(tiny_model_dir: Path, adapter_dir: Path, tmp_path: Path) -> None:
+def test_merging_into_a_quantized_base_is_refused(tiny_model_dir: Path, adapter_dir: Path) -> None:
+    spec = _spec(tiny_model_dir, quantization=QuantizationSpec(load_in_4bit=True))
+    source = resolve_source(spec)
+    with pytest.raises(PipelineError, match="refusing to merge an adapter into a 4/8-bit base"):
+        merged_model(load_base(source, spec, load_tokenizer(source, spec)), adapter_dir)
+
+
+@pytest.fixture
+def sft_stage(tiny_model_dir: Path, adapter_dir: Path, tmp_path: Path) -> Path:
     stage = tmp_path / "sft"
     shutil.copytree(adapter_dir, stage)
     base = ModelSource(str(tiny_model_dir), None, PUBLIC_ID, None, str(tiny_model_dir))
     mark_complete(stage, StageManifest("sft", "f", base.as_dict(), adapter=True))
-    spec = ModelSpec(name_or_path=str(stage), lora=None)
+    return stage
+
+
+def test_finished_stage_loads_as_its_adapter_on_the_base_never_merged(tiny_model_dir: Path, adapter_dir: Path,
+                                                                      sft_stage: Path) -> None:
+    spec = ModelSpec(name_or_path=str(sft_stage))
     source = resolve_source(spec)
-    model = load_model(source, spec, load_tokenizer(source, spec)).eval()
+    shared = load_frozen_roles({"sft": source}, spec, load_tokenizer(source, spec))["sft"]
+    assert isinstance(shared.model, PeftModel)
+    assert not any(getattr(module, "merged", False) for module in shared.modules())
     reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), adapter_dir).eval()
-    torch.testing.assert_close(_logits(model), _logits(reference), atol=1e-5, rtol=0)
+    torch.testing.assert_close(_logits(shared.use("sft")), _logits(reference), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("task", ["causal-lm", REWARD])
+def test_a_later_stage_trains_a_copy_of_the_adapter_it_starts_from(tiny_model_dir: Path, adapter_dir: Path,
+                                                                    sft_stage: Path, task: str) -> None:
+    """At step 0 the next stage's model (policy or reward backbone) is the SFT model, on an unmerged base."""
+    spec = ModelSpec(name_or_path=str(sft_stage), lora=LoraSpec(r=4, lora_alpha=8, lora_dropout=0.0))
+    source = resolve_source(spec)
+    model = trainable_model(load_base(source, spec, load_tokenizer(source, spec), task=task), spec, task,
+                            continues=source.adapter).eval()
+    reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), adapter_dir).eval()
+    backbone = model.get_base_model().model
+    torch.testing.assert_close(_hidden(backbone), _hidden(reference.get_base_model().model), atol=1e-5, rtol=0)
+    trainable = [name for name, param in model.named_parameters() if param.requires_grad]
+    assert any("lora_A" in name for name in trainable)
+    assert ("score" in " ".join(trainable)) == (task == REWARD)
+
+
+def test_a_later_stage_with_another_lora_shape_fails_before_loading(sft_stage: Path) -> None:
+    from rlhf_pipeline.models import check_continued_lora
+
+    with pytest.raises(PipelineError, match=r"model.lora.r: 16, but this stage continues the adapter .* has r 4; "
+                                            r"set model.lora.r to 4"):
+        check_continued_lora(LoraSpec(r=16, lora_alpha=8), sft_stage)
+    check_continued_lora(LoraSpec(r=4, lora_alpha=8, lora_dropout=0.3, target_modules=["q_proj", "k_proj", "v_proj",
+                                  "o_proj", "gate_proj", "up_proj", "down_proj"]), sft_stage)
+
+
+def test_an_adapter_of_another_shape_does_not_load_half_way(tiny_model_dir: Path, adapter_dir: Path) -> None:
+    other = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj"]))
+    with pytest.raises(PipelineError, match="does not fit this model"):
+        load_adapter_weights(other, adapter_dir)

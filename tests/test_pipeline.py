@@ -70,7 +70,7 @@ def test_chain_runs_then_skips_then_reruns_only_downstream(tmp_path: Path, tiny_
     ppo = results["ppo"]
     assert ppo["global_steps"] == 3 and ppo["global_batch_size"] == 8
     assert all(math.isfinite(ppo["final"][key]) for key in ("objective/kl", "objective/scores", "loss/value"))
-    assert json.loads((out / "ppo" / "stage.json").read_text())["merged_adapters"] == [str((out / "sft").resolve())]
+    assert json.loads((out / "ppo" / "stage.json").read_text())["lineage"] == [str((out / "sft").resolve())]
     report = json.loads((out / "eval" / "eval.json").read_text())
     assert report["prompts"] == 24 and "reward" in report["policy"]
     assert (out / "eval" / "eval.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

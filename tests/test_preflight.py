@@ -146,7 +146,7 @@ def test_load_for_training_runs_the_checks_before_any_weights(recipe_for, monkey
         raise AssertionError("weights were loaded before the pre-flight check")
 
     monkeypatch.setattr(common, "quiet_unless_main", lambda: None)  # no process group from this environment
-    monkeypatch.setattr(common, "load_model", no_weights)
+    monkeypatch.setattr(common, "load_base", no_weights)
     monkeypatch.setattr(common, "resolve_source", no_weights)
     for name, value in {**ZERO3, "ACCELERATE_GRADIENT_ACCUMULATION_STEPS": "8"}.items():
         monkeypatch.setenv(name, value)

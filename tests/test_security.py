@@ -17,7 +17,7 @@ import yaml
 
 from rlhf_pipeline.cli import main
 from rlhf_pipeline.errors import PipelineError, RecipeError
-from rlhf_pipeline.models import load_model, load_tokenizer, resolve_source
+from rlhf_pipeline.models import load_base, load_tokenizer, resolve_source
 from rlhf_pipeline.recipe import ModelSpec, build_section, load_recipe
 from tests.stages.conftest import sft_rows, write_card
 
@@ -32,7 +32,7 @@ def _load(spec: ModelSpec) -> tuple[Any, list[str]]:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         source = resolve_source(spec, progress=lambda _: None)
-        model = load_model(source, spec, load_tokenizer(source, spec))
+        model = load_base(source, spec, load_tokenizer(source, spec))
     return model, [str(w.message) for w in caught]
 
 

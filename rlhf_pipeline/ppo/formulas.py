@@ -12,7 +12,6 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 
 KLEstimator = Literal["k1", "k3"]
 
@@ -122,17 +121,6 @@ def value_loss(
     loss = 0.5 * masked_mean(torch.maximum(squared_error, clipped_squared_error), mask)
     clip_fraction = masked_mean((clipped_squared_error > squared_error).float(), mask)
     return loss, clip_fraction.detach()
-
-
-def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """log π(label) per position: log_softmax then gather, so only [batch, length] values are kept."""
-    return F.log_softmax(logits.float(), dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
-
-
-def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    """H = logsumexp(z) − Σ softmax(z)·z per position: the policy's exact entropy, not a sampled estimate."""
-    logits = logits.float()
-    return torch.logsumexp(logits, dim=-1) - (F.softmax(logits, dim=-1) * logits).sum(dim=-1)
 
 
 def explained_variance(predictions: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -1,26 +1,25 @@
-"""`PPOTrainer`: actor-critic PPO for RLHF on torch, transformers, accelerate and peft (no TRL).
+"""`PPOTrainer`: actor-critic PPO for RLHF on torch, transformers, accelerate and peft (no TRL trainer).
 
 One PPO step, as in InstructGPT and the Fudan "Secrets of RLHF" write-up:
 
 1. **Rollout** (no gradients): sample a response per prompt from π at `temperature`; cut it after the
-   first stop token; compute log π, log π_ref (the same network with its LoRA adapter switched off),
-   the critic's values, and the reward model's score of prompt + response.
+   first stop token; compute log π, log π_ref, the critic's values and the reward of prompt + response.
 2. **Rewards and advantages**: r_t = −β·KL_t on every token plus the score on the last one; GAE(γ,λ);
    advantages whitened over the valid tokens.
 3. **Optimisation**: `num_ppo_epochs` passes over the rollout in `num_mini_batches` shuffled
    minibatches, each one AdamW step on clipped-surrogate + vf_coef·clipped-value loss.
 
-Every `save_steps` a checkpoint holds the adapters, the optimizer, the scheduler, every process's
-RNG state and the log history, so a resumed run retraces the uninterrupted one exactly.
+The model is a `SharedBase` holding the roles of ppo/roles.py on one base: `policy` and `reference`
+(language-model roles) and `critic` (a scorer with a value head), switched per pass. Each role's
+backward runs while that role is active, so activation checkpointing recomputes with the right adapter;
+the policy's backward also frees its activations before the critic's forward. Checkpoints: ppo/checkpoints.py.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
-import random
 import shutil
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
@@ -28,42 +27,36 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import gather_object, set_seed
-from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
-from peft.utils import load_peft_weights
 from tqdm.auto import tqdm
 from transformers import GenerationConfig, PreTrainedTokenizerBase, get_scheduler
+from trl.trainer.utils import entropy_from_logits, selective_log_softmax
 
+from rlhf_pipeline.adapters import SharedBase
 from rlhf_pipeline.distributed import process_state, say
 from rlhf_pipeline.generation import left_pad
 from rlhf_pipeline.outputs import last_checkpoint
+from rlhf_pipeline.ppo import checkpoints
 from rlhf_pipeline.ppo.config import PPOConfig
 from rlhf_pipeline.ppo.formulas import (
-    entropy_from_logits,
     explained_variance,
     gae_advantages_and_returns,
     kl_penalty,
-    logprobs_from_logits,
     masked_whiten,
     policy_loss,
     token_rewards,
     value_loss,
 )
 from rlhf_pipeline.ppo.monitors import check_health
+from rlhf_pipeline.ppo.roles import CRITIC, POLICY, REFERENCE
 
 logger = logging.getLogger(__name__)
 
 RewardFn = Callable[[torch.LongTensor, torch.LongTensor], torch.Tensor]
 LogCallback = Callable[[dict[str, Any]], None]
-
-CHECKPOINT_PREFIX = "checkpoint-"
-VALUE_MODEL_DIR = "value_model"
-TRAINER_STATE = "trainer_state.json"
-DEEPSPEED_STATE = "deepspeed"  # under DeepSpeed the optimizer is sharded: the engine writes one file per rank
 
 # The model's own generation_config fills every sampling option we leave unset (e.g. Qwen's top_k=20 and
 # repetition_penalty=1.05). PPO optimises log softmax(logits/T), so it must sample from exactly that.
@@ -109,81 +102,39 @@ class Rollout:
         return self.input_ids[:, self.context_length:]
 
 
-class TokenValueModel(torch.nn.Module):
-    """The critic V(s_t) at every position: the reward model's score head applied to each hidden state.
-
-    A sequence-classification model pools one position; PPO needs a value per token, so the head is
-    applied before pooling. Being a Module, it gives DDP the forward it hooks its gradient sync on.
-    """
-
-    def __init__(self, value_model: PeftModel) -> None:
-        super().__init__()
-        self.model = value_model
-        self.head_name = _score_head_name(value_model.get_base_model())
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                position_ids: torch.Tensor) -> torch.Tensor:
-        classifier = self.model.get_base_model()
-        backbone = getattr(classifier, classifier.base_model_prefix)
-        hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                          use_cache=False).last_hidden_state
-        return getattr(classifier, self.head_name)(hidden).squeeze(-1).float()
-
-
-class ActorCritic(torch.nn.Module):
-    """The two trained networks as one module, so accelerate prepares one model with one optimizer.
-
-    That gives DDP a single all-reduce per minibatch, and it is what accelerate's DeepSpeed integration
-    needs: one model (one engine) per Accelerator. `forward` returns what the PPO loss reads: the
-    policy's logits and the critic's values at the positions that predict each response token.
-    """
-
-    def __init__(self, policy: PeftModel, critic: TokenValueModel) -> None:
-        super().__init__()
-        self.policy = policy
-        self.critic = critic
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                context_length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return (response_logits(self.policy, input_ids, attention_mask, context_length),
-                response_values(self.critic, input_ids, attention_mask, context_length))
-
-
-def response_logits(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+def response_logits(model: torch.nn.Module, role: str, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                     context_length: int) -> torch.Tensor:
-    """Logits at the positions that predict each response token (only those are computed)."""
+    """A language-model role's logits at the positions that predict each response token (only those computed)."""
     width = input_ids.shape[1] - context_length
-    return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=_positions(attention_mask),
-                 logits_to_keep=width + 1, use_cache=False).logits[:, :-1]
+    return model(role, input_ids, attention_mask, _positions(attention_mask), logits_to_keep=width + 1)[:, :-1]
 
 
-def response_values(critic: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+def response_values(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                     context_length: int) -> torch.Tensor:
-    """V(s_t) for each response token t, read at the position that predicts it (as the log-probs are)."""
-    return critic(input_ids, attention_mask, _positions(attention_mask))[:, context_length - 1:-1]
+    """The critic's V(s_t) for each response token t, read at the position that predicts it (as log-probs are)."""
+    return model(CRITIC, input_ids, attention_mask, _positions(attention_mask))[:, context_length - 1:-1]
 
 
 class PPOTrainer:
-    """Rollout + PPO optimisation of a LoRA policy against a reward function, with exact resume.
+    """Rollout + PPO optimisation of the policy and critic roles of a `SharedBase`, with exact resume.
 
-    `policy` is a PeftModel whose active adapter is trained; with the adapter disabled it is the frozen
-    reference. `value_model` is a PeftModel over a sequence-classification model whose LoRA and `score`
-    head (`modules_to_save=["score"]`) are trained. `reward_fn(input_ids, attention_mask)` scores
-    right-padded prompt+response rows, one scalar each. `train_prompts` are token ids of templated prompts.
+    `model` holds the roles `policy` (trainable), `reference` (frozen) and `critic` (trainable, with a value
+    head); ppo/roles.py builds it from the SFT and reward-model stages. `reward_fn(input_ids,
+    attention_mask)` scores right-padded prompt+response rows, one scalar each. `train_prompts` are token
+    ids of templated prompts.
     """
 
     def __init__(
         self,
         config: PPOConfig,
-        policy: PeftModel,
-        value_model: PeftModel,
+        model: SharedBase,
         reward_fn: RewardFn,
         tokenizer: PreTrainedTokenizerBase,
         train_prompts: Sequence[Sequence[int]],
         reward_stats: tuple[float, float] | None = None,
         on_log: LogCallback | None = None,
     ) -> None:
-        _check_models(policy, value_model)
+        _check_roles(model)
         if tokenizer.pad_token_id is None:
             raise ValueError("the tokenizer needs a pad token (distinct from EOS) to batch prompts")
         if config.normalize_reward and reward_stats is None:
@@ -194,20 +145,15 @@ class PPOTrainer:
         self.reward_stats = reward_stats
         self.on_log = on_log
         process_state()
-        # accelerate's accumulate() marks the last micro-batch of each minibatch: DDP syncs and DeepSpeed
-        # steps there, and every loss is divided by the number of micro-batches.
-        self.accelerator = Accelerator(gradient_accumulation_steps=config.gradient_accumulation_steps,
-                                       log_with=config.report_to or None, project_dir=config.output_dir)
+        self.accelerator = Accelerator(log_with=config.report_to or None, project_dir=config.output_dir)
         self.prompts = self._usable_prompts(train_prompts)
         self.stop_token_ids = self._stop_token_ids()
         self.generation_config = GenerationConfig(
             **_PURE_SAMPLING, temperature=config.temperature, max_new_tokens=config.response_length,
             eos_token_id=self.stop_token_ids, pad_token_id=tokenizer.pad_token_id, use_cache=True,
         )
-
-        for model in (policy, value_model):
-            _disable_dropout(model)
-        self.trainable_params = [p for m in (policy, value_model) for p in m.parameters() if p.requires_grad]
+        _disable_dropout(model)
+        self.trainable_params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(self.trainable_params, lr=config.learning_rate,
                                       weight_decay=config.weight_decay)
         self.total_steps = self._total_steps()
@@ -215,11 +161,14 @@ class PPOTrainer:
             config.lr_scheduler_type, optimizer, num_warmup_steps=math.ceil(config.warmup_ratio * self.total_steps),
             num_training_steps=self.total_steps,
         )
-        self._fill_deepspeed_config()
-        self.model, self.optimizer = self.accelerator.prepare(ActorCritic(policy, TokenValueModel(value_model)),
-                                                              optimizer)
-        actor_critic = self.accelerator.unwrap_model(self.model)
-        self.policy, self.value_model = actor_critic.policy, actor_critic.critic
+        self.deepspeed = self.accelerator.state.deepspeed_plugin is not None
+        if self.deepspeed:
+            self._fill_deepspeed_config()
+            self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        else:  # gradients are averaged over processes once per optimizer step, after both roles' backward
+            self.model = self.accelerator.prepare_model(model, evaluation_mode=True)
+            self.optimizer = self.accelerator.prepare_optimizer(optimizer)
+        self.shared: SharedBase = self.accelerator.unwrap_model(self.model)
         self.global_step = 0
         self.log_history: list[dict[str, Any]] = []
         self.stopped_early = False
@@ -227,26 +176,23 @@ class PPOTrainer:
     def _fill_deepspeed_config(self) -> None:
         """Give DeepSpeed's "auto" batch and clipping values from this config (the Trainer does this for SFT/RM).
 
-        The engine then accumulates over the micro-batches of a minibatch and clips as the recipe says; the
-        learning-rate schedule stays ours, stepped once per PPO step.
+        Each micro-batch makes two backward passes, the policy's and the critic's, and DeepSpeed counts every
+        backward as a micro-step: its accumulation (and the batch size it books) is twice the recipe's, and
+        `_backward` doubles each loss back, so gradients equal DDP's. The learning-rate schedule stays ours.
         """
         plugin = self.accelerator.state.deepspeed_plugin
-        if plugin is None:
-            return
         cfg = self.config
         values = {"train_micro_batch_size_per_gpu": cfg.micro_batch_size,
-                  "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
-                  "train_batch_size": cfg.mini_batch_size * self.accelerator.num_processes,
+                  "gradient_accumulation_steps": 2 * cfg.gradient_accumulation_steps,
+                  "train_batch_size": 2 * cfg.mini_batch_size * self.accelerator.num_processes,
                   "gradient_clipping": cfg.max_grad_norm or 0.0}
         for key, value in values.items():
-            if plugin.deepspeed_config.get(key, "auto") == "auto":
-                plugin.deepspeed_config[key] = value
+            if key == "gradient_clipping" and plugin.deepspeed_config.get(key, "auto") != "auto":
+                continue
+            plugin.deepspeed_config[key] = value
+        self.accelerator.gradient_accumulation_steps = 2 * cfg.gradient_accumulation_steps
 
     # ------------------------------------------------------------------ data
-
-    @property
-    def _deepspeed(self) -> bool:
-        return self.accelerator.state.deepspeed_plugin is not None
 
     @property
     def global_batch_size(self) -> int:
@@ -300,35 +246,30 @@ class PPOTrainer:
     @torch.no_grad()
     def rollout(self, prompts: Sequence[Sequence[int]]) -> Rollout:
         """Sample responses and compute everything PPO needs about them (log-probs, values, rewards, advantages)."""
-        cfg, device = self.config, self.accelerator.device
-        policy, critic = self.policy, self.value_model
-        policy.eval()
-        critic.eval()
+        cfg, device, shared = self.config, self.accelerator.device, self.shared
+        shared.eval()
         queries, query_mask = (t.to(device) for t in left_pad(prompts, self.tokenizer.pad_token_id))
-        responses = self._generate(policy, queries, query_mask)
+        responses = self._generate(queries, query_mask)
         response_mask, has_stop = self._truncate_after_stop(responses)
         responses = responses.masked_fill(~response_mask, self.tokenizer.pad_token_id)
         input_ids = torch.cat([queries, responses], dim=1)
         attention_mask = torch.cat([query_mask, response_mask.long()], dim=1)
         context_length = queries.shape[1]
 
-        logprobs, ref_logprobs, entropy, values = [], [], [], []
+        parts: dict[str, list[torch.Tensor]] = defaultdict(list)
         for rows in _chunks(len(prompts), cfg.local_rollout_forward_batch_size):
             ids, mask = input_ids[rows], attention_mask[rows]
+            labels = ids[:, context_length:]
             with self.accelerator.autocast():
-                logits = self._tempered(response_logits(policy, ids, mask, context_length))
-                chunk_logprobs = logprobs_from_logits(logits, ids[:, context_length:])
-                chunk_entropy = entropy_from_logits(logits)
-                with policy.disable_adapter():
-                    ref_logits = self._tempered(response_logits(policy, ids, mask, context_length))
-                chunk_ref = logprobs_from_logits(ref_logits, ids[:, context_length:])
-                chunk_values = response_values(critic, ids, mask, context_length)
-            logprobs.append(chunk_logprobs)
-            entropy.append(chunk_entropy)
-            ref_logprobs.append(chunk_ref)
-            values.append(chunk_values)
-        logprobs, ref_logprobs = torch.cat(logprobs), torch.cat(ref_logprobs)
-        entropy, values = torch.cat(entropy), torch.cat(values)
+                for role, name in ((POLICY, "logprobs"), (REFERENCE, "ref_logprobs")):
+                    logits = response_logits(shared, role, ids, mask, context_length).float().div_(cfg.temperature)
+                    parts[name].append(selective_log_softmax(logits, labels))
+                    if role == POLICY:
+                        parts["entropy"].append(entropy_from_logits(logits))
+                    del logits  # one role's response logits in memory at a time
+                parts["values"].append(response_values(shared, ids, mask, context_length))
+        logprobs, ref_logprobs, entropy, values = (torch.cat(parts[name]).float() for name in
+                                                   ("logprobs", "ref_logprobs", "entropy", "values"))
 
         raw_scores = self._score(queries, query_mask, responses, response_mask)
         scores = self._shape_scores(raw_scores, has_stop)
@@ -342,8 +283,9 @@ class PPOTrainer:
                        entropy, values.masked_fill(~response_mask, 0.0), raw_scores, scores, kl, rewards,
                        advantages, returns)
 
-    def _generate(self, policy: PeftModel, queries: torch.Tensor, query_mask: torch.Tensor) -> torch.Tensor:
-        """Sample with the KV cache in chunks; returns the response part, right-padded to a common width."""
+    def _generate(self, queries: torch.Tensor, query_mask: torch.Tensor) -> torch.Tensor:
+        """Sample from the policy in chunks (each chunk's KV cache freed before the next); right-padded responses."""
+        policy = self.shared.use(POLICY)
         chunks = []
         for rows in _chunks(queries.shape[0], self.config.local_rollout_forward_batch_size):
             out = policy.generate(input_ids=queries[rows], attention_mask=query_mask[rows],
@@ -358,10 +300,6 @@ class PPOTrainer:
         is_stop = torch.isin(responses, stops)
         stops_before = is_stop.long().cumsum(dim=1) - is_stop.long()
         return stops_before == 0, is_stop.any(dim=1)
-
-    def _tempered(self, logits: torch.Tensor) -> torch.Tensor:
-        """PPO's distribution is the one it samples from: softmax(logits / temperature)."""
-        return logits / self.config.temperature
 
     def _score(self, queries: torch.Tensor, query_mask: torch.Tensor, responses: torch.Tensor,
                response_mask: torch.Tensor) -> torch.Tensor:
@@ -399,29 +337,58 @@ class PPOTrainer:
         stats: dict[str, list[torch.Tensor]] = defaultdict(list)
         for _ in range(cfg.num_ppo_epochs):
             order = torch.randperm(len(rollout)).to(self.accelerator.device)
-            for rows in order.split(cfg.micro_batch_size):
-                with self.accelerator.accumulate(self.model):
-                    loss, micro_stats = self._loss(rollout.select(rows))
-                    self.accelerator.backward(loss)
-                    if self.accelerator.sync_gradients and cfg.max_grad_norm is not None:
-                        self.accelerator.clip_grad_norm_(self.trainable_params, cfg.max_grad_norm)
+            for minibatch in order.split(cfg.mini_batch_size):
+                micro_batches = minibatch.split(cfg.micro_batch_size)
+                for index, rows in enumerate(micro_batches):
+                    micro_stats = self._train_micro_batch(rollout.select(rows), last=index == len(micro_batches) - 1)
+                    for name, value in micro_stats.items():
+                        stats[name].append(value)
+                if not self.deepspeed:  # DeepSpeed averages, clips and steps inside its last backward
+                    self._average_gradients()
+                    if cfg.max_grad_norm is not None:
+                        torch.nn.utils.clip_grad_norm_(self.trainable_params, cfg.max_grad_norm)
                     self.optimizer.step()
                     self.optimizer.zero_grad(set_to_none=True)
-                for name, value in micro_stats.items():
-                    stats[name].append(value)
         return {name: torch.stack(values).mean().item() for name, values in stats.items()}
 
-    def _loss(self, batch: Rollout) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """PPO loss of one micro-batch with the current policy and critic, plus its statistics."""
-        logits, values = self.model(batch.input_ids, batch.attention_mask, batch.context_length)
-        logprobs = logprobs_from_logits(self._tempered(logits), batch.responses)
+    def _train_micro_batch(self, batch: Rollout, last: bool) -> dict[str, torch.Tensor]:
+        """The policy's loss and backward, then the critic's: each backward while its own adapter is active."""
+        cfg = self.config
+        logits = response_logits(self.model, POLICY, batch.input_ids, batch.attention_mask, batch.context_length)
+        logprobs = selective_log_softmax(logits, batch.responses, temperature=cfg.temperature)
         pg_loss, clipfrac, approxkl = policy_loss(logprobs, batch.logprobs, batch.advantages, batch.response_mask,
-                                                  self.config.cliprange)
+                                                  cfg.cliprange)
+        self._backward(pg_loss, last=False)
+        del logits, logprobs
+        values = response_values(self.model, batch.input_ids, batch.attention_mask, batch.context_length)
         vf_loss, vf_clipfrac = value_loss(values, batch.values, batch.returns, batch.response_mask,
-                                          self.config.cliprange_value)
-        stats = {"policy/clipfrac": clipfrac, "policy/approxkl": approxkl, "loss/policy": pg_loss.detach(),
-                 "loss/value": vf_loss.detach(), "val/clipfrac": vf_clipfrac}
-        return pg_loss + self.config.vf_coef * vf_loss, stats
+                                          cfg.cliprange_value)
+        self._backward(cfg.vf_coef * vf_loss, last=last)
+        return {"policy/clipfrac": clipfrac, "policy/approxkl": approxkl, "loss/policy": pg_loss.detach(),
+                "loss/value": vf_loss.detach(), "val/clipfrac": vf_clipfrac}
+
+    def _backward(self, loss: torch.Tensor, last: bool) -> None:
+        """Back-propagate one role's loss, averaged over the minibatch's micro-batches.
+
+        Under DeepSpeed every backward is one of its micro-steps (see `_fill_deepspeed_config`): the engine
+        divides by twice the accumulation, so the loss is doubled, and at the minibatch's last backward it
+        reduces, clips and steps.
+        """
+        if self.deepspeed:
+            self.model.set_gradient_accumulation_boundary(last)
+            self.model.backward(2 * loss)
+            self.model.step()
+        else:
+            (loss / self.config.gradient_accumulation_steps).backward()
+
+    def _average_gradients(self) -> None:
+        """Mean of the trainable gradients over processes: one all-reduce per optimizer step, as DDP would do."""
+        if self.accelerator.num_processes == 1:
+            return
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.trainable_params]
+        flat = self.accelerator.reduce(torch.cat([g.reshape(-1) for g in grads]), reduction="mean")
+        for param, chunk in zip(self.trainable_params, flat.split([g.numel() for g in grads]), strict=True):
+            param.grad = chunk.view_as(param).clone()
 
     # -------------------------------------------------------------- training
 
@@ -435,7 +402,8 @@ class PPOTrainer:
         if resume_from_checkpoint is True:
             resume_from_checkpoint = last_checkpoint(self.config.output_dir)
         if resume_from_checkpoint:
-            self._load_checkpoint(Path(resume_from_checkpoint))
+            self.load_checkpoint(Path(resume_from_checkpoint))
+            logger.info("PPO: resumed from %s at step %d", resume_from_checkpoint, self.global_step)
         if self.config.report_to:
             self.accelerator.init_trackers("rlhf_pipeline_ppo", config=_flat_config(self.config))
         sample_every = (max(1, self.total_steps // self.config.num_sample_generations)
@@ -467,7 +435,7 @@ class PPOTrainer:
             if stopping:  # every rank sees the same reduced metrics, so all ranks stop at the same step
                 self.stopped_early = True
                 self._warn(f"PPO: stopped early at step {step} (early_stop_on_alert); checkpoint saved in "
-                           f"{Path(self.config.output_dir) / f'{CHECKPOINT_PREFIX}{step}'}")
+                           f"{Path(self.config.output_dir) / f'{checkpoints.CHECKPOINT_PREFIX}{step}'}")
                 break
         progress.close()
         if self.config.report_to:
@@ -554,107 +522,72 @@ class PPOTrainer:
 
     # ------------------------------------------------------------ persistence
 
-    def save_model(self, output_dir: str | os.PathLike[str]) -> None:
-        """Save the policy adapter (PeftModel.from_pretrained loads it), the critic in value_model/, the tokenizer."""
-        if self.accelerator.is_main_process:
-            self._save_weights(Path(output_dir))
-            self.tokenizer.save_pretrained(output_dir)
-        self.accelerator.wait_for_everyone()
-
-    def _save_weights(self, folder: Path) -> None:
-        policy, critic = self.policy, self.value_model.model
-        policy.save_pretrained(folder, selected_adapters=[policy.active_adapter])
-        critic.save_pretrained(folder / VALUE_MODEL_DIR, selected_adapters=[critic.active_adapter])
-
     def save_checkpoint(self) -> Path:
-        """Write checkpoint-<step>/ atomically (temp folder, then rename) and keep at most save_total_limit."""
-        output_dir = Path(self.config.output_dir)
-        final = output_dir / f"{CHECKPOINT_PREFIX}{self.global_step}"
-        rng_states = gather_object([_rng_state()])
-        staging = output_dir / f".tmp-{final.name}"
-        if self.accelerator.is_main_process:
+        """Write checkpoint-<step>/ through a scratch folder (ppo/checkpoints.py). Every rank calls this."""
+        accelerator, config = self.accelerator, self.config
+        final = Path(config.output_dir) / f"{checkpoints.CHECKPOINT_PREFIX}{self.global_step}"
+        rng_states = gather_object([checkpoints.rng_state()])  # a collective: every rank's streams, saved by rank 0
+        staging = final.with_name(f".tmp-{final.name}")
+        if accelerator.is_main_process:
             shutil.rmtree(staging, ignore_errors=True)
             staging.mkdir(parents=True)
-        if self._deepspeed:
-            self.accelerator.wait_for_everyone()
-            self.model.save_checkpoint(str(staging / DEEPSPEED_STATE), tag="state", exclude_frozen_parameters=True)
-        if self.accelerator.is_main_process:
-            self._save_weights(staging)
-            if not self._deepspeed:
+        if self.deepspeed:
+            accelerator.wait_for_everyone()
+            self.model.save_checkpoint(str(staging / checkpoints.DEEPSPEED_STATE), tag="state",
+                                       exclude_frozen_parameters=True)
+        if accelerator.is_main_process:
+            checkpoints.save_weights(self.shared, staging)
+            if not self.deepspeed:
                 torch.save(self.optimizer.state_dict(), staging / "optimizer.pt")
             torch.save(self.lr_scheduler.state_dict(), staging / "scheduler.pt")
             for rank, state in enumerate(rng_states):
                 torch.save(state, staging / f"rng_state_{rank}.pth")
             epoch, index = self.data_position(self.global_step + 1)
-            state = {"global_step": self.global_step, "episode": self.global_step * self.global_batch_size,
-                     "data_epoch": epoch, "data_batch_index": index, "world_size": self.accelerator.num_processes,
-                     "global_batch_size": self.global_batch_size, "total_steps": self.total_steps,
-                     "log_history": self.log_history}
-            (staging / TRAINER_STATE).write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(staging, final)
-            self._rotate_checkpoints(output_dir)
-        self.accelerator.wait_for_everyone()
+            checkpoints.write_state(staging, {
+                "global_step": self.global_step, "episode": self.global_step * self.global_batch_size,
+                "data_epoch": epoch, "data_batch_index": index, "world_size": accelerator.num_processes,
+                "global_batch_size": self.global_batch_size, "total_steps": self.total_steps,
+                "log_history": self.log_history})
+            checkpoints.commit(staging, final, config.save_total_limit)
+        accelerator.wait_for_everyone()
         return final
 
-    def _rotate_checkpoints(self, output_dir: Path) -> None:
-        limit = self.config.save_total_limit
-        if limit is None:
-            return
-        for stale in _checkpoints(output_dir)[:-limit]:
-            shutil.rmtree(stale)
-
-    def _load_checkpoint(self, folder: Path) -> None:
-        """Restore weights, optimizer, scheduler, step, log history and this process's RNG streams."""
-        state = json.loads((folder / TRAINER_STATE).read_text(encoding="utf-8"))
-        same_launch = state["world_size"] == self.accelerator.num_processes
-        if not same_launch or state["global_batch_size"] != self.global_batch_size:
+    def load_checkpoint(self, folder: Path) -> None:
+        """Restore adapters, head, optimizer, scheduler, step, log history and this process's RNG streams."""
+        state = checkpoints.read_state(folder)
+        launch = (state["world_size"], state["global_batch_size"])
+        if launch != (self.accelerator.num_processes, self.global_batch_size):
             raise ValueError(f"{folder} was written by {state['world_size']} process(es) with global batch "
                              f"{state['global_batch_size']}; resume with the same launch and batch settings")
-        _load_adapter(self.policy, folder)
-        _load_adapter(self.value_model.model, folder / VALUE_MODEL_DIR)
-        if self._deepspeed:
-            self.model.load_checkpoint(str(folder / DEEPSPEED_STATE), tag="state", load_module_strict=False,
+        checkpoints.load_weights(self.shared, folder)
+        if self.deepspeed:
+            self.model.load_checkpoint(str(folder / checkpoints.DEEPSPEED_STATE), tag="state", load_module_strict=False,
                                        load_optimizer_states=True, load_lr_scheduler_states=False)
         else:
             self.optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True))
         self.lr_scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
-        _set_rng_state(torch.load(folder / f"rng_state_{self.accelerator.process_index}.pth", weights_only=True))
+        checkpoints.set_rng_state(torch.load(folder / f"rng_state_{self.accelerator.process_index}.pth",
+                                             weights_only=True))
         self.global_step = state["global_step"]
         self.log_history = state["log_history"]
-        logger.info("PPO: resumed from %s at step %d", folder, self.global_step)
+
+    def save_model(self, output_dir: str | os.PathLike[str]) -> None:
+        """Save the policy adapter (PeftModel.from_pretrained loads it), the critic in value_model/, the tokenizer."""
+        if self.accelerator.is_main_process:
+            checkpoints.save_weights(self.shared, Path(output_dir))
+            self.tokenizer.save_pretrained(output_dir)
+        self.accelerator.wait_for_everyone()
 
 
-def _checkpoints(output_dir: Path) -> list[Path]:
-    if not output_dir.is_dir():
-        return []
-    found = [p for p in output_dir.glob(f"{CHECKPOINT_PREFIX}*")
-             if p.is_dir() and p.name[len(CHECKPOINT_PREFIX):].isdigit()]
-    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
-
-
-def _check_models(policy: torch.nn.Module, value_model: torch.nn.Module) -> None:
-    """Fail early, with the fix, when a model cannot play its PPO role."""
-    if not isinstance(policy, PeftModel):
-        raise TypeError("policy must be a PeftModel: the reference policy is the same model with its adapter "
-                        "disabled")
-    if not isinstance(value_model, PeftModel):
-        raise TypeError("value_model must be a PeftModel over a sequence-classification model")
-    classifier = value_model.get_base_model()
-    head = getattr(classifier, _score_head_name(classifier))
-    if not any(p.requires_grad for p in head.parameters()):
-        raise ValueError("the value model's score head is frozen; add it to LoraConfig(modules_to_save=['score'])")
-    if not any(p.requires_grad for p in policy.parameters()):
-        raise ValueError("the policy has no trainable parameters; is its PPO adapter active and trainable?")
-
-
-def _score_head_name(classifier: torch.nn.Module) -> str:
-    for name in ("score", "classifier"):
-        if isinstance(getattr(classifier, name, None), torch.nn.Module):
-            return name
-    raise TypeError(f"{type(classifier).__name__} has no `score` head: the value model must be a "
-                    "sequence-classification model (AutoModelForSequenceClassification, num_labels=1)")
+def _check_roles(model: SharedBase) -> None:
+    """Fail early, with the fix, when the model cannot play PPO's roles."""
+    missing = [role for role in (POLICY, REFERENCE, CRITIC) if role not in model.roles]
+    if missing:
+        raise ValueError(f"the PPO model lacks the role(s) {missing}; build it with ppo.roles.build_ppo_model")
+    if POLICY not in model.trainable or CRITIC not in model.trainable:
+        raise ValueError("the policy and critic roles must be trainable (add_role(..., trainable=True))")
+    if CRITIC not in model.heads:
+        raise ValueError("the critic role needs a value head (add_role(..., head=...))")
 
 
 def _disable_dropout(model: torch.nn.Module) -> None:
@@ -674,38 +607,6 @@ def _positions(attention_mask: torch.Tensor) -> torch.Tensor:
 def _chunks(total: int, size: int) -> Iterator[slice]:
     for start in range(0, total, size):
         yield slice(start, min(start + size, total))
-
-
-def _load_adapter(model: PeftModel, folder: Path) -> None:
-    name = model.active_adapter
-    weights = load_peft_weights(str(folder if name == "default" else folder / name))
-    result = set_peft_model_state_dict(model, weights, adapter_name=name)
-    missing = [key for key in get_peft_model_state_dict(model, adapter_name=name) if key not in weights]
-    if missing or result.unexpected_keys:
-        raise ValueError(f"{folder} does not match the {name!r} adapter (missing {missing[:3]}, "
-                         f"unexpected {list(result.unexpected_keys)[:3]})")
-
-
-def _rng_state() -> dict[str, Any]:
-    """Every RNG the run draws from, in tensor/primitive form so it reloads with weights_only=True."""
-    version, mt_state, gauss = random.getstate()
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    state: dict[str, Any] = {"python": [version, list(mt_state), gauss],
-                             "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
-                             "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    version, mt_state, gauss = state["python"]
-    random.setstate((version, tuple(mt_state), gauss))
-    kind, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def _flat_config(config: PPOConfig) -> dict[str, Any]:

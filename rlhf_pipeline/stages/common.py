@@ -7,6 +7,7 @@ stage registry can be read by `validate` without torch.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -20,12 +21,13 @@ from rlhf_pipeline.errors import PipelineError
 from rlhf_pipeline.models import (
     CAUSAL_LM,
     ModelSource,
-    attach_lora,
+    check_continued_lora,
     check_hardware,
-    load_model,
+    load_base,
     load_tokenizer,
     record_origin,
     resolve_source,
+    trainable_model,
 )
 from rlhf_pipeline.outputs import (
     MARKER,
@@ -41,6 +43,7 @@ from rlhf_pipeline.preflight import check_launch
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+    from rlhf_pipeline.adapters import SharedBase
     from rlhf_pipeline.recipe import Recipe
 
 logger = logging.getLogger(__name__)
@@ -83,11 +86,11 @@ def activation_checkpointing_default(recipe: Recipe) -> bool:
     return bool(explicit) if explicit is not None else torch.cuda.is_available()
 
 
-def load_for_training(recipe: Recipe, task: str = CAUSAL_LM) -> Loaded:
-    """Check the hardware and the launch, then load tokenizer and model and add the stage's trainable LoRA.
+def start_training(recipe: Recipe) -> None:
+    """Check the hardware and the launch, then seed, before any weights load.
 
-    The seed is set before loading so the new LoRA (and a reward model's new score head) start the same in
-    every run and on every rank; unseeded, two runs of one recipe differed from the first gradient.
+    The seed is set before loading so new LoRA weights (and a reward model's new score head) start the same
+    in every run and on every rank; unseeded, two runs of one recipe differed from the first gradient.
     """
     from transformers import set_seed
 
@@ -95,27 +98,34 @@ def load_for_training(recipe: Recipe, task: str = CAUSAL_LM) -> Loaded:
     check_hardware(recipe.model, recipe.config)
     check_launch(recipe)
     set_seed(recipe.config.get("seed", 42))
+
+
+def load_for_training(recipe: Recipe, task: str = CAUSAL_LM) -> Loaded:
+    """Load tokenizer and base, then the stage's trainable weights: a copy of the adapter it starts from, or new."""
+    start_training(recipe)
     source = resolve_source(recipe.model, progress=say)
+    if source.adapter is not None and recipe.model.lora is not None:
+        check_continued_lora(recipe.model.lora, source.adapter)  # before the weights load
     tokenizer = load_tokenizer(source, recipe.model)
-    say(f"loading {source.origin}" + (f" with {len(source.adapters)} stage adapter(s) merged"
-                                      if source.adapters else ""))
-    model = load_model(source, recipe.model, tokenizer, task=task)
-    model = attach_lora(model, recipe.model, task=task,
-                        gradient_checkpointing=activation_checkpointing_default(recipe))
+    say(f"loading {source.origin}" + (f" and continuing the adapter of {source.adapter}" if source.adapter else ""))
+    base = load_base(source, recipe.model, tokenizer, task=task)
+    model = trainable_model(base, recipe.model, task=task, continues=source.adapter,
+                            gradient_checkpointing=activation_checkpointing_default(recipe))
     return Loaded(source, tokenizer, model)
 
 
-def load_policy(recipe: Recipe, name_or_path: str | None = None, task: str = CAUSAL_LM) -> Loaded:
-    """A frozen model for sampling or scoring (stage adapters merged, no new LoRA), in eval mode."""
-    import dataclasses
+def load_frozen(recipe: Recipe, sources: dict[str, str], scorers: frozenset[str] = frozenset(),
+                ) -> tuple[dict[str, ModelSource], Any, dict[str, SharedBase]]:
+    """Models to sample from or score with, each `name_or_path` a role on a base loaded once (never merged)."""
+    from rlhf_pipeline.adapters import load_frozen_roles
 
     quiet_unless_main()
     check_hardware(recipe.model, recipe.config)
-    spec = dataclasses.replace(recipe.model, name_or_path=name_or_path or recipe.model.name_or_path, lora=None)
-    source = resolve_source(spec, progress=say)
-    tokenizer = load_tokenizer(source, spec)
-    model = load_model(source, spec, tokenizer, task=task).eval()
-    return Loaded(source, tokenizer, model)
+    specs = {name: dataclasses.replace(recipe.model, name_or_path=path) for name, path in sources.items()}
+    resolved = {name: resolve_source(spec, progress=say) for name, spec in specs.items()}
+    first = next(iter(resolved))
+    tokenizer = load_tokenizer(resolved[first], specs[first])
+    return resolved, tokenizer, load_frozen_roles(resolved, recipe.model, tokenizer, scorers)
 
 
 def trainer_config(config_class: type, recipe: Recipe, **stage_values: Any) -> Any:
@@ -153,8 +163,7 @@ def finished_manifest(recipe: Recipe, source: ModelSource, metrics: dict[str, An
                       task: str = CAUSAL_LM, extra: dict[str, Any] | None = None) -> StageManifest:
     """The completion record of a stage run: recipe fingerprint, base model lineage and metrics."""
     return StageManifest(stage=recipe.stage, fingerprint=recipe.fingerprint(), base_model=source.as_dict(),
-                         adapter=adapter, merged_adapters=list(source.adapters), task=task, metrics=metrics,
-                         extra=extra or {})
+                         adapter=adapter, lineage=list(source.lineage), task=task, metrics=metrics, extra=extra or {})
 
 
 def finish_outputs(recipe: Recipe, manifest: StageManifest, write_files: Callable[[Path], None]) -> StageManifest:
@@ -216,15 +225,23 @@ def check_saved_weights(folder: Path) -> None:
 
 
 def finish(recipe: Recipe, loaded: Loaded, model: PreTrainedModel, metrics: dict[str, Any],
-           task: str = CAUSAL_LM, extra: dict[str, Any] | None = None) -> StageManifest:
-    """Save the trained weights (adapter or full model) and tokenizer with the stage's record."""
+           task: str = CAUSAL_LM, extra: dict[str, Any] | None = None,
+           save_weights: Callable[[Path], None] | None = None) -> StageManifest:
+    """Save the trained weights (adapter or full model) and tokenizer with the stage's record.
+
+    `save_weights(folder)` replaces `model.save_pretrained` for a model that holds more than the stage's
+    output (PPO's shared base saves its policy adapter only).
+    """
     from rlhf_pipeline.hub import push_if_configured, write_model_card
 
-    state_dict = gathered_state_dict(model)  # on every rank: a collective operation under ZeRO-3
+    state_dict = gathered_state_dict(model) if save_weights is None else None  # a collective under ZeRO-3
 
     def write_weights(folder: Path) -> None:
-        model.save_pretrained(folder, safe_serialization=True,
-                              **({"state_dict": state_dict} if state_dict is not None else {}))
+        if save_weights is not None:
+            save_weights(folder)
+        else:
+            model.save_pretrained(folder, safe_serialization=True,
+                                  **({"state_dict": state_dict} if state_dict is not None else {}))
         check_saved_weights(folder)
         loaded.tokenizer.save_pretrained(folder)
         record_origin(folder, loaded.source)

@@ -47,9 +47,9 @@ def answer_logprob(model: PreTrainedModel, samples: list[Sample], temperature: f
     """log π(answer | prompt) summed over answer tokens, under the sampling temperature."""
     import torch
     from tqdm.auto import tqdm
+    from trl.trainer.utils import selective_log_softmax
 
     from rlhf_pipeline.distributed import is_main_process
-    from rlhf_pipeline.ppo.formulas import logprobs_from_logits
 
     totals = []
     with torch.no_grad():
@@ -57,7 +57,7 @@ def answer_logprob(model: PreTrainedModel, samples: list[Sample], temperature: f
             ids = torch.tensor([sample.prompt_ids + sample.answer_ids])
             logits = model(input_ids=ids, use_cache=False).logits[0, len(sample.prompt_ids) - 1 : -1]
             labels = ids[0, len(sample.prompt_ids):]
-            totals.append(float(logprobs_from_logits(logits / max(temperature, 1e-6), labels).sum()))
+            totals.append(float(selective_log_softmax(logits.float(), labels, max(temperature, 1e-6)).sum()))
     return totals
 
 
@@ -94,24 +94,29 @@ def run(recipe: Recipe) -> dict[str, Any]:
     from rlhf_pipeline.distributed import say
     from rlhf_pipeline.generation import sample_answers
     from rlhf_pipeline.judges import load_judge
-    from rlhf_pipeline.outputs import write_json
+    from rlhf_pipeline.outputs import require_finished, write_json
     from rlhf_pipeline.reward import RewardModel
-    from rlhf_pipeline.stages.common import finish_outputs, finished_manifest, load_policy
+    from rlhf_pipeline.stages.common import finish_outputs, finished_manifest, load_frozen
 
     config = EvalConfig(**recipe.config)
-    baseline = load_policy(recipe)
-    policy = load_policy(recipe, config.policy)
-    datasets, _ = load_datasets(recipe, baseline.tokenizer, prompts_only=True)
+    names = {"baseline": recipe.model.name_or_path, "policy": config.policy}
+    if config.reward_model:
+        require_finished(Path(config.reward_model), "rm", "evaluation.reward_model")
+        names["reward"] = config.reward_model
+    sources, tokenizer, models = load_frozen(recipe, names, scorers=frozenset({"reward"}))
+    datasets, _ = load_datasets(recipe, tokenizer, prompts_only=True)
     prompts = [row["prompt"] for split in datasets.values() for row in split]
     settings = (1, config.max_new_tokens, config.temperature, config.top_p, config.batch_size, config.seed)
-    samples = {name: [s[0] for s in sample_answers(loaded.model, loaded.tokenizer, prompts, *settings, name)]
-               for name, loaded in (("baseline", baseline), ("policy", policy))}
-    kl = [p - b for p, b in zip(answer_logprob(policy.model, samples["policy"], config.temperature, "eval: log π"),
-                                answer_logprob(baseline.model, samples["policy"], config.temperature,
-                                               "eval: log π_baseline"), strict=True)]
+    samples = {name: [s[0] for s in sample_answers(models[name].use(name), tokenizer, prompts, *settings, name)]
+               for name in ("baseline", "policy")}
+    kl = [p - b for p, b in zip(answer_logprob(models["policy"].use("policy"), samples["policy"], config.temperature,
+                                               "eval: log π"),
+                                answer_logprob(models["baseline"].use("baseline"), samples["policy"],
+                                               config.temperature, "eval: log π_baseline"), strict=True)]
     say("eval: scoring")
     judge = load_judge(recipe.sections["judge"])
-    scorer = RewardModel.from_stage(config.reward_model) if config.reward_model else None
+    scorer = (RewardModel.from_role(models["reward"], "reward", tokenizer, config.reward_model)
+              if config.reward_model else None)
     texts = {name: [s.text for s in group] for name, group in samples.items()}
     per_answer: dict[str, dict[str, list[float]]] = {
         name: {"judge": judge(prompts, texts[name]), "length_tokens": [len(s.answer_ids) for s in samples[name]]}
@@ -134,7 +139,7 @@ def run(recipe: Recipe) -> dict[str, Any]:
     def write_files(folder: Path) -> None:
         write_json(folder / "eval.json", report | {"examples": examples, "per_answer": per_answer})
 
-    finish_outputs(recipe, finished_manifest(recipe, policy.source, report, adapter=False), write_files)
+    finish_outputs(recipe, finished_manifest(recipe, sources["policy"], report, adapter=False), write_files)
     return report
 
 

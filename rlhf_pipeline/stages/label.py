@@ -91,16 +91,17 @@ def run(recipe: Recipe) -> dict[str, Any]:
     from rlhf_pipeline.distributed import is_main_process, say
     from rlhf_pipeline.generation import sample_answers
     from rlhf_pipeline.judges import load_judge
-    from rlhf_pipeline.stages.common import finish_outputs, finished_manifest, load_policy
+    from rlhf_pipeline.stages.common import finish_outputs, finished_manifest, load_frozen
 
     config = LabelConfig(**recipe.config)
     judge_spec = recipe.sections["judge"]
-    loaded = load_policy(recipe)
-    datasets, data_report = load_datasets(recipe, loaded.tokenizer, prompts_only=True)
+    sources, tokenizer, models = load_frozen(recipe, {"policy": recipe.model.name_or_path})
+    datasets, data_report = load_datasets(recipe, tokenizer, prompts_only=True)
     prompts = [row["prompt"] for split in datasets.values() for row in split]
     say(f"label: {len(prompts)} prompts x {config.num_samples} answers, judge {judge_spec.name}")
-    samples = sample_answers(loaded.model, loaded.tokenizer, prompts, config.num_samples, config.max_new_tokens,
-                             config.temperature, config.top_p, config.batch_size, config.seed, "labelling")
+    samples = sample_answers(models["policy"].use("policy"), tokenizer, prompts, config.num_samples,
+                             config.max_new_tokens, config.temperature, config.top_p, config.batch_size, config.seed,
+                             "labelling")
     judge = load_judge(judge_spec)
     ranked_rows, pair_rows, too_close = [], [], 0
     for prompt, answers in tqdm(list(zip(prompts, samples, strict=True)), desc="label: judging",
@@ -124,7 +125,7 @@ def run(recipe: Recipe) -> dict[str, Any]:
         (folder / "data_card.yaml").write_text(yaml.safe_dump(_card(recipe, config, judge_spec, counts),
                                                               sort_keys=False))
 
-    finish_outputs(recipe, finished_manifest(recipe, loaded.source, metrics, adapter=False), write_files)
+    finish_outputs(recipe, finished_manifest(recipe, sources["policy"], metrics, adapter=False), write_files)
     return metrics
 
 

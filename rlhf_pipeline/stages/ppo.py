@@ -4,11 +4,11 @@
     accelerate launch --config_file accelerate_configs/multi_gpu.yaml -m rlhf_pipeline ppo \\
         recipes/<model>/ppo.yaml training.kl_coef=0.1
 
-Four roles, two copies of the base weights. The policy is the SFT model (`model.name_or_path` = the SFT
-output, adapter merged) plus a new LoRA; with that LoRA switched off it is the frozen reference, so the
-KL penalty always anchors to the SFT policy. The critic is the reward model (`training.reward_model_path`,
-its adapters merged) plus a new LoRA and a trainable copy of its score head; with that LoRA switched off
-it is the frozen reward model, so scoring needs no extra copy either.
+Four roles, one copy of the base weights (ppo/roles.py): the reference is the SFT stage's adapter
+(`model.name_or_path` = the SFT output), frozen, so the KL penalty always anchors to the SFT policy; the
+policy is a trainable copy of it; the reward model is the rm stage's adapter and score head
+(`training.reward_model_path`), frozen; the critic is a trainable copy of those. The saved policy adapter
+is the whole PPO model on the base.
 
 Health monitors (`training.max_kl`, `min_entropy`, `max_length_drift`, `max_missing_eos_fraction`,
 `max_reward_jump`; ppo/monitors.py) warn while training. With `early_stop_on_alert: true` the trainer saves
@@ -29,7 +29,6 @@ from rlhf_pipeline.outputs import MARKER, read_manifest
 from rlhf_pipeline.stages import Stage
 
 if TYPE_CHECKING:
-    import torch
 
     from rlhf_pipeline.recipe import Recipe
 
@@ -39,8 +38,8 @@ def _check(recipe: Recipe) -> None:
         raise RecipeError(recipe.path, "training.reward_model_path", "required: the output folder of a finished "
                           "rm stage (e.g. outputs/<model>/rm)")
     if recipe.model.lora is None:
-        raise RecipeError(recipe.path, "model.lora", "PPO trains a LoRA on the SFT policy (its reference is the "
-                          "same model with the LoRA off); add a lora section")
+        raise RecipeError(recipe.path, "model.lora", "PPO trains a copy of the SFT adapter (or a new LoRA) beside the "
+                          "frozen reference on one base; add a lora section")
     _check_reward_model_folder(recipe, Path(recipe.config["reward_model_path"]))
 
 
@@ -70,40 +69,46 @@ def check_same_tokenizer(policy_tokenizer: Any, reward_tokenizer: Any, reward_pa
 
 
 def run(recipe: Recipe) -> dict[str, Any]:
-    """Train the PPO adapter (and the critic) and save the policy adapter with its statistics."""
+    """Train the policy and critic adapters and save the policy adapter with its statistics."""
     import dataclasses
+    from functools import partial
 
     from rlhf_pipeline.chat import encode_prompt
     from rlhf_pipeline.data.loading import load_datasets
     from rlhf_pipeline.distributed import say
-    from rlhf_pipeline.models import REWARD, attach_lora, load_model, load_tokenizer, resolve_source
+    from rlhf_pipeline.models import load_tokenizer, resolve_source
     from rlhf_pipeline.outputs import last_checkpoint, require_finished
     from rlhf_pipeline.ppo.config import PPOConfig
+    from rlhf_pipeline.ppo.roles import POLICY, REWARD, build_ppo_model, check_shared_base
     from rlhf_pipeline.ppo.trainer import PPOTrainer
-    from rlhf_pipeline.reward import sequence_scores
-    from rlhf_pipeline.stages.common import finish, launch_facts, load_for_training
+    from rlhf_pipeline.stages.common import (
+        Loaded,
+        activation_checkpointing_default,
+        finish,
+        launch_facts,
+        start_training,
+    )
 
     config = PPOConfig(**recipe.config)
+    start_training(recipe)
     rm_manifest = require_finished(config.reward_model_path, "rm", "training.reward_model_path")
-    critic_spec = dataclasses.replace(recipe.model, name_or_path=config.reward_model_path)
-    critic_source = resolve_source(critic_spec)
+    reward_spec = dataclasses.replace(recipe.model, name_or_path=config.reward_model_path)
+    source, reward_source = resolve_source(recipe.model, progress=say), resolve_source(reward_spec)
+    check_shared_base(source, reward_source, config.reward_model_path)
     # Tokenizers first: a mismatch is reported before any weights load.
-    check_same_tokenizer(load_tokenizer(resolve_source(recipe.model, progress=say), recipe.model),
-                         load_tokenizer(critic_source, critic_spec), config.reward_model_path, recipe.path)
-    policy = load_for_training(recipe)
-    critic = attach_lora(load_model(critic_source, critic_spec, policy.tokenizer, task=REWARD), critic_spec,
-                         task=REWARD)
-
-    def reward_fn(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        with critic.disable_adapter():  # the frozen reward model: merged RM weights and its own score head
-            return sequence_scores(critic, input_ids, attention_mask)
-
-    datasets, data_report = load_datasets(recipe, policy.tokenizer, prompts_only=True)
-    prompts = [encode_prompt(policy.tokenizer, row["prompt"]) for split in datasets.values() for row in split]
-    say(f"ppo: {len(prompts)} prompts ({data_report.summary()})")
+    tokenizer = load_tokenizer(source, recipe.model)
+    check_same_tokenizer(tokenizer, load_tokenizer(reward_source, reward_spec), config.reward_model_path, recipe.path)
     stats = rm_manifest.extra.get("reward_stats", {})
-    trainer = PPOTrainer(config, policy.model, critic, reward_fn, policy.tokenizer, prompts,
-                         reward_stats=(stats["mean"], stats["std"]) if config.normalize_reward else None)
+    reward_stats = (stats["mean"], stats["std"]) if config.normalize_reward else None
+    say(f"loading {source.origin} once: reference, policy, reward model and critic are adapters on it")
+    model = build_ppo_model(source, reward_source, recipe.model, tokenizer, reward_stats,
+                            gradient_checkpointing=activation_checkpointing_default(recipe))
+
+    datasets, data_report = load_datasets(recipe, tokenizer, prompts_only=True)
+    prompts = [encode_prompt(tokenizer, row["prompt"]) for split in datasets.values() for row in split]
+    say(f"ppo: {len(prompts)} prompts ({data_report.summary()})")
+    trainer = PPOTrainer(config, model, partial(model.last_scores, REWARD), tokenizer, prompts,
+                         reward_stats=reward_stats)
     checkpoint = last_checkpoint(recipe.output_dir)
     final = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     history = [entry for entry in trainer.log_history if "objective/scores" in entry]
@@ -129,8 +134,8 @@ def run(recipe: Recipe) -> dict[str, Any]:
     if trainer.stopped_early:
         say(f"ppo: stopped early at step {trainer.global_step} of {trainer.total_steps} on a health alert; the "
             "policy of that step is saved as the stage's adapter (see report.md)")
-    finish(recipe, policy, trainer.accelerator.unwrap_model(trainer.policy), metrics,
-           extra={"reward_model": str(config.reward_model_path)})
+    finish(recipe, Loaded(source, tokenizer, model), model, metrics,
+           extra={"reward_model": str(config.reward_model_path)}, save_weights=partial(model.save_adapter, POLICY))
     return metrics
 
 

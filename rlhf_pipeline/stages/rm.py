@@ -4,9 +4,10 @@
     accelerate launch --config_file accelerate_configs/deepspeed_zero3.yaml -m rlhf_pipeline rm \\
         recipes/llama-3.1-8b-qlora/rm.yaml
 
-The model starts from the SFT stage's output (`model.name_or_path: outputs/.../sft`: the SFT adapter is
-merged into the base), gets a new LoRA plus a trained score head, and learns with TRL's RewardTrainer
-(pairwise loss -log σ(r⁺ - r⁻ - margin)). Pairs are encoded exactly as PPO will sample them.
+The model starts from the SFT stage's output (`model.name_or_path: outputs/.../sft`): a trainable copy of
+the SFT adapter on the base plus a new score head, trained with TRL's RewardTrainer (pairwise loss
+-log σ(r⁺ - r⁻ - margin)). The saved adapter and head are the whole reward model on the base, exactly as
+PPO and evaluation load it. Pairs are encoded exactly as PPO will sample them.
 """
 
 from __future__ import annotations
@@ -69,12 +70,14 @@ def reward_stats(scorer: RewardModel, dataset: Dataset, sample: int = 128, seed:
 
 def run(recipe: Recipe) -> dict[str, Any]:
     """Train the reward adapter and head; save them with accuracy, margins and reward statistics."""
+    from functools import partial
+
     from trl import RewardConfig, RewardTrainer
 
     from rlhf_pipeline.data.loading import load_datasets
-    from rlhf_pipeline.models import REWARD
+    from rlhf_pipeline.models import REWARD, match_compute_dtype
     from rlhf_pipeline.outputs import last_checkpoint
-    from rlhf_pipeline.reward import RewardModel
+    from rlhf_pipeline.reward import RewardModel, sequence_scores
     from rlhf_pipeline.stages.common import finish, launch_facts, load_for_training, say, trainer_config
 
     loaded = load_for_training(recipe, task=REWARD)
@@ -85,9 +88,11 @@ def run(recipe: Recipe) -> dict[str, Any]:
                           eos_token=loaded.tokenizer.eos_token)
     trainer = RewardTrainer(model=loaded.model, args=args, train_dataset=encoded["train"],
                             eval_dataset=encoded.get("eval"), processing_class=loaded.tokenizer)
+    match_compute_dtype(trainer.model, recipe.model)
     checkpoint = last_checkpoint(recipe.output_dir)
     trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    scorer = RewardModel(trainer.model.eval(), loaded.tokenizer, batch_size=args.per_device_eval_batch_size)
+    scorer = RewardModel(partial(sequence_scores, trainer.model.eval()), loaded.tokenizer, trainer.model.device,
+                         batch_size=args.per_device_eval_batch_size)
     held_out = pair_metrics(scorer, encoded.get("eval", encoded["train"]))
     stats = reward_stats(scorer, encoded["train"])
     metrics = {

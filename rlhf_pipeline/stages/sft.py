@@ -30,6 +30,7 @@ def run(recipe: Recipe) -> dict[str, Any]:
     from trl import SFTConfig, SFTTrainer
 
     from rlhf_pipeline.data.loading import load_datasets
+    from rlhf_pipeline.models import match_compute_dtype
     from rlhf_pipeline.outputs import last_checkpoint
     from rlhf_pipeline.stages.common import (
         evaluate_once_before_training,
@@ -47,6 +48,7 @@ def run(recipe: Recipe) -> dict[str, Any]:
                           eos_token=loaded.tokenizer.eos_token)
     trainer = SFTTrainer(model=loaded.model, args=args, train_dataset=datasets["train"],
                          eval_dataset=datasets.get("eval"), processing_class=loaded.tokenizer)
+    match_compute_dtype(trainer.model, recipe.model)
     checkpoint = last_checkpoint(recipe.output_dir)
     before = evaluate_once_before_training(trainer, recipe.output_dir) if "eval" in datasets else {}
     trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)

@@ -9,11 +9,9 @@ import pytest
 import torch
 
 from rlhf_pipeline.ppo.formulas import (
-    entropy_from_logits,
     explained_variance,
     gae_advantages_and_returns,
     kl_penalty,
-    logprobs_from_logits,
     masked_mean,
     masked_var,
     masked_whiten,
@@ -189,15 +187,6 @@ def test_clipped_value_loss_value_and_gradients() -> None:
                                                               zip(values[0, :4].tolist(), returns[0, :4].tolist(),
                                                                   strict=True)))
     assert zero.item() == 0
-
-
-def test_logprobs_and_entropy_match_torch_distributions() -> None:
-    torch.manual_seed(0)
-    logits = torch.randn(2, 3, 7)
-    labels = torch.randint(0, 7, (2, 3))
-    distribution = torch.distributions.Categorical(logits=logits)
-    assert torch.allclose(logprobs_from_logits(logits, labels), distribution.log_prob(labels), atol=1e-6)
-    assert torch.allclose(entropy_from_logits(logits), distribution.entropy(), atol=1e-5)
 
 
 def test_explained_variance_of_perfect_and_constant_critics(batch: tuple[torch.Tensor, torch.Tensor]) -> None:

@@ -15,15 +15,17 @@ from typing import Any
 
 import pytest
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import LoraConfig, PeftModel
+from safetensors.torch import load_file
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification, PreTrainedTokenizerFast
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from transformers import logging as hf_logging
 
+from rlhf_pipeline.adapters import SharedBase
 from rlhf_pipeline.outputs import last_checkpoint
 from rlhf_pipeline.ppo.config import PPOConfig
-from rlhf_pipeline.ppo.formulas import logprobs_from_logits
-from rlhf_pipeline.ppo.trainer import PPOTrainer, RewardFn, Rollout, TokenValueModel
+from rlhf_pipeline.ppo.roles import CRITIC, POLICY, REFERENCE
+from rlhf_pipeline.ppo.trainer import PPOTrainer, RewardFn, Rollout, response_logits
 
 LETTERS = "abcdefghijklm"
 TARGET = "a"
@@ -62,21 +64,22 @@ def tiny_config(tokenizer: PreTrainedTokenizerFast, **extra: Any) -> LlamaConfig
                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, **extra)
 
 
-def base_models(tokenizer: PreTrainedTokenizerFast) -> tuple[LlamaForCausalLM, LlamaForSequenceClassification]:
-    """The frozen bases, identical on every call: the SFT-like causal LM and the RM-like classifier."""
+def build_model(tokenizer: PreTrainedTokenizerFast) -> tuple[SharedBase, LlamaForCausalLM]:
+    """The PPO roles on one random base (reference = the bare base), and an untouched copy of that base."""
     torch.manual_seed(0)
-    causal_lm = LlamaForCausalLM(tiny_config(tokenizer))
-    return causal_lm, LlamaForSequenceClassification(tiny_config(tokenizer, num_labels=1))
-
-
-def build_models(tokenizer: PreTrainedTokenizerFast) -> tuple[PeftModel, PeftModel, LlamaForCausalLM]:
-    """Policy (LoRA over a causal LM), value model (LoRA + trainable score over a classifier), pristine base copy."""
-    base, classifier = base_models(tokenizer)
+    base = LlamaForCausalLM(tiny_config(tokenizer))
     pristine = copy.deepcopy(base)
-    policy = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
-    value_model = get_peft_model(classifier, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear",
-                                                        modules_to_save=["score"], task_type="SEQ_CLS"))
-    return policy, value_model, pristine
+    shared = SharedBase(base)
+    shared.add_role(REFERENCE)
+    shared.add_role(POLICY, config=LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"), trainable=True)
+    shared.add_role(CRITIC, config=LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"), trainable=True,
+                    head=torch.nn.Linear(base.config.hidden_size, 1))
+    return shared, pristine
+
+
+def logprobs_of(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """log softmax then gather: the plain definition, to check the trainer's memory-saving version against."""
+    return torch.log_softmax(logits.float(), dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
 
 
 def prompts(tokenizer: PreTrainedTokenizerFast, count: int = 64) -> list[list[int]]:
@@ -106,9 +109,9 @@ def make_trainer(tokenizer: PreTrainedTokenizerFast, output_dir: Path, on_log: A
                                     disable_tqdm=True, seed=7)
     settings.update(overrides)
     config = PPOConfig(**settings)
-    policy, value_model, pristine = build_models(tokenizer)
-    trainer = PPOTrainer(config, policy, value_model, target_fraction(tokenizer, config.response_length),
-                         tokenizer, prompts(tokenizer), on_log=on_log)
+    model, pristine = build_model(tokenizer)
+    trainer = PPOTrainer(config, model, target_fraction(tokenizer, config.response_length), tokenizer,
+                         prompts(tokenizer), on_log=on_log)
     return trainer, pristine
 
 
@@ -143,11 +146,11 @@ def test_rollout_logprobs_are_those_of_the_sampling_distribution(tokenizer: PreT
                                                                  tmp_path: Path) -> None:
     """Left padding, position ids and temperature must agree between generate() and the training forward."""
     trainer, _ = make_trainer(tokenizer, tmp_path, temperature=0.7)
-    policy = trainer.accelerator.unwrap_model(trainer.policy)
     with torch.no_grad():
-        for param in policy.parameters():  # a non-zero adapter, so the policy differs from its base
-            if param.requires_grad:
+        for name, param in trainer.shared.named_parameters():  # a non-zero adapter: the policy is not its base
+            if f".{POLICY}." in name:
                 param.add_(0.05 * torch.randn_like(param))
+    policy = trainer.shared.use(POLICY)
     batch = prompts(tokenizer)[:8]
     width = max(len(p) for p in batch)
     ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(p)) + p for p in batch])
@@ -156,10 +159,11 @@ def test_rollout_logprobs_are_those_of_the_sampling_distribution(tokenizer: PreT
                           output_scores=True, return_dict_in_generate=True)
     responses = out.sequences[:, width:]
     response_mask, _ = trainer._truncate_after_stop(responses)
-    sampling_logprobs = logprobs_from_logits(torch.stack(out.scores, dim=1), responses)
+    sampling_logprobs = logprobs_of(torch.stack(out.scores, dim=1), responses)
     with torch.no_grad():
-        logits, _ = trainer.model(out.sequences, torch.cat([mask, response_mask.long()], 1), width)
-        logprobs = logprobs_from_logits(trainer._tempered(logits), responses)
+        logits = response_logits(trainer.model, POLICY, out.sequences, torch.cat([mask, response_mask.long()], 1),
+                                 width)
+        logprobs = logprobs_of(logits / 0.7, responses)
     assert torch.allclose(logprobs[response_mask], sampling_logprobs[response_mask], atol=1e-5)
 
 
@@ -175,7 +179,7 @@ def test_reference_is_the_base_model_and_the_policy_moves_away(tokenizer: PreTra
             logits = pristine(input_ids=rollout.input_ids, attention_mask=rollout.attention_mask,
                               position_ids=positions).logits
         logits = logits[:, rollout.context_length - 1:-1] / 0.7
-        return logprobs_from_logits(logits, rollout.responses)
+        return logprobs_of(logits, rollout.responses)
 
     before = trainer.rollout(batch)
     valid = before.response_mask
@@ -210,6 +214,8 @@ def test_resumed_run_retraces_the_uninterrupted_run(tokenizer: PreTrainedTokeniz
     assert checkpoint == output_dir / "checkpoint-2"
     assert {"adapter_config.json", "adapter_model.safetensors", "value_model", "optimizer.pt", "scheduler.pt",
             "rng_state_0.pth", "trainer_state.json"} <= {p.name for p in checkpoint.iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", "value_head.safetensors"} <= {
+        p.name for p in (checkpoint / "value_model").iterdir()}
 
     resumed, _ = make_trainer(tokenizer, output_dir, **settings)
     resumed.train(resume_from_checkpoint=str(checkpoint))
@@ -223,11 +229,10 @@ def test_resumed_run_retraces_the_uninterrupted_run(tokenizer: PreTrainedTokeniz
                 assert mine[key] == pytest.approx(value, rel=1e-5, abs=1e-7), (theirs["step"], key)
             else:
                 assert mine[key] == value, (theirs["step"], key)
-    for ours, theirs in ((resumed.policy, straight.policy), (resumed.value_model, straight.value_model)):
-        trained = {n: p for n, p in theirs.named_parameters() if p.requires_grad}
-        for name, param in ours.named_parameters():
-            if param.requires_grad:
-                assert torch.allclose(param, trained[name], atol=1e-6), name
+    trained = dict(straight.shared.named_parameters())
+    for name, param in resumed.shared.named_parameters():
+        if param.requires_grad:
+            assert torch.allclose(param, trained[name], atol=1e-6), name
 
 
 def test_saved_adapters_load_with_peft(tokenizer: PreTrainedTokenizerFast, tmp_path: Path) -> None:
@@ -235,18 +240,61 @@ def test_saved_adapters_load_with_peft(tokenizer: PreTrainedTokenizerFast, tmp_p
     trainer.train()
     trainer.save_model(tmp_path / "final")
 
+    critic_base = copy.deepcopy(pristine)
     loaded = PeftModel.from_pretrained(pristine, tmp_path / "final")
     ids = torch.tensor([prompts(tokenizer)[0]])
+    mask = torch.ones_like(ids)
     with torch.no_grad():
-        assert torch.allclose(loaded(input_ids=ids).logits, trainer.policy(input_ids=ids).logits, atol=1e-6)
+        assert torch.allclose(loaded(input_ids=ids).logits, trainer.shared(POLICY, ids, mask), atol=1e-6)
 
-    _, classifier = base_models(tokenizer)
-    critic = PeftModel.from_pretrained(classifier, tmp_path / "final" / "value_model")
-    positions = torch.arange(ids.shape[1])[None, :]
+    head = torch.nn.Linear(pristine.config.hidden_size, 1)
+    head.load_state_dict(load_file(str(tmp_path / "final" / "value_model" / "value_head.safetensors")))
+    critic = SharedBase(critic_base)
+    critic.add_role(CRITIC, tmp_path / "final" / "value_model", head=head)
     with torch.no_grad():
-        expected = trainer.value_model(ids, torch.ones_like(ids), positions)
-        assert torch.allclose(TokenValueModel(critic)(ids, torch.ones_like(ids), positions), expected, atol=1e-6)
+        assert torch.allclose(critic(CRITIC, ids, mask), trainer.shared(CRITIC, ids, mask), atol=1e-6)
     assert (tmp_path / "final" / "tokenizer_config.json").is_file()
+
+
+def test_one_base_copy_and_only_policy_and_critic_train(tokenizer: PreTrainedTokenizerFast, tmp_path: Path) -> None:
+    """The four roles hold one copy of the base weights; a PPO step changes the policy and critic alone."""
+    trainer, pristine = make_trainer(tokenizer, tmp_path, total_episodes=16)
+    base_numel = sum(p.numel() for p in pristine.parameters())
+    storages = {p.untyped_storage().data_ptr(): p.numel() for name, p in trainer.shared.named_parameters()
+                if "lora_" not in name and not name.startswith("heads.")}
+    assert sum(storages.values()) == base_numel  # one copy: every frozen base tensor stored once
+    trainable = {name for name, p in trainer.shared.named_parameters() if p.requires_grad}
+    assert trainable and all(f".{POLICY}." in n or f".{CRITIC}." in n or n.startswith(f"heads.{CRITIC}.")
+                             for n in trainable)
+    before = {name: p.detach().clone() for name, p in trainer.shared.named_parameters()}
+    trainer.train()
+    changed = {name for name, p in trainer.shared.named_parameters() if not torch.equal(p, before[name])}
+    assert changed and changed <= trainable
+    assert any(f".{POLICY}." in n for n in changed) and any(n.startswith(f"heads.{CRITIC}.") for n in changed)
+
+
+def test_each_role_backpropagates_under_its_own_adapter(tokenizer: PreTrainedTokenizerFast, tmp_path: Path) -> None:
+    """With activation checkpointing the backward recomputes the forward: it must see the role's own adapter.
+
+    The gradients of one micro-batch are the same with and without checkpointing (a backward run after
+    switching to the critic would recompute the policy's layers with the critic's adapter).
+    """
+    grads = []
+    for checkpointing in (False, True):
+        trainer, _ = make_trainer(tokenizer, tmp_path / str(checkpointing), total_episodes=16)
+        with torch.no_grad():
+            for name, param in trainer.shared.named_parameters():  # adapters that differ from each other
+                if "lora_B" in name:
+                    param.add_(0.1 * torch.randn_like(param))
+        if checkpointing:
+            trainer.shared.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        rollout = trainer.rollout(prompts(tokenizer)[:8])
+        trainer.model.train()
+        trainer._train_micro_batch(rollout.select(torch.arange(4)), last=True)
+        grads.append({name: p.grad.clone() for name, p in trainer.shared.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for name, grad in grads[0].items():
+        assert torch.allclose(grads[1][name], grad, atol=1e-5), name
 
 
 @pytest.mark.parametrize(

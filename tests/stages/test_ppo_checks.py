@@ -8,15 +8,13 @@ from typing import Any
 
 import pytest
 import yaml
-from transformers import AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-from rlhf_pipeline import models
 from rlhf_pipeline.cli import main
 from rlhf_pipeline.errors import PipelineError, RecipeError
 from rlhf_pipeline.outputs import StageManifest, mark_complete
 from rlhf_pipeline.pipeline import validate_pipeline
 from rlhf_pipeline.recipe import load_recipe
-from rlhf_pipeline.stages import common
 from rlhf_pipeline.stages.ppo import check_same_tokenizer
 from tests.stages.conftest import preference_rows, write_card
 
@@ -74,9 +72,8 @@ def test_tokenizer_mismatch_stops_ppo_before_weights_load(tmp_path: Path, tiny_m
     def no_weights(*args: Any, **kwargs: Any) -> Any:
         raise AssertionError("weights were loaded before the tokenizer check")
 
-    # common is imported first (above), so it keeps the real load_model once the patches are undone
-    monkeypatch.setattr(common, "load_for_training", no_weights)
-    monkeypatch.setattr(models, "load_model", no_weights)
+    for model_class in (AutoModelForCausalLM, AutoModelForSequenceClassification):
+        monkeypatch.setattr(model_class, "from_pretrained", no_weights)
     assert main(["ppo", str(recipe)]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: {recipe}: training.reward_model_path: the reward model at {rm_dir} uses a "

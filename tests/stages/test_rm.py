@@ -34,7 +34,7 @@ def test_rm_learns_marker_preference_from_sft_model(make_recipe, tmp_path: Path,
 
     manifest = json.loads((recipe.output_dir / "stage.json").read_text())
     assert manifest["task"] == "reward"
-    assert manifest["merged_adapters"] == [str(sft_output.resolve())]  # initialised from SFT, not the base
+    assert manifest["lineage"] == [str(sft_output.resolve())]  # a copy of the SFT adapter, not a new one on the base
 
     scorer = RewardModel.from_stage(recipe.output_dir)
     prompts = [[{"role": "user", "content": "How was the park?"}]] * 2

@@ -1,0 +1,218 @@
+"""Several models on one frozen base: each a named LoRA adapter, scorers with a scalar head on top.
+
+PPO's four roles (reference, policy, reward model, critic), evaluation's baseline, policy and reward
+model, and labelling's policy are all loaded this way: the base once, quantized if the recipe asks, and
+each finished stage's adapter under a role name, never merged into it. A role is switched on with
+`use(role)` before its forward pass; gradients stay on the trainable roles whichever role is active.
+
+    shared = load_frozen_roles({"sft": resolve_source(spec)}, spec, tokenizer)["sft"]
+    logits = shared("sft", input_ids=ids, attention_mask=mask)
+
+PEFT's own switch (`PeftModel.set_adapter`) makes the adapter it activates trainable and freezes the
+others, and leaving `disable_adapter()` re-runs it; `use` restores the trainable set after every switch.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from rlhf_pipeline.errors import PipelineError
+from rlhf_pipeline.models import (
+    CAUSAL_LM,
+    REWARD,
+    ModelSource,
+    load_adapter_weights,
+    load_base,
+    read_score_head,
+)
+from rlhf_pipeline.outputs import read_manifest
+
+if TYPE_CHECKING:
+    from peft import LoraConfig
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from rlhf_pipeline.recipe import ModelSpec
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+_HEADS = ("score", "classifier")  # what PEFT keeps whole beside a reward model's LoRA
+
+
+class SharedBase(torch.nn.Module):
+    """One base model and the roles played on it: adapter name (or the bare base) and optional scalar head.
+
+    As a Module it is what accelerate prepares for training: DDP and DeepSpeed see every trainable
+    adapter and head as parameters of one model, and `forward(role, ...)` is the pass they hook into.
+    """
+
+    def __init__(self, model: PreTrainedModel) -> None:
+        super().__init__()
+        self.model: Any = model
+        self.heads = torch.nn.ModuleDict()
+        self.roles: dict[str, str | None] = {}
+        self.trainable: list[str] = []
+        self._active: str | None = None
+
+    # ---------------------------------------------------------------- building
+
+    def add_role(self, name: str, adapter_dir: str | Path | None = None, *, trainable: bool = False,
+                 config: LoraConfig | None = None, head: torch.nn.Module | None = None) -> None:
+        """A role from a finished stage's adapter (`adapter_dir`), a new adapter (`config`), or the bare base.
+
+        A trainable role from `adapter_dir` is a copy of that adapter that training changes; the same folder
+        can be added again, frozen, under another name (PPO's policy and reference).
+        """
+        from peft import PeftModel, get_peft_model
+
+        if name in self.roles:
+            raise ValueError(f"role {name!r} exists already")
+        if adapter_dir is not None or config is not None:
+            config = config or _adapter_config(adapter_dir)
+            config.inference_mode = not trainable
+            if isinstance(self.model, PeftModel):
+                self.model.add_adapter(name, config)
+            else:
+                self.model = get_peft_model(self.model, config, adapter_name=name)
+            if adapter_dir is not None:
+                load_adapter_weights(self.model, adapter_dir, name)
+        elif trainable:
+            raise ValueError(f"role {name!r}: the bare base is frozen; give an adapter to train")
+        self.roles[name] = name if adapter_dir is not None or config is not None else None
+        if head is not None:
+            head.requires_grad_(trainable)
+            self.heads[name] = head
+        if trainable:
+            self.trainable.append(name)
+        self._active = None
+        self.use(name)
+
+    # ---------------------------------------------------------------- passes
+
+    def use(self, role: str) -> Any:
+        """Activate `role` and return the model to call (for `generate`, say); trainable roles keep their grads."""
+        if role == self._active:
+            return self.model
+        adapter = self.roles[role]
+        tuner = self.model.base_model if self.adapters_loaded else None
+        if adapter is None:
+            if tuner is not None:
+                tuner.disable_adapter_layers()
+        else:
+            if self._active is None or self.roles[self._active] is None:
+                tuner.enable_adapter_layers()
+            tuner.set_adapter(adapter, inference_mode=True)
+        if self.trainable:
+            tuner.set_requires_grad(self.trainable, True)
+        self._active = role
+        return self.model
+
+    def forward(self, role: str, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                position_ids: torch.Tensor | None = None, logits_to_keep: int = 0) -> torch.Tensor:
+        """A language-model role's logits ([batch, positions, vocab]); a scorer's score at every position."""
+        model = self.use(role)
+        if role in self.heads:
+            hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                   use_cache=False).last_hidden_state
+            head = self.heads[role]
+            return head(hidden.to(head.weight.dtype)).squeeze(-1).float()
+        return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                     logits_to_keep=logits_to_keep, use_cache=False).logits
+
+    @property
+    def adapters_loaded(self) -> bool:
+        return any(adapter is not None for adapter in self.roles.values())
+
+    @property
+    def backbone(self) -> torch.nn.Module:
+        """The transformer without its output head (LoRA layers included): hidden states, no vocabulary logits."""
+        from peft import PeftModel
+
+        model = self.model.get_base_model() if isinstance(self.model, PeftModel) else self.model
+        return getattr(model, model.base_model_prefix)
+
+    def last_scores(self, role: str, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """A scorer's one number per right-padded row: its head at the row's last real token."""
+        scores = self(role, input_ids, attention_mask)
+        last = attention_mask.sum(dim=1) - 1
+        return scores[torch.arange(len(last), device=scores.device), last]
+
+    # ------------------------------------------------------------------ saving
+
+    def adapter_state(self, role: str) -> dict[str, torch.Tensor]:
+        """The role's adapter weights under PEFT's standard keys (as if it were the only adapter)."""
+        from peft import get_peft_model_state_dict
+
+        return get_peft_model_state_dict(self.model, adapter_name=self.roles[role])
+
+    def save_adapter(self, role: str, folder: Path, base_model_name: str | None = None) -> None:
+        """Write the role's adapter as a standalone PEFT folder: `PeftModel.from_pretrained(base, folder)` loads it."""
+        import copy
+
+        from safetensors.torch import save_file
+
+        folder.mkdir(parents=True, exist_ok=True)
+        state = {key: value.detach().to("cpu").contiguous() for key, value in self.adapter_state(role).items()}
+        save_file(state, str(folder / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        config = copy.deepcopy(self.model.peft_config[self.roles[role]])
+        config.inference_mode = True
+        if base_model_name is not None:
+            config.base_model_name_or_path = base_model_name
+        config.save_pretrained(str(folder))
+
+
+def _adapter_config(adapter_dir: str | Path | None) -> LoraConfig:
+    """A saved adapter's config for a causal-LM base: a reward model's head is loaded apart, as a role head."""
+    from peft import LoraConfig
+
+    config = LoraConfig.from_pretrained(str(adapter_dir))
+    config.modules_to_save = [m for m in config.modules_to_save or [] if m not in _HEADS] or None
+    config.task_type = "CAUSAL_LM"
+    return config
+
+
+def score_head(adapter_dir: str | Path, mean: float = 0.0, std: float = 1.0) -> torch.nn.Linear:
+    """A reward model's score head as an fp32 Linear on hidden states; with (mean, std) it gives (score − mean)/std.
+
+    The rescaled form is the critic's start when PPO normalises rewards: its values then begin on the scale of
+    the returns they are trained to predict.
+    """
+    weight = read_score_head(adapter_dir).float()
+    head = torch.nn.Linear(weight.shape[1], 1, bias=True)
+    with torch.no_grad():
+        head.weight.copy_(weight / std)
+        head.bias.fill_(-mean / std)
+    return head
+
+
+def load_frozen_roles(sources: dict[str, ModelSource], spec: ModelSpec, tokenizer: PreTrainedTokenizerBase,
+                      scorers: frozenset[str] = frozenset()) -> dict[str, SharedBase]:
+    """Each named source as a frozen role, one base in memory per distinct base; roles in `scorers` get a head.
+
+    A scorer is a finished rm stage: its adapter on the base and its score head, or (a fully fine-tuned
+    reward model) its own weights with their head.
+    """
+    loaded: dict[tuple[str, str | None, str], SharedBase] = {}
+    out: dict[str, SharedBase] = {}
+    for name, source in sources.items():
+        if name in scorers:
+            _require_reward_stage(source)
+        task = REWARD if name in scorers and source.adapter is None else CAUSAL_LM
+        key = (source.path, source.revision, task)
+        if key not in loaded:
+            loaded[key] = SharedBase(load_base(source, spec, tokenizer, task=task).eval())
+        shared = loaded[key]
+        head = None
+        if name in scorers:
+            head = shared.model.score if task == REWARD else score_head(source.adapter)
+        shared.add_role(name, source.adapter, head=head)
+        out[name] = shared.eval()
+    return out
+
+
+def _require_reward_stage(source: ModelSource) -> None:
+    folder = source.lineage[-1] if source.lineage else source.path
+    manifest = read_manifest(Path(folder))
+    if manifest is None or manifest.stage != "rm":
+        raise PipelineError(f"{folder}: not a finished rm stage, so it has no score head to score with")

@@ -1,0 +1,68 @@
+"""PPO's four roles on one base: reference, policy, reward model and critic as adapters, plus two heads.
+
+- reference: the SFT stage's adapter, frozen (the bare base when the policy starts from a model without one);
+- policy: a trainable copy of that adapter (a new LoRA from the recipe when there is none), so the saved
+  policy adapter is the whole PPO model on the base;
+- reward: the rm stage's adapter with its score head, frozen;
+- critic: a trainable copy of both; its head outputs (score − mean)/std when PPO normalises rewards, so
+  values start on the scale of the returns they learn.
+
+The base is in memory once, whatever its precision; the roles differ only by which adapter is active.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from rlhf_pipeline.adapters import SharedBase, score_head
+from rlhf_pipeline.errors import PipelineError
+from rlhf_pipeline.models import (
+    CAUSAL_LM,
+    ModelSource,
+    check_continued_lora,
+    keep_4bit_gradients_exact,
+    load_base,
+    lora_config,
+)
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from rlhf_pipeline.recipe import ModelSpec
+
+POLICY, REFERENCE, REWARD, CRITIC = "policy", "reference", "reward", "critic"
+
+
+def check_shared_base(policy: ModelSource, reward: ModelSource, reward_path: str) -> None:
+    """The four roles share one base, so the reward model must be an adapter on the policy's base."""
+    if reward.adapter is None:
+        raise PipelineError(f"training.reward_model_path: {reward_path} is a fully fine-tuned reward model; PPO keeps "
+                            "its four roles as adapters on one base, so train the reward model with a lora section")
+    if (reward.path, reward.revision) != (policy.path, policy.revision):
+        raise PipelineError(f"training.reward_model_path: the reward model at {reward_path} was trained on the "
+                            f"base {reward.origin} ({reward.path}), the policy on {policy.origin} ({policy.path}); "
+                            "PPO keeps all four roles on one base: train the reward model from the policy's SFT output")
+
+
+def build_ppo_model(policy: ModelSource, reward: ModelSource, spec: ModelSpec, tokenizer: PreTrainedTokenizerBase,
+                    reward_stats: tuple[float, float] | None = None,
+                    gradient_checkpointing: bool = False) -> SharedBase:
+    """Load the base once and put the four roles on it (see the module docstring)."""
+    from peft import prepare_model_for_kbit_training
+
+    base = load_base(policy, spec, tokenizer)
+    if spec.quantization.enabled:
+        keep_4bit_gradients_exact(base)
+        base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=gradient_checkpointing,
+                                               gradient_checkpointing_kwargs={"use_reentrant": False})
+    shared = SharedBase(base)
+    shared.add_role(REFERENCE, policy.adapter)
+    if policy.adapter is not None:
+        check_continued_lora(spec.lora, policy.adapter)
+        shared.add_role(POLICY, policy.adapter, trainable=True)
+    else:
+        shared.add_role(POLICY, config=lora_config(spec, CAUSAL_LM, base), trainable=True)
+    mean, std = reward_stats or (0.0, 1.0)
+    shared.add_role(REWARD, reward.adapter, head=score_head(reward.adapter))
+    shared.add_role(CRITIC, reward.adapter, trainable=True, head=score_head(reward.adapter, mean, std))
+    return shared
