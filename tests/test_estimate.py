@@ -156,18 +156,41 @@ def test_zero3_shards_weights_and_states_over_the_gpus() -> None:
     assert by_name["gradients"] == pytest.approx(arch.total_params() * 2 / 8)
 
 
-def test_ppo_holds_two_base_copies_and_a_kv_cache_per_rollout_chunk() -> None:
+def test_ppo_holds_one_base_copy_four_adapters_and_a_kv_cache_per_rollout_chunk() -> None:
     arch = Architecture.from_config(SMOLLM2)
     setup = Setup(stage="ppo", arch=arch, device="cpu", dtype="float32", mixed_precision=False, lora_dropout=0.0,
-                  micro_batch=8, seq_len=96, response_length=32, rollout_batch=16, forward_chunk=16)
+                  lora_r=16, micro_batch=8, seq_len=96, response_length=32, rollout_batch=16, forward_chunk=16)
     result = estimate(setup)
     rows = {r.name: r.bytes for r in result.rows}
-    assert rows["weights policy + reference"] == pytest.approx(arch.total_params("lm") * 4)
-    assert rows["weights critic + reward model"] == pytest.approx(arch.total_params("score") * 4)
+    assert [name for name in rows if name.startswith("weights")] == ["weights base (all four roles)"]
+    assert rows["weights base (all four roles)"] == pytest.approx(arch.total_params("lm") * 4)
+    adapter = lora_params(setup, arch, "lm")
+    assert rows["frozen adapters (reference, reward model)"] == pytest.approx((2 * adapter + 576 + 1) * 4)
+    assert rows["optimizer critic (+ value head)"] == pytest.approx((adapter + 577) * 8)
     kv_cache = 2 * 30 * 3 * 64 * 96 * 16 * 4  # 2 · layers · kv heads · head dim · tokens · rows · fp32
     assert result.phases["generation"] > kv_cache
     assert set(result.phases) == {"generation", "scoring", "optimisation"}
-    assert result.phase == "optimisation"  # two backbones' activations at once dominate at this size
+    # one role's activations at a time: the policy's backward runs before the critic's forward
+    sft = estimate(dataclasses.replace(setup, stage="sft", seq_len=96))
+    assert result.phase == "optimisation"
+    assert result.phases["optimisation"] < 1.5 * sum(r.bytes for r in sft.rows if r.name == "activations")
+
+
+LLAMA31_8B = {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336, "num_attention_heads": 32,
+              "num_key_value_heads": 8, "num_hidden_layers": 32, "vocab_size": 128256, "tie_word_embeddings": False,
+              "torch_dtype": "bfloat16"}
+
+
+def test_the_8b_qlora_ppo_recipe_holds_one_4bit_base_per_gpu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The shipped QLoRA PPO recipe: one NF4 copy of Llama 3.1 8B per GPU, far under an 80 GB GPU."""
+    monkeypatch.setenv("HF_HUB_CACHE", str(_hub_cache(tmp_path / "hub", "meta-llama/Llama-3.1-8B-Instruct",
+                                                      LLAMA31_8B)))
+    result = estimate_recipe(REPO / "recipes" / "llama-3.1-8b-qlora" / "ppo.yaml", device="gpu", num_devices=8,
+                             device_memory=parse_memory("80GB"), zero=2, base="meta-llama/Llama-3.1-8B-Instruct")
+    weights = [r for r in result.rows if r.name.startswith("weights")]
+    assert all("base (all four roles)" in r.name for r in weights)  # NF4 linears + fp32 embeddings/head, once
+    assert sum(r.bytes for r in weights) < 8 * GIB
+    assert result.fits and result.peak < 40 * GIB
 
 
 # ------------------------------------------------------------------------------------------ verdict
