@@ -146,7 +146,7 @@ class SharedBase(torch.nn.Module):
 
         return get_peft_model_state_dict(self.model, adapter_name=self.roles[role])
 
-    def save_adapter(self, role: str, folder: Path, base_model_name: str | None = None) -> None:
+    def save_adapter(self, role: str, folder: Path) -> None:
         """Write the role's adapter as a standalone PEFT folder: `PeftModel.from_pretrained(base, folder)` loads it."""
         import copy
 
@@ -157,8 +157,6 @@ class SharedBase(torch.nn.Module):
         save_file(state, str(folder / ADAPTER_WEIGHTS), metadata={"format": "pt"})
         config = copy.deepcopy(self.model.peft_config[self.roles[role]])
         config.inference_mode = True
-        if base_model_name is not None:
-            config.base_model_name_or_path = base_model_name
         config.save_pretrained(str(folder))
 
 
