@@ -44,7 +44,7 @@ def test_resolve_name_name_with_suffix_or_path(tmp_path: Path) -> None:
 
 def test_a_plain_pip_install_lists_the_profiles(tmp_path: Path) -> None:
     """`pip install .` (not -e) into a target, then `rlhf-pipeline launch --list` from outside the checkout."""
-    pytest.importorskip("setuptools", minversion="69")  # the build backend, taken from this environment (offline)
+    pytest.importorskip("setuptools", minversion="77")  # the build backend (pyproject.toml), from this environment
     source = tmp_path / "source"  # a copy: the in-tree build writes build/ and *.egg-info next to the sources
     shutil.copytree(REPO / "rlhf_pipeline", source / "rlhf_pipeline", ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("pyproject.toml", "README.md"):
