@@ -4,11 +4,11 @@
     rlhf-pipeline launch --config multi_gpu --num-processes 4 rm recipe.yaml training.learning_rate=1e-4
     rlhf-pipeline launch --list
 
-The first line runs exactly `accelerate launch --config_file <repo>/accelerate_configs/deepspeed_zero2.yaml
+The first line runs exactly `accelerate launch --config_file <package>/accelerate_configs/deepspeed_zero2.yaml
 -m rlhf_pipeline sft recipes/smollm2-135m/sft.yaml` (with this Python's accelerate); `--dry-run` prints that
-command instead. The profiles live in the repository's `accelerate_configs/`, found next to the package
-source, which is where a source checkout or an editable install (`pip install -e .`, what `make` does) runs
-from. They are not inside the wheel: after a plain `pip install`, give `--config` the path of a config file.
+command instead. The profiles are package data (`rlhf_pipeline/accelerate_configs/`, as TRL ships
+`trl/accelerate_configs/`), so a name works after a plain `pip install` as well as in a checkout, whose
+top-level `accelerate_configs/` is a symlink to the same folder. `--config` also takes any config file path.
 Multi-node flags (`--machine_rank`, `--main_process_ip`, ...) are for `accelerate launch` itself.
 """
 
@@ -26,19 +26,12 @@ import yaml
 
 from rlhf_pipeline.errors import PipelineError
 
-CONFIGS_FOLDER = "accelerate_configs"
-
-
-def configs_dir() -> Path | None:
-    """The repository's accelerate_configs/ next to the package source, if this install has one."""
-    folder = Path(__file__).resolve().parent.parent / CONFIGS_FOLDER
-    return folder if folder.is_dir() else None
+CONFIGS_DIR = Path(__file__).resolve().parent / "accelerate_configs"
 
 
 def shipped_configs() -> dict[str, Path]:
-    """Profile name (file stem) -> absolute path; empty when the profiles are not next to the package."""
-    folder = configs_dir()
-    return {path.stem: path for path in sorted(folder.glob("*.yaml"))} if folder else {}
+    """Profile name (file stem) -> absolute path, read from the package data so every install has them."""
+    return {path.stem: path for path in sorted(CONFIGS_DIR.glob("*.yaml"))}
 
 
 def resolve_config(name_or_path: str) -> Path:
@@ -50,10 +43,6 @@ def resolve_config(name_or_path: str) -> Path:
     name = path.name.removesuffix(".yaml").removesuffix(".yml")
     if name in shipped and len(path.parts) == 1:
         return shipped[name]
-    if not shipped:
-        raise PipelineError(f"--config: '{name_or_path}' is not a file, and no shipped profiles were found: they "
-                            f"are in the repository's {CONFIGS_FOLDER}/ (not in the wheel); pass the path of an "
-                            "accelerate config file")
     raise PipelineError(f"--config: '{name_or_path}' is neither a file nor a shipped profile; profiles: "
                         f"{', '.join(shipped)}")
 
@@ -86,9 +75,10 @@ def add_commands(subparsers: Any) -> None:
     sub = subparsers.add_parser(
         "launch", help="run a stage under `accelerate launch` with a shipped accelerate profile",
         description="Run `accelerate launch --config_file <profile> -m rlhf_pipeline STAGE RECIPE ...` with a "
-                    f"profile from the repository's {CONFIGS_FOLDER}/ named by its file name (or any config "
-                    "file path). The profiles are not part of the wheel: after a plain pip install, pass a path.",
-        epilog="example: rlhf-pipeline launch --config deepspeed_zero2 sft recipes/smollm2-135m/sft.yaml",
+                    "profile shipped in the package (rlhf_pipeline/accelerate_configs/, the checkout's "
+                    "accelerate_configs/) named by its file name, or with any config file path.",
+        epilog="example: rlhf-pipeline launch --config deepspeed_zero2 sft recipes/smollm2-135m/sft.yaml\n"
+               "         rlhf-pipeline launch --list",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     sub.add_argument("--config", help="profile name (e.g. multi_gpu, deepspeed_zero3) or config file path")
     sub.add_argument("--list", action="store_true", help="print the shipped profiles and their paths, then exit")
@@ -103,11 +93,7 @@ def add_commands(subparsers: Any) -> None:
 
 def _launch(args: argparse.Namespace) -> int:
     if args.list:
-        shipped = shipped_configs()
-        if not shipped:
-            raise PipelineError(f"no shipped profiles next to this install (the repository's {CONFIGS_FOLDER}/ is "
-                                "not in the wheel); pass --config a config file path")
-        for name, path in shipped.items():
+        for name, path in shipped_configs().items():
             print(f"{name:32} {path}")
         return 0
     if not (args.config and args.stage and args.recipe):

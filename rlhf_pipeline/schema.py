@@ -67,8 +67,28 @@ def matches(value: Any, annotation: str) -> bool:
 _NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
+def _union_names(node: ast.expr) -> set[str]:
+    """The plain type names of an `A | B | ...` annotation: {IntervalStrategy, str} for eval_strategy's."""
+    if isinstance(node, ast.BinOp) and isinstance(node.op, ast.BitOr):
+        return _union_names(node.left) | _union_names(node.right)
+    return {node.id} if isinstance(node, ast.Name) else set()
+
+
+def _is_enum_choice(annotation: str) -> bool:
+    """`IntervalStrategy | str`, without bool: how transformers types a choice such as eval_strategy."""
+    names = _union_names(ast.parse(annotation, mode="eval").body)
+    return "str" in names and "bool" not in names and bool(names - _SCALARS.keys() - {"Any"})
+
+
 def coerce(value: Any, annotation: str) -> Any:
-    """Read `1e-5` as a number: YAML 1.1 takes exponent notation without a dot for a string."""
+    """Undo two YAML 1.1 readings that the field's type rules out.
+
+    YAML 1.1 reads `1e-5` (exponent, no dot) as a string: a numeric field gets the number. It reads `no`
+    (and `off`, `false`) as false: an enum choice gets "no" back, so `eval_strategy: no` means what
+    transformers documents; a field that takes a bool keeps false.
+    """
+    if value is False and _is_enum_choice(annotation):
+        return "no"
     if isinstance(value, str) and _NUMBER.fullmatch(value) and not matches(value, annotation):
         number = float(value)
         if matches(number, annotation):

@@ -1,9 +1,13 @@
-"""`rlhf-pipeline launch`: profile names resolve to the repository's accelerate_configs/, and the command it
-would run is exactly `accelerate launch --config_file ... -m rlhf_pipeline STAGE RECIPE ...` (nothing launched)."""
+"""`rlhf-pipeline launch`: profile names resolve to the package's accelerate_configs/ (also after a plain
+`pip install .`), and the command it would run is exactly `accelerate launch --config_file ... -m rlhf_pipeline
+STAGE RECIPE ...` (nothing launched)."""
 
 from __future__ import annotations
 
+import os
 import shlex
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -13,11 +17,15 @@ from rlhf_pipeline import launch
 from rlhf_pipeline.cli import main
 from rlhf_pipeline.errors import PipelineError
 
-CONFIGS = Path(__file__).resolve().parent.parent / "accelerate_configs"
+REPO = Path(__file__).resolve().parent.parent
+CONFIGS = REPO / "rlhf_pipeline" / "accelerate_configs"
+# What `launch --list` must run without: a plain install may sit in an environment without them.
+HEAVY_MODULES = ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "deepspeed")
 
 
-def test_shipped_profiles_are_the_repository_files() -> None:
-    assert launch.configs_dir() == CONFIGS
+def test_shipped_profiles_are_the_package_files_and_the_checkout_folder_links_to_them() -> None:
+    assert launch.CONFIGS_DIR == CONFIGS
+    assert (REPO / "accelerate_configs").resolve() == CONFIGS  # one copy: the top-level folder is a symlink
     assert launch.shipped_configs() == {path.stem: path for path in sorted(CONFIGS.glob("*.yaml"))}
     assert {"multi_gpu", "deepspeed_zero3", "cpu_multi_process"} <= set(launch.shipped_configs())
 
@@ -34,13 +42,31 @@ def test_resolve_name_name_with_suffix_or_path(tmp_path: Path) -> None:
         launch.resolve_config("elsewhere/multi_gpu.yaml")  # a path that does not exist is not a name
 
 
-def test_without_the_repository_folder_a_path_is_needed(monkeypatch, capsys) -> None:
-    monkeypatch.setattr(launch, "configs_dir", lambda: None)  # a wheel install: no accelerate_configs/ beside it
-    with pytest.raises(PipelineError, match=r"no shipped profiles were found: .*not in the wheel.*pass the path"):
-        launch.resolve_config("multi_gpu")
-    assert launch.resolve_config(str(CONFIGS / "multi_gpu.yaml")) == CONFIGS / "multi_gpu.yaml"
-    assert main(["launch", "--list"]) == 2
-    assert "not in the wheel" in capsys.readouterr().err
+def test_a_plain_pip_install_lists_the_profiles(tmp_path: Path) -> None:
+    """`pip install .` (not -e) into a target, then `rlhf-pipeline launch --list` from outside the checkout."""
+    pytest.importorskip("setuptools", minversion="77")  # the build backend (pyproject.toml), from this environment
+    source = tmp_path / "source"  # a copy: the in-tree build writes build/ and *.egg-info next to the sources
+    shutil.copytree(REPO / "rlhf_pipeline", source / "rlhf_pipeline", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, source / name)
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-index",
+                    "--no-build-isolation", "--target", str(target), "."], cwd=source, check=True)
+    blocked = tmp_path / "blocked"  # shadows the heavy packages: importing one fails the command
+    blocked.mkdir()
+    for module in HEAVY_MODULES:
+        (blocked / f"{module}.py").write_text(f"raise ImportError('launch --list imported {module}')\n")
+    workdir = tmp_path / "elsewhere"
+    workdir.mkdir()
+    done = subprocess.run([str(target / "bin" / "rlhf-pipeline"), "launch", "--list"], cwd=workdir,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join([str(target), str(blocked)])},
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    listed = dict(line.split() for line in done.stdout.splitlines())
+    assert set(listed) == set(launch.shipped_configs())
+    installed = (target / "rlhf_pipeline" / "accelerate_configs").resolve()
+    assert listed == {name: str(installed / f"{name}.yaml") for name in listed}
+    assert (installed / "README.md").is_file()
 
 
 def test_constructed_command() -> None:

@@ -63,6 +63,7 @@ def _sft_data() -> dict:
         ("hub.token=hf_abc", "hub.token", "looks like a secret"),
         ("modle.dtype=float32", "modle", "did you mean model?"),
         ("stage=sfft", "stage", "did you mean sft?"),
+        ("training.eval_strategy=yes", "training.eval_strategy", "expected IntervalStrategy or a string, got True"),
     ],
 )
 def test_mistakes_name_file_and_key(tmp_path: Path, override: str, key: str, words: str) -> None:
@@ -91,6 +92,27 @@ def test_overrides_change_values_and_fingerprint(tmp_path: Path) -> None:
     assert changed.model.lora is not None and changed.model.lora.r == 4
     assert changed.fingerprint() != base.fingerprint()
     assert load_recipe(path).fingerprint() == base.fingerprint()
+
+
+def test_no_is_a_strategy_in_recipes_and_overrides(tmp_path: Path) -> None:
+    """YAML 1.1 reads `no` and `off` as false; transformers' strategies spell "no" (its docs write it unquoted)."""
+    text = yaml.safe_dump(_sft_data())
+    assert "  eval_strategy: 'no'\n" in text
+    path = tmp_path / "recipe.yaml"
+    path.write_text(text.replace("  eval_strategy: 'no'\n", "  eval_strategy: no\n  save_strategy: off\n"))
+    recipe = load_recipe(path)
+    assert recipe.config["eval_strategy"] == recipe.config["save_strategy"] == "no"
+    overridden = load_recipe(path, ["training.eval_strategy=no", "training.logging_strategy=no"])
+    assert overridden.config["eval_strategy"] == overridden.config["logging_strategy"] == "no"
+
+
+def test_bool_fields_keep_false_and_refuse_strings(tmp_path: Path) -> None:
+    path = _write(tmp_path, _sft_data())
+    config = load_recipe(path, ["training.bf16=no", "training.include_num_input_tokens_seen=no"]).config
+    assert config["bf16"] is False
+    assert config["include_num_input_tokens_seen"] is False  # `str | bool`: transformers maps false to "no"
+    with pytest.raises(RecipeError, match=r"training\.packing: expected true or false, got 'sometimes'"):
+        load_recipe(path, ["training.packing=sometimes"])
 
 
 def test_missing_file_and_bad_yaml(tmp_path: Path) -> None:
