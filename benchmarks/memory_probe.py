@@ -6,7 +6,7 @@
 measured = peak RSS during training − the baseline taken before any weights load (benchmarks/common.py):
 weights + trainable parameters + gradients + optimizer states + activations + tokenizer and data, plus the
 freed heap glibc keeps resident. With MALLOC_MMAP_THRESHOLD_=65536 glibc returns freed blocks at once, so
-RSS follows the live tensors; that is how tests/test_estimate.py compares against the estimate.
+RSS follows the live tensors; that is how tests/estimate/test_measured.py compares against the estimate.
 
 For SFT the recipe's data are replaced by rows that fill `data.max_length`, so every micro-batch is
 `per_device_train_batch_size × max_length` tokens, the shape the estimator assumes, and the run stops

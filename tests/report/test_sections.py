@@ -1,61 +1,22 @@
-"""Reports of real stage runs on the tiny model: plausible metrics, report.md per stage, valid plots, alerts.
+"""What the sections report: plausible stage metrics, and a PPO run that a health alert stops early.
 
-One chain (sft → label → rm → ppo → eval, as in test_pipeline) runs once for the module; a second PPO run
-on its SFT and RM outputs trips a health monitor and stops early.
+The second PPO run starts from the chain's SFT and RM outputs and trips a health monitor.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import re
-import shutil
-import sys
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
 import yaml
 
-from rlhf_pipeline.cli import main
-from rlhf_pipeline.pipeline import run_pipeline
 from rlhf_pipeline.recipe import load_recipe
-from rlhf_pipeline.report import REPORT, write_report_safely, write_stage_report
+from rlhf_pipeline.report import REPORT
 from rlhf_pipeline.stages import ppo
-from tests.test_pipeline import _chain
-
-STAGES = ("sft", "label", "rm", "ppo", "eval")
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-
-@pytest.fixture(scope="module")
-def chain(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
-    """The tiny pipeline, run once; returns its folder (outputs in outputs/<stage>)."""
-    root = tmp_path_factory.mktemp("chain")
-    run_pipeline(_chain(root, tiny_model_dir))
-    return root
-
-
-def metrics_of(chain: Path, stage: str) -> dict[str, Any]:
-    return json.loads((chain / "outputs" / stage / "metrics.json").read_text())
-
-
-def finite(*values: Any) -> bool:
-    return all(isinstance(v, (int, float)) and math.isfinite(v) for v in values)
-
-
-def check_png(path: Path) -> None:
-    """A real image: PNG signature, more than 5 kB, and more than a handful of distinct colours."""
-    from matplotlib.image import imread
-
-    data = path.read_bytes()
-    assert data[:8] == PNG_SIGNATURE, path
-    assert len(data) > 5_000, (path, len(data))
-    pixels = (imread(path) * 255).round().astype(np.int64)
-    channels = pixels.shape[-1]
-    colours = np.unique(pixels.reshape(-1, channels) @ (256 ** np.arange(channels)))  # one code per colour
-    assert len(colours) > 20, (path, len(colours))
+from tests.report.conftest import check_png, finite, metrics_of
 
 
 def test_stage_metrics_have_the_expected_keys_and_plausible_values(chain: Path) -> None:
@@ -102,55 +63,6 @@ def test_stage_metrics_have_the_expected_keys_and_plausible_values(chain: Path) 
     assert report["judge_gain"]["mean"] == pytest.approx(np.mean(per_answer["policy"]["judge"])
                                                          - np.mean(per_answer["baseline"]["judge"]))
     assert report["policy"]["length_tokens"]["p90"] <= 12 and len(per_answer["policy"]["kl"]) == 24
-
-
-@pytest.mark.parametrize("stage", STAGES)
-def test_each_stage_report_references_valid_plots(chain: Path, stage: str) -> None:
-    folder = chain / "outputs" / stage
-    text = (folder / REPORT).read_text()
-    linked = re.findall(r"!\[[^\]]*\]\(([^)]+\.png)\)", text)
-    assert linked, text
-    assert set(linked) == {p.name for p in folder.glob("*.png")}  # every plot shown, no stray plot
-    for name in linked:
-        check_png(folder / name)
-    assert "—" not in text.splitlines()[2]  # the headline has all its numbers
-
-
-def test_pipeline_summary_links_every_stage_report(chain: Path) -> None:
-    summary = (chain / "outputs" / REPORT).read_text()
-    links = re.findall(r"\[report\]\(([^)]+)\)", summary)
-    assert links == [f"{stage}/{REPORT}" for stage in STAGES]
-    assert "held-out accuracy" in summary and "eval/eval.png" in summary
-
-
-def test_report_command_rewrites_a_stage_or_a_folder_of_stages(chain: Path, tmp_path: Path, capsys) -> None:
-    run_dir = tmp_path / "run"
-    for stage in ("label", "eval"):  # small folders without weights: a report needs none
-        shutil.copytree(chain / "outputs" / stage, run_dir / stage)
-        (run_dir / stage / REPORT).unlink()
-    assert main(["report", str(run_dir / "label")]) == 0
-    assert (run_dir / "label" / REPORT).is_file() and not (run_dir / REPORT).exists()
-    assert main(["report", str(run_dir)]) == 0
-    summary = (run_dir / REPORT).read_text()
-    assert "[report](label/report.md)" in summary and "[report](eval/report.md)" in summary
-    assert str(run_dir / REPORT) in capsys.readouterr().out
-    assert main(["report", str(tmp_path)]) == 2  # neither a stage folder nor a folder of them
-    assert "no stage.json" in capsys.readouterr().err
-
-
-def test_without_matplotlib_reports_say_how_to_get_plots_and_failures_only_warn(
-        chain: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
-    folder = tmp_path / "label"
-    shutil.copytree(chain / "outputs" / "label", folder)
-    for png in folder.glob("*.png"):
-        png.unlink()
-    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` now raises ImportError
-    text = write_stage_report(folder).read_text()
-    assert "pip install matplotlib" in text and "![" not in text and not list(folder.glob("*.png"))
-    assert "pairs from 24 prompts" in text  # the numbers are all there
-
-    assert write_report_safely(write_stage_report, tmp_path / "missing") is None
-    assert "could not write the report" in caplog.text and "rlhf-pipeline report" in caplog.text
 
 
 def test_a_health_alert_stops_ppo_after_saving_a_checkpoint(chain: Path) -> None:

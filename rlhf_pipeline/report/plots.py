@@ -1,0 +1,276 @@
+"""The only place that plots: a stage's PNGs, drawn from its saved metrics on matplotlib's Agg canvas."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+_DPI = 110
+_BASELINE, _POLICY = "tab:blue", "tab:orange"
+_CHOSEN, _REJECTED = "tab:green", "tab:red"
+_PPO_PANELS = (("objective/scores", "score (shaped RM reward)"), ("objective/kl", "KL to reference (nats/answer)"),
+               ("objective/entropy", "entropy (nats/token)"), ("response/length", "answer length (tokens)"),
+               ("policy/clipfrac", "clip fraction"), ("response/eos_fraction", "answers with stop token"))
+_ALERT_PANEL = {"max_kl": "objective/kl", "min_entropy": "objective/entropy", "max_length_drift": "response/length",
+                "max_missing_eos_fraction": "response/eos_fraction", "max_reward_jump": "objective/scores"}
+
+
+def _numeric(history: Sequence[dict[str, Any]], key: str) -> tuple[list[float], list[float]]:
+    """(steps, values) of the log entries that carry `key`."""
+    points = [(entry["step"], entry[key]) for entry in history
+              if isinstance(entry.get(key), (int, float)) and "step" in entry]
+    return [p[0] for p in points], [p[1] for p in points]
+
+
+class Plots:
+    """Writes a stage's PNGs (matplotlib's Agg canvas, no pyplot state) and the markdown that shows them."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            self.available = False
+        else:
+            self.available = True
+
+    def add(self, name: str, title: str, draw: Callable[..., Any], *data: Any) -> list[str]:
+        """Draw `draw(*data)` (a Figure, or None when there is nothing to plot) into `name`; its markdown."""
+        if not self.available:
+            return []
+        figure = draw(*data)
+        if figure is None:
+            return []
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+        FigureCanvasAgg(figure)
+        path = self.folder / name
+        scratch = path.with_name(f".{name}.tmp")
+        figure.savefig(scratch, dpi=_DPI, format="png")
+        os.replace(scratch, path)
+        return [f"![{title}]({name})", ""]
+
+    def note(self) -> list[str]:
+        return [] if self.available else ["Plots need matplotlib: `pip install matplotlib`, then "
+                                          f"`rlhf-pipeline report {self.folder}`._", ""]
+
+
+def _figure(panels: int, columns: int = 3, height: float = 3.2) -> tuple[Any, list[Any]]:
+    from matplotlib.figure import Figure
+
+    columns = min(columns, panels)
+    rows = math.ceil(panels / columns)
+    figure = Figure(figsize=(4.4 * columns, height * rows), layout="constrained")
+    axes = list(figure.subplots(rows, columns, squeeze=False).ravel())
+    for extra in axes[panels:]:
+        extra.set_visible(False)
+    return figure, axes[:panels]
+
+
+def _grid(axis: Any, steps: bool = False) -> None:
+    """Light grid, plain tick labels (no offset), integer ticks on step axes."""
+    from matplotlib.ticker import MaxNLocator
+
+    axis.grid(alpha=0.3)
+    axis.ticklabel_format(axis="y", useOffset=False)
+    if steps:
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def _shared_bins(*groups: Sequence[float], bins: int = 20) -> Any:
+    import numpy as np
+
+    values = np.concatenate([np.asarray(g, dtype=float) for g in groups if len(g)])
+    values = values[np.isfinite(values)]
+    if values.size == 0:
+        return bins
+    low, high = float(values.min()), float(values.max())
+    if high - low < 1e-9:
+        low, high = low - 0.5, high + 0.5
+    return np.linspace(low, high, bins + 1)
+
+
+def _compare_hist(axis: Any, first: Sequence[float], second: Sequence[float], labels: tuple[str, str],
+                  colors: tuple[str, str], xlabel: str) -> None:
+    bins = _shared_bins(first, second)
+    for values, label, color in ((first, labels[0], colors[0]), (second, labels[1], colors[1])):
+        if not len(values):
+            continue
+        mean = sum(values) / len(values)
+        axis.hist(values, bins=bins, alpha=0.35, color=color)
+        axis.hist(values, bins=bins, histtype="step", linewidth=1.8, color=color,
+                  label=f"{label}: n={len(values)}, mean {mean:.3g}")
+        axis.axvline(mean, color=color, linestyle="--", linewidth=1.5)
+    axis.set_xlabel(xlabel)
+    axis.set_ylabel("count")
+    axis.legend(fontsize=8)
+    _grid(axis)
+
+
+def plot_sft(history: list[dict[str, Any]], metrics: dict[str, Any]) -> Any:
+    steps, losses = _numeric(history, "loss")
+    if not steps:
+        return None
+    acc_steps, accuracy = _numeric(history, "mean_token_accuracy")
+    figure, axes = _figure(2 if acc_steps else 1, height=3.6)
+    axis = axes[0]
+    axis.plot(steps, losses, marker="o" if len(steps) < 30 else None, label="train loss")
+    eval_points = dict(zip(*_numeric(history, "eval_loss"), strict=True))  # evaluations logged during training
+    for step, key in ((0, "eval_loss_before"), (metrics.get("global_steps"), "eval_loss")):
+        if metrics.get(key) is not None and step is not None:
+            eval_points.setdefault(step, metrics[key])
+    if eval_points:
+        steps_eval = sorted(eval_points)
+        axis.plot(steps_eval, [eval_points[s] for s in steps_eval], "s--", color="tab:red", markersize=7,
+                  label="held-out eval loss (step 0 = before training)")
+    axis.set_xlabel("optimizer step")
+    axis.set_ylabel("loss (answer tokens)")
+    axis.set_title("SFT loss")
+    axis.legend(fontsize=8)
+    _grid(axis, steps=True)
+    if acc_steps:
+        axes[1].plot(acc_steps, accuracy, marker="o" if len(acc_steps) < 30 else None, color="tab:green")
+        axes[1].set_xlabel("optimizer step")
+        axes[1].set_ylabel("next-token accuracy")
+        axes[1].set_title("SFT token accuracy (train batches)")
+        _grid(axes[1], steps=True)
+    return figure
+
+
+def plot_rm_training(history: list[dict[str, Any]], held_out_accuracy: float | None = None) -> Any:
+    steps, losses = _numeric(history, "loss")
+    if not steps:
+        return None
+    acc_steps, accuracy = _numeric(history, "accuracy")
+    figure, axes = _figure(2 if acc_steps else 1, height=3.6)
+    marker = "o" if len(steps) < 30 else None
+    axes[0].plot(steps, losses, marker=marker)
+    axes[0].axhline(math.log(2), color="gray", linestyle=":", label="chance (log 2)")
+    axes[0].set_title("RM pairwise loss (train batches)")
+    axes[0].set_ylabel("−log σ(r⁺ − r⁻)")
+    axes[0].legend(fontsize=8)
+    if acc_steps:
+        axes[1].plot(acc_steps, accuracy, marker=marker, color="tab:green", label="train batches")
+        if held_out_accuracy is not None:
+            axes[1].scatter([acc_steps[-1]], [held_out_accuracy], marker="*", s=220, color="black", zorder=3,
+                            label=f"held-out pairs, final ({held_out_accuracy:.3f})")
+        axes[1].axhline(0.5, color="gray", linestyle=":", label="chance")
+        axes[1].set_ylim(-0.02, 1.02)
+        axes[1].set_title("RM pairwise accuracy")
+        axes[1].set_ylabel("accuracy")
+        axes[1].legend(fontsize=8)
+    for axis in axes:
+        axis.set_xlabel("optimizer step")
+        _grid(axis, steps=True)
+    return figure
+
+
+def plot_rm_rewards(held_out: dict[str, Any]) -> Any:
+    chosen, rejected = held_out.get("chosen_rewards") or [], held_out.get("rejected_rewards") or []
+    if not chosen:
+        return None
+    bins = [b for b in held_out.get("calibration_bins", []) if b["count"]]
+    figure, axes = _figure(2 if bins else 1, height=3.8)
+    _compare_hist(axes[0], chosen, rejected, ("chosen", "rejected"), (_CHOSEN, _REJECTED), "reward")
+    axes[0].set_title(f"Held-out rewards ({len(chosen)} pairs)")
+    if bins:
+        axis = axes[1]
+        axis.plot([0.5, 1.0], [0.5, 1.0], color="gray", linestyle=":", label="perfect calibration")
+        centers = [(b["low"] + b["high"]) / 2 for b in bins]
+        widths = [b["high"] - b["low"] for b in bins]
+        axis.bar(centers, [b["accuracy"] for b in bins], width=widths, alpha=0.6, edgecolor="black",
+                 label="accuracy in bin")
+        axis.plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], "o", color="black",
+                  label="mean confidence")
+        for center, b in zip(centers, bins, strict=True):
+            axis.annotate(str(b["count"]), (center, min(b["accuracy"] + 0.03, 1.0)), ha="center", fontsize=7)
+        axis.set_xlim(0.5, 1.0)
+        axis.set_ylim(0.0, 1.05)
+        axis.set_xlabel("confidence max(p, 1 − p), p = σ(r⁺ − r⁻)")
+        axis.set_ylabel("share of pairs ranked correctly")
+        axis.set_title(f"Reliability (ECE {held_out.get('ece', float('nan')):.3f})")
+        axis.legend(fontsize=8, loc="lower right")
+        _grid(axis)
+    return figure
+
+
+def plot_ppo(history: list[dict[str, Any]], alerts: list[dict[str, Any]]) -> Any:
+    numeric = [entry for entry in history if "objective/scores" in entry]
+    if not numeric:
+        return None
+    figure, axes = _figure(len(_PPO_PANELS))
+    marker = "o" if len(numeric) < 30 else None
+    for axis, (key, title) in zip(axes, _PPO_PANELS, strict=True):
+        steps, values = _numeric(numeric, key)
+        axis.plot(steps, values, marker=marker, markersize=4, label=key.split("/")[-1])
+        if key == "objective/scores":
+            _, spread = _numeric(numeric, "objective/scores_std")
+            if len(spread) == len(values):
+                axis.fill_between(steps, [v - s for v, s in zip(values, spread, strict=True)],
+                                  [v + s for v, s in zip(values, spread, strict=True)], alpha=0.2,
+                                  label="± std over answers")
+        if key == "policy/clipfrac":
+            val_steps, val_values = _numeric(numeric, "val/clipfrac")
+            axis.plot(val_steps, val_values, marker=marker, markersize=4, label="value clipfrac")
+        if key == "response/eos_fraction":
+            axis.set_ylim(-0.02, 1.02)
+        axis.set_title(title)
+        axis.set_xlabel("PPO step")
+        _grid(axis, steps=True)
+    panel = dict(zip((key for key, _ in _PPO_PANELS), axes, strict=True))
+    first_length = numeric[0].get("response/length")
+    for entry in alerts:
+        for axis in axes:
+            axis.axvline(entry["step"], color="red", linestyle="--", alpha=0.6)
+        for alert in entry["alerts"]:
+            axis = panel.get(_ALERT_PANEL.get(alert["monitor"], ""), axes[0])
+            threshold = alert["threshold"]
+            lines = {"max_kl": [threshold], "min_entropy": [threshold],
+                     "max_missing_eos_fraction": [1 - threshold],
+                     "max_length_drift": [first_length * (1 - threshold), first_length * (1 + threshold)]
+                     if first_length is not None else []}.get(alert["monitor"], [])
+            for y in lines:
+                axis.axhline(y, color="red", linestyle=":", alpha=0.8)
+    if alerts:
+        axes[0].plot([], [], color="red", linestyle="--", label="health alert")
+    for axis in axes:
+        if axis.get_legend_handles_labels()[0]:
+            axis.legend(fontsize=7)
+    return figure
+
+
+def plot_eval(per_answer: dict[str, dict[str, list[float]]], judge: str) -> Any:
+    columns = [(column, label) for column, label in (("judge", f"judge score ({judge})"), ("reward", "RM reward"),
+                                                      ("length_tokens", "answer length (tokens)"))
+               if column in per_answer.get("baseline", {})]
+    if not columns:
+        return None
+    figure, axes = _figure(len(columns), height=3.6)
+    for axis, (column, label) in zip(axes, columns, strict=True):
+        _compare_hist(axis, per_answer["baseline"][column], per_answer["policy"][column],
+                      ("baseline (SFT)", "policy (PPO)"), (_BASELINE, _POLICY), label)
+        axis.set_title(f"Held-out answers: {label.split(' (')[0]}")
+    return figure
+
+
+def plot_label(ranked: list[dict[str, Any]], pairs: list[dict[str, Any]]) -> Any:
+    scores = [s for row in ranked for s in row.get("scores", [])]
+    if not scores:
+        return None
+    gaps = [p["judge_gap"] for p in pairs if "judge_gap" in p]
+    figure, axes = _figure(2 if gaps else 1, height=3.6)
+    axes[0].hist(scores, bins=_shared_bins(scores), color="tab:purple", alpha=0.75)
+    axes[0].set_title(f"Judge scores of all {len(scores)} sampled answers")
+    axes[0].set_xlabel("judge score")
+    axes[0].set_ylabel("answers")
+    if gaps:
+        axes[1].hist(gaps, bins=_shared_bins(gaps), color="tab:green", alpha=0.75)
+        axes[1].set_title(f"Judge gap of the {len(gaps)} kept pairs")
+        axes[1].set_xlabel("score(chosen) − score(rejected)")
+        axes[1].set_ylabel("pairs")
+    for axis in axes:
+        _grid(axis)
+    return figure

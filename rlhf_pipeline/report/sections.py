@@ -1,0 +1,247 @@
+"""Each stage's numbers as markdown: the one-line headline and the stage's section of its report.md."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from rlhf_pipeline.report.plots import (
+    Plots,
+    plot_eval,
+    plot_label,
+    plot_ppo,
+    plot_rm_rewards,
+    plot_rm_training,
+    plot_sft,
+)
+
+# ------------------------------------------------------------------------------------------- formatting
+
+
+def _fmt(value: Any, digits: int = 4) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, (bool, int)):
+        return str(value)
+    if isinstance(value, float):
+        return f"{value:.{digits}g}" if math.isfinite(value) else str(value)
+    return str(value)
+
+
+def _interval(block: dict[str, Any] | None, signed: bool = False) -> str:
+    """`mean [low, high]` of a summary block (sequence_summary or a gain), or — when absent."""
+    if not block:
+        return "—"
+    sign = "+" if signed else ""
+    return f"{block['mean']:{sign}.3f} [{block['ci95_low']:{sign}.3f}, {block['ci95_high']:{sign}.3f}]"
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
+    """A markdown table, then the blank line that ends it; cells one line each, pipes escaped."""
+    def cell(value: Any) -> str:
+        return _fmt(value).replace("|", "\\|").replace("\n", " ")
+
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+            *("| " + " | ".join(cell(v) for v in row) + " |" for row in rows), ""]
+
+
+def _short(text: str, limit: int = 160) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def read_json(path: Path) -> Any:
+    """A JSON file a stage wrote, or None when it did not write one (reports work from what is there)."""
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+# ------------------------------------------------------------------------------------ stage sections
+
+
+def headline(stage: str, metrics: dict[str, Any]) -> str:
+    """One line of a stage's most telling numbers, for the pipeline summary and the console."""
+    if stage == "sft":
+        return (f"eval loss {_fmt(metrics.get('eval_loss_before'))} → {_fmt(metrics.get('eval_loss'))}, "
+                f"perplexity {_fmt(metrics.get('perplexity_before'))} → {_fmt(metrics.get('perplexity'))}, "
+                f"{_fmt(metrics.get('global_steps'))} steps")
+    if stage == "label":
+        counts = metrics.get("counts", {})
+        return (f"{_fmt(counts.get('pairs'))} pairs from {_fmt(counts.get('prompts'))} prompts "
+                f"({_fmt(counts.get('answers'))} answers), mean judge score {_fmt(metrics.get('mean_judge_score'))}")
+    if stage == "rm":
+        held_out = metrics.get("eval", {})
+        return (f"held-out accuracy {_fmt(metrics.get('eval_accuracy'))} on {_fmt(held_out.get('pairs'))} pairs, "
+                f"margin {_fmt(metrics.get('eval_mean_margin'))}, ECE {_fmt(metrics.get('eval_ece'))}, "
+                f"Brier {_fmt(metrics.get('eval_brier'))}")
+    if stage == "ppo":
+        first, final = metrics.get("first", {}), metrics.get("final", {})
+        line = (f"score {_fmt(first.get('objective/scores'))} → {_fmt(final.get('objective/scores'))}, "
+                f"KL {_fmt(final.get('objective/kl'))}, {_fmt(metrics.get('global_steps'))} steps")
+        alerts = sum(len(entry["alerts"]) for entry in metrics.get("alerts") or [])
+        if alerts:
+            line += f", {alerts} health alert(s)"
+        if metrics.get("stopped_early"):
+            line += f"; **stopped early at step {metrics['stop']['step']}**"
+        return line
+    if stage == "eval":
+        parts = [f"{column} gain {_interval(metrics[f'{column}_gain'], signed=True)}, win rate "
+                 f"{_fmt(metrics[f'{column}_gain'].get('win_rate', metrics.get(f'{column}_win_rate')), 3)}"
+                 for column in ("reward", "judge") if f"{column}_gain" in metrics]
+        if "kl" in metrics:
+            parts.append(f"KL {metrics['kl']['mean']:.3f} nats/answer")
+        return "; ".join(parts)
+    scalars = [f"{key} {_fmt(value)}" for key, value in metrics.items() if isinstance(value, (int, float))]
+    return ", ".join(scalars[:4])
+
+
+def _data_rows(metrics: dict[str, Any]) -> list[list[Any]]:
+    data = metrics.get("data") or {}
+    if not data:
+        return []
+    dropped = ", ".join(f"{reason} {count}" for reason, count in (data.get("rows_dropped") or {}).items()) or "none"
+    return [["data rows kept / read", f"{data.get('rows_kept')} / {data.get('rows_read')}"],
+            ["rows dropped", dropped]]
+
+
+def _sft_section(folder: Path, metrics: dict[str, Any], plots: Plots) -> list[str]:
+    history = metrics.get("log_history") or []
+    rows = [["eval loss (before → after)",
+             f"{_fmt(metrics.get('eval_loss_before'))} → {_fmt(metrics.get('eval_loss'))}"],
+            ["perplexity (before → after)",
+             f"{_fmt(metrics.get('perplexity_before'))} → {_fmt(metrics.get('perplexity'))}"],
+            ["train loss (mean over the run)", metrics.get("train_loss")],
+            ["optimizer steps", metrics.get("global_steps")], ["global batch size", metrics.get("global_batch_size")],
+            *_data_rows(metrics)]
+    return [*table(["", "value"], rows), *plots.add("sft_loss.png", "SFT loss", plot_sft, history, metrics)]
+
+
+def _label_section(folder: Path, metrics: dict[str, Any], plots: Plots) -> list[str]:
+    counts = metrics.get("counts", {})
+    answers = counts.get("answers") or 0
+    rows = [["judge", metrics.get("judge")], ["prompts", counts.get("prompts")], ["answers sampled", answers],
+            ["answers that ended with the stop token",
+             f"{counts.get('finished_answers')} ({counts.get('finished_answers', 0) / max(answers, 1):.0%})"],
+            ["preference pairs kept", counts.get("pairs")],
+            ["pairs dropped (judge gap below min_gap)", counts.get("dropped_below_min_gap")],
+            ["mean judge score", metrics.get("mean_judge_score")], *_data_rows(metrics)]
+    ranked, pairs = _read_jsonl(folder / "ranked.jsonl"), _read_jsonl(folder / "preferences.jsonl")
+    lines = [*table(["", "value"], rows), *plots.add("label.png", "Judge scores", plot_label, ranked, pairs)]
+    if pairs:
+        lines += ["## Example pairs", "", *table(["chosen", "rejected", "judge gap"],
+                                                 [[_short(p["chosen"], 120), _short(p["rejected"], 120),
+                                                   p.get("judge_gap")] for p in pairs[:5]])]
+    return [*lines, "The pairs are in `preferences.jsonl`, described by `data_card.yaml`; every scored answer is "
+            "in `ranked.jsonl`.", ""]
+
+
+def _rm_section(folder: Path, metrics: dict[str, Any], plots: Plots) -> list[str]:
+    held_out, stats = metrics.get("eval", {}), metrics.get("reward_stats", {})
+    rows = [["held-out pairs", held_out.get("pairs")], ["pairwise accuracy", metrics.get("eval_accuracy")],
+            ["mean margin r(chosen) − r(rejected)", metrics.get("eval_mean_margin")],
+            ["expected calibration error (ECE)", held_out.get("ece")],
+            ["Brier score of σ(margin)", held_out.get("brier")], ["log loss", held_out.get("log_loss")],
+            ["mean reward chosen / rejected",
+             f"{_fmt(held_out.get('chosen_reward_mean'))} / {_fmt(held_out.get('rejected_reward_mean'))}"],
+            ["training reward mean / std (PPO normalises with these)",
+             f"{_fmt(stats.get('mean'))} / {_fmt(stats.get('std'))}"],
+            ["optimizer steps", metrics.get("global_steps")], *_data_rows(metrics)]
+    history = metrics.get("log_history") or []
+    return [*table(["", "value"], rows),
+            *plots.add("rm_training.png", "RM training", plot_rm_training, history, metrics.get("eval_accuracy")),
+            *plots.add("rm_rewards.png", "Held-out rewards and calibration", plot_rm_rewards, held_out)]
+
+
+def _ppo_section(folder: Path, metrics: dict[str, Any], plots: Plots) -> list[str]:
+    history = metrics.get("log_history") or []
+    alerts = [entry for entry in history if "alerts" in entry]
+    first, final = metrics.get("first", {}), metrics.get("final", {})
+    lines: list[str] = []
+    if metrics.get("stopped_early"):
+        stop = metrics["stop"]
+        lines += [f"**Stopped early at step {stop['step']}** (`early_stop_on_alert`): "
+                  + "; ".join(a["message"] for a in stop["alerts"])
+                  + ". The policy of that step is this stage's adapter; the checkpoint is "
+                  + f"`{Path(stop['checkpoint']).name}`.",
+                  ""]
+    keys = ("objective/scores", "objective/raw_scores", "objective/kl", "objective/entropy", "response/length",
+            "response/eos_fraction", "policy/clipfrac", "val/clipfrac", "loss/value", "val/explained_variance")
+    lines += table(["", f"first log (step {first.get('step', '—')})", f"last log (step {final.get('step', '—')})"],
+                    [[key, first.get(key), final.get(key)] for key in keys])
+    lines += [f"{metrics.get('global_steps')} PPO steps of {metrics.get('global_batch_size')} prompts; reward model "
+              f"`{metrics.get('reward_model')}`.", ""]
+    lines += plots.add("ppo_training.png", "PPO training", plot_ppo, history, alerts)
+    lines += ["## Health alerts", ""]
+    if alerts:
+        flat = [[entry["step"], a["monitor"], _fmt(a["value"], 6), _fmt(a["threshold"], 6), a["message"]]
+                for entry in alerts for a in entry["alerts"]]
+        lines += table(["step", "monitor", "value", "threshold", "message"], flat[:30])
+        if len(flat) > 30:
+            lines += [f"… and {len(flat) - 30} more in metrics.json.", ""]
+    else:
+        lines += ["None (thresholds: `training.max_kl`, `min_entropy`, `max_length_drift`, "
+                  "`max_missing_eos_fraction`, `max_reward_jump`).", ""]
+    samples = [entry for entry in history if "samples" in entry]
+    if samples:
+        last = samples[-1]
+        lines += [f"## Samples at step {last['step']}", "",
+                  *table(["prompt", "response", "RM score"],
+                          [[_short(s["prompt"], 100), _short(s["response"]), s["score"]] for s in last["samples"]])]
+    return lines
+
+
+def _eval_section(folder: Path, metrics: dict[str, Any], plots: Plots) -> list[str]:
+    full = read_json(folder / "eval.json") or metrics
+    rows = []
+    for key, label in (("reward", "RM reward"), ("judge", "judge score"), ("length_tokens", "answer length (tokens)")):
+        if key in full.get("baseline", {}):
+            base, pol = full["baseline"][key], full["policy"][key]
+            rows.append([f"{label}: mean [95% CI]", _interval(base), _interval(pol)])
+            rows.append([f"{label}: median / p90", f"{_fmt(base.get('median'))} / {_fmt(base.get('p90'))}",
+                         f"{_fmt(pol.get('median'))} / {_fmt(pol.get('p90'))}"])
+    rows.append(["answers ending with the stop token", f"{full['baseline']['eos_fraction']:.2f}",
+                 f"{full['policy']['eos_fraction']:.2f}"])
+    lines = [f"{full.get('prompts')} held-out prompts, judge `{full.get('judge')}`.", "",
+             *table(["", "baseline (SFT)", "policy (PPO)"], rows)]
+    gains = []
+    for column, label in (("reward", "RM reward"), ("judge", "judge score")):
+        gain = full.get(f"{column}_gain")
+        if gain:
+            win = gain.get("win_rate", full.get(f"{column}_win_rate"))
+            win_ci = (f" [{gain['win_rate_ci95_low']:.2f}, {gain['win_rate_ci95_high']:.2f}]"
+                      if "win_rate_ci95_low" in gain else "")
+            record = f"{gain['wins']} / {gain['ties']} / {gain['losses']}" if "wins" in gain else "—"
+            gains.append([label, _interval(gain, signed=True), f"{win:.2f}{win_ci}", record])
+    if gains:
+        lines += ["Paired comparison, policy − baseline on the same prompts (bootstrap 95% intervals):", "",
+                  *table(["", "gain [95% CI]", "win rate [95% CI]", "wins / ties / losses"], gains)]
+    kl = full.get("kl")
+    if kl:
+        lines += [f"KL(policy ‖ baseline) per answer: {_interval(kl)} nats (median {_fmt(kl.get('median'))}, "
+                  f"p90 {_fmt(kl.get('p90'))}); Monte-Carlo estimate on the policy's samples.", ""]
+    lines += plots.add("eval.png", "Baseline vs policy", plot_eval, full.get("per_answer") or {}, full.get("judge"))
+    examples = full.get("examples") or []
+    if examples:
+        lines += ["## Samples", "", *table(["prompt", "baseline (SFT)", "policy (PPO)"],
+                                            [[_short(e["prompt"], 100), _short(e["baseline"]), _short(e["policy"])]
+                                             for e in examples])]
+    return lines
+
+
+def generic_section(folder: Path, metrics: dict[str, Any], plots: Plots) -> list[str]:
+    rows = [[key, value] for key, value in metrics.items() if isinstance(value, (int, float, str)) or value is None]
+    history = metrics.get("log_history") or []
+    return [*table(["metric", "value"], rows), *plots.add("training.png", "Training", plot_rm_training, history)]
+
+
+SECTIONS: dict[str, Callable[[Path, dict[str, Any], Plots], list[str]]] = {
+    "sft": _sft_section, "label": _label_section, "rm": _rm_section, "ppo": _ppo_section, "eval": _eval_section,
+}

@@ -1,0 +1,75 @@
+"""A chain's summary report.md in the common parent of its stage folders, and its lines for the console."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from rlhf_pipeline.outputs import read_manifest, write_text_atomic
+from rlhf_pipeline.report.sections import headline, read_json, table
+from rlhf_pipeline.report.stage import REPORT
+
+
+def report_dir_for(stage_dirs: Sequence[Path], fallback: Path) -> Path:
+    """Where a chain's summary goes: the stages' common parent folder (see the package docstring)."""
+    resolved = [Path(d).resolve() for d in stage_dirs]
+    common = Path(os.path.commonpath(resolved))
+    if common in resolved:
+        common = common.parent
+    return Path(fallback).resolve() if common == Path(common.anchor) else common
+
+
+def write_summary_report(stage_dirs: Sequence[Path], report_dir: Path, title: str) -> Path:
+    """One `report.md` over several stage folders: each stage's headline and a link to its report."""
+    report_dir = Path(report_dir)
+    rows, warnings, eval_plot = [], [], None
+    for folder in stage_dirs:
+        folder = Path(folder)
+        manifest = read_manifest(folder)
+        link = os.path.relpath(folder / REPORT, report_dir)
+        if manifest is None:
+            rows.append(["—", f"`{os.path.relpath(folder, report_dir)}`", "not finished", "—"])
+            continue
+        metrics = read_json(folder / "metrics.json") or manifest.metrics
+        report_link = f"[report]({link})" if (folder / REPORT).is_file() else "—"
+        rows.append([manifest.stage, f"`{os.path.relpath(folder, report_dir)}`", headline(manifest.stage, metrics),
+                     report_link])
+        if manifest.stage == "ppo" and metrics.get("alerts"):
+            count = sum(len(entry["alerts"]) for entry in metrics["alerts"])
+            stop = " and stopped early at step " + str(metrics["stop"]["step"]) if metrics.get("stopped_early") else ""
+            warnings.append(f"- PPO (`{folder.name}`) raised {count} health alert(s){stop}; see its report.")
+        if manifest.stage == "eval" and (folder / "eval.png").is_file():
+            eval_plot = os.path.relpath(folder / "eval.png", report_dir)
+    lines = [f"# {title}", "", *table(["stage", "folder", "headline", "details"], rows)]
+    if warnings:
+        lines += ["## Warnings", "", *warnings, ""]
+    if eval_plot:
+        lines += ["## Baseline vs policy on held-out prompts", "", f"![eval]({eval_plot})", ""]
+    path = report_dir / REPORT
+    write_text_atomic(path, "\n".join(lines).rstrip() + "\n")
+    return path
+
+
+def console_summary(stage_dirs: Sequence[Path], seconds: Sequence[float | None]) -> list[str]:
+    """The chain at a glance for the terminal: each stage's wall time (or "skipped") and headline."""
+    lines = []
+    for folder, took in zip(stage_dirs, seconds, strict=True):
+        manifest = read_manifest(folder)
+        if manifest is None:
+            continue
+        metrics = read_json(Path(folder) / "metrics.json") or manifest.metrics
+        when = "skipped" if took is None else f"{took:5.0f} s"
+        lines.append(f"  {manifest.stage:<6} {when:>8}  {headline(manifest.stage, metrics)}")
+    return lines
+
+
+def write_pipeline_report(pipeline_recipe_path: str | Path) -> Path:
+    """The summary of a pipeline recipe's stages, in the common parent of their output folders."""
+    from rlhf_pipeline.pipeline import read_pipeline
+    from rlhf_pipeline.recipe import load_recipe
+
+    name, steps = read_pipeline(pipeline_recipe_path)
+    stage_dirs = [load_recipe(step.recipe, step.overrides, stage=step.stage).output_dir for step in steps]
+    report_dir = report_dir_for(stage_dirs, Path(pipeline_recipe_path).parent)
+    return write_summary_report(stage_dirs, report_dir, f"Pipeline {name}")

@@ -1,0 +1,16 @@
+"""The pipeline summary links every stage's report."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from rlhf_pipeline.report import REPORT
+from tests.report.conftest import STAGES
+
+
+def test_pipeline_summary_links_every_stage_report(chain: Path) -> None:
+    summary = (chain / "outputs" / REPORT).read_text()
+    links = re.findall(r"\[report\]\(([^)]+)\)", summary)
+    assert links == [f"{stage}/{REPORT}" for stage in STAGES]
+    assert "held-out accuracy" in summary and "eval/eval.png" in summary
