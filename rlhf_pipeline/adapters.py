@@ -28,7 +28,7 @@ from rlhf_pipeline.models import (
     load_base,
     read_score_head,
 )
-from rlhf_pipeline.outputs import read_manifest
+from rlhf_pipeline.outputs import ADAPTER_WEIGHTS, read_manifest
 
 if TYPE_CHECKING:
     from peft import LoraConfig
@@ -36,7 +36,6 @@ if TYPE_CHECKING:
 
     from rlhf_pipeline.recipe import ModelSpec
 
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 _HEADS = ("score", "classifier")  # what PEFT keeps whole beside a reward model's LoRA
 
 

@@ -20,8 +20,8 @@ from rlhf_pipeline.errors import PipelineError
 
 # Modules that add tool commands (push, merge, report, estimate...): each defines
 # `add_commands(subparsers)` and gives every command a `handler(args) -> int` via set_defaults.
-_TOOL_MODULES: tuple[str, ...] = ("rlhf_pipeline.hub", "rlhf_pipeline.report", "rlhf_pipeline.launch",
-                                   "rlhf_pipeline.estimate")
+_TOOL_MODULES: tuple[str, ...] = ("rlhf_pipeline.hub", "rlhf_pipeline.merge", "rlhf_pipeline.report",
+                                   "rlhf_pipeline.launch", "rlhf_pipeline.estimate")
 _OVERRIDES_HELP = "overrides of any recipe key, e.g. training.learning_rate=1e-4 model.lora.r=8"
 
 

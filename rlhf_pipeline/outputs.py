@@ -1,4 +1,5 @@
-"""Stage outputs on disk: atomic writes, the completion marker, and reading a finished stage back.
+"""Stage outputs on disk: atomic writes, the completion marker, reading a finished stage back, and how
+its files are named off this machine (content hashes, portable paths).
 
 A stage's folder holds its checkpoints while it runs; at the end the final adapter (or model), the
 tokenizer, the resolved recipe and the metrics are moved in, and `stage.json` is written last. Only a
@@ -7,6 +8,7 @@ folder with `stage.json` counts as a finished stage, so a crash at any point is 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -23,6 +25,8 @@ import yaml
 from rlhf_pipeline.errors import PipelineError
 
 MARKER = "stage.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+MODEL_STAGES = ("sft", "rm", "ppo")  # the stages whose output is a model: what push, merge and the card take
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -116,6 +120,54 @@ def require_finished(output_dir: Path, stage: str, key: str) -> StageManifest:
     if manifest.stage != stage:
         raise PipelineError(f"{key}: {output_dir} holds a finished '{manifest.stage}' stage, not '{stage}'")
     return manifest
+
+
+def require_model_stage(output_dir: Path) -> StageManifest:
+    """The manifest of a finished stage that holds a model, or an error saying what to push or merge instead."""
+    manifest = read_manifest(output_dir)
+    if manifest is None:
+        raise PipelineError(f"{output_dir}: no finished stage here (no {MARKER}); run the stage, or let it "
+                            "finish, before pushing or merging it")
+    if manifest.stage not in MODEL_STAGES:
+        raise PipelineError(f"{output_dir}: holds a finished '{manifest.stage}' stage, which has no model; "
+                            f"push or merge an output of {', '.join(MODEL_STAGES)}")
+    return manifest
+
+
+def read_recipe(output_dir: Path) -> tuple[dict[str, Any], str]:
+    """A finished stage's resolved recipe, parsed and as written (the card quotes it verbatim)."""
+    path = output_dir / "recipe.yaml"
+    if not path.is_file():
+        raise PipelineError(f"{path}: missing; a finished stage keeps its resolved recipe there")
+    text = path.read_text(encoding="utf-8")
+    return yaml.safe_load(text) or {}, text
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def short_sha(path: Path) -> str:
+    """How cards and merged_from.json name a file's content: the first 12 hex digits of its sha256."""
+    return file_sha256(path)[:12] if path.is_file() else "missing"
+
+
+def shown_path(path: str | Path, home: bool = True) -> str:
+    """A path as a card shows it: relative to the working directory when inside it, else with `~` for home
+    (not in code, where `~` would not be expanded)."""
+    p = Path(path).expanduser()
+    if not p.is_absolute():
+        return str(p)
+    for root, prefix in ((Path.cwd(), ""), *(((Path.home(), "~/"),) if home else ())):
+        try:
+            return prefix + str(p.resolve().relative_to(root.resolve()))
+        except ValueError:
+            continue
+    return str(p)
 
 
 CHECKPOINT_STATE = "trainer_state.json"  # written last into a checkpoint, by transformers' Trainer and our PPO

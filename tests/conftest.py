@@ -1,4 +1,5 @@
-"""Shared test setup: offline Hugging Face libraries, the ``slow`` marker, and a tiny local model.
+"""Shared test setup: offline Hugging Face libraries, the ``slow`` marker, a tiny local model, and
+finished stages on it under a Hub id (for the card, push and merge tests).
 
 The tiny model is built from scratch in well under two seconds, so every stage can be exercised
 end to end without the Hub and without the 135M embedded model. Its tokenizer deliberately copies
@@ -9,6 +10,7 @@ same traps the real default model sets.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -16,6 +18,8 @@ import pytest
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast
+
+    from tests.hub_stages import Stages
 
 # Set before any Hugging Face library is imported (they read these once): tests never reach the network.
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -147,3 +151,38 @@ def build_tiny_model(folder: Path) -> Path:
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Folder with the tiny model and tokenizer, loadable like any local model; built once per session."""
     return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def hub_cache_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
+    """A fake Hugging Face cache holding the tiny model as test-org/tiny-llama (see tests/hub_stages.py)."""
+    from tests.hub_stages import build_hub_cache
+
+    return build_hub_cache(tmp_path_factory.mktemp("hf-cache"), tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def hub_cache(hub_cache_dir: Path) -> Iterator[Path]:
+    """The fake cache switched on for one test module (switched off after it, so no other module sees it)."""
+    from tests.hub_stages import using_hub_cache
+
+    with using_hub_cache(hub_cache_dir):
+        yield hub_cache_dir
+
+
+@pytest.fixture(scope="session")
+def hub_stages(tmp_path_factory: pytest.TempPathFactory, hub_cache_dir: Path) -> Stages:
+    """Finished SFT stages on the Hub-named base, built once for the card, push and merge tests."""
+    from tests.hub_stages import build_stages, using_hub_cache
+
+    with using_hub_cache(hub_cache_dir):
+        return build_stages(tmp_path_factory.mktemp("hub-stages"))
+
+
+@pytest.fixture(scope="session")
+def hub_reward_model(hub_stages: Stages, hub_cache_dir: Path) -> Path:
+    """A finished reward model on top of `hub_stages.sft`: its card's snippet and its merge are tested."""
+    from tests.hub_stages import build_reward_model, using_hub_cache
+
+    with using_hub_cache(hub_cache_dir):
+        return build_reward_model(hub_stages)

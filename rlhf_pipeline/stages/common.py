@@ -232,7 +232,8 @@ def finish(recipe: Recipe, loaded: Loaded, model: PreTrainedModel, metrics: dict
     `save_weights(folder)` replaces `model.save_pretrained` for a model that holds more than the stage's
     output (PPO's shared base saves its policy adapter only).
     """
-    from rlhf_pipeline.hub import push_if_configured, write_model_card
+    from rlhf_pipeline.card import write_model_card
+    from rlhf_pipeline.hub import push_if_configured
 
     state_dict = gathered_state_dict(model) if save_weights is None else None  # a collective under ZeRO-3
 
