@@ -55,7 +55,7 @@ def _sft_probe_recipe(recipe_path: str, overrides: list[str], work: Path, steps:
     import yaml
 
     from rlhf_pipeline.models import load_tokenizer, resolve_source
-    from rlhf_pipeline.recipe import load_recipe
+    from rlhf_pipeline.stages import load_recipe
 
     recipe = load_recipe(recipe_path, overrides)
     tokenizer = load_tokenizer(resolve_source(recipe.model, progress=lambda _: None), recipe.model)
@@ -80,8 +80,7 @@ def probe(recipe_path: str, overrides: list[str], steps: int = 1) -> dict[str, A
     import transformers
 
     from rlhf_pipeline.ppo import trainer as ppo_trainer
-    from rlhf_pipeline.recipe import load_recipe
-    from rlhf_pipeline.stages import get_stage
+    from rlhf_pipeline.stages import get_stage, load_recipe
 
     base = common.baseline()
     window = common.TrainWindow()

@@ -30,8 +30,7 @@ DATA = common.REPO / "data" / "demo" / "sft_demonstrations.jsonl"
 
 
 def _ours(steps: int, work: Path) -> Any:
-    from rlhf_pipeline.recipe import load_recipe
-    from rlhf_pipeline.stages import sft
+    from rlhf_pipeline.stages import load_recipe, sft
 
     recipe = load_recipe(RECIPE, [f"training.output_dir={work / 'ours'}", f"training.max_steps={steps}",
                                   "training.save_strategy='no'", "data.eval_split=0.0"])

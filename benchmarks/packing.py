@@ -62,8 +62,7 @@ def child(mode: str, card: Path) -> dict[str, Any]:
     import transformers
     from trl import SFTTrainer
 
-    from rlhf_pipeline.recipe import load_recipe
-    from rlhf_pipeline.stages import sft
+    from rlhf_pipeline.stages import load_recipe, sft
 
     common.baseline()
     window = common.TrainWindow()

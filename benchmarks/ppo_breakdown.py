@@ -39,8 +39,7 @@ def child(work: Path, steps: int) -> dict[str, Any]:
 
     from rlhf_pipeline.ppo import trainer as trainer_module
     from rlhf_pipeline.ppo.trainer import PPOTrainer
-    from rlhf_pipeline.recipe import load_recipe
-    from rlhf_pipeline.stages import get_stage
+    from rlhf_pipeline.stages import get_stage, load_recipe
 
     common.baseline()
     per_step: list[dict[str, float]] = []

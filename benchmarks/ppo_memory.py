@@ -40,7 +40,7 @@ def longest_lengths(work: Path) -> dict[str, int]:
     """The longest templated SFT row and PPO prompt of the demo data (what the batches are padded to at most)."""
     from rlhf_pipeline.chat import encode_prompt
     from rlhf_pipeline.models import load_tokenizer, resolve_source
-    from rlhf_pipeline.recipe import load_recipe
+    from rlhf_pipeline.stages import load_recipe
 
     recipe = load_recipe(RECIPES / "sft.yaml")
     tokenizer = load_tokenizer(resolve_source(recipe.model, progress=lambda _: None), recipe.model)
@@ -57,8 +57,7 @@ def child(mode: str, work: Path) -> dict[str, Any]:
     import transformers
 
     from rlhf_pipeline.ppo import trainer as ppo_trainer
-    from rlhf_pipeline.recipe import load_recipe
-    from rlhf_pipeline.stages import get_stage
+    from rlhf_pipeline.stages import get_stage, load_recipe
 
     base = common.baseline()
     window = common.TrainWindow()

@@ -52,8 +52,7 @@ def install_trl112() -> None:
 
 
 def _ours(work: Path, steps: int, out: Path) -> int:
-    from rlhf_pipeline.recipe import load_recipe
-    from rlhf_pipeline.stages import get_stage
+    from rlhf_pipeline.stages import get_stage, load_recipe
 
     recipe = load_recipe(RECIPE, [f"model.name_or_path={work / 'sft'}", f"training.reward_model_path={work / 'rm'}",
                                   f"training.output_dir={out}", f"training.total_episodes={16 * steps}",
@@ -73,7 +72,7 @@ def _trl112(work: Path, steps: int, out: Path) -> int:
     from rlhf_pipeline.chat import encode_prompt
     from rlhf_pipeline.models import REWARD, load_base, load_tokenizer, merged_model, resolve_source
     from rlhf_pipeline.ppo.config import PPOConfig as OurPPOConfig
-    from rlhf_pipeline.recipe import load_recipe
+    from rlhf_pipeline.stages import load_recipe
 
     recipe = load_recipe(RECIPE, [f"model.name_or_path={work / 'sft'}", f"training.reward_model_path={work / 'rm'}"])
     ours = OurPPOConfig(**recipe.config)

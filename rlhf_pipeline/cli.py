@@ -69,7 +69,8 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 def _validate(recipe_path: str, overrides: list[str]) -> None:
-    from rlhf_pipeline.recipe import load_recipe, read_yaml
+    from rlhf_pipeline.schema import read_yaml
+    from rlhf_pipeline.stages import load_recipe
 
     if "stages" in read_yaml(Path(recipe_path)):
         from rlhf_pipeline.pipeline import validate_pipeline
@@ -84,8 +85,7 @@ def _validate(recipe_path: str, overrides: list[str]) -> None:
 def _run_stage(name: str, recipe_path: str, overrides: list[str], overwrite: bool) -> None:
     from rlhf_pipeline.distributed import process_state, say
     from rlhf_pipeline.outputs import check_writable
-    from rlhf_pipeline.recipe import load_recipe
-    from rlhf_pipeline.stages import get_stage
+    from rlhf_pipeline.stages import get_stage, load_recipe
     from rlhf_pipeline.stages.common import claim_output_dir, finished_run
 
     recipe = load_recipe(recipe_path, overrides, stage=name)

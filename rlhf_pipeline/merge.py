@@ -38,7 +38,8 @@ def _merge_spec(output_dir: Path, recipe: dict[str, Any], full_precision: bool) 
     """The stage's own model settings, pointed at its output, without a new LoRA and (if asked) unquantized."""
     import dataclasses
 
-    from rlhf_pipeline.recipe import ModelSpec, QuantizationSpec, build_section
+    from rlhf_pipeline.recipe import ModelSpec, QuantizationSpec
+    from rlhf_pipeline.schema import build_section
 
     recipe_file = output_dir / "recipe.yaml"
     spec: ModelSpec = build_section(ModelSpec, recipe.get("model") or {}, recipe_file, "model")

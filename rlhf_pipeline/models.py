@@ -206,7 +206,7 @@ def _device_map(quantized: bool) -> dict[str, Any] | None:
     """
     import torch
 
-    from rlhf_pipeline.preflight import read_launch
+    from rlhf_pipeline.distributed import read_launch
 
     if not quantized or read_launch().shards_parameters:
         return None

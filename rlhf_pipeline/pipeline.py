@@ -20,8 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from rlhf_pipeline.errors import RecipeError
-from rlhf_pipeline.recipe import Recipe, load_recipe, read_yaml
-from rlhf_pipeline.schema import suggest
+from rlhf_pipeline.recipe import Recipe
+from rlhf_pipeline.schema import read_yaml, suggest
+from rlhf_pipeline.stages import load_recipe
 
 
 @dataclass
@@ -82,7 +83,7 @@ def run_pipeline(path: str | Path, start: str | None = None, force: bool = False
     from rlhf_pipeline.stages import get_stage
     from rlhf_pipeline.stages.common import claim_output_dir, finished_run
 
-    _, steps = read_pipeline(path)
+    name, steps = read_pipeline(path)
     names = [r.stage for r in validate_pipeline(path)]
     if start is not None and start not in names:
         raise RecipeError(Path(path), "--from", f"no stage '{start}' in this pipeline; stages: {', '.join(names)}")
@@ -107,11 +108,13 @@ def run_pipeline(path: str | Path, start: str | None = None, force: bool = False
         wait_for_everyone()
         seconds.append(time.monotonic() - stage_started)
     if is_main_process():
-        from rlhf_pipeline.report import console_summary, write_pipeline_report, write_report_safely
+        from rlhf_pipeline.report import console_summary, report_dir_for, write_report_safely, write_summary_report
 
         say(f"pipeline finished in {time.monotonic() - started:.0f} s:")
         for line in console_summary(output_dirs, seconds):
             say(line)
-        if report := write_report_safely(write_pipeline_report, path):
+        report_dir = report_dir_for(output_dirs, Path(path).parent)
+        if report := write_report_safely(lambda folder: write_summary_report(output_dirs, folder, f"Pipeline {name}"),
+                                         report_dir):
             say(f"pipeline report: {report}")
     return results

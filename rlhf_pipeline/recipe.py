@@ -12,17 +12,24 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
 import re
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from rlhf_pipeline.data.cards import DataCard, DataSpec
 from rlhf_pipeline.errors import RecipeError
-from rlhf_pipeline.schema import coerce, describe, matches, suggest
+from rlhf_pipeline.schema import (
+    coerce,
+    describe,
+    dotted_key,
+    finite,
+    matches,
+    shown_key,
+    suggest,
+)
 
 _SPECIAL_TOKEN_KEYS = {"pad_token", "eos_token", "bos_token", "unk_token", "sep_token", "cls_token",
                        "mask_token", "stop_token", "stop_token_id"}
@@ -112,32 +119,6 @@ class ModelSpec:
 
 
 @dataclass
-class DataSpec:
-    """Datasets by data card name (looked up in data_cards/) or card path, and how to split them."""
-
-    train: list[str]
-    eval: list[str] = field(default_factory=list)
-    eval_split: float = 0.1
-    max_length: int = 1024
-    max_samples: int | None = None
-    system_prompt: str | None = None
-    min_valid_fraction: float = 0.5
-    seed: int = 42
-
-    def __post_init__(self) -> None:
-        if not self.train:
-            raise ValueError("train: list at least one data card")
-        if not 0 <= self.eval_split < 1:
-            raise ValueError("eval_split: must be in [0, 1)")
-        if self.max_length < 8:
-            raise ValueError("max_length: must be at least 8 tokens")
-        if self.max_samples is not None and self.max_samples < 1:
-            raise ValueError("max_samples: must be at least 1 (or null for all rows)")
-        if not 0 < self.min_valid_fraction <= 1:
-            raise ValueError("min_valid_fraction: must be in (0, 1]")
-
-
-@dataclass
 class HubSpec:
     """Push the stage's adapter to the Hub when it finishes; the token comes from the environment."""
 
@@ -184,6 +165,7 @@ class Recipe:
     sections: dict[str, Any]
     # Folders earlier stages of the pipeline being validated will (re)write: checks of their contents wait.
     pending_outputs: list[Path] = field(default_factory=list)
+    cards: list[DataCard] = field(default_factory=list)  # the data cards named, loaded and checked (none pending)
 
     @property
     def output_dir(self) -> Path:
@@ -226,23 +208,6 @@ class Recipe:
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def read_yaml(path: Path, what: str = "recipe") -> dict[str, Any]:
-    """Read a YAML mapping, turning a missing file or a syntax error into a message with the line."""
-    if not path.is_file():
-        raise RecipeError(path, None, f"{what} file not found (looked for {path.resolve()})")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        line = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        raise RecipeError(path, None, f"{line}not valid YAML ({getattr(err, 'problem', err)})") from None
-    except UnicodeDecodeError:
-        raise RecipeError(path, None, "not UTF-8 text; save the file as UTF-8") from None
-    if not isinstance(data, dict):
-        raise RecipeError(path, None, f"a {what} must be a mapping of keys to values")
-    return data
-
-
 def _snake(key: str) -> str:
     """`hfToken`, `HF-Token` and `hf token` all become `hf_token`, so every spelling meets the same check."""
     split = re.sub(r"([a-z0-9])([A-Z])|([A-Z])([A-Z][a-z])", r"\1\3_\2\4", key)
@@ -256,72 +221,12 @@ def check_secrets(data: Any, path: Path, prefix: str = "") -> None:
             check_secrets(item, path, f"{prefix.removesuffix('.')}[{index}].")
     if isinstance(data, dict):
         for key, value in data.items():
-            key_path = f"{prefix}{_key_name(key)}"
+            key_path = f"{prefix}{shown_key(key)}"
             if isinstance(key, str) and _snake(key) not in _SPECIAL_TOKEN_KEYS and _SECRET_KEY.search(_snake(key)):
                 raise RecipeError(path, key_path, "looks like a secret; recipes are saved next to outputs "
                                   "and pushed to the Hub, so set it in the environment instead "
                                   "(HF_TOKEN for the Hub, WANDB_API_KEY for wandb)")
             check_secrets(value, path, f"{key_path}.")
-
-
-def _key_name(key: object) -> str:
-    """A key as an error names it: as written, or quoted when it is empty or not a string (`''`, `3`)."""
-    return key if isinstance(key, str) and key.strip() else repr(key)
-
-
-def _key_path(prefix: str, key: object) -> str:
-    return f"{prefix}.{_key_name(key)}" if prefix else _key_name(key)
-
-
-def _finite(value: Any) -> bool:
-    """YAML spells infinity and not-a-number (.inf, .nan); no setting means either."""
-    return not isinstance(value, float) or math.isfinite(value)
-
-
-def build_section(cls: type, data: Any, path: Path, prefix: str) -> Any:
-    """Build one of our section dataclasses from YAML, naming the exact key that is wrong."""
-    if not isinstance(data, dict):
-        raise RecipeError(path, prefix or None, f"must be a mapping of keys (got {type(data).__name__})")
-    fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
-    kwargs: dict[str, Any] = {}
-    for key, value in data.items():
-        if key not in fields:
-            raise RecipeError(path, _key_path(prefix, key), f"unknown key{suggest(str(key), fields)}")
-        annotation = str(fields[key].type)
-        value = coerce(value, annotation)
-        nested = _section_class(cls, annotation)
-        if nested and isinstance(value, dict):
-            kwargs[key] = build_section(nested, value, path, _key_path(prefix, key))
-        elif nested and not (value is None and "None" in (p.strip() for p in annotation.split("|"))):
-            raise RecipeError(path, _key_path(prefix, key), f"must be a mapping of keys (got {value!r})")
-        elif matches(value, annotation):
-            if not _finite(value):
-                raise RecipeError(path, _key_path(prefix, key), f"must be a finite number, got {value}")
-            kwargs[key] = value
-        else:
-            raise RecipeError(path, _key_path(prefix, key), f"expected {describe(annotation)}, got {value!r}")
-    missing = [n for n, f in fields.items() if n not in kwargs and f.default is dataclasses.MISSING
-               and f.default_factory is dataclasses.MISSING]
-    if missing:
-        raise RecipeError(path, _key_path(prefix, missing[0]), "required key is missing")
-    try:
-        return cls(**kwargs)
-    except ValueError as err:
-        message = str(err)
-        key = next((name for name in sorted(fields, key=len, reverse=True)
-                    if message.startswith((f"{name}:", f"{name} "))), "")
-        problem = message.removeprefix(f"{key}:").strip() if key else message
-        raise RecipeError(path, _key_path(prefix, key) if key else prefix or None, problem) from None
-
-
-def _section_class(owner: type, annotation: str) -> type | None:
-    """The dataclass an annotation such as `LoraSpec | None` names, looked up in the owner's module."""
-    namespace = vars(sys.modules[owner.__module__])
-    for name in annotation.split("|"):
-        candidate = namespace.get(name.strip())
-        if dataclasses.is_dataclass(candidate):
-            return candidate
-    return None
 
 
 def check_config(values: Any, fields: dict[str, str], path: Path, section: str) -> dict[str, Any]:
@@ -330,14 +235,14 @@ def check_config(values: Any, fields: dict[str, str], path: Path, section: str) 
         raise RecipeError(path, section, "must be a mapping of the stage's arguments")
     values = {key: coerce(value, fields[key]) if key in fields else value for key, value in values.items()}
     for key, value in values.items():
-        key_path = _key_path(section, key)
+        key_path = dotted_key(section, key)
         if key in _RESERVED_TRAINING_KEYS:
             raise RecipeError(path, key_path, f"set by the recipe; use {_RESERVED_TRAINING_KEYS[key]}")
         if key not in fields:
             raise RecipeError(path, key_path, f"unknown key{suggest(str(key), fields)}")
         if not matches(value, fields[key]):
             raise RecipeError(path, key_path, f"expected {describe(fields[key])}, got {value!r}")
-        if not _finite(value):
+        if not finite(value):
             raise RecipeError(path, key_path, f"must be a finite number, got {value}")
         if key in _POSITIVE_TRAINING_KEYS and isinstance(value, (int, float)) and value <= 0:
             raise RecipeError(path, key_path, f"must be positive, got {value}")
@@ -370,47 +275,3 @@ def apply_overrides(data: dict[str, Any], overrides: list[str], path: Path | Non
                 raise RecipeError(path, text, f"'{key}' is not a section, so '{text}' cannot be set")
         target[keys[-1]] = value
     return data
-
-
-def load_recipe(path: str | Path, overrides: list[str] | None = None, stage: str | None = None,
-                pending_outputs: list[Path] | None = None) -> Recipe:
-    """Read, override and validate a recipe; raises RecipeError naming the file and the key.
-
-    `pending_outputs` are folders earlier pipeline stages will write: data cards inside them may not
-    exist yet when the whole chain is validated up front.
-    """
-    from rlhf_pipeline.data.cards import check_cards
-    from rlhf_pipeline.stages import STAGE_NAMES, get_stage
-
-    path = Path(path)
-    data = apply_overrides(read_yaml(path), overrides or [], path)
-    check_secrets(data, path)
-    name = data.get("stage", stage)
-    if name is None:
-        raise RecipeError(path, "stage", f"required key is missing; one of: {', '.join(STAGE_NAMES)}")
-    if name not in STAGE_NAMES:
-        raise RecipeError(path, "stage", f"unknown stage '{name}'{suggest(str(name), STAGE_NAMES)}")
-    if stage is not None and name != stage:
-        raise RecipeError(path, "stage", f"this is a '{name}' recipe; run it with `rlhf-pipeline {name}`")
-    spec = get_stage(name)
-    known = {"stage", "model", "data", spec.config_section, "hub", *spec.sections}
-    for key in data:
-        if key not in known:
-            raise RecipeError(path, _key_name(key), f"unknown section{suggest(str(key), known)}")
-    for required in ("model", "data", spec.config_section):
-        if required not in data:
-            raise RecipeError(path, required, "required section is missing")
-    recipe = Recipe(
-        path=path,
-        stage=name,
-        model=build_section(ModelSpec, data["model"], path, "model"),
-        data=build_section(DataSpec, data["data"], path, "data"),
-        config=check_config(data[spec.config_section], spec.config_fields(), path, spec.config_section),
-        config_section=spec.config_section,
-        hub=build_section(HubSpec, data.get("hub", {}), path, "hub"),
-        sections={key: build_section(cls, data.get(key, {}), path, key) for key, cls in spec.sections.items()},
-        pending_outputs=list(pending_outputs or []),
-    )
-    check_cards(recipe, pending_outputs or [])
-    spec.check(recipe)
-    return recipe

@@ -1,17 +1,26 @@
-"""Type checks and key suggestions for recipe values, driven by annotation strings.
+"""The schema machinery under recipes and data cards: YAML files in, typed dataclasses out, errors naming keys.
 
-Annotations come either from our own dataclasses (`from __future__ import annotations` keeps them as
-strings) or from TRL's config source read by `trainer_fields`; both are checked the same way, without
-importing torch.
+`build_section` turns a YAML mapping into one of our dataclasses (nested sections included), checking
+every key and value against the field's annotation string (`from __future__ import annotations` keeps
+them as strings; TRL's config fields come as strings from `trainer_fields`), so both are checked the same
+way without importing torch. `read_yaml` reads a file and names the line of a syntax error.
 """
 
 from __future__ import annotations
 
 import ast
+import dataclasses
 import difflib
+import math
 import re
+import sys
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
+
+import yaml
+
+from rlhf_pipeline.errors import RecipeError
 
 _SCALARS: dict[str, tuple[type, ...]] = {
     "int": (int,),
@@ -108,3 +117,80 @@ def suggest(key: str, candidates: Iterable[str]) -> str:
     """A '; did you mean X?' tail for a misspelt key, or nothing when no key is close."""
     close = difflib.get_close_matches(key, list(candidates), n=1, cutoff=0.6)
     return f"; did you mean {close[0]}?" if close else ""
+
+
+def read_yaml(path: Path, what: str = "recipe") -> dict[str, Any]:
+    """Read a YAML mapping, turning a missing file or a syntax error into a message with the line."""
+    if not path.is_file():
+        raise RecipeError(path, None, f"{what} file not found (looked for {path.resolve()})")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        line = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        raise RecipeError(path, None, f"{line}not valid YAML ({getattr(err, 'problem', err)})") from None
+    except UnicodeDecodeError:
+        raise RecipeError(path, None, "not UTF-8 text; save the file as UTF-8") from None
+    if not isinstance(data, dict):
+        raise RecipeError(path, None, f"a {what} must be a mapping of keys to values")
+    return data
+
+
+def shown_key(key: object) -> str:
+    """A key as an error names it: as written, or quoted when it is empty or not a string (`''`, `3`)."""
+    return key if isinstance(key, str) and key.strip() else repr(key)
+
+
+def dotted_key(prefix: str, key: object) -> str:
+    return f"{prefix}.{shown_key(key)}" if prefix else shown_key(key)
+
+
+def finite(value: Any) -> bool:
+    """YAML spells infinity and not-a-number (.inf, .nan); no setting means either."""
+    return not isinstance(value, float) or math.isfinite(value)
+
+
+def build_section(cls: type, data: Any, path: Path, prefix: str) -> Any:
+    """Build one of our section dataclasses from YAML, naming the exact key that is wrong."""
+    if not isinstance(data, dict):
+        raise RecipeError(path, prefix or None, f"must be a mapping of keys (got {type(data).__name__})")
+    fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        if key not in fields:
+            raise RecipeError(path, dotted_key(prefix, key), f"unknown key{suggest(str(key), fields)}")
+        annotation = str(fields[key].type)
+        value = coerce(value, annotation)
+        nested = _section_class(cls, annotation)
+        if nested and isinstance(value, dict):
+            kwargs[key] = build_section(nested, value, path, dotted_key(prefix, key))
+        elif nested and not (value is None and "None" in (p.strip() for p in annotation.split("|"))):
+            raise RecipeError(path, dotted_key(prefix, key), f"must be a mapping of keys (got {value!r})")
+        elif matches(value, annotation):
+            if not finite(value):
+                raise RecipeError(path, dotted_key(prefix, key), f"must be a finite number, got {value}")
+            kwargs[key] = value
+        else:
+            raise RecipeError(path, dotted_key(prefix, key), f"expected {describe(annotation)}, got {value!r}")
+    missing = [n for n, f in fields.items() if n not in kwargs and f.default is dataclasses.MISSING
+               and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise RecipeError(path, dotted_key(prefix, missing[0]), "required key is missing")
+    try:
+        return cls(**kwargs)
+    except ValueError as err:
+        message = str(err)
+        key = next((name for name in sorted(fields, key=len, reverse=True)
+                    if message.startswith((f"{name}:", f"{name} "))), "")
+        problem = message.removeprefix(f"{key}:").strip() if key else message
+        raise RecipeError(path, dotted_key(prefix, key) if key else prefix or None, problem) from None
+
+
+def _section_class(owner: type, annotation: str) -> type | None:
+    """The dataclass an annotation such as `LoraSpec | None` names, looked up in the owner's module."""
+    namespace = vars(sys.modules[owner.__module__])
+    for name in annotation.split("|"):
+        candidate = namespace.get(name.strip())
+        if dataclasses.is_dataclass(candidate):
+            return candidate
+    return None

@@ -24,8 +24,7 @@ import torch
 import yaml
 
 from rlhf_pipeline import hub
-from rlhf_pipeline.recipe import load_recipe
-from rlhf_pipeline.stages import rm, sft
+from rlhf_pipeline.stages import load_recipe, rm, sft
 from tests.stages.conftest import preference_rows, sft_rows, write_card
 
 HUB_BASE = "test-org/tiny-llama"

@@ -29,9 +29,9 @@ from rlhf_pipeline.models import (
     trainable_model,
 )
 from rlhf_pipeline.ppo.roles import CRITIC, POLICY, REFERENCE, build_ppo_model
-from rlhf_pipeline.recipe import ModelSpec, QuantizationSpec, load_recipe
+from rlhf_pipeline.recipe import ModelSpec, QuantizationSpec
 from rlhf_pipeline.reward import RewardModel
-from rlhf_pipeline.stages import rm, sft
+from rlhf_pipeline.stages import load_recipe, rm, sft
 from tests.stages.conftest import preference_rows, sft_rows, write_card
 
 pytestmark = pytest.mark.filterwarnings(

@@ -23,7 +23,7 @@ import pytest
 import yaml
 
 from rlhf_pipeline.outputs import CHECKPOINT_STATE, MARKER, last_checkpoint, read_manifest
-from rlhf_pipeline.recipe import load_recipe
+from rlhf_pipeline.stages import load_recipe
 from tests.stages.conftest import preference_rows, sft_rows, write_card
 
 LORA = {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0}

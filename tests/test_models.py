@@ -35,7 +35,8 @@ from rlhf_pipeline.models import (
     trainable_model,
 )
 from rlhf_pipeline.outputs import StageManifest, mark_complete
-from rlhf_pipeline.recipe import LoraSpec, ModelSpec, QuantizationSpec, build_section
+from rlhf_pipeline.recipe import LoraSpec, ModelSpec, QuantizationSpec
+from rlhf_pipeline.schema import build_section
 
 # PEFT itself still calls these transformers methods by their old names.
 pytestmark = pytest.mark.filterwarnings(

@@ -9,9 +9,10 @@ from typing import Any
 import pytest
 import yaml
 
+from rlhf_pipeline.distributed import read_launch
 from rlhf_pipeline.errors import PipelineError, RecipeError
-from rlhf_pipeline.preflight import check_launch, read_launch
-from rlhf_pipeline.recipe import load_recipe
+from rlhf_pipeline.preflight import check_launch
+from rlhf_pipeline.stages import load_recipe
 from tests.stages.conftest import sft_rows, write_card
 
 DEEPSPEED = {"ACCELERATE_USE_DEEPSPEED": "true", "WORLD_SIZE": "2"}

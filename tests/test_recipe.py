@@ -12,7 +12,7 @@ import yaml
 
 from rlhf_pipeline.errors import RecipeError
 from rlhf_pipeline.pipeline import read_pipeline, validate_pipeline
-from rlhf_pipeline.recipe import load_recipe
+from rlhf_pipeline.stages import load_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = sorted((REPO / "recipes").rglob("*.yaml"))

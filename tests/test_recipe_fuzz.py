@@ -25,8 +25,8 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from rlhf_pipeline.errors import RecipeError
-from rlhf_pipeline.recipe import _RESERVED_TRAINING_KEYS, HubSpec, LoraSpec, ModelSpec, QuantizationSpec, load_recipe
-from rlhf_pipeline.stages import STAGE_NAMES, get_stage
+from rlhf_pipeline.recipe import _RESERVED_TRAINING_KEYS, HubSpec, LoraSpec, ModelSpec, QuantizationSpec
+from rlhf_pipeline.stages import STAGE_NAMES, get_stage, load_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = REPO / "recipes" / "smollm2-135m"
@@ -97,7 +97,7 @@ def _accepted_keys(stage: str, location: tuple[str, ...]) -> set[str]:
         return {"stage", "model", "data", spec.config_section, "hub", *spec.sections}
     table = {("model",): names(ModelSpec), ("model", "lora"): names(LoraSpec),
              ("model", "quantization"): names(QuantizationSpec), ("hub",): names(HubSpec),
-             ("data",): names(__import__("rlhf_pipeline.recipe", fromlist=["DataSpec"]).DataSpec),
+             ("data",): names(__import__("rlhf_pipeline.data.cards", fromlist=["DataSpec"]).DataSpec),
              (spec.config_section,): set(spec.config_fields()) - set(_RESERVED_TRAINING_KEYS)}
     table |= {(section,): names(cls) for section, cls in spec.sections.items()}
     return table.get(location, set())

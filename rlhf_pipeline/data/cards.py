@@ -9,19 +9,41 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import yaml
 
 from rlhf_pipeline.data.formats import FORMATS
 from rlhf_pipeline.errors import RecipeError
-from rlhf_pipeline.recipe import build_section, read_yaml
-from rlhf_pipeline.schema import suggest
-
-if TYPE_CHECKING:
-    from rlhf_pipeline.recipe import Recipe
+from rlhf_pipeline.schema import build_section, read_yaml, suggest
 
 LOCAL_SUFFIXES = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+@dataclass
+class DataSpec:
+    """Datasets by data card name (looked up in data_cards/) or card path, and how to split them."""
+
+    train: list[str]
+    eval: list[str] = field(default_factory=list)
+    eval_split: float = 0.1
+    max_length: int = 1024
+    max_samples: int | None = None
+    system_prompt: str | None = None
+    min_valid_fraction: float = 0.5
+    seed: int = 42
+
+    def __post_init__(self) -> None:
+        if not self.train:
+            raise ValueError("train: list at least one data card")
+        if not 0 <= self.eval_split < 1:
+            raise ValueError("eval_split: must be in [0, 1)")
+        if self.max_length < 8:
+            raise ValueError("max_length: must be at least 8 tokens")
+        if self.max_samples is not None and self.max_samples < 1:
+            raise ValueError("max_samples: must be at least 1 (or null for all rows)")
+        if not 0 < self.min_valid_fraction <= 1:
+            raise ValueError("min_valid_fraction: must be in (0, 1]")
+
+
 @dataclass
 class SourceSpec:
     """Where the rows come from: exactly one of a local path (relative to the card) or a Hub id."""
@@ -118,20 +140,21 @@ def _is_pending(ref: str, recipe_path: Path, pending_outputs: list[Path]) -> boo
     return any(c.is_relative_to(p.resolve()) and not c.is_file() for c in candidates for p in pending_outputs)
 
 
-def check_cards(recipe: Recipe, pending_outputs: list[Path] | None = None) -> list[DataCard]:
-    """Load every card the recipe names and check it fits the stage, before any data or weights load."""
-    from rlhf_pipeline.stages import get_stage
+def check_cards(data: DataSpec, recipe_path: Path, stage: str, formats: frozenset[str],
+                pending_outputs: list[Path] | None = None) -> list[DataCard]:
+    """Load every card a recipe's data section names and check it has one of the stage's `formats`.
 
-    formats = get_stage(recipe.stage).data_formats
+    Cards inside `pending_outputs` (an earlier pipeline stage writes them) are passed over for now.
+    """
     cards = []
     for split in ("train", "eval"):
-        for index, ref in enumerate(getattr(recipe.data, split)):
-            if _is_pending(ref, recipe.path, pending_outputs or []):
+        for index, ref in enumerate(getattr(data, split)):
+            if _is_pending(ref, recipe_path, pending_outputs or []):
                 continue
-            card = load_card(find_card(ref, recipe.path, f"data.{split}[{index}]"))
+            card = load_card(find_card(ref, recipe_path, f"data.{split}[{index}]"))
             if card.format not in formats:
-                raise RecipeError(recipe.path, f"data.{split}[{index}]",
-                                  f"card '{ref}' has format '{card.format}', but the {recipe.stage} stage "
+                raise RecipeError(recipe_path, f"data.{split}[{index}]",
+                                  f"card '{ref}' has format '{card.format}', but the {stage} stage "
                                   f"takes {', '.join(sorted(formats))}")
             local = card.local_path()
             if local is not None and not local.is_file():

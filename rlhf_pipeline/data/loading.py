@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rlhf_pipeline.data import formats
-from rlhf_pipeline.data.cards import DataCard, check_cards
+from rlhf_pipeline.data.cards import DataCard
 from rlhf_pipeline.errors import PipelineError, RecipeError
 
 if TYPE_CHECKING:
@@ -210,7 +210,7 @@ def load_rows(recipe: Recipe, split: str, tokenizer: PreTrainedTokenizerBase, re
 
     from rlhf_pipeline.distributed import is_main_process
 
-    cards = [card for card in check_cards(recipe) if _card_split(recipe, card) == split]
+    cards = [card for card in recipe.cards if _card_split(recipe, card) == split]
     length = _token_length(tokenizer)
     kept_rows: list[dict[str, Any]] = []
     for card in cards:

@@ -102,7 +102,7 @@ def setup_from_recipe(recipe: Recipe, device: str = "gpu", num_devices: int = 1,
 
 def load_for_estimate(recipe_path: str | Path, overrides: list[str] | None = None) -> Recipe:
     """Validate the recipe; data cards that an earlier stage has not written yet are not needed here."""
-    from rlhf_pipeline.recipe import load_recipe
+    from rlhf_pipeline.stages import load_recipe
 
     return load_recipe(recipe_path, overrides or [], pending_outputs=[Path("/")])
 

@@ -27,7 +27,7 @@ Where things are (each module imports only the ones listed before it):
   and one figure function per stage.
 - `sections.py`: `headline` (a stage's most telling numbers in one line) and each stage's markdown section.
 - `stage.py`: `write_stage_report` (a stage folder's `report.md`), `write_report_safely` (a failure only warns).
-- `summary.py`: the chain's summary (`write_pipeline_report`, `write_summary_report`, `report_dir_for`) and
+- `summary.py`: the chain's summary (`write_summary_report` into `report_dir_for` the stage folders) and
   the console's `console_summary`.
 - `command.py`: `rlhf-pipeline report` (`add_commands`).
 """
@@ -35,7 +35,7 @@ Where things are (each module imports only the ones listed before it):
 from rlhf_pipeline.report.command import add_commands
 from rlhf_pipeline.report.sections import headline
 from rlhf_pipeline.report.stage import REPORT, write_report_safely, write_stage_report
-from rlhf_pipeline.report.summary import console_summary, report_dir_for, write_pipeline_report, write_summary_report
+from rlhf_pipeline.report.summary import console_summary, report_dir_for, write_summary_report
 
-__all__ = ["REPORT", "add_commands", "console_summary", "headline", "report_dir_for", "write_pipeline_report",
+__all__ = ["REPORT", "add_commands", "console_summary", "headline", "report_dir_for",
            "write_report_safely", "write_stage_report", "write_summary_report"]

@@ -62,14 +62,3 @@ def console_summary(stage_dirs: Sequence[Path], seconds: Sequence[float | None])
         when = "skipped" if took is None else f"{took:5.0f} s"
         lines.append(f"  {manifest.stage:<6} {when:>8}  {headline(manifest.stage, metrics)}")
     return lines
-
-
-def write_pipeline_report(pipeline_recipe_path: str | Path) -> Path:
-    """The summary of a pipeline recipe's stages, in the common parent of their output folders."""
-    from rlhf_pipeline.pipeline import read_pipeline
-    from rlhf_pipeline.recipe import load_recipe
-
-    name, steps = read_pipeline(pipeline_recipe_path)
-    stage_dirs = [load_recipe(step.recipe, step.overrides, stage=step.stage).output_dir for step in steps]
-    report_dir = report_dir_for(stage_dirs, Path(pipeline_recipe_path).parent)
-    return write_summary_report(stage_dirs, report_dir, f"Pipeline {name}")

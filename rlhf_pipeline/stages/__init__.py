@@ -10,12 +10,21 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import Any
 
+from rlhf_pipeline.data.cards import DataSpec, check_cards
+from rlhf_pipeline.errors import RecipeError
+from rlhf_pipeline.recipe import (
+    HubSpec,
+    ModelSpec,
+    Recipe,
+    apply_overrides,
+    check_config,
+    check_secrets,
+)
+from rlhf_pipeline.schema import build_section, read_yaml, shown_key, suggest
 from rlhf_pipeline.trainer_fields import dataclass_fields
-
-if TYPE_CHECKING:
-    from rlhf_pipeline.recipe import Recipe
 
 _STAGE_MODULES = {
     "sft": "rlhf_pipeline.stages.sft",
@@ -50,8 +59,6 @@ class Stage:
 
         Our own config classes are cheap to import, so they are built here and their value checks run.
         """
-        from rlhf_pipeline.recipe import build_section
-
         module, name = self.config_class
         if module.startswith("rlhf_pipeline."):
             build_section(getattr(importlib.import_module(module), name), recipe.config, recipe.path,
@@ -63,3 +70,45 @@ class Stage:
 def get_stage(name: str) -> Stage:
     """Import a stage module (cheap: heavy imports live inside its `run`) and return its declaration."""
     return importlib.import_module(_STAGE_MODULES[name]).STAGE
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None, stage: str | None = None,
+                pending_outputs: list[Path] | None = None) -> Recipe:
+    """Read, override and validate a recipe; raises RecipeError naming the file and the key.
+
+    `pending_outputs` are folders earlier pipeline stages will write: data cards inside them may not
+    exist yet when the whole chain is validated up front.
+    """
+    path = Path(path)
+    data = apply_overrides(read_yaml(path), overrides or [], path)
+    check_secrets(data, path)
+    name = data.get("stage", stage)
+    if name is None:
+        raise RecipeError(path, "stage", f"required key is missing; one of: {', '.join(STAGE_NAMES)}")
+    if name not in STAGE_NAMES:
+        raise RecipeError(path, "stage", f"unknown stage '{name}'{suggest(str(name), STAGE_NAMES)}")
+    if stage is not None and name != stage:
+        raise RecipeError(path, "stage", f"this is a '{name}' recipe; run it with `rlhf-pipeline {name}`")
+    spec = get_stage(name)
+    known = {"stage", "model", "data", spec.config_section, "hub", *spec.sections}
+    for key in data:
+        if key not in known:
+            raise RecipeError(path, shown_key(key), f"unknown section{suggest(str(key), known)}")
+    for required in ("model", "data", spec.config_section):
+        if required not in data:
+            raise RecipeError(path, required, "required section is missing")
+    data_spec = build_section(DataSpec, data["data"], path, "data")
+    recipe = Recipe(
+        path=path,
+        stage=name,
+        model=build_section(ModelSpec, data["model"], path, "model"),
+        data=data_spec,
+        config=check_config(data[spec.config_section], spec.config_fields(), path, spec.config_section),
+        config_section=spec.config_section,
+        hub=build_section(HubSpec, data.get("hub", {}), path, "hub"),
+        sections={key: build_section(cls, data.get(key, {}), path, key) for key, cls in spec.sections.items()},
+        pending_outputs=list(pending_outputs or []),
+        cards=check_cards(data_spec, path, name, spec.data_formats, pending_outputs),
+    )
+    spec.check(recipe)
+    return recipe

@@ -12,7 +12,8 @@ from transformers import AutoTokenizer
 
 from rlhf_pipeline.data.loading import load_datasets
 from rlhf_pipeline.errors import PipelineError
-from rlhf_pipeline.recipe import Recipe, load_recipe
+from rlhf_pipeline.recipe import Recipe
+from rlhf_pipeline.stages import load_recipe
 from tests.stages.conftest import write_card
 
 

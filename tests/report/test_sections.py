@@ -13,9 +13,8 @@ import numpy as np
 import pytest
 import yaml
 
-from rlhf_pipeline.recipe import load_recipe
 from rlhf_pipeline.report import REPORT
-from rlhf_pipeline.stages import ppo
+from rlhf_pipeline.stages import load_recipe, ppo
 from tests.report.conftest import check_png, finite, metrics_of
 
 

@@ -14,7 +14,7 @@ from rlhf_pipeline.cli import main
 from rlhf_pipeline.errors import PipelineError, RecipeError
 from rlhf_pipeline.outputs import StageManifest, mark_complete
 from rlhf_pipeline.pipeline import validate_pipeline
-from rlhf_pipeline.recipe import load_recipe
+from rlhf_pipeline.stages import load_recipe
 from rlhf_pipeline.stages.ppo import check_same_tokenizer
 from tests.stages.conftest import preference_rows, write_card
 

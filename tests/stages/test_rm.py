@@ -8,9 +8,8 @@ from pathlib import Path
 import pytest
 
 from rlhf_pipeline.errors import PipelineError
-from rlhf_pipeline.recipe import load_recipe
 from rlhf_pipeline.reward import RewardModel
-from rlhf_pipeline.stages import rm, sft
+from rlhf_pipeline.stages import load_recipe, rm, sft
 from tests.stages.conftest import preference_rows, sft_rows, write_card
 
 

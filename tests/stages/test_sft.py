@@ -10,8 +10,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rlhf_pipeline.cli import main
-from rlhf_pipeline.recipe import load_recipe
-from rlhf_pipeline.stages import sft
+from rlhf_pipeline.stages import load_recipe, sft
 from tests.stages.conftest import sft_rows, write_card
 
 
