@@ -19,6 +19,7 @@ $(INSTALLED): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet "$(TORCH_SPEC)"
 	$(PY) -m pip install --quiet -e ".[dev,demo]"
+	$(PY) -c "from rlhf_pipeline.stages import cache_config_fields; cache_config_fields()"  # validate stays < 1 s
 	touch $(INSTALLED)
 
 demo: $(INSTALLED)

@@ -54,7 +54,8 @@ def _sft_probe_recipe(recipe_path: str, overrides: list[str], work: Path, steps:
     """The recipe with full-length synthetic rows, `steps` optimizer steps, no eval and no checkpoints."""
     import yaml
 
-    from rlhf_pipeline.models import load_tokenizer, resolve_source
+    from rlhf_pipeline.models import load_tokenizer
+    from rlhf_pipeline.sources import resolve_source
     from rlhf_pipeline.stages import load_recipe
 
     recipe = load_recipe(recipe_path, overrides)

@@ -39,7 +39,8 @@ def overrides(mode: str, work: Path, out: Path) -> list[str]:
 def longest_lengths(work: Path) -> dict[str, int]:
     """The longest templated SFT row and PPO prompt of the demo data (what the batches are padded to at most)."""
     from rlhf_pipeline.chat import encode_prompt
-    from rlhf_pipeline.models import load_tokenizer, resolve_source
+    from rlhf_pipeline.models import load_tokenizer
+    from rlhf_pipeline.sources import resolve_source
     from rlhf_pipeline.stages import load_recipe
 
     recipe = load_recipe(RECIPES / "sft.yaml")

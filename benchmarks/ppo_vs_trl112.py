@@ -70,12 +70,12 @@ def _trl112(work: Path, steps: int, out: Path) -> int:
     from trl.experimental.ppo import PPOConfig, PPOTrainer
 
     from rlhf_pipeline.chat import encode_prompt
-    from rlhf_pipeline.models import REWARD, load_base, load_tokenizer, merged_model, resolve_source
-    from rlhf_pipeline.ppo.config import PPOConfig as OurPPOConfig
+    from rlhf_pipeline.models import REWARD, load_base, load_tokenizer, merged_model
+    from rlhf_pipeline.sources import resolve_source
     from rlhf_pipeline.stages import load_recipe
 
     recipe = load_recipe(RECIPE, [f"model.name_or_path={work / 'sft'}", f"training.reward_model_path={work / 'rm'}"])
-    ours = OurPPOConfig(**recipe.config)
+    ours = recipe.settings
     spec = dataclasses.replace(recipe.model, lora=None)
     source = resolve_source(spec, progress=lambda _: None)
     tokenizer = load_tokenizer(source, spec)

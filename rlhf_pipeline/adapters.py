@@ -23,12 +23,12 @@ from rlhf_pipeline.errors import PipelineError
 from rlhf_pipeline.models import (
     CAUSAL_LM,
     REWARD,
-    ModelSource,
     load_adapter_weights,
     load_base,
     read_score_head,
 )
 from rlhf_pipeline.outputs import ADAPTER_WEIGHTS, read_manifest
+from rlhf_pipeline.sources import ModelSource
 
 if TYPE_CHECKING:
     from peft import LoraConfig

@@ -26,11 +26,12 @@ from rlhf_pipeline.outputs import (
     StageManifest,
     read_manifest,
     read_recipe,
-    require_model_stage,
     short_sha,
     shown_path,
     write_text_atomic,
 )
+from rlhf_pipeline.sources import is_hub_id
+from rlhf_pipeline.stages import get_stage, require_model_stage
 
 if TYPE_CHECKING:
     from huggingface_hub import ModelCardData
@@ -39,10 +40,6 @@ CARD = "README.md"
 CARD_MARKER = "<!-- rlhf-pipeline model card: re-rendered on every push; delete this line to keep your edits -->"
 TEMPLATE = Path(__file__).parent / "templates" / "model_card.md"
 
-_STAGE_TAGS = {"sft": "sft", "rm": "reward-model", "ppo": "ppo"}
-_STAGE_WHAT = {"sft": "supervised fine-tuning (SFT) policy",
-               "rm": "reward model (a scalar score head on the SFT model)",
-               "ppo": "PPO policy, trained against the reward model and KL-anchored to the SFT policy"}
 _LIBRARIES = ("torch", "transformers", "trl", "peft", "accelerate", "rlhf-pipeline")
 # Hub license identifiers a card's license may map onto; anything else becomes "other".
 _HUB_LICENSES = frozenset({
@@ -53,18 +50,12 @@ _HUB_LICENSES = frozenset({
     "odc-by", "odbl", "pddl", "openrail", "openrail++", "unlicense", "wtfpl", "llama2", "llama3", "llama3.1",
     "llama3.2", "llama3.3", "gemma", "other"})
 _PEFT_TEMPLATE_TITLE = "# Model Card for Model ID"
-_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
 _TOKEN_LIKE = re.compile(r"\bhf_[A-Za-z0-9]{8,}")
 
 
 def redact(text: str) -> str:
     """Blank anything shaped like a Hugging Face token, so no message or card can carry one."""
     return _TOKEN_LIKE.sub("hf_***", text)
-
-
-def is_hub_id(name: str) -> bool:
-    """A Hub repo id (not a folder on this machine): what a card's `base_model` may name."""
-    return bool(_HUB_ID.match(name)) and not Path(name).expanduser().exists()
 
 
 def is_generated_card(text: str) -> bool:
@@ -126,7 +117,7 @@ def _card_data(manifest: StageManifest, origin: str, summaries: list[_DataSummar
         library_name="peft" if manifest.adapter else "transformers",
         pipeline_tag="text-classification" if manifest.task == "reward" else "text-generation",
         license=_card_license(origin, summaries),
-        tags=["rlhf", "trl", *(["peft", "lora"] if manifest.adapter else []), _STAGE_TAGS[manifest.stage]],
+        tags=["rlhf", "trl", *(["peft", "lora"] if manifest.adapter else []), get_stage(manifest.stage).model.tag],
         datasets=list(dict.fromkeys(datasets)) or None,
         base_model_relation=("adapter" if manifest.adapter else "finetune") if hub_base else None)
 
@@ -297,7 +288,7 @@ def render_model_card(output_dir: str | Path, manifest: StageManifest | None = N
         title=repo_id or f"{manifest.stage} {'adapter' if manifest.adapter else 'model'} ({shown_path(here)})",
         kind="LoRA adapter" if manifest.adapter else "fine-tuned model",
         base_link=f"[{origin}](https://huggingface.co/{origin})" if is_hub_id(origin) else f"`{shown_path(origin)}`",
-        stage=manifest.stage, stage_what=_STAGE_WHAT[manifest.stage], fingerprint=manifest.fingerprint,
+        stage=manifest.stage, stage_what=get_stage(manifest.stage).model.what, fingerprint=manifest.fingerprint,
         lineage=_lineage(manifest, here, repo, folder / ADAPTER_WEIGHTS),
         continued=bool(manifest.lineage and manifest.adapter),
         reward_stats={"mean": f"{stats.get('mean', 0):.4g}", "std": f"{stats.get('std', 1):.4g}"} if stats else None,

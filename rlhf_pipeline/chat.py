@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    import torch
     from transformers import PreTrainedTokenizerBase
 
 Messages = list[dict[str, str]]
@@ -58,3 +59,16 @@ def encode_conversations(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[M
 def answer_text(message: Messages | str) -> str:
     """The text of a canonical answer (a one-message list) or of a plain string."""
     return message if isinstance(message, str) else message[-1]["content"]
+
+
+def pad_batch(sequences: Sequence[Sequence[int]], pad_id: int, side: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Padded ids and the attention mask built from the lengths (never from `ids != pad`, which would hide an
+    end-of-turn token that doubles as the pad token). `side="left"` ends every prompt together, for sampling;
+    "right" puts every row's last token at its own length, for scoring.
+    """
+    import torch
+    from trl.trainer.utils import pad
+
+    rows = [torch.as_tensor(sequence, dtype=torch.long) for sequence in sequences]
+    return (pad(rows, padding_value=pad_id, padding_side=side),
+            pad([torch.ones_like(row) for row in rows], padding_value=0, padding_side=side))

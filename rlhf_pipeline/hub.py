@@ -17,10 +17,8 @@ from __future__ import annotations
 import argparse
 import fnmatch
 import hashlib
-import os
 import shlex
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -32,9 +30,11 @@ from rlhf_pipeline.outputs import (
     MARKER,
     StageManifest,
     file_sha256,
-    require_model_stage,
+    new_folder,
     write_json,
 )
+from rlhf_pipeline.sources import hub_offline
+from rlhf_pipeline.stages import require_model_stage
 
 if TYPE_CHECKING:
     from rlhf_pipeline.recipe import Recipe
@@ -175,9 +175,7 @@ def write_plan(plan: PushPlan, plan_dir: str | Path) -> Path:
     plan_dir = Path(plan_dir)
     if plan_dir.exists() and any(plan_dir.iterdir()) and not (plan_dir / PLAN_FILE).is_file():
         raise PipelineError(f"--plan-dir: {plan_dir} exists and is not a push plan; choose an empty or new folder")
-    plan_dir.parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(dir=plan_dir.parent, prefix=f".{plan_dir.name}.tmp-"))
-    try:
+    with new_folder(plan_dir) as scratch:
         upload = scratch / PLAN_UPLOAD
         upload.mkdir()
         for planned in plan.files:
@@ -186,20 +184,7 @@ def write_plan(plan: PushPlan, plan_dir: str | Path) -> Path:
             else:
                 shutil.copy2(planned.source, upload / planned.path_in_repo)
         write_json(scratch / PLAN_FILE, plan.as_dict())
-        if plan_dir.exists():
-            old = plan_dir.with_name(f".{plan_dir.name}.old-{os.getpid()}")
-            os.replace(plan_dir, old)
-            shutil.rmtree(old, ignore_errors=True)
-        os.replace(scratch, plan_dir)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
     return plan_dir
-
-
-def _hub_offline() -> bool:
-    from huggingface_hub import constants
-
-    return bool(constants.HF_HUB_OFFLINE)
 
 
 def upload(plan: PushPlan) -> Any:
@@ -209,7 +194,7 @@ def upload(plan: PushPlan) -> Any:
     changed either way (the card goes up from memory, the other files straight from the output folder).
     """
     retry = plan.retry_command()
-    if _hub_offline():
+    if hub_offline():
         raise PipelineError(f"push: HF_HUB_OFFLINE=1 forbids uploads; unset it and run: {retry}")
     from huggingface_hub import CommitOperationAdd, HfApi
 

@@ -13,22 +13,20 @@ adapter.
 from __future__ import annotations
 
 import argparse
-import os
 import shlex
-import shutil
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rlhf_pipeline.errors import PipelineError
 from rlhf_pipeline.outputs import (
     ADAPTER_WEIGHTS,
+    new_folder,
     read_recipe,
-    require_model_stage,
     short_sha,
     shown_path,
     write_json,
 )
+from rlhf_pipeline.stages import require_model_stage
 
 if TYPE_CHECKING:
     from rlhf_pipeline.recipe import ModelSpec
@@ -78,15 +76,14 @@ def merge(output_dir: str | Path, output: str | Path, *, full_precision: bool = 
     if not is_main_process():
         return output
 
-    from rlhf_pipeline.models import load_base, load_tokenizer, merged_model, resolve_source
+    from rlhf_pipeline.models import load_base, load_tokenizer, merged_model
+    from rlhf_pipeline.sources import resolve_source
 
     source = resolve_source(spec, progress=say)
     tokenizer = load_tokenizer(source, spec)
     say(f"merge: {source.origin} + the adapter of {output_dir}")
     model = merged_model(load_base(source, spec, tokenizer, task=manifest.task), str(source.adapter))
-    output.parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.tmp-"))
-    try:
+    with new_folder(output) as scratch:
         model.save_pretrained(scratch, safe_serialization=True)
         tokenizer.save_pretrained(scratch)
         write_json(scratch / "merged_from.json", {
@@ -95,13 +92,6 @@ def merge(output_dir: str | Path, output: str | Path, *, full_precision: bool = 
             "adapter": {"path": shown_path(str(source.adapter)),
                         "sha256": short_sha(Path(str(source.adapter)) / ADAPTER_WEIGHTS)},
             "lineage": [shown_path(stage_dir) for stage_dir in source.lineage[:-1]]})
-        if output.exists():
-            old = output.with_name(f".{output.name}.old-{os.getpid()}")
-            os.replace(output, old)
-            shutil.rmtree(old, ignore_errors=True)
-        os.replace(scratch, output)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
     loader = "AutoModelForSequenceClassification" if manifest.task == "reward" else "AutoModelForCausalLM"
     say(f"merge: wrote {output} (loads with {loader}.from_pretrained, no PEFT needed)")
     return output

@@ -16,13 +16,11 @@ import logging
 import os
 import re
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from rlhf_pipeline import embedded
 from rlhf_pipeline.errors import PipelineError
-from rlhf_pipeline.outputs import read_manifest
+from rlhf_pipeline.sources import ModelSource
 
 if TYPE_CHECKING:
     import torch
@@ -38,62 +36,6 @@ logger = logging.getLogger(__name__)
 _PAD_CANDIDATES = ("<|finetune_right_pad_id|>", "<|pad|>", "<pad>", "[PAD]", "<|endoftext|>", "<unk>")
 CAUSAL_LM = "causal-lm"
 REWARD = "reward"
-
-
-@dataclass
-class ModelSource:
-    """Where weights come from, and the public name to record in model cards and adapter configs."""
-
-    path: str
-    revision: str | None
-    origin: str
-    origin_revision: str | None
-    tokenizer_path: str
-    adapter: str | None = None  # a finished stage's folder whose adapter (and head) sits on the base
-    lineage: list[str] = field(default_factory=list)  # finished stage folders behind this model, oldest first
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"path": self.path, "revision": self.revision, "origin": self.origin,
-                "origin_revision": self.origin_revision}
-
-
-def resolve_source(spec: ModelSpec, progress: Any = print) -> ModelSource:
-    """Turn `name_or_path` into a loadable source; a finished stage's output is its base plus its adapter."""
-    name = spec.name_or_path
-    if embedded.is_embedded(name):
-        folder = str(embedded.materialise(name, progress=progress))
-        return ModelSource(folder, None, embedded.origin(name), None, folder)
-    path = Path(name).expanduser()
-    if path.is_dir():
-        manifest = read_manifest(path)
-        if manifest is None:
-            if (path / "adapter_config.json").is_file() or path.name.startswith("checkpoint-"):
-                raise PipelineError(f"model.name_or_path: {path} holds no finished stage (no stage.json); "
-                                    "let the stage finish, or re-run it to resume from its checkpoint")
-            folder = str(path.resolve())
-            return ModelSource(folder, None, folder, None, folder)
-        base, folder = manifest.base_model, str(path.resolve())
-        lineage = [*manifest.lineage, folder]
-        if not manifest.adapter:  # a full fine-tune: the folder holds the weights themselves
-            return ModelSource(str(path), None, base["origin"], base.get("origin_revision"), str(path),
-                               lineage=lineage)
-        return ModelSource(base["path"], base.get("revision"), base["origin"], base.get("origin_revision"),
-                           str(path), folder, lineage)
-    if path.suffix or name.startswith((".", "/", "~")) or name.count("/") > 1:
-        raise PipelineError(f"model.name_or_path: folder '{name}' not found")
-    _check_hub_reachable(name, spec.revision)
-    return ModelSource(name, spec.revision, name, spec.revision, name)
-
-
-def _check_hub_reachable(repo_id: str, revision: str) -> None:
-    """Offline, a Hub id must already be in the local cache; say so before anything loads."""
-    from huggingface_hub import constants, try_to_load_from_cache
-
-    if constants.HF_HUB_OFFLINE and not isinstance(try_to_load_from_cache(repo_id, "config.json",
-                                                                          revision=revision), str):
-        raise PipelineError(f"model.name_or_path: '{repo_id}' is not in the local Hugging Face cache and "
-                            "HF_HUB_OFFLINE=1 forbids downloading it; unset HF_HUB_OFFLINE, download it "
-                            "first, or point name_or_path at a local folder")
 
 
 def load_tokenizer(source: ModelSource, spec: ModelSpec) -> PreTrainedTokenizerBase:

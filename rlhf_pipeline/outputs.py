@@ -26,7 +26,6 @@ from rlhf_pipeline.errors import PipelineError
 
 MARKER = "stage.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
-MODEL_STAGES = ("sft", "rm", "ppo")  # the stages whose output is a model: what push, merge and the card take
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -58,6 +57,33 @@ def check_writable(folder: Path) -> None:
     finally:
         os.close(fd)
         os.unlink(probe)
+
+
+def move_into_place(folder: Path, target: Path) -> None:
+    """Rename a fully written folder to `target`: readers see the old folder or the new one, never half of one.
+
+    An existing `target` is first renamed aside (one step) and then removed.
+    """
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        os.replace(target, old)
+        shutil.rmtree(old, ignore_errors=True)
+    os.replace(folder, target)
+
+
+@contextmanager
+def new_folder(target: Path) -> Iterator[Path]:
+    """Yield a scratch folder beside `target`; when the block succeeds it replaces `target` whole.
+
+    A block that fails leaves `target` as it was and removes the scratch.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
+    try:
+        yield scratch
+        move_into_place(scratch, target)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 @contextmanager
@@ -122,18 +148,6 @@ def require_finished(output_dir: Path, stage: str, key: str) -> StageManifest:
     return manifest
 
 
-def require_model_stage(output_dir: Path) -> StageManifest:
-    """The manifest of a finished stage that holds a model, or an error saying what to push or merge instead."""
-    manifest = read_manifest(output_dir)
-    if manifest is None:
-        raise PipelineError(f"{output_dir}: no finished stage here (no {MARKER}); run the stage, or let it "
-                            "finish, before pushing or merging it")
-    if manifest.stage not in MODEL_STAGES:
-        raise PipelineError(f"{output_dir}: holds a finished '{manifest.stage}' stage, which has no model; "
-                            f"push or merge an output of {', '.join(MODEL_STAGES)}")
-    return manifest
-
-
 def read_recipe(output_dir: Path) -> tuple[dict[str, Any], str]:
     """A finished stage's resolved recipe, parsed and as written (the card quotes it verbatim)."""
     path = output_dir / "recipe.yaml"
@@ -171,6 +185,7 @@ def shown_path(path: str | Path, home: bool = True) -> str:
 
 
 CHECKPOINT_STATE = "trainer_state.json"  # written last into a checkpoint, by transformers' Trainer and our PPO
+CHECKPOINT_PREFIX = "checkpoint-"
 
 
 def _complete(checkpoint: Path) -> bool:
@@ -182,17 +197,23 @@ def _complete(checkpoint: Path) -> bool:
     return True
 
 
-def last_checkpoint(output_dir: str | os.PathLike[str]) -> Path | None:
-    """The newest complete `checkpoint-N` folder, so a re-run continues instead of starting over.
+def checkpoints(output_dir: str | os.PathLike[str], complete: bool = True) -> list[Path]:
+    """The `checkpoint-N` folders of a run, oldest first; with `complete`, only those a resume may use.
 
-    A folder a killed run was still writing (no trainer state yet) is passed over for the one before it.
+    A folder a killed run was still writing (no trainer state yet, or a cut one) is not complete.
     """
     output_dir = Path(output_dir)
     if not output_dir.is_dir():
-        return None
-    steps = [(int(p.name.split("-")[-1]), p) for p in output_dir.glob("checkpoint-*")
-             if p.is_dir() and p.name.split("-")[-1].isdigit() and _complete(p)]
-    return max(steps)[1] if steps else None
+        return []
+    found = [p for p in output_dir.glob(f"{CHECKPOINT_PREFIX}*")
+             if p.is_dir() and p.name[len(CHECKPOINT_PREFIX):].isdigit() and (not complete or _complete(p))]
+    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
+
+
+def last_checkpoint(output_dir: str | os.PathLike[str]) -> Path | None:
+    """The newest complete `checkpoint-N` folder, so a re-run continues instead of starting over."""
+    found = checkpoints(output_dir)
+    return found[-1] if found else None
 
 
 def save_recipe_and_metrics(folder: Path, resolved_recipe: dict[str, Any], metrics: dict[str, Any]) -> None:

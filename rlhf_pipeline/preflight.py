@@ -10,10 +10,8 @@ library's traceback) or, worse, train something other than the recipe says:
   (the Trainer stops with "DeepSpeed config values that mismatch TrainingArguments");
 * a 4-bit (QLoRA) base sharded by ZeRO-3 or FSDP without `bnb_4bit_quant_storage` equal to the compute
   dtype (the 4-bit weights must be stored in a float dtype to be sharded);
-* PPO under a launch that shards parameters (ZeRO-3, FSDP): PPO samples its answers with `generate()` from
-  the model it trains, token by token, and switches adapters off for the reference and reward passes; it runs
-  under DDP and DeepSpeed ZeRO-1/2, which keep whole parameters on every rank;
-* a PPO run whose prompts or episodes do not fill the global rollout batch (per process × processes).
+* whatever the stage itself refuses (its `launch_checks`: PPO under a launch that shards parameters, PPO
+  batches that do not fill the processes; stages/ppo.py).
 
 Nothing heavy is imported at module level; `check_launch` takes the environment as a mapping so it can be
 tested without launching anything.
@@ -26,48 +24,40 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from rlhf_pipeline.distributed import Launch, read_launch
-from rlhf_pipeline.errors import PipelineError, RecipeError
+from rlhf_pipeline.errors import RecipeError
+from rlhf_pipeline.stages import Stage, get_stage
 
 if TYPE_CHECKING:
     from rlhf_pipeline.recipe import Recipe
 
-PPO_LAUNCH_HINT = ("launch PPO with accelerate_configs/multi_gpu.yaml (DDP) or deepspeed_zero2.yaml "
-                   "(cpu_multi_process.yaml or deepspeed_zero2_cpu.yaml on a machine without GPUs)")
-
-# DeepSpeed config keys that must agree with the recipe: DeepSpeed key -> (recipe key, its default).
+# DeepSpeed config keys that must agree with the recipe: DeepSpeed key -> recipe key (default: the config class's).
 _DEEPSPEED_RECIPE_KEYS = {
-    "gradient_accumulation_steps": ("gradient_accumulation_steps", 1),
-    "gradient_clipping": ("max_grad_norm", 1.0),
-    "train_micro_batch_size_per_gpu": ("per_device_train_batch_size", 8),
+    "gradient_accumulation_steps": "gradient_accumulation_steps",
+    "gradient_clipping": "max_grad_norm",
+    "train_micro_batch_size_per_gpu": "per_device_train_batch_size",
 }
 
 
 def check_launch(recipe: Recipe, env: Mapping[str, str] | None = None) -> Launch:
-    """Raise PipelineError (naming the recipe key and the fix) for a launch this recipe cannot run under."""
+    """Raise PipelineError (naming the recipe key and the fix) for a launch this recipe cannot run under.
+
+    The checks every stage shares run here; a stage adds its own through its `launch_checks` (PPO's).
+    """
     launch = read_launch(env)
-    if recipe.stage == "ppo":
-        _check_ppo_backend(recipe, launch)
-    _check_deepspeed_values(recipe, launch)
+    stage = get_stage(recipe.stage)
+    _check_deepspeed_values(recipe, launch, stage)
     _check_sharded_quantization(recipe, launch)
-    if recipe.stage == "ppo":
-        _check_ppo_batches(recipe, launch)
+    if stage.launch_checks is not None:
+        stage.launch_checks(recipe, launch)
     return launch
 
 
-def _check_ppo_backend(recipe: Recipe, launch: Launch) -> None:
-    if launch.shards_parameters:
-        raise PipelineError(f"{recipe.path}: this launch uses {launch.backend}, which shards every parameter over "
-                            "the processes, but PPO samples answers with generate() from the model it trains and "
-                            "needs whole parameters on each rank (DDP or DeepSpeed ZeRO-1/2, which shard only "
-                            f"gradients and optimizer states); {PPO_LAUNCH_HINT}")
-
-
-def _check_deepspeed_values(recipe: Recipe, launch: Launch) -> None:
+def _check_deepspeed_values(recipe: Recipe, launch: Launch, stage: Stage) -> None:
     fixed = launch.deepspeed_values
-    for ds_key, (recipe_key, default) in _DEEPSPEED_RECIPE_KEYS.items():
+    for ds_key, recipe_key in _DEEPSPEED_RECIPE_KEYS.items():
         if ds_key not in fixed:
             continue
-        wanted = recipe.config.get(recipe_key, default)
+        wanted = recipe.config.get(recipe_key, stage.config_default(recipe_key))
         if wanted is None or not math.isclose(float(wanted), fixed[ds_key]):
             raise RecipeError(recipe.path, f"training.{recipe_key}",
                               f"the recipe says {wanted} but the DeepSpeed config fixes {ds_key} = "
@@ -75,8 +65,8 @@ def _check_deepspeed_values(recipe: Recipe, launch: Launch) -> None:
                               "DeepSpeed config so it follows the recipe (accelerate_configs/README.md), or set "
                               "the recipe to the same value")
     if "train_batch_size" in fixed:
-        per_device = recipe.config.get("per_device_train_batch_size", 8)
-        accumulation = recipe.config.get("gradient_accumulation_steps", 1)
+        per_device, accumulation = (recipe.config.get(key, stage.config_default(key))
+                                    for key in ("per_device_train_batch_size", "gradient_accumulation_steps"))
         product = per_device * accumulation * launch.world_size
         if product != fixed["train_batch_size"]:
             raise RecipeError(recipe.path, "training.per_device_train_batch_size",
@@ -100,38 +90,3 @@ def _check_sharded_quantization(recipe: Recipe, launch: Launch) -> None:
                           f"{launch.backend} shards the 4-bit base over the processes, which needs the 4-bit "
                           f"weights stored in the compute dtype; set bnb_4bit_quant_storage: {compute} "
                           f"(now: {storage or 'uint8, the default'})")
-
-
-def _check_ppo_batches(recipe: Recipe, launch: Launch) -> None:
-    from rlhf_pipeline.ppo.config import PPOConfig
-
-    config = PPOConfig(**recipe.config)
-    per_process = config.rollout_batch_size
-    global_batch = per_process * launch.world_size
-    shape = f"{per_process} prompts per process x {launch.world_size} process(es)"
-    if launch.world_size > 1 and config.total_episodes is not None and config.total_episodes % global_batch:
-        steps = math.ceil(config.total_episodes / global_batch)
-        raise RecipeError(recipe.path, "training.total_episodes",
-                          f"{config.total_episodes} episodes do not divide into the global rollout batch of "
-                          f"{global_batch} ({shape}): the run would train {steps * global_batch}; set "
-                          f"total_episodes to a multiple of {global_batch} (e.g. {steps * global_batch}), or "
-                          "change per_device_train_batch_size / gradient_accumulation_steps / num_mini_batches")
-    available = count_prompt_rows(recipe)
-    if available is not None and available < global_batch:
-        raise RecipeError(recipe.path, "data.train",
-                          f"at most {available} prompts, fewer than one global rollout batch of {global_batch} "
-                          f"({shape}); add prompts, or lower per_device_train_batch_size / "
-                          "gradient_accumulation_steps / num_mini_batches, or launch fewer processes")
-
-
-def count_prompt_rows(recipe: Recipe) -> int | None:
-    """Rows in the recipe's local JSON/JSONL cards (an upper bound on its prompts); None if not cheap to know."""
-    from rlhf_pipeline.data.loading import read_card_rows
-
-    total = 0
-    for card in recipe.cards:
-        path = card.local_path()
-        if path is None or path.suffix not in (".json", ".jsonl"):
-            return None
-        total += len(read_card_rows(card)[0])
-    return total

@@ -21,6 +21,7 @@ import yaml
 
 from rlhf_pipeline.data.cards import DataCard, DataSpec
 from rlhf_pipeline.errors import RecipeError
+from rlhf_pipeline.outputs import read_manifest
 from rlhf_pipeline.schema import (
     coerce,
     describe,
@@ -166,6 +167,7 @@ class Recipe:
     # Folders earlier stages of the pipeline being validated will (re)write: checks of their contents wait.
     pending_outputs: list[Path] = field(default_factory=list)
     cards: list[DataCard] = field(default_factory=list)  # the data cards named, loaded and checked (none pending)
+    settings: Any = None  # the stage's typed config when it is one of ours (PPOConfig...), built once
 
     @property
     def output_dir(self) -> Path:
@@ -193,10 +195,8 @@ class Recipe:
             elif isinstance(value, str) and value and value != self.config.get("output_dir"):
                 path = Path(value)
                 for folder in (path, path.parent):
-                    marker = folder / "stage.json"
-                    if marker.is_file():
-                        manifest = json.loads(marker.read_text(encoding="utf-8"))
-                        found[str(folder.resolve())] = f"{manifest['fingerprint']}@{manifest['finished_at']}"
+                    if (manifest := read_manifest(folder)) is not None:
+                        found[str(folder.resolve())] = f"{manifest.fingerprint}@{manifest.finished_at}"
                         break
 
         visit(self.resolved())

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from rlhf_pipeline.chat import Messages, encode_conversations
+from rlhf_pipeline.chat import Messages, encode_conversations, pad_batch
 
 if TYPE_CHECKING:
     import torch
@@ -21,19 +21,6 @@ if TYPE_CHECKING:
     from rlhf_pipeline.adapters import SharedBase
 
 ScoreFn = Callable[["torch.Tensor", "torch.Tensor"], "torch.Tensor"]  # right-padded ids, mask -> a score per row
-
-
-def right_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded ids and the attention mask built from the lengths (never from `ids != pad`)."""
-    import torch
-
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-        mask[row, : len(seq)] = 1
-    return ids, mask
 
 
 def sequence_scores(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -64,9 +51,10 @@ class RewardModel:
         import dataclasses
 
         from rlhf_pipeline.adapters import load_frozen_roles
-        from rlhf_pipeline.models import load_tokenizer, resolve_source
+        from rlhf_pipeline.models import load_tokenizer
         from rlhf_pipeline.outputs import require_finished
         from rlhf_pipeline.recipe import ModelSpec
+        from rlhf_pipeline.sources import resolve_source
 
         require_finished(Path(output_dir), "rm", "reward model")
         spec = dataclasses.replace(model_spec, name_or_path=str(output_dir)) if isinstance(model_spec, ModelSpec) \
@@ -99,7 +87,8 @@ class RewardModel:
         batches = range(0, len(sequences), self.batch_size)
         with torch.no_grad():
             for start in tqdm(batches, desc=description, disable=description is None or not is_main_process()):
-                ids, mask = right_pad(sequences[start : start + self.batch_size], self.tokenizer.pad_token_id)
+                ids, mask = pad_batch(sequences[start : start + self.batch_size], self.tokenizer.pad_token_id,
+                                      "right")
                 scores.extend(self.score_fn(ids.to(self.device), mask.to(self.device)).tolist())
         return scores
 

@@ -14,6 +14,8 @@ import difflib
 import math
 import re
 import sys
+import types
+import typing
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -113,6 +115,25 @@ def describe(annotation: str) -> str:
     return " or ".join(words.get(p, p) for p in parts)
 
 
+def annotation_text(annotation: Any) -> str:
+    """A type as the annotation string `schema` reads: `int | None`, `list[str]`, `Literal['a', 'b']`."""
+    if isinstance(annotation, str):
+        return annotation
+    if annotation is type(None) or annotation is None:
+        return "None"
+    if annotation is Any:
+        return "Any"
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(annotation_text(arg) for arg in args)
+    if origin is typing.Literal:
+        return f"Literal[{', '.join(repr(arg) for arg in args)}]"
+    if origin is not None:
+        name = getattr(origin, "__name__", str(origin))
+        return f"{name}[{', '.join(annotation_text(arg) for arg in args)}]" if args else name
+    return getattr(annotation, "__name__", str(annotation))
+
+
 def suggest(key: str, candidates: Iterable[str]) -> str:
     """A '; did you mean X?' tail for a misspelt key, or nothing when no key is close."""
     close = difflib.get_close_matches(key, list(candidates), n=1, cutoff=0.6)
@@ -159,7 +180,7 @@ def build_section(cls: type, data: Any, path: Path, prefix: str) -> Any:
     for key, value in data.items():
         if key not in fields:
             raise RecipeError(path, dotted_key(prefix, key), f"unknown key{suggest(str(key), fields)}")
-        annotation = str(fields[key].type)
+        annotation = annotation_text(fields[key].type)
         value = coerce(value, annotation)
         nested = _section_class(cls, annotation)
         if nested and isinstance(value, dict):

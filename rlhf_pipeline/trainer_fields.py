@@ -1,60 +1,99 @@
-"""Field names and types of TRL/transformers config dataclasses, read from their source without importing them.
+"""The fields of a trainer's config dataclass (TRL's SFTConfig, RewardConfig...): names, annotations, defaults.
 
-`rlhf-pipeline validate` must answer in well under three seconds, and importing TRL pulls in torch and
-transformers (~10 s). The dataclass fields are plain annotated assignments, so parsing the installed
-source files with `ast` gives the exact field list of the installed version at a fraction of the cost.
+`dataclasses.fields` of the real class is the truth. Importing a TRL config costs seconds (it pulls in torch
+and transformers) and `rlhf-pipeline validate` must answer in well under three, so the fields are read once
+per installed version of trl and transformers and kept as JSON in the cache (`$RLHF_PIPELINE_CACHE`, else
+`~/.cache/rlhf_pipeline`, under `trainer_fields/`); `stages.cache_config_fields()` fills it for every
+registered stage, and `make install` runs that. Annotations become the strings `schema` checks values
+against (`int | None`, `list[str]`, `IntervalStrategy | str`).
 """
 
 from __future__ import annotations
 
-import ast
+import dataclasses
 import functools
-import importlib.util
+import importlib
+import json
+import os
+import typing
+from importlib import metadata
 from pathlib import Path
+from typing import Any
 
-# Where a base class that a config module imports from a package root actually lives.
-_PACKAGE_ROOT_CLASSES = {("transformers", "TrainingArguments"): "transformers.training_args"}
+from rlhf_pipeline.outputs import write_json
+from rlhf_pipeline.schema import annotation_text
 
-
-def _module_file(module: str) -> Path:
-    """Locate a module's source file without executing the module or its parent package."""
-    top, _, rest = module.partition(".")
-    spec = importlib.util.find_spec(top)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(f"package '{top}' is not installed")
-    path = Path(next(iter(spec.submodule_search_locations)), *rest.split(".")) if rest else None
-    if path is None:
-        return Path(next(iter(spec.submodule_search_locations))) / "__init__.py"
-    return path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
+_LIBRARIES = ("trl", "transformers")
 
 
-def _resolve_base(module: str, tree: ast.Module, base: str) -> tuple[str, str] | None:
-    """Find the module that defines `base` as imported in `tree` (relative or absolute import)."""
-    for node in tree.body:
-        if isinstance(node, ast.ImportFrom) and any(alias.name == base for alias in node.names):
-            if node.level:
-                package = module.rsplit(".", node.level)[0]
-                target = f"{package}.{node.module}" if node.module else package
-            else:
-                target = node.module or ""
-            return _PACKAGE_ROOT_CLASSES.get((target, base), target), base
-    if any(isinstance(n, ast.ClassDef) and n.name == base for n in tree.body):
-        return module, base
-    return None
+@dataclasses.dataclass(frozen=True)
+class ConfigField:
+    """One field of a config dataclass: its annotation as a string, and its default when YAML can spell it."""
+
+    annotation: str
+    default: Any = None
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("RLHF_PIPELINE_CACHE")
+    return (Path(root).expanduser() if root else Path.home() / ".cache" / "rlhf_pipeline") / "trainer_fields"
+
+
+def _versions() -> str:
+    """The installed versions the fields were read from: a new version is read afresh."""
+    found = []
+    for name in _LIBRARIES:
+        try:
+            found.append(f"{name}-{metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            found.append(f"{name}-none")
+    return "_".join(found)
+
+
+def slow_to_import(module: str) -> bool:
+    """TRL's and transformers' configs pull in torch; other config classes (ours) import in milliseconds."""
+    return module.split(".")[0] in _LIBRARIES
 
 
 @functools.cache
+def config_fields(module: str, class_name: str) -> dict[str, ConfigField]:
+    """{field name: ConfigField} of a config dataclass, from the cache or (once) from the class itself."""
+    if not slow_to_import(module):
+        return read_fields(module, class_name)
+    path = cache_dir() / f"{module}.{class_name}-{_versions()}.json"
+    try:
+        cached = json.loads(path.read_text(encoding="utf-8"))
+        return {name: ConfigField(**value) for name, value in cached.items()}
+    except (OSError, ValueError, TypeError):
+        fields = read_fields(module, class_name)
+        write_json(path, {name: dataclasses.asdict(field) for name, field in fields.items()})
+        return fields
+
+
 def dataclass_fields(module: str, class_name: str) -> dict[str, str]:
-    """Return {field name: annotation source} of a dataclass, its bases' fields included."""
-    tree = ast.parse(_module_file(module).read_text(encoding="utf-8"))
-    cls = next((n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == class_name), None)
-    if cls is None:
-        raise LookupError(f"class {class_name} not found in {module}")
-    fields: dict[str, str] = {}
-    for base in cls.bases:
-        if isinstance(base, ast.Name) and (found := _resolve_base(module, tree, base.id)):
-            fields.update(dataclass_fields(*found))
-    for node in cls.body:
-        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and node.target.id[0] != "_":
-            fields[node.target.id] = ast.unparse(node.annotation)
-    return fields
+    """{field name: annotation string} of a config dataclass."""
+    return {name: field.annotation for name, field in config_fields(module, class_name).items()}
+
+
+def read_fields(module: str, class_name: str) -> dict[str, ConfigField]:
+    """Import the class and read `dataclasses.fields`: the slow, exact path behind the cache."""
+    cls = getattr(importlib.import_module(module), class_name)
+    hints = typing.get_type_hints(cls) if slow_to_import(module) else {}  # ours keep annotations as strings
+    return {field.name: ConfigField(annotation_text(hints.get(field.name, field.type)), _default(field))
+            for field in dataclasses.fields(cls) if not field.name.startswith("_")}
+
+
+def _default(field: dataclasses.Field) -> Any:
+    """The field's default if it is plain data (what a recipe could write), else None."""
+    if field.default is not dataclasses.MISSING:
+        value = field.default
+    elif field.default_factory is not dataclasses.MISSING:
+        value = field.default_factory()
+    else:
+        return None
+    value = getattr(value, "value", value)  # an Enum default: its string
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError):
+        return None
+    return value

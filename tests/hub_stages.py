@@ -109,7 +109,7 @@ def record_api(patch: pytest.MonkeyPatch, fail: bool = False) -> ApiCalls:
     patch.setattr(HfApi, "create_repo", create_repo)
     patch.setattr(HfApi, "create_branch", create_branch)
     patch.setattr(HfApi, "create_commit", create_commit)
-    patch.setattr(hub, "_hub_offline", lambda: False)  # tests run with HF_HUB_OFFLINE=1
+    patch.setattr(hub, "hub_offline", lambda: False)  # tests run with HF_HUB_OFFLINE=1
     return recorded
 
 

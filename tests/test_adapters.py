@@ -25,12 +25,12 @@ from rlhf_pipeline.models import (
     keep_4bit_gradients_exact,
     load_base,
     load_tokenizer,
-    resolve_source,
     trainable_model,
 )
 from rlhf_pipeline.ppo.roles import CRITIC, POLICY, REFERENCE, build_ppo_model
 from rlhf_pipeline.recipe import ModelSpec, QuantizationSpec
 from rlhf_pipeline.reward import RewardModel
+from rlhf_pipeline.sources import resolve_source
 from rlhf_pipeline.stages import load_recipe, rm, sft
 from tests.stages.conftest import preference_rows, sft_rows, write_card
 

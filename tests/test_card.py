@@ -106,8 +106,9 @@ def test_card_blanks_anything_shaped_like_a_token(hub_stages: Stages) -> None:
 def test_chain_card_loads_the_chain_with_its_own_adapter_alone(hub_stages: Stages, tiny_model_dir: Path,
                                                                 capsys) -> None:
     from rlhf_pipeline.adapters import load_frozen_roles
-    from rlhf_pipeline.models import load_tokenizer, resolve_source
+    from rlhf_pipeline.models import load_tokenizer
     from rlhf_pipeline.recipe import ModelSpec
+    from rlhf_pipeline.sources import resolve_source
 
     card = (hub_stages.chain / "README.md").read_text()
     assert front_matter(card)["base_model"] == HUB_BASE

@@ -120,7 +120,7 @@ def test_failed_push_leaves_outputs_alone_and_says_how_to_retry(hub_stages: Stag
 
     with pytest.raises(PipelineError, match="the local output is unchanged"):
         hub.push(hub_stages.sft, REPO)
-    monkeypatch.setattr(hub, "_hub_offline", lambda: True)
+    monkeypatch.setattr(hub, "hub_offline", lambda: True)
     with pytest.raises(PipelineError, match=r"HF_HUB_OFFLINE=1 .* rlhf-pipeline push "):
         hub.push(hub_stages.sft, REPO)
     assert snapshot(hub_stages.sft) == before

@@ -23,7 +23,6 @@ from rlhf_pipeline.adapters import load_frozen_roles
 from rlhf_pipeline.errors import PipelineError, RecipeError
 from rlhf_pipeline.models import (
     REWARD,
-    ModelSource,
     check_hardware,
     ensure_distinct_pad_token,
     load_adapter_weights,
@@ -31,12 +30,12 @@ from rlhf_pipeline.models import (
     load_tokenizer,
     merged_model,
     record_origin,
-    resolve_source,
     trainable_model,
 )
 from rlhf_pipeline.outputs import StageManifest, mark_complete
 from rlhf_pipeline.recipe import LoraSpec, ModelSpec, QuantizationSpec
 from rlhf_pipeline.schema import build_section
+from rlhf_pipeline.sources import ModelSource, resolve_source
 
 # PEFT itself still calls these transformers methods by their old names.
 pytestmark = pytest.mark.filterwarnings(
@@ -286,6 +285,13 @@ def test_offline_hub_id_in_the_cache_resolves(tmp_path: Path, monkeypatch: pytes
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
     source = resolve_source(_spec("someone/downloaded"))
     assert source == ModelSource("someone/downloaded", "main", "someone/downloaded", "main", "someone/downloaded")
+
+
+def test_a_hub_id_with_dots_is_a_hub_id_not_a_missing_file(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`meta-llama/Llama-3.1-8B-Instruct` has a "suffix" (.1-8B-Instruct) but names a Hub repo."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(PipelineError, match=r"'meta-llama/Llama-3\.1-8B-Instruct' is not in the local Hugging Face"):
+        resolve_source(_spec("meta-llama/Llama-3.1-8B-Instruct"))
 
 
 @pytest.mark.parametrize("name", ["./nope/model", "/no/such/folder", "nope/deeper/model", "model.gguf"])

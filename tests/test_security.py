@@ -17,9 +17,10 @@ import yaml
 
 from rlhf_pipeline.cli import main
 from rlhf_pipeline.errors import PipelineError, RecipeError
-from rlhf_pipeline.models import load_base, load_tokenizer, resolve_source
+from rlhf_pipeline.models import load_base, load_tokenizer
 from rlhf_pipeline.recipe import ModelSpec
 from rlhf_pipeline.schema import build_section
+from rlhf_pipeline.sources import resolve_source
 from rlhf_pipeline.stages import load_recipe
 from tests.stages.conftest import sft_rows, write_card
 

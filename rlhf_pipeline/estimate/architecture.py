@@ -10,8 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from rlhf_pipeline.errors import PipelineError
-
-_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]*[A-Za-z0-9]")  # org/name; dots allowed (Llama-3.1-8B)
+from rlhf_pipeline.sources import is_hub_id, resolve_source
 
 
 @dataclass(frozen=True)
@@ -132,47 +131,37 @@ def _read_config(path: Path) -> dict[str, Any]:
 
 
 def find_config(name_or_path: str, revision: str | None = "main") -> tuple[dict[str, Any], str]:
-    """config.json of a model source (embedded alias, folder, finished stage output, Hub id), without weights."""
-    from rlhf_pipeline import embedded
-    from rlhf_pipeline.outputs import read_manifest
+    """config.json of a model source (embedded alias, folder, finished stage output, Hub id), without weights.
 
-    if embedded.is_embedded(name_or_path):
-        folder = embedded.model_dir(name_or_path)
-        if not (folder / "config.json").is_file():
-            raise PipelineError(f"model.name_or_path: the embedded model '{name_or_path}' is not converted yet "
-                                f"(no {folder / 'config.json'}); run any stage with it once (the first run "
-                                "converts it in ~35 s), then estimate")
-        return _read_config(folder / "config.json"), str(folder)
-    path = Path(name_or_path).expanduser()
-    if path.is_dir():
-        manifest = read_manifest(path)
-        if manifest is not None:  # a finished stage: its base (stage adapters do not change shapes)
-            base = manifest.base_model
-            if str(base.get("path")) == str(path):
-                return _read_config(path / "config.json"), str(path)
-            return find_config(str(base["path"]), base.get("revision"))
-        if (path / "config.json").is_file():
-            return _read_config(path / "config.json"), str(path / "config.json")
-        raise PipelineError(f"model.name_or_path: {path} has no config.json and is not a finished stage")
-    if not _HUB_ID.fullmatch(name_or_path):
+    The source is resolved as the stages resolve it (sources.py), without converting the embedded model.
+    """
+    from rlhf_pipeline import embedded
+    from rlhf_pipeline.recipe import ModelSpec
+
+    if not (embedded.is_embedded(name_or_path) or Path(name_or_path).expanduser().is_dir()
+            or is_hub_id(name_or_path)):
         raise PipelineError(f"model.name_or_path: '{name_or_path}' does not exist yet; the estimate needs the "
                             "base model's config.json: pass --base MODEL (the model that stage starts from)")
-    return _hub_config(name_or_path, revision or "main"), f"{name_or_path} (Hugging Face cache)"
+    source = resolve_source(ModelSpec(name_or_path=name_or_path, revision=revision or "main"), progress=print,
+                            convert_embedded=False)
+    folder = Path(source.path)
+    if folder.is_dir() or embedded.is_embedded(name_or_path):
+        if not (folder / "config.json").is_file():
+            hint = ("it is not converted yet: run any stage with it once (the first run converts it in ~35 s), "
+                    "then estimate") if embedded.is_embedded(name_or_path) else "it has no config.json"
+            raise PipelineError(f"model.name_or_path: {name_or_path} ({folder}): {hint}")
+        return _read_config(folder / "config.json"), str(folder / "config.json")
+    return _hub_config(source.path, source.revision or "main"), f"{source.path} (Hugging Face cache)"
 
 
 def _hub_config(repo_id: str, revision: str) -> dict[str, Any]:
     """A Hub model's config.json from the local cache; downloaded (one small file) only when online."""
-    from huggingface_hub import constants, hf_hub_download, try_to_load_from_cache
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
 
     cache_dir = os.environ.get("HF_HUB_CACHE") or None
     cached = try_to_load_from_cache(repo_id, "config.json", revision=revision, cache_dir=cache_dir)
     if isinstance(cached, str):
         return _read_config(Path(cached))
-    offline = constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
-    if offline:
-        raise PipelineError(f"model.name_or_path: the config.json of '{repo_id}' is not in the local Hugging Face "
-                            "cache and HF_HUB_OFFLINE=1 forbids downloading it; run `hf download "
-                            f"{repo_id} config.json` where there is network, or pass --base with a local folder")
     try:
         return _read_config(Path(hf_hub_download(repo_id, "config.json", revision=revision, cache_dir=cache_dir)))
     except Exception as err:

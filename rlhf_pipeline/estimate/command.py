@@ -12,6 +12,7 @@ from rlhf_pipeline.errors import PipelineError
 from rlhf_pipeline.estimate.architecture import Architecture, find_config
 from rlhf_pipeline.estimate.memory import GIB, Estimate, Setup, estimate
 from rlhf_pipeline.estimate.verdict import Change, cheapest_fix
+from rlhf_pipeline.stages import get_stage
 
 if TYPE_CHECKING:
     from rlhf_pipeline.recipe import Recipe
@@ -64,23 +65,24 @@ def setup_from_recipe(recipe: Recipe, device: str = "gpu", num_devices: int = 1,
     explicit = config.get("activation_checkpointing", config.get("gradient_checkpointing"))
     quant = spec.quantization
     quantization = "4bit" if quant.load_in_4bit else ("8bit" if quant.load_in_8bit else None)
-    if recipe.stage == "ppo":  # only QLoRA preparation turns it on for the policy
+    stage = get_stage(recipe.stage)
+    kind = stage.memory.kind
+    if kind == "ppo":  # only QLoRA preparation turns it on for the policy
         checkpointing = bool(quantization) and device == "gpu"
     else:
         checkpointing = bool(explicit) if explicit is not None else device == "gpu"
     lora = spec.lora
-    defaults = {"sft": 8, "rm": 8, "ppo": 4}
-    micro = int(config.get("per_device_train_batch_size", defaults.get(recipe.stage, 8)))
+    micro = int(config.get("per_device_train_batch_size", stage.config_default("per_device_train_batch_size") or 8))
     seq = recipe.data.max_length
     extra: dict[str, Any] = {}
-    if recipe.stage == "ppo":
+    if kind == "ppo":
         response = int(config.get("response_length", 53))
         prompt = int(config.get("max_prompt_length") or recipe.data.max_length)
         accum, minis = int(config.get("gradient_accumulation_steps", 1)), int(config.get("num_mini_batches", 1))
         seq = prompt + response
         extra = {"response_length": response, "rollout_batch": micro * accum * minis,
                  "forward_chunk": int(config.get("local_rollout_forward_batch_size", 16))}
-    elif recipe.stage in ("label", "eval"):
+    elif kind == "sample":
         micro = int(config.get("batch_size", 16))  # sequences per generate call (prompts × samples, in rows)
         seq += int(config.get("max_new_tokens", 48))
         lora = None  # sampling from finished stages: no new adapter
@@ -134,7 +136,7 @@ def render(result: Estimate, fix: tuple[list[Change], Estimate] | None) -> str:
         lines.append(f"{row.name:<48} {_gib(row.bytes)}  {row.detail}{suffix}")
     budget = setup.device_memory
     lines.append(f"{'peak per device':<48} {_gib(result.peak)}  of {budget / GIB:.0f} GiB"
-                 + (f" (peak phase: {result.phase})" if setup.stage == "ppo" else ""))
+                 + (f" (peak phase: {result.phase})" if setup.kind == "ppo" else ""))
     if result.host_bytes:
         lines.append(f"{'offloaded to CPU RAM':<48} {_gib(result.host_bytes)}")
     lines.append("")

@@ -58,6 +58,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rlhf_pipeline.estimate.architecture import Architecture, targeted_linears
+from rlhf_pipeline.stages import MemoryModel, get_stage
 
 GIB = 2**30
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -68,7 +69,6 @@ _CPU_FUSED_TILES = 8.25  # fp32 tile-sized temporaries of its torch fallback dur
 _CPU_HEAP_RETENTION = 0.5  # glibc keeps freed temporaries resident: an allowance, see _runtime_rows
 _CPU_LIBRARIES = 0.5 * GIB  # torch + transformers + TRL + PEFT + datasets + deepspeed, resident
 _GPU_RUNTIME = 0.8 * GIB  # CUDA context, cuBLAS workspace, caching-allocator slack
-_TRAINING_STAGES = ("sft", "rm", "ppo")
 
 
 # ---------------------------------------------------------------------------------------------- setup
@@ -79,6 +79,7 @@ class Setup:
 
     stage: str
     arch: Architecture
+    memory: MemoryModel | None = None  # how the stage uses memory; None: its registered stage's MemoryModel
     device: str = "gpu"  # gpu | cpu
     num_devices: int = 1
     device_memory: float = 80 * GIB
@@ -106,6 +107,15 @@ class Setup:
     forward_chunk: int = 0
 
     @property
+    def kind(self) -> str:
+        """train, ppo or sample (stages.MemoryModel)."""
+        return self.memory_model.kind
+
+    @property
+    def memory_model(self) -> MemoryModel:
+        return self.memory or get_stage(self.stage).memory
+
+    @property
     def act_bytes(self) -> int:
         """Bytes per activation value: the loaded dtype, or 2 under bf16/fp16 autocast on GPUs."""
         return 2 if self.device == "gpu" and self.mixed_precision else _DTYPE_BYTES[self.dtype]
@@ -115,7 +125,7 @@ class Setup:
         return _DTYPE_BYTES[self.dtype]
 
     def describe(self) -> str:
-        method = "sampling" if self.stage not in _TRAINING_STAGES else "full fine-tuning" if self.lora_r is None else (
+        method = "sampling" if self.kind == "sample" else "full fine-tuning" if self.lora_r is None else (
             f"{'QLoRA ' + self.quantization if self.quantization else 'LoRA'} r={self.lora_r}")
         zero = f", ZeRO-{self.zero}" if self.zero else ""
         offload = ", optimizer offload" if self.offload_optimizer else ""
@@ -123,7 +133,7 @@ class Setup:
         hardware = (f"{self.num_devices} × {'GPU' if self.device == 'gpu' else 'CPU'} "
                     f"{self.device_memory / GIB:.0f} GiB")
         shape = f"micro-batch {self.micro_batch} × {self.seq_len} tokens"
-        if self.stage == "ppo":
+        if self.kind == "ppo":
             shape += f" (response {self.response_length}), rollout {self.rollout_batch}"
         shape += ", packed (padding-free)" if self.packing else ""
         ckpt = ", activation checkpointing" if self.checkpointing else ""
@@ -342,19 +352,15 @@ def _shard_weights(setup: Setup, rows: list[Row], arch: Architecture) -> list[Ro
 
 def estimate(setup: Setup) -> Estimate:
     """Predicted peak memory per device for the setup's stage."""
-    if setup.stage == "ppo":
+    model = setup.memory_model
+    if model.kind == "ppo":
         return _estimate_ppo(setup)
     arch = setup.arch
-    head = "score" if setup.stage == "rm" else "lm"
-    training = setup.stage in _TRAINING_STAGES
+    head = model.head
+    training = model.kind == "train"
     rows = _shard_weights(setup, weight_rows(setup, arch, head, "", training), arch)
     notes: list[str] = []
-    if not training:  # label / eval: sampling only, no gradients
-        if setup.stage == "eval":  # the baseline and the policy under test, plus the reward model
-            rows = [dataclasses.replace(r, name=r.name.replace("weights", "weights × 2 policies"), bytes=2 * r.bytes)
-                    for r in rows]
-            rows += [dataclasses.replace(r, name=r.name.replace("weights", "weights reward model"))
-                     for r in weight_rows(setup, arch, "score", "", training=False)]
+    if not training:  # sampling only, no gradients: one base, the models compared are adapters on it
         kv = _kv_cache_bytes(setup, arch, setup.micro_batch, setup.seq_len)
         rows.append(Row("KV cache (generation)", kv, f"batch {setup.micro_batch} × {setup.seq_len} tokens"))
         rows.append(Row("next-token logits", setup.micro_batch * arch.vocab_size * 4 * 2, "fp32, with a softmax"))
@@ -363,11 +369,11 @@ def estimate(setup: Setup) -> Estimate:
     modules = setup.modules_to_save or (("score",) if head == "score" and setup.lora_r is not None else ())
     setup_head = dataclasses.replace(setup, modules_to_save=modules)
     rows += trainable_rows(setup, lora_params(setup_head, arch, head), "")
-    batch = setup.micro_batch * (2 if setup.stage == "rm" else 1)  # RewardTrainer: chosen and rejected together
+    batch = setup.micro_batch * model.rows_per_example
     activations = activation_bytes(setup, arch, batch, setup.seq_len, setup.lora_r is not None, setup.lora_dropout)
     rows.append(Row("activations", activations, f"{batch} × {setup.seq_len} tokens"
                     + (", checkpointed" if setup.checkpointing else "")))
-    if setup.stage == "sft":
+    if model.fused_loss:
         head_bytes = fused_head_bytes(setup, arch, batch * (setup.seq_len - 1))
         rows.append(Row("LM head / loss (fused log-prob tiles)", head_bytes, "TRL never builds the full logits"))
     else:

@@ -23,7 +23,7 @@ class Change:
 def _candidate_families(setup: Setup) -> list[list[Change]]:
     """Independent knobs; the search tries every combination of at most one change per knob."""
     families: list[list[Change]] = []
-    if setup.stage in ("sft", "rm") and not setup.checkpointing:
+    if setup.kind == "train" and not setup.checkpointing:
         families.append([Change("turn on activation checkpointing (training.activation_checkpointing: true)",
                                 1.0, {"checkpointing": True})])
     halvings = []
@@ -34,7 +34,7 @@ def _candidate_families(setup: Setup) -> list[list[Change]]:
                                0.5 * k, {"micro_batch": micro, "grad_accum": accum}))
     if halvings:
         families.append(halvings)
-    if setup.stage == "ppo" and setup.forward_chunk > 1:
+    if setup.kind == "ppo" and setup.forward_chunk > 1:
         families.append([Change(f"local_rollout_forward_batch_size {setup.forward_chunk // 2**k}", 0.25 * k,
                                 {"forward_chunk": setup.forward_chunk // 2**k})
                          for k in range(1, int(math.log2(setup.forward_chunk)) + 1)])

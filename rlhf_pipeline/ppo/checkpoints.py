@@ -8,7 +8,6 @@ from one retraces the uninterrupted run exactly (same prompts, same samples, sam
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 from pathlib import Path
@@ -19,13 +18,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from rlhf_pipeline.models import load_adapter_weights
-from rlhf_pipeline.outputs import CHECKPOINT_STATE
+from rlhf_pipeline.outputs import CHECKPOINT_STATE, checkpoints, move_into_place
 from rlhf_pipeline.ppo.roles import CRITIC, POLICY
 
 if TYPE_CHECKING:
     from rlhf_pipeline.adapters import SharedBase
 
-CHECKPOINT_PREFIX = "checkpoint-"
 CRITIC_DIR = "value_model"
 CRITIC_HEAD = "value_head.safetensors"
 DEEPSPEED_STATE = "deepspeed"  # under DeepSpeed the optimizer is sharded: the engine writes one file per rank
@@ -48,10 +46,10 @@ def load_weights(shared: SharedBase, folder: Path) -> None:
 
 def commit(staging: Path, final: Path, limit: int | None) -> None:
     """Rename a fully written checkpoint into place, then keep at most `limit` checkpoints."""
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(staging, final)
-    _rotate(final.parent, limit)
+    move_into_place(staging, final)
+    if limit is not None:
+        for stale in checkpoints(final.parent, complete=False)[:-limit]:
+            shutil.rmtree(stale)
 
 
 def read_state(folder: Path) -> dict[str, Any]:
@@ -61,15 +59,6 @@ def read_state(folder: Path) -> dict[str, Any]:
 def write_state(folder: Path, state: dict[str, Any]) -> None:
     """The trainer state, written last: a checkpoint without it is incomplete and never resumed from."""
     (folder / CHECKPOINT_STATE).write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
-
-
-def _rotate(output_dir: Path, limit: int | None) -> None:
-    if limit is None:
-        return
-    found = [p for p in output_dir.glob(f"{CHECKPOINT_PREFIX}*")
-             if p.is_dir() and p.name[len(CHECKPOINT_PREFIX):].isdigit()]
-    for stale in sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))[:-limit]:
-        shutil.rmtree(stale)
 
 
 def rng_state() -> dict[str, Any]:

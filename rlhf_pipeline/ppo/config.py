@@ -14,7 +14,7 @@ port a TRL recipe with num_mini_batches = m, divide its gradient_accumulation_st
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 _KL_ESTIMATORS = ("k1", "k3")
 _STOP_TOKENS = ("eos", None)
@@ -124,6 +124,11 @@ class PPOConfig:
                  f"stop_token_id must be a token id >= 0 (or null), got {self.stop_token_id}")
         _require(self.missing_eos_penalty is None or self.stop_token is not None or self.stop_token_id is not None,
                  "missing_eos_penalty needs a stop token: set stop_token: eos or a stop_token_id")
+
+    def tracker_values(self) -> dict[str, int | float | str | bool | None]:
+        """The knobs as experiment trackers take them: scalars only."""
+        return {key: value if isinstance(value, (int, float, str, bool)) or value is None else str(value)
+                for key, value in asdict(self).items()}
 
     @property
     def rollout_batch_size(self) -> int:

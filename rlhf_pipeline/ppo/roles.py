@@ -14,16 +14,18 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import torch
+
 from rlhf_pipeline.adapters import SharedBase, score_head
 from rlhf_pipeline.errors import PipelineError
 from rlhf_pipeline.models import (
     CAUSAL_LM,
-    ModelSource,
     check_continued_lora,
     keep_4bit_gradients_exact,
     load_base,
     lora_config,
 )
+from rlhf_pipeline.sources import ModelSource
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -66,3 +68,23 @@ def build_ppo_model(policy: ModelSource, reward: ModelSource, spec: ModelSpec, t
     shared.add_role(REWARD, reward.adapter, head=score_head(reward.adapter))
     shared.add_role(CRITIC, reward.adapter, trainable=True, head=score_head(reward.adapter, mean, std))
     return shared
+
+
+def check_roles(model: SharedBase) -> None:
+    """Fail early, with the fix, when the model cannot play PPO's roles."""
+    missing = [role for role in (POLICY, REFERENCE, CRITIC) if role not in model.roles]
+    if missing:
+        raise ValueError(f"the PPO model lacks the role(s) {missing}; build it with ppo.roles.build_ppo_model")
+    if POLICY not in model.trainable or CRITIC not in model.trainable:
+        raise ValueError("the policy and critic roles must be trainable (add_role(..., trainable=True))")
+    if CRITIC not in model.heads:
+        raise ValueError("the critic role needs a value head (add_role(..., head=...))")
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """The PPO ratio compares two forward passes over the same tokens; dropout would turn it into noise."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0

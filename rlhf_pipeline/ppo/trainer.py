@@ -22,8 +22,7 @@ import math
 import os
 import shutil
 from collections import defaultdict
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, fields
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,13 +35,24 @@ from transformers import GenerationConfig, PreTrainedTokenizerBase, get_schedule
 from trl.trainer.utils import entropy_from_logits, selective_log_softmax
 
 from rlhf_pipeline.adapters import SharedBase
+from rlhf_pipeline.chat import pad_batch
 from rlhf_pipeline.distributed import process_state, say
-from rlhf_pipeline.generation import left_pad
-from rlhf_pipeline.outputs import last_checkpoint
+from rlhf_pipeline.outputs import CHECKPOINT_PREFIX, last_checkpoint
 from rlhf_pipeline.ppo import checkpoints
 from rlhf_pipeline.ppo.config import PPOConfig
+from rlhf_pipeline.ppo.experience import (
+    PromptSchedule,
+    Rollout,
+    chunks,
+    decoded_samples,
+    mean_over_processes,
+    response_logits,
+    response_values,
+    rollout_statistics,
+    shape_scores,
+    truncate_after_stop,
+)
 from rlhf_pipeline.ppo.formulas import (
-    explained_variance,
     gae_advantages_and_returns,
     kl_penalty,
     masked_whiten,
@@ -51,7 +61,7 @@ from rlhf_pipeline.ppo.formulas import (
     value_loss,
 )
 from rlhf_pipeline.ppo.monitors import check_health
-from rlhf_pipeline.ppo.roles import CRITIC, POLICY, REFERENCE
+from rlhf_pipeline.ppo.roles import POLICY, REFERENCE, check_roles, disable_dropout
 
 logger = logging.getLogger(__name__)
 
@@ -63,56 +73,6 @@ LogCallback = Callable[[dict[str, Any]], None]
 _PURE_SAMPLING = {"do_sample": True, "top_k": 0, "top_p": 1.0, "min_p": 0.0, "typical_p": 1.0,
                   "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "repetition_penalty": 1.0,
                   "no_repeat_ngram_size": 0, "min_new_tokens": 0, "num_beams": 1}
-
-
-@dataclass
-class Rollout:
-    """One batch of experience: the sampled sequences and everything PPO needs to know about them.
-
-    Sequences are [left-padded prompt | right-padded response]; per-token tensors are [batch, response
-    width], and `response_mask` marks the valid response tokens (the stop token included).
-    """
-
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    context_length: int
-    response_mask: torch.Tensor
-    has_stop: torch.Tensor
-    logprobs: torch.Tensor
-    ref_logprobs: torch.Tensor
-    entropy: torch.Tensor
-    values: torch.Tensor
-    raw_scores: torch.Tensor
-    scores: torch.Tensor
-    kl: torch.Tensor
-    rewards: torch.Tensor
-    advantages: torch.Tensor
-    returns: torch.Tensor
-
-    def __len__(self) -> int:
-        return self.input_ids.shape[0]
-
-    def select(self, rows: torch.Tensor) -> Rollout:
-        """The same experience restricted to some rows (a minibatch)."""
-        values = {f.name: getattr(self, f.name) for f in fields(self)}
-        return Rollout(**{name: v[rows] if isinstance(v, torch.Tensor) else v for name, v in values.items()})
-
-    @property
-    def responses(self) -> torch.Tensor:
-        return self.input_ids[:, self.context_length:]
-
-
-def response_logits(model: torch.nn.Module, role: str, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                    context_length: int) -> torch.Tensor:
-    """A language-model role's logits at the positions that predict each response token (only those computed)."""
-    width = input_ids.shape[1] - context_length
-    return model(role, input_ids, attention_mask, _positions(attention_mask), logits_to_keep=width + 1)[:, :-1]
-
-
-def response_values(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                    context_length: int) -> torch.Tensor:
-    """The critic's V(s_t) for each response token t, read at the position that predicts it (as log-probs are)."""
-    return model(CRITIC, input_ids, attention_mask, _positions(attention_mask))[:, context_length - 1:-1]
 
 
 class PPOTrainer:
@@ -134,7 +94,7 @@ class PPOTrainer:
         reward_stats: tuple[float, float] | None = None,
         on_log: LogCallback | None = None,
     ) -> None:
-        _check_roles(model)
+        check_roles(model)
         if tokenizer.pad_token_id is None:
             raise ValueError("the tokenizer needs a pad token (distinct from EOS) to batch prompts")
         if config.normalize_reward and reward_stats is None:
@@ -146,17 +106,18 @@ class PPOTrainer:
         self.on_log = on_log
         process_state()
         self.accelerator = Accelerator(log_with=config.report_to or None, project_dir=config.output_dir)
-        self.prompts = self._usable_prompts(train_prompts)
+        self.schedule = PromptSchedule.build(train_prompts, config, self.accelerator.num_processes,
+                                             self.accelerator.process_index)
         self.stop_token_ids = self._stop_token_ids()
         self.generation_config = GenerationConfig(
             **_PURE_SAMPLING, temperature=config.temperature, max_new_tokens=config.response_length,
             eos_token_id=self.stop_token_ids, pad_token_id=tokenizer.pad_token_id, use_cache=True,
         )
-        _disable_dropout(model)
+        disable_dropout(model)
         self.trainable_params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(self.trainable_params, lr=config.learning_rate,
                                       weight_decay=config.weight_decay)
-        self.total_steps = self._total_steps()
+        self.total_steps = self.schedule.total_steps(config)
         self.lr_scheduler = get_scheduler(
             config.lr_scheduler_type, optimizer, num_warmup_steps=math.ceil(config.warmup_ratio * self.total_steps),
             num_training_steps=self.total_steps,
@@ -197,40 +158,7 @@ class PPOTrainer:
     @property
     def global_batch_size(self) -> int:
         """Prompts consumed per PPO step over all processes."""
-        return self.config.rollout_batch_size * self.accelerator.num_processes
-
-    @property
-    def batches_per_epoch(self) -> int:
-        return len(self.prompts) // self.global_batch_size
-
-    def _usable_prompts(self, prompts: Sequence[Sequence[int]]) -> list[list[int]]:
-        """Drop (and count) prompts that are empty or longer than max_prompt_length, never silently."""
-        limit = self.config.max_prompt_length
-        kept = [list(p) for p in prompts if len(p) > 0 and (limit is None or len(p) <= limit)]
-        if len(kept) < len(prompts):
-            logger.warning("PPO: dropped %d of %d prompts (empty or longer than max_prompt_length=%s)",
-                           len(prompts) - len(kept), len(prompts), limit)
-        if len(kept) < self.global_batch_size:
-            raise ValueError(f"PPO needs at least {self.global_batch_size} usable prompts "
-                             f"(rollout batch × processes) but has {len(kept)}")
-        return kept
-
-    def _total_steps(self) -> int:
-        if self.config.total_episodes is not None:
-            return math.ceil(self.config.total_episodes / self.global_batch_size)
-        return math.ceil(self.config.num_train_epochs * self.batches_per_epoch)
-
-    def data_position(self, step: int) -> tuple[int, int]:
-        """(data epoch, batch index within it) of 1-based `step`: a pure function, so resume needs only the step."""
-        return divmod(step - 1, self.batches_per_epoch)
-
-    def prompts_for_step(self, step: int) -> list[list[int]]:
-        """This process's share of the step's prompts, from a permutation seeded by (seed, data epoch)."""
-        epoch, index = self.data_position(step)
-        per_device = self.config.rollout_batch_size
-        order = torch.randperm(len(self.prompts), generator=torch.Generator().manual_seed(self.config.seed + epoch))
-        start = index * self.global_batch_size + self.accelerator.process_index * per_device
-        return [self.prompts[i] for i in order[start:start + per_device].tolist()]
+        return self.schedule.global_batch_size
 
     def _stop_token_ids(self) -> list[int]:
         if self.config.stop_token_id is not None:
@@ -248,16 +176,16 @@ class PPOTrainer:
         """Sample responses and compute everything PPO needs about them (log-probs, values, rewards, advantages)."""
         cfg, device, shared = self.config, self.accelerator.device, self.shared
         shared.eval()
-        queries, query_mask = (t.to(device) for t in left_pad(prompts, self.tokenizer.pad_token_id))
+        queries, query_mask = (t.to(device) for t in pad_batch(prompts, self.tokenizer.pad_token_id, "left"))
         responses = self._generate(queries, query_mask)
-        response_mask, has_stop = self._truncate_after_stop(responses)
+        response_mask, has_stop = truncate_after_stop(responses, self.stop_token_ids)
         responses = responses.masked_fill(~response_mask, self.tokenizer.pad_token_id)
         input_ids = torch.cat([queries, responses], dim=1)
         attention_mask = torch.cat([query_mask, response_mask.long()], dim=1)
         context_length = queries.shape[1]
 
         parts: dict[str, list[torch.Tensor]] = defaultdict(list)
-        for rows in _chunks(len(prompts), cfg.local_rollout_forward_batch_size):
+        for rows in chunks(len(prompts), cfg.local_rollout_forward_batch_size):
             ids, mask = input_ids[rows], attention_mask[rows]
             labels = ids[:, context_length:]
             with self.accelerator.autocast():
@@ -272,7 +200,7 @@ class PPOTrainer:
                                                    ("logprobs", "ref_logprobs", "entropy", "values"))
 
         raw_scores = self._score(queries, query_mask, responses, response_mask)
-        scores = self._shape_scores(raw_scores, has_stop)
+        scores = shape_scores(raw_scores, has_stop, cfg, self.reward_stats)
         kl = kl_penalty(logprobs, ref_logprobs, cfg.kl_estimator).masked_fill(~response_mask, 0.0)
         rewards = token_rewards(scores, kl, response_mask, cfg.kl_coef)
         if cfg.whiten_rewards:
@@ -286,46 +214,26 @@ class PPOTrainer:
     def _generate(self, queries: torch.Tensor, query_mask: torch.Tensor) -> torch.Tensor:
         """Sample from the policy in chunks (each chunk's KV cache freed before the next); right-padded responses."""
         policy = self.shared.use(POLICY)
-        chunks = []
-        for rows in _chunks(queries.shape[0], self.config.local_rollout_forward_batch_size):
+        parts = []
+        for rows in chunks(queries.shape[0], self.config.local_rollout_forward_batch_size):
             out = policy.generate(input_ids=queries[rows], attention_mask=query_mask[rows],
                                   generation_config=self.generation_config)
-            chunks.append(out[:, queries.shape[1]:])
-        width = max(chunk.shape[1] for chunk in chunks)
-        return torch.cat([F.pad(c, (0, width - c.shape[1]), value=self.tokenizer.pad_token_id) for c in chunks])
-
-    def _truncate_after_stop(self, responses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mask of tokens up to and including the first stop token, and whether a stop token was produced."""
-        stops = torch.tensor(self.stop_token_ids, dtype=responses.dtype, device=responses.device)
-        is_stop = torch.isin(responses, stops)
-        stops_before = is_stop.long().cumsum(dim=1) - is_stop.long()
-        return stops_before == 0, is_stop.any(dim=1)
+            parts.append(out[:, queries.shape[1]:])
+        width = max(part.shape[1] for part in parts)
+        return torch.cat([F.pad(part, (0, width - part.shape[1]), value=self.tokenizer.pad_token_id)
+                          for part in parts])
 
     def _score(self, queries: torch.Tensor, query_mask: torch.Tensor, responses: torch.Tensor,
                response_mask: torch.Tensor) -> torch.Tensor:
         """The reward function on right-padded prompt+response rows, built from lengths, never from `!= pad`."""
         rows = [torch.cat([q[m.bool()], r[rm]])
                 for q, m, r, rm in zip(queries, query_mask, responses, response_mask, strict=True)]
-        lengths = torch.tensor([len(row) for row in rows], device=queries.device)
-        ids = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=self.tokenizer.pad_token_id)
-        mask = (torch.arange(ids.shape[1], device=ids.device)[None, :] < lengths[:, None]).long()
+        ids, mask = (t.to(queries.device) for t in pad_batch(rows, self.tokenizer.pad_token_id, "right"))
         scores = [self.reward_fn(ids[part], mask[part]).reshape(-1)
-                  for part in _chunks(len(rows), self.config.local_rollout_forward_batch_size)]
+                  for part in chunks(len(rows), self.config.local_rollout_forward_batch_size)]
         scores = torch.cat(scores).float().to(queries.device)
         if scores.shape != (len(rows),):
             raise ValueError(f"reward_fn must return one score per row, got shape {tuple(scores.shape)}")
-        return scores
-
-    def _shape_scores(self, raw_scores: torch.Tensor, has_stop: torch.Tensor) -> torch.Tensor:
-        """Normalise with the RM's (mean, std), clip to ±reward_clip, then subtract the missing-stop penalty."""
-        scores = raw_scores
-        if self.config.normalize_reward:
-            mean, std = self.reward_stats
-            scores = (scores - mean) / max(std, 1e-8)
-        if self.config.reward_clip is not None:
-            scores = scores.clamp(-self.config.reward_clip, self.config.reward_clip)
-        if self.config.missing_eos_penalty is not None:
-            scores = scores - self.config.missing_eos_penalty * (~has_stop).float()
         return scores
 
     # ---------------------------------------------------------- optimisation
@@ -405,7 +313,7 @@ class PPOTrainer:
             self.load_checkpoint(Path(resume_from_checkpoint))
             logger.info("PPO: resumed from %s at step %d", resume_from_checkpoint, self.global_step)
         if self.config.report_to:
-            self.accelerator.init_trackers("rlhf_pipeline_ppo", config=_flat_config(self.config))
+            self.accelerator.init_trackers("rlhf_pipeline_ppo", config=self.config.tracker_values())
         sample_every = (max(1, self.total_steps // self.config.num_sample_generations)
                         if self.config.num_sample_generations else 0)
         progress = tqdm(total=self.total_steps, initial=self.global_step, desc="PPO",
@@ -414,12 +322,13 @@ class PPOTrainer:
         metrics: dict[str, Any] = {}
         while self.global_step < self.total_steps:
             step = self.global_step + 1
-            rollout = self.rollout(self.prompts_for_step(step))
+            rollout = self.rollout(self.schedule.prompts_for_step(step))
             lr = self.lr_scheduler.get_last_lr()[0]
             update_stats = self.ppo_update(rollout)
             self.lr_scheduler.step()
             self.global_step = step
-            window.append({**self._rollout_metrics(rollout), **self._mean_over_processes(update_stats), "lr": lr})
+            window.append({**rollout_statistics(rollout, self.config.kl_coef, self.accelerator),
+                           **mean_over_processes(self.accelerator, update_stats), "lr": lr})
             alerts: list[dict[str, Any]] = []
             if step % self.config.logging_steps == 0 or step == self.total_steps:
                 metrics = self._log(window)
@@ -427,7 +336,7 @@ class PPOTrainer:
                 progress.set_postfix(score=f"{metrics['objective/scores']:.3f}", kl=f"{metrics['objective/kl']:.3f}")
                 alerts = self._check_health(metrics)
             if sample_every and step % sample_every == 0:
-                self.log_history.append({"step": step, "samples": self._samples(rollout)})
+                self.log_history.append({"step": step, "samples": decoded_samples(rollout, self.tokenizer)})
             stopping = bool(alerts) and self.config.early_stop_on_alert
             if step % self.config.save_steps == 0 or stopping:
                 self.save_checkpoint()
@@ -435,46 +344,12 @@ class PPOTrainer:
             if stopping:  # every rank sees the same reduced metrics, so all ranks stop at the same step
                 self.stopped_early = True
                 self._warn(f"PPO: stopped early at step {step} (early_stop_on_alert); checkpoint saved in "
-                           f"{Path(self.config.output_dir) / f'{checkpoints.CHECKPOINT_PREFIX}{step}'}")
+                           f"{Path(self.config.output_dir) / f'{CHECKPOINT_PREFIX}{step}'}")
                 break
         progress.close()
         if self.config.report_to:
             self.accelerator.end_training()
         return metrics
-
-    def _rollout_metrics(self, rollout: Rollout) -> dict[str, float]:
-        """Statistics of a rollout over the whole global batch.
-
-        kl, non_score_reward and rlhf_reward are per answer (summed over its tokens), as in TRL;
-        entropy is the exact entropy of softmax(logits/T) per response token.
-        """
-        mask = rollout.response_mask
-        lengths = mask.sum(dim=1).float()
-        kl_sum = (rollout.kl * mask).sum(dim=1)
-        non_score = -self.config.kl_coef * kl_sum
-        per_row = torch.stack([rollout.scores, rollout.raw_scores, kl_sum, non_score, rollout.scores + non_score,
-                               lengths, rollout.has_stop.float(), (rollout.entropy * mask).sum(dim=1)], dim=1)
-        per_row = self.accelerator.gather(per_row)
-        scores, raw, kl, non_score, rlhf, lengths, stops, entropy = per_row.unbind(dim=1)
-        ev = explained_variance(rollout.values, rollout.returns, mask)
-        return {
-            "objective/scores": scores.mean().item(),
-            "objective/scores_std": scores.std().item() if len(scores) > 1 else 0.0,
-            "objective/raw_scores": raw.mean().item(),
-            "objective/kl": kl.mean().item(),
-            "objective/entropy": (entropy.sum() / lengths.sum()).item(),
-            "objective/non_score_reward": non_score.mean().item(),
-            "objective/rlhf_reward": rlhf.mean().item(),
-            "response/length": lengths.mean().item(),
-            "response/eos_fraction": stops.mean().item(),
-            "val/explained_variance": self._mean_over_processes({"ev": ev.item()})["ev"],
-        }
-
-    def _mean_over_processes(self, values: dict[str, float]) -> dict[str, float]:
-        if self.accelerator.num_processes == 1:
-            return values
-        stacked = torch.tensor(list(values.values()), device=self.accelerator.device)
-        return dict(zip(values, self.accelerator.reduce(stacked, reduction="mean").tolist(), strict=True))
 
     def _log(self, window: list[dict[str, float]]) -> dict[str, Any]:
         """Average the steps since the last log; record, report to trackers and call `on_log`."""
@@ -508,24 +383,12 @@ class PPOTrainer:
         if logger.hasHandlers():
             say(message)
 
-    def _samples(self, rollout: Rollout, count: int = 3) -> list[dict[str, Any]]:
-        """A few decoded prompt/response/score triples, for a human to look at."""
-        samples = []
-        prompt_part = slice(0, rollout.context_length)
-        for row in range(min(count, len(rollout))):
-            prompt = rollout.input_ids[row, prompt_part][rollout.attention_mask[row, prompt_part].bool()]
-            response = rollout.responses[row][rollout.response_mask[row]]
-            samples.append({"prompt": self.tokenizer.decode(prompt, skip_special_tokens=True),
-                            "response": self.tokenizer.decode(response, skip_special_tokens=True),
-                            "score": rollout.raw_scores[row].item()})
-        return samples
-
     # ------------------------------------------------------------ persistence
 
     def save_checkpoint(self) -> Path:
         """Write checkpoint-<step>/ through a scratch folder (ppo/checkpoints.py). Every rank calls this."""
         accelerator, config = self.accelerator, self.config
-        final = Path(config.output_dir) / f"{checkpoints.CHECKPOINT_PREFIX}{self.global_step}"
+        final = Path(config.output_dir) / f"{CHECKPOINT_PREFIX}{self.global_step}"
         rng_states = gather_object([checkpoints.rng_state()])  # a collective: every rank's streams, saved by rank 0
         staging = final.with_name(f".tmp-{final.name}")
         if accelerator.is_main_process:
@@ -542,7 +405,7 @@ class PPOTrainer:
             torch.save(self.lr_scheduler.state_dict(), staging / "scheduler.pt")
             for rank, state in enumerate(rng_states):
                 torch.save(state, staging / f"rng_state_{rank}.pth")
-            epoch, index = self.data_position(self.global_step + 1)
+            epoch, index = self.schedule.position(self.global_step + 1)
             checkpoints.write_state(staging, {
                 "global_step": self.global_step, "episode": self.global_step * self.global_batch_size,
                 "data_epoch": epoch, "data_batch_index": index, "world_size": accelerator.num_processes,
@@ -577,38 +440,3 @@ class PPOTrainer:
             checkpoints.save_weights(self.shared, Path(output_dir))
             self.tokenizer.save_pretrained(output_dir)
         self.accelerator.wait_for_everyone()
-
-
-def _check_roles(model: SharedBase) -> None:
-    """Fail early, with the fix, when the model cannot play PPO's roles."""
-    missing = [role for role in (POLICY, REFERENCE, CRITIC) if role not in model.roles]
-    if missing:
-        raise ValueError(f"the PPO model lacks the role(s) {missing}; build it with ppo.roles.build_ppo_model")
-    if POLICY not in model.trainable or CRITIC not in model.trainable:
-        raise ValueError("the policy and critic roles must be trainable (add_role(..., trainable=True))")
-    if CRITIC not in model.heads:
-        raise ValueError("the critic role needs a value head (add_role(..., head=...))")
-
-
-def _disable_dropout(model: torch.nn.Module) -> None:
-    """The PPO ratio compares two forward passes over the same tokens; dropout would turn it into noise."""
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
-        if isinstance(getattr(module, "attention_dropout", None), float):
-            module.attention_dropout = 0.0
-
-
-def _positions(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Position ids that start at 0 on each row's first real token, as `generate` numbers them."""
-    return (attention_mask.long().cumsum(dim=-1) - 1).clamp(min=0)
-
-
-def _chunks(total: int, size: int) -> Iterator[slice]:
-    for start in range(0, total, size):
-        yield slice(start, min(start + size, total))
-
-
-def _flat_config(config: PPOConfig) -> dict[str, Any]:
-    """Trackers take scalar hyper-parameters only."""
-    return {k: v if isinstance(v, (int, float, str, bool)) or v is None else str(v) for k, v in asdict(config).items()}

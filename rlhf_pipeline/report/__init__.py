@@ -25,16 +25,16 @@ Where things are (each module imports only the ones listed before it):
 
 - `plots.py`: `Plots` writes a stage's PNGs (matplotlib's Agg canvas, imported only when a report is written)
   and one figure function per stage.
-- `sections.py`: `headline` (a stage's most telling numbers in one line) and each stage's markdown section.
-- `stage.py`: `write_stage_report` (a stage folder's `report.md`), `write_report_safely` (a failure only warns).
+- `sections.py`: each stage's headline (its most telling numbers in one line) and markdown section.
+- `stage.py`: `write_stage_report` (a stage folder's `report.md`, as the stage's `Presentation` says),
+  `headline`, `write_report_safely` (a failure only warns).
 - `summary.py`: the chain's summary (`write_summary_report` into `report_dir_for` the stage folders) and
   the console's `console_summary`.
 - `command.py`: `rlhf-pipeline report` (`add_commands`).
 """
 
 from rlhf_pipeline.report.command import add_commands
-from rlhf_pipeline.report.sections import headline
-from rlhf_pipeline.report.stage import REPORT, write_report_safely, write_stage_report
+from rlhf_pipeline.report.stage import REPORT, headline, write_report_safely, write_stage_report
 from rlhf_pipeline.report.summary import console_summary, report_dir_for, write_summary_report
 
 __all__ = ["REPORT", "add_commands", "console_summary", "headline", "report_dir_for",

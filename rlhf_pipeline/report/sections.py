@@ -1,10 +1,13 @@
-"""Each stage's numbers as markdown: the one-line headline and the stage's section of its report.md."""
+"""Each stage's numbers as markdown: the one-line headline and the stage's section of its report.md.
+
+The stages name theirs in their `Presentation` (stages/__init__.py); a stage without one gets the generic ones.
+"""
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -67,40 +70,58 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
 # ------------------------------------------------------------------------------------ stage sections
 
 
-def headline(stage: str, metrics: dict[str, Any]) -> str:
-    """One line of a stage's most telling numbers, for the pipeline summary and the console."""
-    if stage == "sft":
-        return (f"eval loss {_fmt(metrics.get('eval_loss_before'))} → {_fmt(metrics.get('eval_loss'))}, "
-                f"perplexity {_fmt(metrics.get('perplexity_before'))} → {_fmt(metrics.get('perplexity'))}, "
-                f"{_fmt(metrics.get('global_steps'))} steps")
-    if stage == "label":
-        counts = metrics.get("counts", {})
-        return (f"{_fmt(counts.get('pairs'))} pairs from {_fmt(counts.get('prompts'))} prompts "
-                f"({_fmt(counts.get('answers'))} answers), mean judge score {_fmt(metrics.get('mean_judge_score'))}")
-    if stage == "rm":
-        held_out = metrics.get("eval", {})
-        return (f"held-out accuracy {_fmt(metrics.get('eval_accuracy'))} on {_fmt(held_out.get('pairs'))} pairs, "
-                f"margin {_fmt(metrics.get('eval_mean_margin'))}, ECE {_fmt(metrics.get('eval_ece'))}, "
-                f"Brier {_fmt(metrics.get('eval_brier'))}")
-    if stage == "ppo":
-        first, final = metrics.get("first", {}), metrics.get("final", {})
-        line = (f"score {_fmt(first.get('objective/scores'))} → {_fmt(final.get('objective/scores'))}, "
-                f"KL {_fmt(final.get('objective/kl'))}, {_fmt(metrics.get('global_steps'))} steps")
-        alerts = sum(len(entry["alerts"]) for entry in metrics.get("alerts") or [])
-        if alerts:
-            line += f", {alerts} health alert(s)"
-        if metrics.get("stopped_early"):
-            line += f"; **stopped early at step {metrics['stop']['step']}**"
-        return line
-    if stage == "eval":
-        parts = [f"{column} gain {_interval(metrics[f'{column}_gain'], signed=True)}, win rate "
-                 f"{_fmt(metrics[f'{column}_gain'].get('win_rate', metrics.get(f'{column}_win_rate')), 3)}"
-                 for column in ("reward", "judge") if f"{column}_gain" in metrics]
-        if "kl" in metrics:
-            parts.append(f"KL {metrics['kl']['mean']:.3f} nats/answer")
-        return "; ".join(parts)
+def sft_headline(metrics: dict[str, Any]) -> str:
+    return (f"eval loss {_fmt(metrics.get('eval_loss_before'))} → {_fmt(metrics.get('eval_loss'))}, "
+            f"perplexity {_fmt(metrics.get('perplexity_before'))} → {_fmt(metrics.get('perplexity'))}, "
+            f"{_fmt(metrics.get('global_steps'))} steps")
+
+
+def label_headline(metrics: dict[str, Any]) -> str:
+    counts = metrics.get("counts", {})
+    return (f"{_fmt(counts.get('pairs'))} pairs from {_fmt(counts.get('prompts'))} prompts "
+            f"({_fmt(counts.get('answers'))} answers), mean judge score {_fmt(metrics.get('mean_judge_score'))}")
+
+
+def rm_headline(metrics: dict[str, Any]) -> str:
+    held_out = metrics.get("eval", {})
+    return (f"held-out accuracy {_fmt(metrics.get('eval_accuracy'))} on {_fmt(held_out.get('pairs'))} pairs, "
+            f"margin {_fmt(metrics.get('eval_mean_margin'))}, ECE {_fmt(metrics.get('eval_ece'))}, "
+            f"Brier {_fmt(metrics.get('eval_brier'))}")
+
+
+def ppo_headline(metrics: dict[str, Any]) -> str:
+    first, final = metrics.get("first", {}), metrics.get("final", {})
+    line = (f"score {_fmt(first.get('objective/scores'))} → {_fmt(final.get('objective/scores'))}, "
+            f"KL {_fmt(final.get('objective/kl'))}, {_fmt(metrics.get('global_steps'))} steps")
+    alerts = sum(len(entry["alerts"]) for entry in metrics.get("alerts") or [])
+    if alerts:
+        line += f", {alerts} health alert(s)"
+    if metrics.get("stopped_early"):
+        line += f"; **stopped early at step {metrics['stop']['step']}**"
+    return line
+
+
+def eval_headline(metrics: dict[str, Any]) -> str:
+    parts = [f"{column} gain {_interval(metrics[f'{column}_gain'], signed=True)}, win rate "
+             f"{_fmt(metrics[f'{column}_gain'].get('win_rate', metrics.get(f'{column}_win_rate')), 3)}"
+             for column in ("reward", "judge") if f"{column}_gain" in metrics]
+    if "kl" in metrics:
+        parts.append(f"KL {metrics['kl']['mean']:.3f} nats/answer")
+    return "; ".join(parts)
+
+
+def generic_headline(metrics: dict[str, Any]) -> str:
     scalars = [f"{key} {_fmt(value)}" for key, value in metrics.items() if isinstance(value, (int, float))]
     return ", ".join(scalars[:4])
+
+
+def ppo_summary_note(folder: Path, metrics: dict[str, Any]) -> str | None:
+    """The chain summary's warning when PPO raised health alerts (or stopped on one)."""
+    if not metrics.get("alerts"):
+        return None
+    count = sum(len(entry["alerts"]) for entry in metrics["alerts"])
+    stop = " and stopped early at step " + str(metrics["stop"]["step"]) if metrics.get("stopped_early") else ""
+    return f"- PPO (`{folder.name}`) raised {count} health alert(s){stop}; see its report."
 
 
 def _data_rows(metrics: dict[str, Any]) -> list[list[Any]]:
@@ -112,7 +133,7 @@ def _data_rows(metrics: dict[str, Any]) -> list[list[Any]]:
             ["rows dropped", dropped]]
 
 
-def _sft_section(folder: Path, metrics: dict[str, Any], plots: Plots) -> list[str]:
+def sft_section(folder: Path, metrics: dict[str, Any], plots: Plots) -> list[str]:
     history = metrics.get("log_history") or []
     rows = [["eval loss (before → after)",
              f"{_fmt(metrics.get('eval_loss_before'))} → {_fmt(metrics.get('eval_loss'))}"],
@@ -124,7 +145,7 @@ def _sft_section(folder: Path, metrics: dict[str, Any], plots: Plots) -> list[st
     return [*table(["", "value"], rows), *plots.add("sft_loss.png", "SFT loss", plot_sft, history, metrics)]
 
 
-def _label_section(folder: Path, metrics: dict[str, Any], plots: Plots) -> list[str]:
+def label_section(folder: Path, metrics: dict[str, Any], plots: Plots) -> list[str]:
     counts = metrics.get("counts", {})
     answers = counts.get("answers") or 0
     rows = [["judge", metrics.get("judge")], ["prompts", counts.get("prompts")], ["answers sampled", answers],
@@ -143,7 +164,7 @@ def _label_section(folder: Path, metrics: dict[str, Any], plots: Plots) -> list[
             "in `ranked.jsonl`.", ""]
 
 
-def _rm_section(folder: Path, metrics: dict[str, Any], plots: Plots) -> list[str]:
+def rm_section(folder: Path, metrics: dict[str, Any], plots: Plots) -> list[str]:
     held_out, stats = metrics.get("eval", {}), metrics.get("reward_stats", {})
     rows = [["held-out pairs", held_out.get("pairs")], ["pairwise accuracy", metrics.get("eval_accuracy")],
             ["mean margin r(chosen) − r(rejected)", metrics.get("eval_mean_margin")],
@@ -160,7 +181,7 @@ def _rm_section(folder: Path, metrics: dict[str, Any], plots: Plots) -> list[str
             *plots.add("rm_rewards.png", "Held-out rewards and calibration", plot_rm_rewards, held_out)]
 
 
-def _ppo_section(folder: Path, metrics: dict[str, Any], plots: Plots) -> list[str]:
+def ppo_section(folder: Path, metrics: dict[str, Any], plots: Plots) -> list[str]:
     history = metrics.get("log_history") or []
     alerts = [entry for entry in history if "alerts" in entry]
     first, final = metrics.get("first", {}), metrics.get("final", {})
@@ -198,7 +219,7 @@ def _ppo_section(folder: Path, metrics: dict[str, Any], plots: Plots) -> list[st
     return lines
 
 
-def _eval_section(folder: Path, metrics: dict[str, Any], plots: Plots) -> list[str]:
+def eval_section(folder: Path, metrics: dict[str, Any], plots: Plots) -> list[str]:
     full = read_json(folder / "eval.json") or metrics
     rows = []
     for key, label in (("reward", "RM reward"), ("judge", "judge score"), ("length_tokens", "answer length (tokens)")):
@@ -240,8 +261,3 @@ def generic_section(folder: Path, metrics: dict[str, Any], plots: Plots) -> list
     rows = [[key, value] for key, value in metrics.items() if isinstance(value, (int, float, str)) or value is None]
     history = metrics.get("log_history") or []
     return [*table(["metric", "value"], rows), *plots.add("training.png", "Training", plot_rm_training, history)]
-
-
-SECTIONS: dict[str, Callable[[Path, dict[str, Any], Plots], list[str]]] = {
-    "sft": _sft_section, "label": _label_section, "rm": _rm_section, "ppo": _ppo_section, "eval": _eval_section,
-}

@@ -9,13 +9,25 @@ from pathlib import Path
 from rlhf_pipeline.errors import PipelineError
 from rlhf_pipeline.outputs import MARKER, read_manifest, write_text_atomic
 from rlhf_pipeline.report.plots import Plots
-from rlhf_pipeline.report.sections import SECTIONS, generic_section, headline, read_json
+from rlhf_pipeline.report.sections import generic_headline, generic_section, read_json
+from rlhf_pipeline.stages import Presentation, get_stage
 
 logger = logging.getLogger(__name__)
 
 REPORT = "report.md"
-_TITLES = {"sft": "Supervised fine-tuning", "label": "AI-feedback labelling", "rm": "Reward model", "ppo": "PPO",
-           "eval": "Evaluation: policy vs baseline"}
+
+
+def presentation(stage: str) -> Presentation:
+    """How the stage presents a finished run; a stage this install no longer has gets the generic one."""
+    try:
+        return get_stage(stage).presentation
+    except PipelineError:
+        return Presentation(title=stage, headline=generic_headline, section=generic_section)
+
+
+def headline(stage: str, metrics: dict) -> str:
+    """One line of a stage's most telling numbers, for the pipeline summary and the console."""
+    return presentation(stage).headline(metrics)
 
 
 def write_stage_report(output_dir: str | Path) -> Path:
@@ -26,11 +38,11 @@ def write_stage_report(output_dir: str | Path) -> Path:
         raise PipelineError(f"{folder}: not a finished stage folder (no {MARKER}); nothing to report")
     metrics = read_json(folder / "metrics.json") or manifest.metrics
     plots = Plots(folder)
-    section = SECTIONS.get(manifest.stage, generic_section)(folder, metrics, plots)
+    shown = presentation(manifest.stage)
+    section = shown.section(folder, metrics, plots)
     earlier = [Path(stage_dir).name for stage_dir in manifest.lineage]
-    title = _TITLES.get(manifest.stage, manifest.stage)
-    lines = [f"# {title}" + (f" ({folder.name})" if folder.name != manifest.stage else ""), "",
-             f"{headline(manifest.stage, metrics)}.", "",
+    lines = [f"# {shown.title}" + (f" ({folder.name})" if folder.name != manifest.stage else ""), "",
+             f"{shown.headline(metrics)}.", "",
              f"Finished {manifest.finished_at}; base model `{manifest.base_model.get('origin')}`"
              + (f", starting from {' → '.join(earlier)}" if earlier else "")
              + ". Numbers: `metrics.json`; recipe: `recipe.yaml`.", "", *section, *plots.note()]

@@ -7,8 +7,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from rlhf_pipeline.outputs import read_manifest, write_text_atomic
-from rlhf_pipeline.report.sections import headline, read_json, table
-from rlhf_pipeline.report.stage import REPORT
+from rlhf_pipeline.report.sections import read_json, table
+from rlhf_pipeline.report.stage import REPORT, headline, presentation
 
 
 def report_dir_for(stage_dirs: Sequence[Path], fallback: Path) -> Path:
@@ -23,7 +23,9 @@ def report_dir_for(stage_dirs: Sequence[Path], fallback: Path) -> Path:
 def write_summary_report(stage_dirs: Sequence[Path], report_dir: Path, title: str) -> Path:
     """One `report.md` over several stage folders: each stage's headline and a link to its report."""
     report_dir = Path(report_dir)
-    rows, warnings, eval_plot = [], [], None
+    rows: list[list[str]] = []
+    warnings: list[str] = []
+    figures: list[tuple[str, str]] = []
     for folder in stage_dirs:
         folder = Path(folder)
         manifest = read_manifest(folder)
@@ -33,19 +35,18 @@ def write_summary_report(stage_dirs: Sequence[Path], report_dir: Path, title: st
             continue
         metrics = read_json(folder / "metrics.json") or manifest.metrics
         report_link = f"[report]({link})" if (folder / REPORT).is_file() else "—"
-        rows.append([manifest.stage, f"`{os.path.relpath(folder, report_dir)}`", headline(manifest.stage, metrics),
+        shown = presentation(manifest.stage)
+        rows.append([manifest.stage, f"`{os.path.relpath(folder, report_dir)}`", shown.headline(metrics),
                      report_link])
-        if manifest.stage == "ppo" and metrics.get("alerts"):
-            count = sum(len(entry["alerts"]) for entry in metrics["alerts"])
-            stop = " and stopped early at step " + str(metrics["stop"]["step"]) if metrics.get("stopped_early") else ""
-            warnings.append(f"- PPO (`{folder.name}`) raised {count} health alert(s){stop}; see its report.")
-        if manifest.stage == "eval" and (folder / "eval.png").is_file():
-            eval_plot = os.path.relpath(folder / "eval.png", report_dir)
+        if shown.summary_note is not None and (note := shown.summary_note(folder, metrics)):
+            warnings.append(note)
+        if shown.summary_figure is not None and (folder / shown.summary_figure[0]).is_file():
+            figures.append((os.path.relpath(folder / shown.summary_figure[0], report_dir), shown.summary_figure[1]))
     lines = [f"# {title}", "", *table(["stage", "folder", "headline", "details"], rows)]
     if warnings:
         lines += ["## Warnings", "", *warnings, ""]
-    if eval_plot:
-        lines += ["## Baseline vs policy on held-out prompts", "", f"![eval]({eval_plot})", ""]
+    for path, caption in figures:
+        lines += [f"## {caption}", "", f"![{Path(path).stem}]({path})", ""]
     path = report_dir / REPORT
     write_text_atomic(path, "\n".join(lines).rstrip() + "\n")
     return path

@@ -1,8 +1,14 @@
 """The stage registry: each stage is one module that declares a `STAGE` and a `run(recipe)`.
 
-Stage modules keep torch, transformers and TRL imports inside `run`, so that looking a stage up (for
-`validate` and `--help`) stays fast. A new stage (DPO, say) is one module here, one line in
-`_STAGE_MODULES`, and a recipe.
+A `Stage` says everything the rest of the package needs to know about it, so nothing else branches on
+stage names: what a recipe may contain (config class and section, data formats, extra sections, checks),
+how a finished run is presented (`Presentation`: report title, headline and section, notes for the chain's
+summary), whether its output is a model (`ModelOutput`: model card, push, merge), how `estimate` models its
+memory (`MemoryModel`), and what it checks about a multi-process launch. Stage modules keep torch,
+transformers and TRL imports inside `run`, so that looking a stage up (for `validate` and `--help`) stays
+fast. A new stage (DPO, say) is one module, one line in `_STAGE_MODULES`, and a recipe.
+
+`load_recipe` lives here because validating a recipe means checking it against its stage's declaration.
 """
 
 from __future__ import annotations
@@ -14,7 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from rlhf_pipeline.data.cards import DataSpec, check_cards
-from rlhf_pipeline.errors import RecipeError
+from rlhf_pipeline.distributed import Launch
+from rlhf_pipeline.errors import PipelineError, RecipeError
+from rlhf_pipeline.outputs import MARKER, StageManifest, read_manifest
 from rlhf_pipeline.recipe import (
     HubSpec,
     ModelSpec,
@@ -24,7 +32,7 @@ from rlhf_pipeline.recipe import (
     check_secrets,
 )
 from rlhf_pipeline.schema import build_section, read_yaml, shown_key, suggest
-from rlhf_pipeline.trainer_fields import dataclass_fields
+from rlhf_pipeline.trainer_fields import ConfigField, config_fields, slow_to_import
 
 _STAGE_MODULES = {
     "sft": "rlhf_pipeline.stages.sft",
@@ -35,41 +43,115 @@ _STAGE_MODULES = {
 }
 STAGE_NAMES = tuple(_STAGE_MODULES)
 
+Metrics = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Presentation:
+    """How a finished run is shown: its report.md title, headline and section, and notes for the chain's summary.
+
+    `section(folder, metrics, plots)` returns markdown lines (`plots` is report.plots.Plots, which writes
+    PNGs beside the report); `summary_note(folder, metrics)` a line for the summary's warnings, if any;
+    `summary_figure` a PNG of the stage folder and its caption, shown in the summary.
+    """
+
+    title: str
+    headline: Callable[[Metrics], str]
+    section: Callable[[Path, Metrics, Any], list[str]]
+    summary_note: Callable[[Path, Metrics], str | None] | None = None
+    summary_figure: tuple[str, str] | None = None
+
+
+@dataclass(frozen=True)
+class ModelOutput:
+    """A stage whose output is a model (what the card, push and merge take): its Hub tag and what it is."""
+
+    tag: str
+    what: str
+
+
+@dataclass(frozen=True)
+class MemoryModel:
+    """How `rlhf-pipeline estimate` models the stage's peak memory per device.
+
+    `kind`: "train" (one base, the stage's trainable weights, a micro-batch of sequences), "ppo" (four roles
+    on one base and a rollout) or "sample" (frozen models generating). `head`: "lm" or "score" (a reward
+    model). `rows_per_example`: sequences a training example forwards at once (a preference pair: 2).
+    `fused_loss`: the trainer never builds the full-vocabulary logits (TRL's SFT).
+    """
+
+    kind: str = "train"
+    head: str = "lm"
+    rows_per_example: int = 1
+    fused_loss: bool = False
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("train", "ppo", "sample") or self.head not in ("lm", "score"):
+            raise ValueError(f"MemoryModel: unknown kind {self.kind!r} or head {self.head!r}")
+
 
 @dataclass(frozen=True)
 class Stage:
-    """What a stage accepts (its config class and section, data formats, extra sections) and how to run it."""
+    """What a stage accepts and does, and how the rest of the package treats it (see the module docstring)."""
 
     name: str
     summary: str
     example: str
     config_class: tuple[str, str]
     data_formats: frozenset[str]
-    run: Callable[[Recipe], dict[str, Any]]
+    run: Callable[[Recipe], Metrics]
+    presentation: Presentation
     config_section: str = "training"
     sections: dict[str, type] = field(default_factory=dict)
     extra_checks: Callable[[Recipe], None] | None = None
+    model: ModelOutput | None = None
+    memory: MemoryModel = field(default_factory=MemoryModel)
+    launch_checks: Callable[[Recipe, Launch], None] | None = None
 
     def config_fields(self) -> dict[str, str]:
-        """Field name -> annotation of the stage's config class, read from source without importing it."""
-        return dataclass_fields(*self.config_class)
+        """Field name -> annotation of the stage's config class (trainer_fields: cached, no torch import)."""
+        return {name: spec.annotation for name, spec in config_fields(*self.config_class).items()}
 
-    def check(self, recipe: Recipe) -> None:
-        """Stage-specific checks that need no weights (run by `validate` and before every run).
+    def config_default(self, name: str) -> Any:
+        """A field's default in the stage's config class (None when it has none a recipe could spell)."""
+        return config_fields(*self.config_class).get(name, ConfigField("Any")).default
 
-        Our own config classes are cheap to import, so they are built here and their value checks run.
+    def settings(self, recipe: Recipe) -> Any:
+        """The stage's typed config, unless it is TRL's (whose import costs seconds; its trainer builds that one).
+
+        Building it runs its value checks; the recipe carries the result, so nothing builds it again.
         """
         module, name = self.config_class
-        if module.startswith("rlhf_pipeline."):
-            build_section(getattr(importlib.import_module(module), name), recipe.config, recipe.path,
-                          self.config_section)
-        if self.extra_checks is not None:
-            self.extra_checks(recipe)
+        if slow_to_import(module):
+            return None
+        return build_section(getattr(importlib.import_module(module), name), recipe.config, recipe.path,
+                             self.config_section)
 
 
 def get_stage(name: str) -> Stage:
     """Import a stage module (cheap: heavy imports live inside its `run`) and return its declaration."""
+    if name not in _STAGE_MODULES:
+        raise PipelineError(f"unknown stage '{name}'{suggest(name, STAGE_NAMES)}; stages: {', '.join(STAGE_NAMES)}")
     return importlib.import_module(_STAGE_MODULES[name]).STAGE
+
+
+def require_model_stage(output_dir: Path) -> StageManifest:
+    """The manifest of a finished stage whose output is a model (sft, rm, ppo): what push, merge and cards take."""
+    manifest = read_manifest(output_dir)
+    if manifest is None:
+        raise PipelineError(f"{output_dir}: no finished stage here (no {MARKER}); run the stage, or let it "
+                            "finish, before pushing or merging it")
+    model_stages = [name for name in STAGE_NAMES if get_stage(name).model is not None]
+    if manifest.stage not in model_stages:
+        raise PipelineError(f"{output_dir}: holds a finished '{manifest.stage}' stage, which has no model; "
+                            f"push or merge an output of {', '.join(model_stages)}")
+    return manifest
+
+
+def cache_config_fields() -> list[str]:
+    """Read every stage's config fields now (seconds for TRL's), so later `validate` runs stay fast."""
+    classes = sorted({get_stage(name).config_class for name in STAGE_NAMES})
+    return [f"{module}.{name}: {len(config_fields(module, name))} fields" for module, name in classes]
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None, stage: str | None = None,
@@ -110,5 +192,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None, stage: str
         pending_outputs=list(pending_outputs or []),
         cards=check_cards(data_spec, path, name, spec.data_formats, pending_outputs),
     )
-    spec.check(recipe)
+    recipe.settings = spec.settings(recipe)
+    if spec.extra_checks is not None:
+        spec.extra_checks(recipe)
     return recipe

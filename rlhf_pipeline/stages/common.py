@@ -20,18 +20,17 @@ from rlhf_pipeline.distributed import is_main_process, quiet_unless_main, say
 from rlhf_pipeline.errors import PipelineError
 from rlhf_pipeline.models import (
     CAUSAL_LM,
-    ModelSource,
     check_continued_lora,
     check_hardware,
     load_base,
     load_tokenizer,
     record_origin,
-    resolve_source,
     trainable_model,
 )
 from rlhf_pipeline.outputs import (
     MARKER,
     StageManifest,
+    last_checkpoint,
     mark_complete,
     read_manifest,
     save_recipe_and_metrics,
@@ -39,11 +38,13 @@ from rlhf_pipeline.outputs import (
     write_json,
 )
 from rlhf_pipeline.preflight import check_launch
+from rlhf_pipeline.sources import ModelSource, resolve_source
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
     from rlhf_pipeline.adapters import SharedBase
+    from rlhf_pipeline.data.loading import DataReport
     from rlhf_pipeline.recipe import Recipe
 
 logger = logging.getLogger(__name__)
@@ -157,6 +158,26 @@ def launch_facts(accelerator: Any) -> dict[str, Any]:
     return {"world_size": accelerator.num_processes, "ranks": sorted(ranks),
             "distributed_type": accelerator.distributed_type.value,
             "zero_stage": plugin.zero_stage if plugin is not None else None}
+
+
+def train_resuming(trainer: Any, recipe: Recipe, data_report: DataReport) -> tuple[Any, dict[str, Any]]:
+    """Train from the newest complete checkpoint in the stage's folder (else from the start).
+
+    Returns what `train()` returned and what every training stage records about the run: steps, global batch,
+    where it resumed, how it was launched, its data report and log history. A transformers Trainer keeps
+    these in `state` and `args`; our PPOTrainer on itself.
+    """
+    checkpoint = last_checkpoint(recipe.output_dir)
+    result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    if hasattr(trainer, "state"):
+        args = trainer.args
+        steps, history = trainer.state.global_step, trainer.state.log_history
+        global_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+    else:
+        steps, history, global_batch = trainer.global_step, trainer.log_history, trainer.global_batch_size
+    return result, {"global_steps": steps, "global_batch_size": global_batch,
+                    "resumed_from": str(checkpoint) if checkpoint else None, **launch_facts(trainer.accelerator),
+                    "data": data_report.as_dict(), "log_history": history}
 
 
 def finished_manifest(recipe: Recipe, source: ModelSource, metrics: dict[str, Any], adapter: bool,

@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING, Any
 
 from rlhf_pipeline.data.formats import FORMATS
 from rlhf_pipeline.judges import JudgeSpec
-from rlhf_pipeline.stages import Stage
+from rlhf_pipeline.report.sections import eval_headline, eval_section
+from rlhf_pipeline.stages import MemoryModel, Presentation, Stage
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -98,7 +99,7 @@ def run(recipe: Recipe) -> dict[str, Any]:
     from rlhf_pipeline.reward import RewardModel
     from rlhf_pipeline.stages.common import finish_outputs, finished_manifest, load_frozen
 
-    config = EvalConfig(**recipe.config)
+    config: EvalConfig = recipe.settings
     names = {"baseline": recipe.model.name_or_path, "policy": config.policy}
     if config.reward_model:
         require_finished(Path(config.reward_model), "rm", "evaluation.reward_model")
@@ -152,4 +153,7 @@ STAGE = Stage(
     data_formats=frozenset(FORMATS),
     sections={"judge": JudgeSpec},
     run=run,
+    presentation=Presentation("Evaluation: policy vs baseline", eval_headline, eval_section,
+                              summary_figure=("eval.png", "Baseline vs policy on held-out prompts")),
+    memory=MemoryModel(kind="sample"),
 )

@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING, Any
 
 from rlhf_pipeline.data.formats import FORMATS
 from rlhf_pipeline.judges import JudgeSpec
-from rlhf_pipeline.stages import Stage
+from rlhf_pipeline.report.sections import label_headline, label_section
+from rlhf_pipeline.stages import MemoryModel, Presentation, Stage
 
 if TYPE_CHECKING:
     from rlhf_pipeline.recipe import Recipe
@@ -93,7 +94,7 @@ def run(recipe: Recipe) -> dict[str, Any]:
     from rlhf_pipeline.judges import load_judge
     from rlhf_pipeline.stages.common import finish_outputs, finished_manifest, load_frozen
 
-    config = LabelConfig(**recipe.config)
+    config: LabelConfig = recipe.settings
     judge_spec = recipe.sections["judge"]
     sources, tokenizer, models = load_frozen(recipe, {"policy": recipe.model.name_or_path})
     datasets, data_report = load_datasets(recipe, tokenizer, prompts_only=True)
@@ -138,4 +139,6 @@ STAGE = Stage(
     data_formats=frozenset(FORMATS),
     sections={"judge": JudgeSpec},
     run=run,
+    presentation=Presentation("AI-feedback labelling", label_headline, label_section),
+    memory=MemoryModel(kind="sample"),
 )

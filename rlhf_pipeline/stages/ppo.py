@@ -20,16 +20,18 @@ checkpoint); downstream stages (eval) then measure that policy. To train on past
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rlhf_pipeline.data.formats import FORMATS
-from rlhf_pipeline.errors import RecipeError
+from rlhf_pipeline.errors import PipelineError, RecipeError
 from rlhf_pipeline.outputs import MARKER, read_manifest
-from rlhf_pipeline.stages import Stage
+from rlhf_pipeline.report.sections import ppo_headline, ppo_section, ppo_summary_note
+from rlhf_pipeline.stages import MemoryModel, ModelOutput, Presentation, Stage
 
 if TYPE_CHECKING:
-
+    from rlhf_pipeline.distributed import Launch
     from rlhf_pipeline.recipe import Recipe
 
 
@@ -68,6 +70,49 @@ def check_same_tokenizer(policy_tokenizer: Any, reward_tokenizer: Any, reward_pa
                           "from the same SFT output as the policy")
 
 
+PPO_LAUNCH_HINT = ("launch PPO with accelerate_configs/multi_gpu.yaml (DDP) or deepspeed_zero2.yaml "
+                   "(cpu_multi_process.yaml or deepspeed_zero2_cpu.yaml on a machine without GPUs)")
+
+
+def check_launch(recipe: Recipe, launch: Launch) -> None:
+    """PPO under this launch: whole parameters on every rank, and batches that fill every process."""
+    if launch.shards_parameters:
+        raise PipelineError(f"{recipe.path}: this launch uses {launch.backend}, which shards every parameter over "
+                            "the processes, but PPO samples answers with generate() from the model it trains and "
+                            "needs whole parameters on each rank (DDP or DeepSpeed ZeRO-1/2, which shard only "
+                            f"gradients and optimizer states); {PPO_LAUNCH_HINT}")
+    config = recipe.settings
+    per_process = config.rollout_batch_size
+    global_batch = per_process * launch.world_size
+    shape = f"{per_process} prompts per process x {launch.world_size} process(es)"
+    if launch.world_size > 1 and config.total_episodes is not None and config.total_episodes % global_batch:
+        steps = math.ceil(config.total_episodes / global_batch)
+        raise RecipeError(recipe.path, "training.total_episodes",
+                          f"{config.total_episodes} episodes do not divide into the global rollout batch of "
+                          f"{global_batch} ({shape}): the run would train {steps * global_batch}; set "
+                          f"total_episodes to a multiple of {global_batch} (e.g. {steps * global_batch}), or "
+                          "change per_device_train_batch_size / gradient_accumulation_steps / num_mini_batches")
+    available = count_prompt_rows(recipe)
+    if available is not None and available < global_batch:
+        raise RecipeError(recipe.path, "data.train",
+                          f"at most {available} prompts, fewer than one global rollout batch of {global_batch} "
+                          f"({shape}); add prompts, or lower per_device_train_batch_size / "
+                          "gradient_accumulation_steps / num_mini_batches, or launch fewer processes")
+
+
+def count_prompt_rows(recipe: Recipe) -> int | None:
+    """Rows in the recipe's local JSON/JSONL cards (an upper bound on its prompts); None if not cheap to know."""
+    from rlhf_pipeline.data.loading import read_card_rows
+
+    total = 0
+    for card in recipe.cards:
+        path = card.local_path()
+        if path is None or path.suffix not in (".json", ".jsonl"):
+            return None
+        total += len(read_card_rows(card)[0])
+    return total
+
+
 def run(recipe: Recipe) -> dict[str, Any]:
     """Train the policy and critic adapters and save the policy adapter with its statistics."""
     import dataclasses
@@ -76,20 +121,20 @@ def run(recipe: Recipe) -> dict[str, Any]:
     from rlhf_pipeline.chat import encode_prompt
     from rlhf_pipeline.data.loading import load_datasets
     from rlhf_pipeline.distributed import say
-    from rlhf_pipeline.models import load_tokenizer, resolve_source
-    from rlhf_pipeline.outputs import last_checkpoint, require_finished
-    from rlhf_pipeline.ppo.config import PPOConfig
+    from rlhf_pipeline.models import load_tokenizer
+    from rlhf_pipeline.outputs import require_finished
     from rlhf_pipeline.ppo.roles import POLICY, REWARD, build_ppo_model, check_shared_base
     from rlhf_pipeline.ppo.trainer import PPOTrainer
+    from rlhf_pipeline.sources import resolve_source
     from rlhf_pipeline.stages.common import (
         Loaded,
         activation_checkpointing_default,
         finish,
-        launch_facts,
         start_training,
+        train_resuming,
     )
 
-    config = PPOConfig(**recipe.config)
+    config = recipe.settings
     start_training(recipe)
     rm_manifest = require_finished(config.reward_model_path, "rm", "training.reward_model_path")
     reward_spec = dataclasses.replace(recipe.model, name_or_path=config.reward_model_path)
@@ -109,8 +154,7 @@ def run(recipe: Recipe) -> dict[str, Any]:
     say(f"ppo: {len(prompts)} prompts ({data_report.summary()})")
     trainer = PPOTrainer(config, model, partial(model.last_scores, REWARD), tokenizer, prompts,
                          reward_stats=reward_stats)
-    checkpoint = last_checkpoint(recipe.output_dir)
-    final = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    final, record = train_resuming(trainer, recipe, data_report)
     history = [entry for entry in trainer.log_history if "objective/scores" in entry]
     alerts = [entry for entry in trainer.log_history if "alerts" in entry]
     metrics = {
@@ -121,13 +165,8 @@ def run(recipe: Recipe) -> dict[str, Any]:
                   "checkpoint": str(recipe.output_dir / f"checkpoint-{trainer.global_step}")}
                  if trainer.stopped_early else None),
         "alerts": alerts,
-        "global_steps": trainer.global_step,
-        "global_batch_size": trainer.global_batch_size,
-        **launch_facts(trainer.accelerator),
-        "resumed_from": str(checkpoint) if checkpoint else None,
         "reward_model": str(config.reward_model_path),
-        "data": data_report.as_dict(),
-        "log_history": trainer.log_history,
+        **record,
     }
     say(f"ppo: mean score {metrics['first'].get('objective/scores', float('nan')):.3f} -> "
         f"{final.get('objective/scores', float('nan')):.3f}, KL {final.get('objective/kl', float('nan')):.3f}")
@@ -147,4 +186,8 @@ STAGE = Stage(
     data_formats=frozenset(FORMATS),
     extra_checks=_check,
     run=run,
+    presentation=Presentation("PPO", ppo_headline, ppo_section, summary_note=ppo_summary_note),
+    model=ModelOutput("ppo", "PPO policy, trained against the reward model and KL-anchored to the SFT policy"),
+    memory=MemoryModel(kind="ppo"),
+    launch_checks=check_launch,
 )

@@ -17,7 +17,8 @@ import statistics
 from typing import TYPE_CHECKING, Any
 
 from rlhf_pipeline.data.formats import PREFERENCE_FORMATS
-from rlhf_pipeline.stages import Stage
+from rlhf_pipeline.report.sections import rm_headline, rm_section
+from rlhf_pipeline.stages import MemoryModel, ModelOutput, Presentation, Stage
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -76,9 +77,8 @@ def run(recipe: Recipe) -> dict[str, Any]:
 
     from rlhf_pipeline.data.loading import load_datasets
     from rlhf_pipeline.models import REWARD, match_compute_dtype
-    from rlhf_pipeline.outputs import last_checkpoint
     from rlhf_pipeline.reward import RewardModel, sequence_scores
-    from rlhf_pipeline.stages.common import finish, launch_facts, load_for_training, say, trainer_config
+    from rlhf_pipeline.stages.common import finish, load_for_training, say, train_resuming, trainer_config
 
     loaded = load_for_training(recipe, task=REWARD)
     datasets, data_report = load_datasets(recipe, loaded.tokenizer)
@@ -89,8 +89,7 @@ def run(recipe: Recipe) -> dict[str, Any]:
     trainer = RewardTrainer(model=loaded.model, args=args, train_dataset=encoded["train"],
                             eval_dataset=encoded.get("eval"), processing_class=loaded.tokenizer)
     match_compute_dtype(trainer.model, recipe.model)
-    checkpoint = last_checkpoint(recipe.output_dir)
-    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    _, record = train_resuming(trainer, recipe, data_report)
     scorer = RewardModel(partial(sequence_scores, trainer.model.eval()), loaded.tokenizer, trainer.model.device,
                          batch_size=args.per_device_eval_batch_size)
     held_out = pair_metrics(scorer, encoded.get("eval", encoded["train"]))
@@ -102,13 +101,7 @@ def run(recipe: Recipe) -> dict[str, Any]:
         "eval_brier": held_out["brier"],
         "eval": held_out,
         "reward_stats": stats,
-        "global_steps": trainer.state.global_step,
-        "resumed_from": str(checkpoint) if checkpoint else None,
-        "global_batch_size": args.per_device_train_batch_size * args.gradient_accumulation_steps
-        * args.world_size,
-        **launch_facts(trainer.accelerator),
-        "data": data_report.as_dict(),
-        "log_history": trainer.state.log_history,
+        **record,
     }
     say(f"rm: held-out pairwise accuracy {held_out['accuracy']:.3f} on {held_out['pairs']} pairs, "
         f"mean margin {held_out['mean_margin']:.3f}, calibration error {held_out['ece']:.3f}")
@@ -123,4 +116,7 @@ STAGE = Stage(
     config_class=("trl.trainer.reward_config", "RewardConfig"),
     data_formats=frozenset(PREFERENCE_FORMATS),
     run=run,
+    presentation=Presentation("Reward model", rm_headline, rm_section),
+    model=ModelOutput("reward-model", "reward model (a scalar score head on the SFT model)"),
+    memory=MemoryModel(head="score", rows_per_example=2),  # RewardTrainer forwards chosen and rejected together
 )

@@ -15,7 +15,8 @@ import math
 from typing import TYPE_CHECKING, Any
 
 from rlhf_pipeline.data.formats import SFT_FORMATS
-from rlhf_pipeline.stages import Stage
+from rlhf_pipeline.report.sections import sft_headline, sft_section
+from rlhf_pipeline.stages import MemoryModel, ModelOutput, Presentation, Stage
 
 if TYPE_CHECKING:
     from rlhf_pipeline.recipe import Recipe
@@ -31,13 +32,12 @@ def run(recipe: Recipe) -> dict[str, Any]:
 
     from rlhf_pipeline.data.loading import load_datasets
     from rlhf_pipeline.models import match_compute_dtype
-    from rlhf_pipeline.outputs import last_checkpoint
     from rlhf_pipeline.stages.common import (
         evaluate_once_before_training,
         finish,
-        launch_facts,
         load_for_training,
         say,
+        train_resuming,
         trainer_config,
     )
 
@@ -49,9 +49,8 @@ def run(recipe: Recipe) -> dict[str, Any]:
     trainer = SFTTrainer(model=loaded.model, args=args, train_dataset=datasets["train"],
                          eval_dataset=datasets.get("eval"), processing_class=loaded.tokenizer)
     match_compute_dtype(trainer.model, recipe.model)
-    checkpoint = last_checkpoint(recipe.output_dir)
     before = evaluate_once_before_training(trainer, recipe.output_dir) if "eval" in datasets else {}
-    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    _, record = train_resuming(trainer, recipe, data_report)
     after = trainer.evaluate(metric_key_prefix="eval") if "eval" in datasets else {}
     metrics = {
         "eval_loss_before": before.get("eval_loss"),
@@ -60,13 +59,7 @@ def run(recipe: Recipe) -> dict[str, Any]:
         "perplexity": _perplexity(after.get("eval_loss")),
         "train_loss": next((log["train_loss"] for log in reversed(trainer.state.log_history)
                             if "train_loss" in log), None),
-        "global_steps": trainer.state.global_step,
-        "resumed_from": str(checkpoint) if checkpoint else None,
-        "global_batch_size": args.per_device_train_batch_size * args.gradient_accumulation_steps
-        * args.world_size,
-        **launch_facts(trainer.accelerator),
-        "data": data_report.as_dict(),
-        "log_history": trainer.state.log_history,
+        **record,
     }
     say(f"sft: eval loss {metrics['eval_loss_before']} -> {metrics['eval_loss']}")
     finish(recipe, loaded, trainer.model, metrics)
@@ -80,4 +73,7 @@ STAGE = Stage(
     config_class=("trl.trainer.sft_config", "SFTConfig"),
     data_formats=frozenset(SFT_FORMATS),
     run=run,
+    presentation=Presentation("Supervised fine-tuning", sft_headline, sft_section),
+    model=ModelOutput("sft", "supervised fine-tuning (SFT) policy"),
+    memory=MemoryModel(fused_loss=True),  # TRL's SFT never builds the full-vocabulary logits
 )

@@ -28,7 +28,8 @@ def test_config_comes_from_folders_finished_stages_and_the_hub_cache(tiny_model_
     assert find_config(str(tiny_model_dir))[0]["hidden_size"] == 64
     stage = tmp_path / "sft"
     stage.mkdir()
-    mark_complete(stage, StageManifest(stage="sft", fingerprint="x", base_model={"path": str(tiny_model_dir)},
+    mark_complete(stage, StageManifest(stage="sft", fingerprint="x", base_model={"path": str(tiny_model_dir),
+                                                                                "origin": str(tiny_model_dir)},
                                        adapter=True))
     assert find_config(str(stage))[0]["hidden_size"] == 64  # a finished stage: its base's config
     monkeypatch.setenv("HF_HUB_CACHE", str(hub_cache(tmp_path / "hub", "org/Model-1.5B", LLAMA2_7B)))

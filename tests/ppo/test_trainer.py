@@ -24,8 +24,9 @@ from transformers import logging as hf_logging
 from rlhf_pipeline.adapters import SharedBase
 from rlhf_pipeline.outputs import last_checkpoint
 from rlhf_pipeline.ppo.config import PPOConfig
+from rlhf_pipeline.ppo.experience import Rollout, response_logits, truncate_after_stop
 from rlhf_pipeline.ppo.roles import CRITIC, POLICY, REFERENCE
-from rlhf_pipeline.ppo.trainer import PPOTrainer, RewardFn, Rollout, response_logits
+from rlhf_pipeline.ppo.trainer import PPOTrainer, RewardFn
 
 LETTERS = "abcdefghijklm"
 TARGET = "a"
@@ -158,7 +159,7 @@ def test_rollout_logprobs_are_those_of_the_sampling_distribution(tokenizer: PreT
     out = policy.generate(input_ids=ids, attention_mask=mask, generation_config=trainer.generation_config,
                           output_scores=True, return_dict_in_generate=True)
     responses = out.sequences[:, width:]
-    response_mask, _ = trainer._truncate_after_stop(responses)
+    response_mask, _ = truncate_after_stop(responses, trainer.stop_token_ids)
     sampling_logprobs = logprobs_of(torch.stack(out.scores, dim=1), responses)
     with torch.no_grad():
         logits = response_logits(trainer.model, POLICY, out.sequences, torch.cat([mask, response_mask.long()], 1),
