@@ -30,6 +30,7 @@ from rlhf_pipeline.models import (
 from rlhf_pipeline.outputs import (
     MARKER,
     StageManifest,
+    checkpoints,
     last_checkpoint,
     mark_complete,
     read_manifest,
@@ -75,7 +76,7 @@ def claim_output_dir(recipe: Recipe, overwrite: bool) -> None:
                             f"'{manifest.stage}' run of a different recipe; pass --overwrite to replace it, "
                             "or choose another output_dir")
     (recipe.output_dir / MARKER).unlink()
-    for checkpoint in recipe.output_dir.glob("checkpoint-*"):
+    for checkpoint in checkpoints(recipe.output_dir, complete=False):
         shutil.rmtree(checkpoint)
 
 
