@@ -32,8 +32,11 @@ DATA = common.REPO / "data" / "demo" / "sft_demonstrations.jsonl"
 def _ours(steps: int, work: Path) -> Any:
     from rlhf_pipeline.stages import load_recipe, sft
 
+    # The bare script below is the plain TRL set-up: padded micro-batches of 8 and the chat template's own
+    # system prompt (the demo recipe packs rows of 4 with an empty system turn).
     recipe = load_recipe(RECIPE, [f"training.output_dir={work / 'ours'}", f"training.max_steps={steps}",
-                                  "training.save_strategy='no'", "data.eval_split=0.0"])
+                                  "training.save_strategy='no'", "data.eval_split=0.0", "training.packing=false",
+                                  "training.per_device_train_batch_size=8", "data.system_prompt=null"])
     sft.run(recipe)
 
 

@@ -22,9 +22,11 @@ import torch
 from rlhf_pipeline.errors import PipelineError
 from rlhf_pipeline.models import (
     CAUSAL_LM,
+    HEAD_NAMES,
     REWARD,
     load_adapter_weights,
     load_base,
+    process_device,
     read_score_head,
 )
 from rlhf_pipeline.outputs import ADAPTER_WEIGHTS, read_manifest
@@ -36,7 +38,6 @@ if TYPE_CHECKING:
 
     from rlhf_pipeline.recipe import ModelSpec
 
-_HEADS = ("score", "classifier")  # what PEFT keeps whole beside a reward model's LoRA
 
 
 class SharedBase(torch.nn.Module):
@@ -164,7 +165,7 @@ def _adapter_config(adapter_dir: str | Path | None) -> LoraConfig:
     from peft import LoraConfig
 
     config = LoraConfig.from_pretrained(str(adapter_dir))
-    config.modules_to_save = [m for m in config.modules_to_save or [] if m not in _HEADS] or None
+    config.modules_to_save = [m for m in config.modules_to_save or [] if m not in HEAD_NAMES] or None
     config.task_type = "CAUSAL_LM"
     return config
 
@@ -188,13 +189,14 @@ def load_frozen_roles(sources: dict[str, ModelSource], spec: ModelSpec, tokenize
     """Each named source as a frozen role, one base in memory per distinct base; roles in `scorers` get a head.
 
     A scorer is a finished rm stage: its adapter on the base and its score head, or (a fully fine-tuned
-    reward model) its own weights with their head.
+    reward model) its own weights with their head. Every scorer is checked before any weights load. Bases go
+    to this process's device (a 4-bit or 8-bit one is placed there as it loads).
     """
+    for name in scorers & sources.keys():
+        _require_reward_stage(sources[name])
     loaded: dict[tuple[str, str | None, str], SharedBase] = {}
     out: dict[str, SharedBase] = {}
     for name, source in sources.items():
-        if name in scorers:
-            _require_reward_stage(source)
         task = REWARD if name in scorers and source.adapter is None else CAUSAL_LM
         key = (source.path, source.revision, task)
         if key not in loaded:
@@ -205,6 +207,8 @@ def load_frozen_roles(sources: dict[str, ModelSource], spec: ModelSpec, tokenize
             head = shared.model.score if task == REWARD else score_head(source.adapter)
         shared.add_role(name, source.adapter, head=head)
         out[name] = shared.eval()
+    for shared in loaded.values():
+        (shared.heads if spec.quantization.enabled else shared).to(process_device())
     return out
 
 

@@ -13,8 +13,12 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from rlhf_pipeline.chat import Messages
+
+if TYPE_CHECKING:
+    from rlhf_pipeline.recipe import ModelSpec
 
 Judge = Callable[[Sequence[Messages], Sequence[str]], list[float]]
 JUDGE_TYPES = ("vader", "reward_model", "callable")
@@ -53,13 +57,13 @@ def vader_judge() -> Judge:
     return score
 
 
-def load_judge(spec: JudgeSpec) -> Judge:
-    """Build the judge a recipe names."""
+def load_judge(spec: JudgeSpec, model_spec: ModelSpec | None = None) -> Judge:
+    """Build the judge a recipe names; a reward-model judge loads with the recipe's model settings (4-bit...)."""
     if spec.type == "vader":
         return vader_judge()
     if spec.type == "reward_model":
         from rlhf_pipeline.reward import RewardModel
 
-        return RewardModel.from_stage(str(spec.path)).score
+        return RewardModel.from_stage(str(spec.path), model_spec).score
     module, _, name = str(spec.function).partition(":")
     return getattr(importlib.import_module(module), name)

@@ -56,6 +56,13 @@ def load_tokenizer(source: ModelSource, spec: ModelSpec) -> PreTrainedTokenizerB
     return tokenizer
 
 
+def same_tokenizer(first: PreTrainedTokenizerBase, second: PreTrainedTokenizerBase) -> bool:
+    """Whether two tokenizers read token ids the same way (vocabulary, special tokens, pad): models that
+    score or compare each other's answers as ids must."""
+    return (first.get_vocab() == second.get_vocab() and first.all_special_tokens == second.all_special_tokens
+            and first.pad_token_id == second.pad_token_id)
+
+
 def ensure_distinct_pad_token(tokenizer: PreTrainedTokenizerBase) -> None:
     """Give the tokenizer a pad token different from EOS, borrowing an unused special token if possible."""
     if tokenizer.pad_token is not None and tokenizer.pad_token_id != tokenizer.eos_token_id:
@@ -93,10 +100,6 @@ def check_hardware(spec: ModelSpec, training: dict[str, Any]) -> None:
                             "(fp32 is the CPU default)")
     if spec.dtype == "bfloat16" or training.get("bf16"):
         warnings.warn("bf16 on a CPU without AMX/AVX512-bf16 is about 20x slower than fp32", stacklevel=2)
-
-
-def is_distributed() -> bool:
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
 def _quantization_config(spec: ModelSpec) -> Any:
@@ -146,15 +149,19 @@ def _device_map(quantized: bool) -> dict[str, Any] | None:
     Never under ZeRO-3 / FSDP, which shard the (4-bit, float-stored) weights themselves: there QLoRA loads
     without a device map, as PEFT's DeepSpeed and FSDP QLoRA recipes do.
     """
-    import torch
-
     from rlhf_pipeline.distributed import read_launch
 
     if not quantized or read_launch().shards_parameters:
         return None
-    if torch.cuda.is_available():
-        return {"": int(os.environ.get("LOCAL_RANK", "0"))}
-    return {"": "cpu"}
+    return {"": process_device()}
+
+
+def process_device() -> Any:
+    """This process's device: its GPU (LOCAL_RANK) when there are GPUs, else the CPU."""
+    import torch
+
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if torch.cuda.is_available() \
+        else torch.device("cpu")
 
 
 def load_base(source: ModelSource, spec: ModelSpec, tokenizer: PreTrainedTokenizerBase,
@@ -232,7 +239,8 @@ def check_continued_lora(lora: LoraSpec, adapter_dir: str | Path) -> None:
     wanted: dict[str, Any] = {"r": lora.r, "lora_alpha": lora.lora_alpha, "bias": lora.bias,
                               "layers_to_transform": lora.layers_to_transform}
     if lora.target_modules != "all-linear":
-        wanted["target_modules"] = sorted({name.rsplit(".", 1)[-1] for name in lora.target_modules})
+        targets = [lora.target_modules] if isinstance(lora.target_modules, str) else lora.target_modules
+        wanted["target_modules"] = sorted({name.rsplit(".", 1)[-1] for name in targets})
     have = {key: saved.get(key) for key in wanted}
     have["target_modules"] = sorted({name.rsplit(".", 1)[-1] for name in saved.get("target_modules") or []})
     for key, value in wanted.items():
@@ -243,10 +251,11 @@ def check_continued_lora(lora: LoraSpec, adapter_dir: str | Path) -> None:
 
 
 def lora_config(spec: ModelSpec, task: str, model: PreTrainedModel, continues: str | None = None) -> Any:
-    """The stage's LoRA: the shape of the adapter it continues (checked against the recipe), or the recipe's.
+    """The stage's LoRA: the shape of the adapter it continues, or the recipe's.
 
-    Dropout and modules_to_save are always this stage's. A reward task adds its score head to the modules
-    PEFT saves with the adapter, so the reward model's folder holds its whole head.
+    Callers check the recipe against a continued adapter's shape (`check_continued_lora`) before any weights
+    load. Dropout and modules_to_save are always this stage's. A reward task adds its score head to the
+    modules PEFT saves with the adapter, so the reward model's folder holds its whole head.
     """
     from peft import LoraConfig, TaskType
 
@@ -254,7 +263,6 @@ def lora_config(spec: ModelSpec, task: str, model: PreTrainedModel, continues: s
     assert lora is not None
     task_type = TaskType.CAUSAL_LM if task == CAUSAL_LM else TaskType.SEQ_CLS
     if continues is not None:
-        check_continued_lora(lora, continues)
         saved = read_adapter_config(continues)
         return LoraConfig(r=saved["r"], lora_alpha=saved["lora_alpha"], target_modules=saved["target_modules"],
                           layers_to_transform=saved.get("layers_to_transform"), bias=saved.get("bias", "none"),
@@ -289,14 +297,15 @@ def load_adapter_weights(model: PeftModel, adapter_dir: str | Path, adapter_name
     missing = [key for key in expected if key not in weights and "lora_" in key]
     if missing or result.unexpected_keys:
         raise PipelineError(f"{adapter_dir}: its adapter does not fit this model (missing {missing[:3]}, "
-                            f"unexpected {list(result.unexpected_keys)[:3]}); was it trained on another base?")
+                            f"unexpected {list(result.unexpected_keys)[:3]}); was it trained on another base, or "
+                            "with other model.lora.modules_to_save?")
 
 
-_HEAD_NAMES = ("score", "classifier")
+HEAD_NAMES = ("score", "classifier")  # what PEFT keeps whole beside a reward model's LoRA
 
 
 def _is_head_key(key: str) -> bool:
-    return any(f".{name}." in key for name in _HEAD_NAMES)
+    return any(f".{name}." in key for name in HEAD_NAMES)
 
 
 def read_score_head(adapter_dir: str | Path) -> torch.Tensor:
@@ -304,11 +313,12 @@ def read_score_head(adapter_dir: str | Path) -> torch.Tensor:
     from peft.utils import load_peft_weights
 
     weights = load_peft_weights(str(adapter_dir), device="cpu")
-    heads = [value for key, value in weights.items() if _is_head_key(key) and key.endswith(".weight")]
-    if len(heads) != 1:
-        raise PipelineError(f"{adapter_dir}: expected one score head in its adapter, found {len(heads)}; is it the "
-                            "output of an rm stage?")
-    return heads[0]
+    heads = {key: value for key, value in weights.items() if _is_head_key(key)}
+    weight = [value for key, value in heads.items() if key.endswith(".weight")]
+    if len(weight) != 1 or len(heads) != 1:
+        raise PipelineError(f"{adapter_dir}: expected one bias-free score head in its adapter, found "
+                            f"{sorted(heads)}; is it the output of an rm stage?")
+    return weight[0]
 
 
 def trainable_model(base: PreTrainedModel, spec: ModelSpec, task: str = CAUSAL_LM, continues: str | None = None,

@@ -1,4 +1,4 @@
-"""Scoring with a reward model: the one public class PPO's stage, labelling and evaluation all call.
+"""Scoring with a reward model: what the rm stage measures with, and what labelling and evaluation judge with.
 
     from rlhf_pipeline.reward import RewardModel
     rm = RewardModel.from_stage("outputs/smollm2-135m/rm")
@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
     from rlhf_pipeline.adapters import SharedBase
+    from rlhf_pipeline.recipe import ModelSpec
 
 ScoreFn = Callable[["torch.Tensor", "torch.Tensor"], "torch.Tensor"]  # right-padded ids, mask -> a score per row
 
@@ -46,19 +47,17 @@ class RewardModel:
     batch_size: int = 16
 
     @classmethod
-    def from_stage(cls, output_dir: str | Path, model_spec: object | None = None) -> RewardModel:
+    def from_stage(cls, output_dir: str | Path, model_spec: ModelSpec | None = None) -> RewardModel:
         """A finished rm stage as PPO holds it: its adapter on the base (never merged) and its score head."""
         import dataclasses
 
         from rlhf_pipeline.adapters import load_frozen_roles
         from rlhf_pipeline.models import load_tokenizer
-        from rlhf_pipeline.outputs import require_finished
         from rlhf_pipeline.recipe import ModelSpec
         from rlhf_pipeline.sources import resolve_source
 
-        require_finished(Path(output_dir), "rm", "reward model")
-        spec = dataclasses.replace(model_spec, name_or_path=str(output_dir)) if isinstance(model_spec, ModelSpec) \
-            else ModelSpec(name_or_path=str(output_dir))
+        spec = (dataclasses.replace(model_spec, name_or_path=str(output_dir)) if model_spec is not None
+                else ModelSpec(name_or_path=str(output_dir)))
         source = resolve_source(spec)
         tokenizer = load_tokenizer(source, spec)
         shared = load_frozen_roles({"reward": source}, spec, tokenizer, scorers=frozenset({"reward"}))["reward"]

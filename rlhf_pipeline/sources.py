@@ -62,8 +62,7 @@ def resolve_source(spec: ModelSpec, progress: Any = print, convert_embedded: boo
         base, folder = manifest.base_model, str(path.resolve())
         lineage = [*manifest.lineage, folder]
         if not manifest.adapter:  # a full fine-tune: the folder holds the weights themselves
-            return ModelSource(str(path), None, base["origin"], base.get("origin_revision"), str(path),
-                               lineage=lineage)
+            return ModelSource(folder, None, base["origin"], base.get("origin_revision"), folder, lineage=lineage)
         return ModelSource(base["path"], base.get("revision"), base["origin"], base.get("origin_revision"),
                            str(path), folder, lineage)
     looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1 or ("/" not in name and path.suffix)

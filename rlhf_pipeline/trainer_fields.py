@@ -14,6 +14,7 @@ import dataclasses
 import functools
 import importlib
 import json
+import logging
 import os
 import typing
 from importlib import metadata
@@ -23,7 +24,8 @@ from typing import Any
 from rlhf_pipeline.outputs import write_json
 from rlhf_pipeline.schema import annotation_text
 
-_LIBRARIES = ("trl", "transformers")
+logger = logging.getLogger(__name__)
+_LIBRARIES = ("trl", "transformers")  # their configs import torch; the cache key also names our version
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,7 +44,7 @@ def cache_dir() -> Path:
 def _versions() -> str:
     """The installed versions the fields were read from: a new version is read afresh."""
     found = []
-    for name in _LIBRARIES:
+    for name in (*_LIBRARIES, "rlhf-pipeline"):
         try:
             found.append(f"{name}-{metadata.version(name)}")
         except metadata.PackageNotFoundError:
@@ -66,13 +68,12 @@ def config_fields(module: str, class_name: str) -> dict[str, ConfigField]:
         return {name: ConfigField(**value) for name, value in cached.items()}
     except (OSError, ValueError, TypeError):
         fields = read_fields(module, class_name)
-        write_json(path, {name: dataclasses.asdict(field) for name, field in fields.items()})
+        try:
+            write_json(path, {name: dataclasses.asdict(field) for name, field in fields.items()})
+        except OSError as err:  # a read-only home: slower next time, never wrong
+            logger.warning("could not cache %s's fields in %s (%s); they are read again next time", class_name,
+                           path.parent, err)
         return fields
-
-
-def dataclass_fields(module: str, class_name: str) -> dict[str, str]:
-    """{field name: annotation string} of a config dataclass."""
-    return {name: field.annotation for name, field in config_fields(module, class_name).items()}
 
 
 def read_fields(module: str, class_name: str) -> dict[str, ConfigField]:

@@ -334,7 +334,7 @@ def test_ppo_zero2_trains_like_ddp_saves_and_resumes(work: Path, tiny_model_dir:
                                                      ddp_runs: dict[str, Path]) -> None:
     """PPO under DeepSpeed ZeRO-2: the same two steps as DDP, the trained adapter saved, exact resume.
 
-    Policy and critic are one module (ppo/trainer.py's ActorCritic), so accelerate builds one DeepSpeed
+    The four roles are adapters on one module (adapters.SharedBase), so accelerate builds one DeepSpeed
     engine; the optimizer states are partitioned, so each checkpoint holds one optimizer shard per rank.
     """
     if "ppo" not in ddp_runs:

@@ -190,6 +190,18 @@ def test_layers_to_transform_must_name_blocks(layers: list[int]) -> None:
 # --- 3. pad policy ------------------------------------------------------------------------------------
 
 
+def test_tokenizers_differing_in_special_tokens_or_pad_are_not_the_same(tiny_model_dir: Path) -> None:
+    from rlhf_pipeline.models import same_tokenizer
+
+    policy = AutoTokenizer.from_pretrained(tiny_model_dir)
+    assert same_tokenizer(policy, AutoTokenizer.from_pretrained(tiny_model_dir))
+    extra_special = AutoTokenizer.from_pretrained(tiny_model_dir)
+    extra_special.add_special_tokens({"additional_special_tokens": ["<|reward|>"]})
+    other_pad = AutoTokenizer.from_pretrained(tiny_model_dir)
+    other_pad.pad_token = "<|endoftext|>"  # same vocabulary, a different pad token
+    assert not same_tokenizer(policy, extra_special) and not same_tokenizer(policy, other_pad)
+
+
 def test_pad_token_is_borrowed_without_growing_the_vocab(tiny_model_dir: Path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     assert tokenizer.pad_token_id == tokenizer.eos_token_id == 2

@@ -77,3 +77,17 @@ def test_validate_with_a_warm_cache_imports_neither_torch_nor_trl(tmp_path: Path
     done = subprocess.run([sys.executable, "-c", probe], env=env, cwd=REPO, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "[]"
+
+
+def test_an_unwritable_cache_only_costs_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                             caplog: pytest.LogCaptureFixture) -> None:
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the cache folder would go")
+    monkeypatch.setenv("RLHF_PIPELINE_CACHE", str(blocker))
+    trainer_fields.config_fields.cache_clear()
+    try:
+        fields = trainer_fields.config_fields("trl.trainer.reward_config", "RewardConfig")
+    finally:
+        trainer_fields.config_fields.cache_clear()
+    assert fields["center_rewards_coefficient"].annotation == "float | None"
+    assert "could not cache RewardConfig's fields" in caplog.text

@@ -52,6 +52,9 @@ def build_ppo_model(policy: ModelSource, reward: ModelSource, spec: ModelSpec, t
     """Load the base once and put the four roles on it (see the module docstring)."""
     from peft import prepare_model_for_kbit_training
 
+    for adapter in (policy.adapter, reward.adapter):  # the trainable copies take the recipe's shape: check first
+        if adapter is not None:
+            check_continued_lora(spec.lora, adapter)
     base = load_base(policy, spec, tokenizer)
     if spec.quantization.enabled:
         keep_4bit_gradients_exact(base)
@@ -59,14 +62,12 @@ def build_ppo_model(policy: ModelSource, reward: ModelSource, spec: ModelSpec, t
                                                gradient_checkpointing_kwargs={"use_reentrant": False})
     shared = SharedBase(base)
     shared.add_role(REFERENCE, policy.adapter)
-    if policy.adapter is not None:
-        check_continued_lora(spec.lora, policy.adapter)
-        shared.add_role(POLICY, policy.adapter, trainable=True)
-    else:
-        shared.add_role(POLICY, config=lora_config(spec, CAUSAL_LM, base), trainable=True)
+    shared.add_role(POLICY, policy.adapter, trainable=True,
+                    config=lora_config(spec, CAUSAL_LM, base, continues=policy.adapter))
     mean, std = reward_stats or (0.0, 1.0)
     shared.add_role(REWARD, reward.adapter, head=score_head(reward.adapter))
-    shared.add_role(CRITIC, reward.adapter, trainable=True, head=score_head(reward.adapter, mean, std))
+    shared.add_role(CRITIC, reward.adapter, trainable=True, head=score_head(reward.adapter, mean, std),
+                    config=lora_config(spec, CAUSAL_LM, base, continues=reward.adapter))
     return shared
 
 

@@ -253,8 +253,8 @@ class PPOTrainer:
                         stats[name].append(value)
                 if not self.deepspeed:  # DeepSpeed averages, clips and steps inside its last backward
                     self._average_gradients()
-                    if cfg.max_grad_norm is not None:
-                        torch.nn.utils.clip_grad_norm_(self.trainable_params, cfg.max_grad_norm)
+                    if cfg.max_grad_norm is not None:  # accelerate unscales fp16 gradients first
+                        self.accelerator.clip_grad_norm_(self.trainable_params, cfg.max_grad_norm)
                     self.optimizer.step()
                     self.optimizer.zero_grad(set_to_none=True)
         return {name: torch.stack(values).mean().item() for name, values in stats.items()}
@@ -263,7 +263,7 @@ class PPOTrainer:
         """The policy's loss and backward, then the critic's: each backward while its own adapter is active."""
         cfg = self.config
         logits = response_logits(self.model, POLICY, batch.input_ids, batch.attention_mask, batch.context_length)
-        logprobs = selective_log_softmax(logits, batch.responses, temperature=cfg.temperature)
+        logprobs = selective_log_softmax(logits.float() / cfg.temperature, batch.responses)  # as in the rollout
         pg_loss, clipfrac, approxkl = policy_loss(logprobs, batch.logprobs, batch.advantages, batch.response_mask,
                                                   cfg.cliprange)
         self._backward(pg_loss, last=False)
@@ -286,8 +286,8 @@ class PPOTrainer:
             self.model.set_gradient_accumulation_boundary(last)
             self.model.backward(2 * loss)
             self.model.step()
-        else:
-            (loss / self.config.gradient_accumulation_steps).backward()
+        else:  # accelerate's backward applies fp16 loss scaling; the model is not DDP-wrapped (see __init__)
+            self.accelerator.backward(loss / self.config.gradient_accumulation_steps)
 
     def _average_gradients(self) -> None:
         """Mean of the trainable gradients over processes: one all-reduce per optimizer step, as DDP would do."""
@@ -296,7 +296,7 @@ class PPOTrainer:
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.trainable_params]
         flat = self.accelerator.reduce(torch.cat([g.reshape(-1) for g in grads]), reduction="mean")
         for param, chunk in zip(self.trainable_params, flat.split([g.numel() for g in grads]), strict=True):
-            param.grad = chunk.view_as(param).clone()
+            param.grad = chunk.view_as(param).to(param.dtype)  # a bf16 modules_to_save copy beside fp32 LoRA
 
     # -------------------------------------------------------------- training
 
@@ -433,10 +433,3 @@ class PPOTrainer:
                                              weights_only=True))
         self.global_step = state["global_step"]
         self.log_history = state["log_history"]
-
-    def save_model(self, output_dir: str | os.PathLike[str]) -> None:
-        """Save the policy adapter (PeftModel.from_pretrained loads it), the critic in value_model/, the tokenizer."""
-        if self.accelerator.is_main_process:
-            checkpoints.save_weights(self.shared, Path(output_dir))
-            self.tokenizer.save_pretrained(output_dir)
-        self.accelerator.wait_for_everyone()

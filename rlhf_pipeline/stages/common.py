@@ -25,6 +25,7 @@ from rlhf_pipeline.models import (
     load_base,
     load_tokenizer,
     record_origin,
+    same_tokenizer,
     trainable_model,
 )
 from rlhf_pipeline.outputs import (
@@ -125,8 +126,13 @@ def load_frozen(recipe: Recipe, sources: dict[str, str], scorers: frozenset[str]
     check_hardware(recipe.model, recipe.config)
     specs = {name: dataclasses.replace(recipe.model, name_or_path=path) for name, path in sources.items()}
     resolved = {name: resolve_source(spec, progress=say) for name, spec in specs.items()}
-    first = next(iter(resolved))
+    first, *others = resolved
     tokenizer = load_tokenizer(resolved[first], specs[first])
+    for name in others:  # every model reads the same ids: answers are sampled, scored and compared as ids
+        if not same_tokenizer(tokenizer, load_tokenizer(resolved[name], specs[name])):
+            raise PipelineError(f"{recipe.path}: the {name} ({sources[name]}) uses a different tokenizer (vocabulary "
+                                f"or special tokens) than the {first} ({sources[first]}); compare models that share "
+                                "a tokenizer (stages trained from one base)")
     return resolved, tokenizer, load_frozen_roles(resolved, recipe.model, tokenizer, scorers)
 
 

@@ -53,9 +53,10 @@ def answer_logprob(model: PreTrainedModel, samples: list[Sample], temperature: f
     from rlhf_pipeline.distributed import is_main_process
 
     totals = []
+    device = next(model.parameters()).device
     with torch.no_grad():
         for sample in tqdm(samples, desc=description, disable=description is None or not is_main_process()):
-            ids = torch.tensor([sample.prompt_ids + sample.answer_ids])
+            ids = torch.tensor([sample.prompt_ids + sample.answer_ids], device=device)
             logits = model(input_ids=ids, use_cache=False).logits[0, len(sample.prompt_ids) - 1 : -1]
             labels = ids[0, len(sample.prompt_ids):]
             totals.append(float(selective_log_softmax(logits.float(), labels, max(temperature, 1e-6)).sum()))
@@ -95,14 +96,13 @@ def run(recipe: Recipe) -> dict[str, Any]:
     from rlhf_pipeline.distributed import say
     from rlhf_pipeline.generation import sample_answers
     from rlhf_pipeline.judges import load_judge
-    from rlhf_pipeline.outputs import require_finished, write_json
+    from rlhf_pipeline.outputs import write_json
     from rlhf_pipeline.reward import RewardModel
     from rlhf_pipeline.stages.common import finish_outputs, finished_manifest, load_frozen
 
     config: EvalConfig = recipe.settings
     names = {"baseline": recipe.model.name_or_path, "policy": config.policy}
     if config.reward_model:
-        require_finished(Path(config.reward_model), "rm", "evaluation.reward_model")
         names["reward"] = config.reward_model
     sources, tokenizer, models = load_frozen(recipe, names, scorers=frozenset({"reward"}))
     datasets, _ = load_datasets(recipe, tokenizer, prompts_only=True)
@@ -115,7 +115,7 @@ def run(recipe: Recipe) -> dict[str, Any]:
                                 answer_logprob(models["baseline"].use("baseline"), samples["policy"],
                                                config.temperature, "eval: log π_baseline"), strict=True)]
     say("eval: scoring")
-    judge = load_judge(recipe.sections["judge"])
+    judge = load_judge(recipe.sections["judge"], recipe.model)
     scorer = (RewardModel.from_role(models["reward"], "reward", tokenizer, config.reward_model)
               if config.reward_model else None)
     texts = {name: [s.text for s in group] for name, group in samples.items()}

@@ -103,7 +103,7 @@ def run(recipe: Recipe) -> dict[str, Any]:
     samples = sample_answers(models["policy"].use("policy"), tokenizer, prompts, config.num_samples,
                              config.max_new_tokens, config.temperature, config.top_p, config.batch_size, config.seed,
                              "labelling")
-    judge = load_judge(judge_spec)
+    judge = load_judge(judge_spec, recipe.model)
     ranked_rows, pair_rows, too_close = [], [], 0
     for prompt, answers in tqdm(list(zip(prompts, samples, strict=True)), desc="label: judging",
                                 disable=not is_main_process()):

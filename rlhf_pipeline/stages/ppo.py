@@ -58,18 +58,6 @@ def _check_reward_model_folder(recipe: Recipe, folder: Path) -> None:
                           f"'{manifest.stage}' stage, not a reward model; point it at the rm stage's output_dir")
 
 
-def check_same_tokenizer(policy_tokenizer: Any, reward_tokenizer: Any, reward_path: str,
-                         recipe_path: Path | None = None) -> None:
-    """Policy answers are scored as token ids, so both models must read ids the same way."""
-    same = (policy_tokenizer.get_vocab() == reward_tokenizer.get_vocab()
-            and policy_tokenizer.all_special_tokens == reward_tokenizer.all_special_tokens
-            and policy_tokenizer.pad_token_id == reward_tokenizer.pad_token_id)
-    if not same:
-        raise RecipeError(recipe_path, "training.reward_model_path", f"the reward model at {reward_path} uses a "
-                          "different tokenizer (vocabulary or special tokens) than the policy; train the RM "
-                          "from the same SFT output as the policy")
-
-
 PPO_LAUNCH_HINT = ("launch PPO with accelerate_configs/multi_gpu.yaml (DDP) or deepspeed_zero2.yaml "
                    "(cpu_multi_process.yaml or deepspeed_zero2_cpu.yaml on a machine without GPUs)")
 
@@ -121,7 +109,7 @@ def run(recipe: Recipe) -> dict[str, Any]:
     from rlhf_pipeline.chat import encode_prompt
     from rlhf_pipeline.data.loading import load_datasets
     from rlhf_pipeline.distributed import say
-    from rlhf_pipeline.models import load_tokenizer
+    from rlhf_pipeline.models import load_tokenizer, same_tokenizer
     from rlhf_pipeline.outputs import require_finished
     from rlhf_pipeline.ppo.roles import POLICY, REWARD, build_ppo_model, check_shared_base
     from rlhf_pipeline.ppo.trainer import PPOTrainer
@@ -142,8 +130,15 @@ def run(recipe: Recipe) -> dict[str, Any]:
     check_shared_base(source, reward_source, config.reward_model_path)
     # Tokenizers first: a mismatch is reported before any weights load.
     tokenizer = load_tokenizer(source, recipe.model)
-    check_same_tokenizer(tokenizer, load_tokenizer(reward_source, reward_spec), config.reward_model_path, recipe.path)
+    if not same_tokenizer(tokenizer, load_tokenizer(reward_source, reward_spec)):
+        raise RecipeError(recipe.path, "training.reward_model_path", f"the reward model at {config.reward_model_path} "
+                          "uses a different tokenizer (vocabulary or special tokens) than the policy; train the RM "
+                          "from the same SFT output as the policy")
     stats = rm_manifest.extra.get("reward_stats", {})
+    if config.normalize_reward and not {"mean", "std"} <= stats.keys():
+        raise RecipeError(recipe.path, "training.normalize_reward", f"the rm stage in {config.reward_model_path} "
+                          "recorded no reward statistics to normalise with; re-run that rm stage, or set "
+                          "normalize_reward: false")
     reward_stats = (stats["mean"], stats["std"]) if config.normalize_reward else None
     say(f"loading {source.origin} once: reference, policy, reward model and critic are adapters on it")
     model = build_ppo_model(source, reward_source, recipe.model, tokenizer, reward_stats,
