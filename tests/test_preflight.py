@@ -163,7 +163,7 @@ def test_quantized_device_map_per_rank_except_when_sharded(monkeypatch) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setenv("LOCAL_RANK", "1")
     assert _device_map(quantized=False) is None
-    assert _device_map(quantized=True) == {"": 1}  # DDP / single GPU: each rank its own device
+    assert _device_map(quantized=True) == {"": torch.device("cuda", 1)}  # DDP / single GPU: each rank its own
     for env in (ZERO3, FSDP):
         with monkeypatch.context() as patch:
             for name, value in env.items():
