@@ -16,7 +16,9 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
+from rlhf_pipeline.distributed import launched_as_rank_zero
 from rlhf_pipeline.errors import PipelineError
+from rlhf_pipeline.stopping import Stopped, stop_signals_handled
 
 # Modules that add tool commands (push, merge, report, estimate...): each defines
 # `add_commands(subparsers)` and gives every command a `handler(args) -> int` via set_defaults.
@@ -28,6 +30,17 @@ _OVERRIDES_HELP = "overrides of any recipe key, e.g. training.learning_rate=1e-4
 def _add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("recipe", help="path to the stage's YAML recipe")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=_OVERRIDES_HELP)
+
+
+def _add_stop_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--force-unlock", action="store_true",
+                        help="take over an output folder whose lock is held by a run that is gone for good "
+                             "(e.g. on a host that was shut down); a lock of a dead process on this host is "
+                             "taken over without it")
+    parser.add_argument("--grace-period", type=float, metavar="SECONDS",
+                        help="after SIGTERM/SIGINT, exit at once if the current step and its checkpoint are not "
+                             "done within SECONDS (default: wait for them); set it below your scheduler's grace "
+                             "period")
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -54,6 +67,7 @@ def make_parser() -> argparse.ArgumentParser:
     run.add_argument("recipe", help="path to the pipeline recipe")
     run.add_argument("--from", dest="start", choices=STAGE_NAMES, help="re-run from this stage on")
     run.add_argument("--force", action="store_true", help="re-run every stage")
+    _add_stop_arguments(run)
     for name in STAGE_NAMES:
         stage = get_stage(name)
         sub = commands.add_parser(name, help=stage.summary, description=stage.summary,
@@ -63,6 +77,7 @@ def make_parser() -> argparse.ArgumentParser:
         _add_recipe_arguments(sub)
         sub.add_argument("--overwrite", action="store_true",
                          help="replace a finished run of a different recipe in the output directory")
+        _add_stop_arguments(sub)
     for module in _TOOL_MODULES:
         importlib.import_module(module).add_commands(commands)
     return parser
@@ -82,25 +97,17 @@ def _validate(recipe_path: str, overrides: list[str]) -> None:
     print(f"{recipe_path}: valid {recipe.stage} recipe (output: {recipe.output_dir})")
 
 
-def _run_stage(name: str, recipe_path: str, overrides: list[str], overwrite: bool) -> None:
-    from rlhf_pipeline.distributed import process_state, say
-    from rlhf_pipeline.outputs import check_writable
-    from rlhf_pipeline.stages import get_stage, load_recipe
-    from rlhf_pipeline.stages.common import claim_output_dir, finished_run
+def _run_stage(name: str, recipe_path: str, overrides: list[str], overwrite: bool, force_unlock: bool) -> None:
+    from rlhf_pipeline.distributed import say
+    from rlhf_pipeline.pipeline import run_stage
+    from rlhf_pipeline.stages import load_recipe
+    from rlhf_pipeline.stages.common import finished_run
 
     recipe = load_recipe(recipe_path, overrides, stage=name)
-    process_state()
     if finished_run(recipe):
         say(f"{name}: already finished with this recipe in {recipe.output_dir}; nothing to do")
         return
-    claim_output_dir(recipe, overwrite)
-    try:
-        check_writable(recipe.output_dir)  # a full or read-only disk fails now, not after loading the model
-        get_stage(name).run(recipe)
-    except OSError as err:
-        if not err.filename:  # a failed write() names no file; the stage's folder is where to look
-            err.filename = str(recipe.output_dir)
-        raise
+    run_stage(recipe, overwrite, force_unlock)
 
 
 # Disk and permission failures a user can fix: said in one line with the path, not as a traceback.
@@ -140,12 +147,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             return args.handler(args)
         if args.command == "validate":
             _validate(args.recipe, args.overrides)
-        elif args.command == "run":
-            from rlhf_pipeline.pipeline import run_pipeline
+            return 0
+        with stop_signals_handled(args.grace_period):
+            if args.command == "run":
+                from rlhf_pipeline.pipeline import run_pipeline
 
-            run_pipeline(args.recipe, start=args.start, force=args.force)
-        else:
-            _run_stage(args.command, args.recipe, args.overrides, args.overwrite)
+                run_pipeline(args.recipe, start=args.start, force=args.force, force_unlock=args.force_unlock)
+            else:
+                _run_stage(args.command, args.recipe, args.overrides, args.overwrite, args.force_unlock)
+    except Stopped as stop:
+        if launched_as_rank_zero():
+            print(stop.message, file=sys.stderr)
+        return stop.exit_status
     except PipelineError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -158,6 +171,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; re-run the same command to resume from the last checkpoint", file=sys.stderr)
         return 130
+    except Exception as err:
+        if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+            raise
+        from rlhf_pipeline.distributed import report_rank_failure
+
+        return report_rank_failure(err)
     return 0
 
 

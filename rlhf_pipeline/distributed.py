@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -25,12 +27,18 @@ _DEEPSPEED_FIXED_KEYS = ("gradient_accumulation_steps", "gradient_clipping", "tr
                          "train_batch_size")
 
 
-def process_state() -> Any:
-    """The process group, created for CPU when there is no GPU."""
+def process_state(timeout_seconds: float | None = None) -> Any:
+    """The process group, created for CPU when there is no GPU.
+
+    `timeout_seconds` (the recipe's `ddp_timeout`) bounds how long a collective waits for a rank that
+    hangs; it applies when this call creates the group, which the CLI's is, before the trainer's arguments.
+    """
     import torch
     from accelerate import PartialState
 
-    return PartialState(cpu=not torch.cuda.is_available())
+    if timeout_seconds is None:
+        return PartialState(cpu=not torch.cuda.is_available())
+    return PartialState(cpu=not torch.cuda.is_available(), timeout=timedelta(seconds=timeout_seconds))
 
 
 def is_main_process() -> bool:
@@ -38,9 +46,27 @@ def is_main_process() -> bool:
     return process_state().is_main_process
 
 
+def launched_as_rank_zero() -> bool:
+    """Rank 0 (or a single process), read from the launcher's environment: usable before the process group
+    exists (the output lock) and inside a signal handler."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def wait_for_everyone() -> None:
     """A barrier, so no rank reads an output before rank 0 has finished writing it."""
     process_state().wait_for_everyone()
+
+
+def max_over_processes(value: float) -> float:
+    """The largest of every process's `value` (a collective: all ranks call it at the same point)."""
+    state = process_state()
+    if state.num_processes == 1:
+        return value
+    import torch
+
+    tensor = torch.tensor([value], dtype=torch.float32, device=state.device)
+    torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
+    return float(tensor.item())
 
 
 def quiet_unless_main() -> None:
@@ -55,6 +81,39 @@ def say(message: str) -> None:
     """Print a progress line on the main process only."""
     if is_main_process():
         print(message, flush=True)
+
+
+# What a collective raises (gloo, NCCL) when another rank has exited: the cause is in that rank's output.
+_PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "remote process exited",
+              "NCCL communicator was aborted")
+
+
+def report_rank_failure(err: Exception) -> int:
+    """Say once which rank failed and why (call it in the `except` block); the exit status to return.
+
+    A rank whose collective broke because another rank is gone says so in one line instead of a second
+    traceback. The failing rank prints a summary line and records the error with its traceback where
+    `accelerate launch`'s agent reads it, so the agent's closing summary names that rank and the error as
+    the root cause (launched otherwise, the rank prints the traceback itself). The agent then stops the
+    other ranks within seconds (SIGTERM; SIGKILL after TORCH_ELASTIC_SHUTDOWN_TIMEOUT, 30 s by default),
+    and the newest complete checkpoint stays valid.
+    """
+    import traceback
+
+    rank, world = os.environ.get("RANK", "0"), os.environ.get("WORLD_SIZE", "1")
+    first_line = next(iter(str(err).splitlines()), "")
+    if any(marker in str(err) for marker in _PEER_GONE):
+        print(f"rank {rank}: stopped because another process exited ({type(err).__name__}: {first_line}); "
+              "its error is the root cause", file=sys.stderr, flush=True)
+        return 1
+    if os.environ.get("TORCHELASTIC_ERROR_FILE"):  # the agent prints this traceback in its summary
+        from torch.distributed.elastic.multiprocessing.errors import get_error_handler
+
+        get_error_handler().record_exception(err)
+    else:
+        traceback.print_exc()
+    print(f"rank {rank} of {world} failed: {type(err).__name__}: {first_line}", file=sys.stderr, flush=True)
+    return 1
 
 
 @dataclass(frozen=True)

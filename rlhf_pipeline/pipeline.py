@@ -77,11 +77,35 @@ def validate_pipeline(path: str | Path) -> list[Recipe]:
     return recipes
 
 
-def run_pipeline(path: str | Path, start: str | None = None, force: bool = False) -> dict[str, Any]:
+def run_stage(recipe: Recipe, overwrite: bool, force_unlock: bool = False) -> Any:
+    """Run one stage in its output folder, which it holds locked for the whole run (rlhf_pipeline/locks.py).
+
+    A finished run of another recipe there is replaced only with `overwrite`; this recipe's checkpoints stay,
+    so the stage resumes from them.
+    """
+    from rlhf_pipeline.distributed import process_state
+    from rlhf_pipeline.locks import output_lock
+    from rlhf_pipeline.outputs import check_writable
+    from rlhf_pipeline.stages import get_stage
+    from rlhf_pipeline.stages.common import claim_output_dir
+
+    with output_lock(recipe.output_dir, f"{recipe.stage} stage of {recipe.path}", force_unlock):
+        process_state(recipe.config.get("ddp_timeout"))  # after the lock: a refusal needs no torch, so it is quick
+        claim_output_dir(recipe, overwrite)
+        try:
+            check_writable(recipe.output_dir)  # a full or read-only disk fails now, not after loading the model
+            return get_stage(recipe.stage).run(recipe)
+        except OSError as err:
+            if not err.filename:  # a failed write() names no file; the stage's folder is where to look
+                err.filename = str(recipe.output_dir)
+            raise
+
+
+def run_pipeline(path: str | Path, start: str | None = None, force: bool = False,
+                 force_unlock: bool = False) -> dict[str, Any]:
     """Run the chain; `start` re-runs from that stage on, `force` re-runs everything."""
     from rlhf_pipeline.distributed import is_main_process, say, wait_for_everyone
-    from rlhf_pipeline.stages import get_stage
-    from rlhf_pipeline.stages.common import claim_output_dir, finished_run
+    from rlhf_pipeline.stages.common import finished_run
 
     name, steps = read_pipeline(path)
     names = [r.stage for r in validate_pipeline(path)]
@@ -103,8 +127,7 @@ def run_pipeline(path: str | Path, start: str | None = None, force: bool = False
             continue
         say(f"{counter}: running {recipe.path}")
         stage_started = time.monotonic()
-        claim_output_dir(recipe, overwrite=True)
-        results[recipe.stage] = get_stage(recipe.stage).run(recipe)
+        results[recipe.stage] = run_stage(recipe, overwrite=True, force_unlock=force_unlock)
         wait_for_everyone()
         seconds.append(time.monotonic() - stage_started)
     if is_main_process():

@@ -4,10 +4,14 @@ Launched by tests/test_distributed.py under `accelerate launch` instead of `-m r
 stage saves its weights, every rank runs the in-memory trained model on PROBE_IDS (under ZeRO-3 that forward
 gathers the sharded parameters, a collective step) and rank 0 writes the logits next to the recipe as
 `<recipe>.logits.pt`, so the test can check that the saved adapter reproduces the model that was trained.
+
+With `PROBE_FAIL=RANK:STEP` in the environment, that rank raises in that optimizer step of the sft stage,
+as a bug or a bad batch on one process would.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -43,6 +47,21 @@ def finish_with_probe(recipe: Any, loaded: Any, model: Any, metrics: dict[str, A
     return _finish(recipe, loaded, model, metrics, *args, **kwargs)
 
 
+def fail_on_one_rank(rank: int, step: int) -> None:
+    from trl import SFTTrainer
+
+    real_step = SFTTrainer.training_step
+
+    def training_step(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if self.args.process_index == rank and self.state.global_step + 1 == step:
+            raise ValueError(f"injected failure in step {step}")
+        return real_step(self, *args, **kwargs)
+
+    SFTTrainer.training_step = training_step
+
+
 if __name__ == "__main__":
     common.finish = finish_with_probe  # stages import finish when they run, so they get this one
+    if "PROBE_FAIL" in os.environ:
+        fail_on_one_rank(*map(int, os.environ["PROBE_FAIL"].split(":")))
     sys.exit(main(sys.argv[1:]))

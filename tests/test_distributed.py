@@ -27,6 +27,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from rlhf_pipeline.outputs import last_checkpoint
 from tests.launch_probe import PROBE_IDS, logits_path
 from tests.stages.conftest import preference_rows, sft_rows, write_card
 
@@ -53,10 +54,12 @@ def _launch_command(config: Path, *flags: str) -> list[str]:
     return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), *flags]
 
 
-def launch(label: str, config: Path, program: list[str], *flags: str) -> subprocess.CompletedProcess[str]:
+def launch(label: str, config: Path, program: list[str], *flags: str,
+           env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """`accelerate launch --config_file CONFIG [flags] PROGRAM...`, timed; output is stdout + stderr."""
     started = time.monotonic()
-    done = subprocess.run([*_launch_command(config, "--main_process_port", "0", *flags), *program], env=_env(),
+    done = subprocess.run([*_launch_command(config, "--main_process_port", "0", *flags), *program],
+                          env=_env() | (env or {}),
                           cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=TIMEOUT,
                           check=False)
     TIMINGS[label] = time.monotonic() - started
@@ -181,6 +184,25 @@ def test_sft_ddp_two_ranks_one_writer(work: Path, tiny_model_dir: Path, ddp_runs
     base, tuned = load_trained(tiny_model_dir, out, "sft")
     assert not torch.allclose(logits(base), logits(tuned), atol=1e-4)
     ddp_runs["sft"] = out
+
+
+def test_a_rank_that_raises_ends_the_launch_and_the_last_checkpoint_resumes(work: Path) -> None:
+    recipe = write_recipe(work, "sft-fault", "sft", {"max_steps": 6, "save_steps": 2, "disable_tqdm": True})
+    out = work / "out" / "sft-fault"
+    failed = launch("sft rank 1 fails", CONFIGS / "cpu_multi_process.yaml", probed("sft", recipe),
+                    env={"PROBE_FAIL": "1:3"})  # rank 1 raises in step 3, after checkpoint-2
+    assert failed.returncode != 0
+    assert TIMINGS["sft rank 1 fails"] < 60  # not the backend's 30-minute timeout
+    output = failed.stdout
+    assert re.search(r"^rank 1 of 2 failed: ValueError: injected failure in step 3$", output, re.MULTILINE), output
+    root_cause = output[output.index("Root Cause"):]
+    assert re.search(r"rank\s*: 1 \(local_rank: 1\)", root_cause) and "ValueError: injected failure" in root_cause
+    assert "[rank0]: Traceback" not in output and "[rank1]: Traceback" not in output  # one account of the error
+    assert not (out / "stage.json").exists() and last_checkpoint(out) == out / "checkpoint-2"
+
+    succeeded(launch("sft resumed after the failure", CONFIGS / "cpu_multi_process.yaml", stage("sft", recipe)))
+    metrics = metrics_of(out)
+    assert metrics["resumed_from"] == str(out / "checkpoint-2") and metrics["global_steps"] == 6
 
 
 def test_rm_ddp(work: Path, tiny_model_dir: Path, ddp_runs: dict[str, Path]) -> None:

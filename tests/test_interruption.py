@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -22,6 +23,8 @@ from typing import Any
 import pytest
 import yaml
 
+from rlhf_pipeline.errors import PipelineError
+from rlhf_pipeline.locks import LOCK_FILE
 from rlhf_pipeline.outputs import CHECKPOINT_STATE, MARKER, last_checkpoint, read_manifest
 from rlhf_pipeline.stages import load_recipe
 from tests.stages.conftest import preference_rows, sft_rows, write_card
@@ -88,8 +91,8 @@ def _complete(checkpoint: Path) -> bool:
     return True
 
 
-def _kill_after_first_checkpoint(stage: str, recipe: Path, out: Path, log: Path) -> Path:
-    """Start the stage, SIGKILL it once a checkpoint is complete, and return that checkpoint."""
+def _signal_after_first_checkpoint(stage: str, recipe: Path, out: Path, log: Path, signum: int) -> tuple[int, Path]:
+    """Start the stage, send `signum` once a checkpoint is complete; its exit status and that checkpoint."""
     with log.open("wb") as sink:
         process = subprocess.Popen(_command(stage, recipe), stdout=sink, stderr=subprocess.STDOUT,
                                    env=_environment(), cwd=recipe.parent)
@@ -98,17 +101,17 @@ def _kill_after_first_checkpoint(stage: str, recipe: Path, out: Path, log: Path)
             while time.monotonic() < deadline:
                 done = [c for c in out.glob("checkpoint-*") if _complete(c)] if out.is_dir() else []
                 if done:
-                    os.kill(process.pid, signal.SIGKILL)
+                    os.kill(process.pid, signum)
                     break
                 assert process.poll() is None, f"{stage} ended before its first checkpoint:\n{log.read_text()}"
                 time.sleep(0.02)
             else:
                 raise AssertionError(f"no checkpoint within 120 s:\n{log.read_text()}")
+            process.wait(timeout=60)
         finally:
             process.kill()
             process.wait()
-    assert process.returncode == -signal.SIGKILL
-    return done[0]
+    return process.returncode, done[0]
 
 
 @pytest.mark.parametrize("stage", ["sft", "rm", "ppo"])
@@ -121,7 +124,8 @@ def test_killed_stage_is_unfinished_then_resumes(stage: str, tmp_path: Path, tin
     recipe_path = _stage_recipe(stage, tmp_path, tiny_model_dir, request)
     recipe = load_recipe(recipe_path)
     out = recipe.output_dir
-    first = _kill_after_first_checkpoint(stage, recipe_path, out, tmp_path / "killed.log")
+    status, first = _signal_after_first_checkpoint(stage, recipe_path, out, tmp_path / "killed.log", signal.SIGKILL)
+    assert status == -signal.SIGKILL
 
     assert not (out / MARKER).exists()
     assert read_manifest(out) is None
@@ -139,10 +143,121 @@ def test_killed_stage_is_unfinished_then_resumes(stage: str, tmp_path: Path, tin
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["resumed_from"] == str(resume_from)
     assert metrics["global_steps"] == STEPS
-    history = [entry for entry in metrics["log_history"] if "loss" in entry or "objective/scores" in entry]
-    assert [entry["step"] for entry in history] == list(range(1, STEPS + 1))  # nothing lost, nothing done twice
+    assert _trained_steps(metrics) == list(range(1, STEPS + 1))  # nothing lost, nothing done twice
     assert metrics["log_history"][: len(before)] == before  # the killed run's log continues
     assert (out / "adapter_model.safetensors").is_file()
+
+
+def _trained_steps(metrics: dict[str, Any]) -> list[int]:
+    return [entry["step"] for entry in metrics["log_history"] if "loss" in entry or "objective/scores" in entry]
+
+
+@pytest.mark.parametrize("stage", ["sft", "rm", "ppo"])
+def test_sigterm_saves_the_current_step_and_the_rerun_resumes_there(stage: str, tmp_path: Path,
+                                                                     tiny_model_dir: Path,
+                                                                     request: pytest.FixtureRequest,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """Pre-emption: the step under way finishes and is saved, the stage is not finished, the re-run resumes."""
+    from rlhf_pipeline.cli import main
+
+    recipe_path = _stage_recipe(stage, tmp_path, tiny_model_dir, request)
+    out = load_recipe(recipe_path).output_dir
+    log = tmp_path / "stopped.log"
+    status, first = _signal_after_first_checkpoint(stage, recipe_path, out, log, signal.SIGTERM)
+    said = log.read_text()
+    assert status == 128 + signal.SIGTERM, said
+    stopped = re.search(r"^stopped by SIGTERM after step (\d+); checkpoint saved in (\S+); re-run the same "
+                        r"command to resume from it$", said, re.MULTILINE)
+    assert stopped is not None, said
+    step = int(stopped[1])
+    assert int(first.name.split("-")[1]) < step < STEPS  # the step under way at the signal, not a save_steps one
+    assert Path(stopped[2]) == out / f"checkpoint-{step}" == last_checkpoint(out)
+    state = json.loads((out / f"checkpoint-{step}" / CHECKPOINT_STATE).read_text())
+    assert state["global_step"] == step and state["log_history"][-1]["step"] == step  # nothing trained is lost
+    assert read_manifest(out) is None and not (out / "adapter_model.safetensors").exists()
+
+    assert main(_command(stage, recipe_path)[3:]) == 0, capsys.readouterr().err
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["resumed_from"] == str(out / f"checkpoint-{step}")
+    assert _trained_steps(metrics) == list(range(1, STEPS + 1))
+    assert metrics["log_history"][: len(state["log_history"])] == state["log_history"]
+    if stage == "ppo":  # exact: the same numbers as a run that was never stopped
+        straight = tmp_path / "straight"
+        assert main([*_command(stage, recipe_path)[3:], f"training.output_dir={straight}"]) == 0
+        expected = json.loads((straight / "metrics.json").read_text())["log_history"]
+        for mine, theirs in zip(metrics["log_history"], expected, strict=True):
+            assert mine.keys() == theirs.keys()
+            for key, value in mine.items():
+                if isinstance(value, float):
+                    assert value == pytest.approx(theirs[key], rel=1e-4, abs=1e-6), (mine["step"], key)
+
+
+def test_a_running_stage_locks_its_folder_until_it_is_gone(tmp_path: Path, tiny_model_dir: Path,
+                                                            request: pytest.FixtureRequest,
+                                                            caplog: pytest.LogCaptureFixture) -> None:
+    """The stage command and the pipeline runner refuse a folder in use at once; a killed holder's lock is taken."""
+    from rlhf_pipeline.cli import main
+    from rlhf_pipeline.pipeline import run_pipeline
+
+    recipe_path = _stage_recipe("sft", tmp_path, tiny_model_dir, request)
+    out = load_recipe(recipe_path).output_dir
+    pipeline = tmp_path / "pipeline.yaml"
+    pipeline.write_text(yaml.safe_dump({"name": "locked", "stages": [{"stage": "sft", "recipe": "sft.yaml"}]}))
+    with (tmp_path / "first.log").open("wb") as sink:
+        first = subprocess.Popen(_command("sft", recipe_path), stdout=sink, stderr=subprocess.STDOUT,
+                                 env=_environment(), cwd=tmp_path)
+    try:
+        deadline = time.monotonic() + 60
+        while not (out / LOCK_FILE).is_file() or not (out / LOCK_FILE).read_text():
+            assert first.poll() is None and time.monotonic() < deadline, (tmp_path / "first.log").read_text()
+            time.sleep(0.02)
+        started = time.monotonic()
+        second = subprocess.run(_command("sft", recipe_path), capture_output=True, text=True, env=_environment(),
+                                cwd=tmp_path, check=False)
+        assert time.monotonic() - started < 2  # refused before torch is even imported
+        assert second.returncode == 2, second.stderr
+        assert second.stderr.startswith(f"error: {out}: in use by PID {first.pid} on host ")
+        assert f"(sft stage of {recipe_path})" in second.stderr
+        assert first.poll() is None  # the first run goes on, its checkpoints untouched
+
+        with pytest.raises(PipelineError, match=f"in use by PID {first.pid} "):
+            run_pipeline(pipeline)
+    finally:
+        first.kill()
+        first.wait()
+    assert main(_command("sft", recipe_path)[3:]) == 0  # the dead holder's lock is taken over
+    assert f"took over the lock left by PID {first.pid} on host " in caplog.text
+    assert read_manifest(out) is not None and not (out / LOCK_FILE).exists()
+
+
+def test_disk_full_while_ppo_saves_a_checkpoint_keeps_the_previous_one_newest(
+        tmp_path: Path, tiny_model_dir: Path, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """PPO writes its own checkpoints: one cut short by a full disk is neither kept nor resumed from."""
+    from rlhf_pipeline.cli import main
+    from rlhf_pipeline.ppo import checkpoints
+
+    recipe_path = _stage_recipe("ppo", tmp_path, tiny_model_dir, request)
+    out = load_recipe(recipe_path).output_dir
+    real_write_state = checkpoints.write_state
+
+    def disk_full_at_step_4(folder: Path, state: dict[str, Any]) -> None:
+        if state["global_step"] == 4:  # weights, optimizer and RNG written; the trainer state is cut short
+            (folder / CHECKPOINT_STATE).write_text('{"global_step": 4, "log_hi')
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_write_state(folder, state)
+
+    monkeypatch.setattr(checkpoints, "write_state", disk_full_at_step_4)
+    assert main(["ppo", str(recipe_path)]) == 2
+    assert capsys.readouterr().err.splitlines()[-1].startswith(f"error: {out}: No space left on device; free space")
+    assert sorted(p.name for p in out.iterdir() if "checkpoint" in p.name) == ["checkpoint-2"]  # no half of 4 left
+    assert read_manifest(out) is None and last_checkpoint(out) == out / "checkpoint-2"
+
+    monkeypatch.undo()
+    assert main(["ppo", str(recipe_path)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["resumed_from"] == str(out / "checkpoint-2")
+    assert _trained_steps(metrics) == list(range(1, STEPS + 1))
 
 
 @pytest.mark.parametrize("failing", ["weights", "tokenizer", "metrics"])

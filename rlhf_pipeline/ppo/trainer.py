@@ -62,6 +62,7 @@ from rlhf_pipeline.ppo.formulas import (
 )
 from rlhf_pipeline.ppo.monitors import check_health
 from rlhf_pipeline.ppo.roles import POLICY, REFERENCE, check_roles, disable_dropout
+from rlhf_pipeline.stopping import requested_signal
 
 logger = logging.getLogger(__name__)
 
@@ -304,7 +305,8 @@ class PPOTrainer:
         """Run PPO to `total_steps`; resume from a checkpoint folder (or the newest one when True).
 
         Returns the metrics of the last step. With `early_stop_on_alert`, a health alert (ppo/monitors.py)
-        saves a checkpoint of that step and ends the run there (`stopped_early` is then True).
+        saves a checkpoint of that step and ends the run there (`stopped_early` is then True); so does a
+        SIGTERM or SIGINT (rlhf_pipeline/stopping.py), for the caller to end the stage.
         """
         set_seed(self.config.seed, device_specific=True)
         if resume_from_checkpoint is True:
@@ -338,9 +340,12 @@ class PPOTrainer:
             if sample_every and step % sample_every == 0:
                 self.log_history.append({"step": step, "samples": decoded_samples(rollout, self.tokenizer)})
             stopping = bool(alerts) and self.config.early_stop_on_alert
-            if step % self.config.save_steps == 0 or stopping:
+            signalled = requested_signal() is not None  # agreed by all ranks, like the reduced metrics
+            if step % self.config.save_steps == 0 or stopping or signalled:
                 self.save_checkpoint()
             progress.update(1)
+            if signalled:
+                break
             if stopping:  # every rank sees the same reduced metrics, so all ranks stop at the same step
                 self.stopped_early = True
                 self._warn(f"PPO: stopped early at step {step} (early_stop_on_alert); checkpoint saved in "
@@ -399,21 +404,28 @@ class PPOTrainer:
             self.model.save_checkpoint(str(staging / checkpoints.DEEPSPEED_STATE), tag="state",
                                        exclude_frozen_parameters=True)
         if accelerator.is_main_process:
-            checkpoints.save_weights(self.shared, staging)
-            if not self.deepspeed:
-                torch.save(self.optimizer.state_dict(), staging / "optimizer.pt")
-            torch.save(self.lr_scheduler.state_dict(), staging / "scheduler.pt")
-            for rank, state in enumerate(rng_states):
-                torch.save(state, staging / f"rng_state_{rank}.pth")
-            epoch, index = self.schedule.position(self.global_step + 1)
-            checkpoints.write_state(staging, {
-                "global_step": self.global_step, "episode": self.global_step * self.global_batch_size,
-                "data_epoch": epoch, "data_batch_index": index, "world_size": accelerator.num_processes,
-                "global_batch_size": self.global_batch_size, "total_steps": self.total_steps,
-                "log_history": self.log_history})
+            try:
+                self._write_checkpoint(staging, rng_states)
+            except BaseException:  # e.g. a full disk: no half-written folder stays beside the complete ones
+                shutil.rmtree(staging, ignore_errors=True)
+                raise
             checkpoints.commit(staging, final, config.save_total_limit)
         accelerator.wait_for_everyone()
         return final
+
+    def _write_checkpoint(self, staging: Path, rng_states: list[dict[str, Any]]) -> None:
+        checkpoints.save_weights(self.shared, staging)
+        if not self.deepspeed:
+            torch.save(self.optimizer.state_dict(), staging / "optimizer.pt")
+        torch.save(self.lr_scheduler.state_dict(), staging / "scheduler.pt")
+        for rank, state in enumerate(rng_states):
+            torch.save(state, staging / f"rng_state_{rank}.pth")
+        epoch, index = self.schedule.position(self.global_step + 1)
+        checkpoints.write_state(staging, {
+            "global_step": self.global_step, "episode": self.global_step * self.global_batch_size,
+            "data_epoch": epoch, "data_batch_index": index, "world_size": self.accelerator.num_processes,
+            "global_batch_size": self.global_batch_size, "total_steps": self.total_steps,
+            "log_history": self.log_history})
 
     def load_checkpoint(self, folder: Path) -> None:
         """Restore adapters, head, optimizer, scheduler, step, log history and this process's RNG streams."""

@@ -41,6 +41,7 @@ from rlhf_pipeline.outputs import (
 )
 from rlhf_pipeline.preflight import check_launch
 from rlhf_pipeline.sources import ModelSource, resolve_source
+from rlhf_pipeline.stopping import raise_if_stopped, requested_signal, stopping_after_step
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -170,18 +171,25 @@ def launch_facts(accelerator: Any) -> dict[str, Any]:
 def train_resuming(trainer: Any, recipe: Recipe, data_report: DataReport) -> tuple[Any, dict[str, Any]]:
     """Train from the newest complete checkpoint in the stage's folder (else from the start).
 
+    A SIGTERM or SIGINT meanwhile ends training after the current optimizer step with a checkpoint, and the
+    stage with `Stopped` (rlhf_pipeline/stopping.py): our PPOTrainer polls for it itself.
+
     Returns what `train()` returned and what every training stage records about the run: steps, global batch,
     where it resumed, how it was launched, its data report and log history. A transformers Trainer keeps
     these in `state` and `args`; our PPOTrainer on itself.
     """
     checkpoint = last_checkpoint(recipe.output_dir)
-    result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    if hasattr(trainer, "add_callback"):
+        _stop_when_signalled(trainer)
+    with stopping_after_step():
+        result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     if hasattr(trainer, "state"):
         args = trainer.args
         steps, history = trainer.state.global_step, trainer.state.log_history
         global_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
     else:
         steps, history, global_batch = trainer.global_step, trainer.log_history, trainer.global_batch_size
+    raise_if_stopped(steps, last_checkpoint(recipe.output_dir))
     return result, {"global_steps": steps, "global_batch_size": global_batch,
                     "resumed_from": str(checkpoint) if checkpoint else None, **launch_facts(trainer.accelerator),
                     "data": data_report.as_dict(), "log_history": history}
@@ -280,6 +288,19 @@ def finish(recipe: Recipe, loaded: Loaded, model: PreTrainedModel, metrics: dict
     finish_outputs(recipe, manifest, write_weights)
     push_if_configured(recipe)  # the recipe's hub.push: true; main process only
     return manifest
+
+
+def _stop_when_signalled(trainer: Any) -> None:
+    """Make a transformers Trainer save and stop after the optimizer step during which a stop was asked for."""
+    from transformers import TrainerCallback
+
+    class _StopWhenSignalled(TrainerCallback):
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if requested_signal() is not None:
+                control.should_save = True
+                control.should_training_stop = True
+
+    trainer.add_callback(_StopWhenSignalled())
 
 
 def evaluate_once_before_training(trainer: Any, output_dir: Path) -> dict[str, float]:
