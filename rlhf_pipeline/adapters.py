@@ -88,6 +88,15 @@ class SharedBase(torch.nn.Module):
         self._active = None
         self.use(name)
 
+    def role_parameters(self, role: str) -> list[torch.nn.Parameter]:
+        """The trainable parameters of one role: its adapter's (PEFT names them `...<adapter>...`) and its head's."""
+        adapter = self.roles[role]
+        params = [p for name, p in self.model.named_parameters()
+                  if p.requires_grad and adapter is not None and f".{adapter}." in f"{name}."]
+        if role in self.heads:
+            params += [p for p in self.heads[role].parameters() if p.requires_grad]
+        return params
+
     # ---------------------------------------------------------------- passes
 
     def use(self, role: str) -> Any:

@@ -111,6 +111,16 @@ def test_4bit_without_sharding_needs_no_storage_dtype(recipe_for) -> None:
         check_launch(recipe_for("sft", model=qlora), env)
 
 
+def test_ppo_clipping_fixed_by_deepspeed_must_match_the_recipe(recipe_for) -> None:
+    """PPO fills DeepSpeed's "auto" clipping from max_grad_norm; a fixed different value is refused, naming both."""
+    env = {**ZERO2, "ACCELERATE_GRADIENT_CLIPPING": "0.5"}
+    with pytest.raises(RecipeError, match=r"training\.max_grad_norm: the recipe says 1\.0 but the DeepSpeed config "
+                                          r"fixes gradient_clipping = 0\.5 \(ACCELERATE_GRADIENT_CLIPPING=0\.5"):
+        check_launch(recipe_for("ppo", {"per_device_train_batch_size": 2, "total_episodes": 4}), env)
+    check_launch(recipe_for("ppo", {"per_device_train_batch_size": 2, "total_episodes": 4, "max_grad_norm": 0.5}),
+                 env)
+
+
 def test_ppo_refuses_launches_that_shard_parameters(recipe_for) -> None:
     recipe = recipe_for("ppo", {"per_device_train_batch_size": 1, "total_episodes": 4})
     for env, backend in ((ZERO3, "DeepSpeed ZeRO-3"), (FSDP, "FSDP")):

@@ -24,6 +24,7 @@ class DataSpec:
 
     train: list[str]
     eval: list[str] = field(default_factory=list)
+    ptx: list[str] = field(default_factory=list)  # PPO-ptx: demonstrations whose SFT loss joins the policy loss
     eval_split: float = 0.1
     max_length: int = 1024
     max_samples: int | None = None
@@ -141,21 +142,28 @@ def _is_pending(ref: str, recipe_path: Path, pending_outputs: list[Path]) -> boo
 
 
 def check_cards(data: DataSpec, recipe_path: Path, stage: str, formats: frozenset[str],
-                pending_outputs: list[Path] | None = None) -> list[DataCard]:
+                pending_outputs: list[Path] | None = None,
+                extra_splits: dict[str, frozenset[str]] | None = None) -> list[DataCard]:
     """Load every card a recipe's data section names and check it has one of the stage's `formats`.
 
-    Cards inside `pending_outputs` (an earlier pipeline stage writes them) are passed over for now.
+    `extra_splits` are the further card lists the stage takes (PPO's `ptx`) and their formats; any other
+    stage refuses them. Cards inside `pending_outputs` (an earlier pipeline stage writes them) are passed
+    over for now.
     """
+    accepted = {"train": formats, "eval": formats, **(extra_splits or {})}
     cards = []
-    for split in ("train", "eval"):
+    for split in ("train", "eval", "ptx"):
+        if getattr(data, split) and split not in accepted:
+            raise RecipeError(recipe_path, f"data.{split}", f"the {stage} stage does not take {split} cards; "
+                              "remove the key")
         for index, ref in enumerate(getattr(data, split)):
             if _is_pending(ref, recipe_path, pending_outputs or []):
                 continue
             card = load_card(find_card(ref, recipe_path, f"data.{split}[{index}]"))
-            if card.format not in formats:
+            if card.format not in accepted[split]:
                 raise RecipeError(recipe_path, f"data.{split}[{index}]",
                                   f"card '{ref}' has format '{card.format}', but the {stage} stage "
-                                  f"takes {', '.join(sorted(formats))}")
+                                  f"takes {', '.join(sorted(accepted[split]))} there")
             local = card.local_path()
             if local is not None and not local.is_file():
                 raise RecipeError(card.file, "source.path", f"data file not found: {local}")

@@ -210,7 +210,7 @@ def load_rows(recipe: Recipe, split: str, tokenizer: PreTrainedTokenizerBase, re
 
     from rlhf_pipeline.distributed import is_main_process
 
-    cards = [card for card in recipe.cards if _card_split(recipe, card) == split]
+    cards = cards_of(recipe, split)
     length = _token_length(tokenizer)
     kept_rows: list[dict[str, Any]] = []
     for card in cards:
@@ -230,9 +230,16 @@ def load_rows(recipe: Recipe, split: str, tokenizer: PreTrainedTokenizerBase, re
     return kept_rows
 
 
-def _card_split(recipe: Recipe, card: DataCard) -> str:
-    names = {Path(ref).stem for ref in recipe.data.eval}
-    return "eval" if card.name in names or card.file.stem in names else "train"
+def cards_of(recipe: Recipe, split: str) -> list[DataCard]:
+    """The recipe's cards listed under `data.<split>` (train, eval, ptx); a card in eval is not in train."""
+    def listed(card: DataCard, refs: list[str]) -> bool:
+        names = {Path(ref).stem for ref in refs}
+        return card.name in names or card.file.stem in names
+
+    refs = {"train": recipe.data.train, "eval": recipe.data.eval, "ptx": recipe.data.ptx}[split]
+    found = {card.file: card for card in recipe.cards
+             if listed(card, refs) and not (split == "train" and listed(card, recipe.data.eval))}
+    return list(found.values())
 
 
 def load_datasets(recipe: Recipe, tokenizer: PreTrainedTokenizerBase,

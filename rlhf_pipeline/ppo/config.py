@@ -38,7 +38,10 @@ class PPOConfig:
     stop_token_id: int | None = None  # overrides stop_token
 
     # Reward shaping
-    kl_coef: float = 0.05
+    kl_coef: float = 0.05  # β of the per-token KL penalty; with adap_kl_ctrl, its starting value
+    adap_kl_ctrl: bool = False  # steer β so the KL per answer approaches `target` (Ziegler et al. 2019)
+    target: float = 6.0  # the adaptive controller's KL per answer, nats (TRL <= 0.11's names and defaults)
+    horizon: float = 10000.0  # episodes over which the controller corrects (at most 20% of episodes/horizon)
     kl_estimator: str = "k1"  # per-token KL: k1 = log π − log π_ref; k3 = (r − 1) − log r, r = π_ref/π
     missing_eos_penalty: float | None = None  # subtracted from the score of answers with no stop token
     normalize_reward: bool = False  # (score − mean)/std with the reward model's training statistics
@@ -54,9 +57,15 @@ class PPOConfig:
     vf_coef: float = 0.1
     gamma: float = 1.0
     lam: float = 0.95
+    entropy_coef: float = 0.0  # entropy bonus: the policy loss minus entropy_coef × its mean entropy per token
+    early_stopping: bool = False  # end an update's epochs once a minibatch's approx KL > 1.5 × target_kl
+    target_kl: float = 1.0  # (TRL <= 0.11's early_stopping and target_kl)
+    critic_warmup_steps: int = 0  # first PPO steps train the critic only (OpenRLHF's freezing_actor_steps)
+    ptx_coef: float = 0.0  # PPO-ptx: plus ptx_coef × the SFT loss on the recipe's data.ptx demonstrations
 
     # Optimisation
     learning_rate: float = 1e-5
+    critic_learning_rate: float | None = None  # null: learning_rate
     weight_decay: float = 0.0
     max_grad_norm: float | None = 1.0
     lr_scheduler_type: str = "linear"
@@ -94,11 +103,17 @@ class PPOConfig:
             _require(getattr(self, name) > 0, f"{name} must be > 0, got {getattr(self, name)}")
         for name in ("temperature", "learning_rate", "num_train_epochs"):
             _require(getattr(self, name) > 0, f"{name} must be > 0, got {getattr(self, name)}")
-        for name in ("kl_coef", "vf_coef", "weight_decay", "num_sample_generations"):
+        for name in ("kl_coef", "vf_coef", "weight_decay", "num_sample_generations", "entropy_coef", "ptx_coef",
+                     "critic_warmup_steps"):
             _require(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
         _require(self.missing_eos_penalty is None or self.missing_eos_penalty >= 0,
                  f"missing_eos_penalty must be >= 0 (it is subtracted) or null, got {self.missing_eos_penalty}")
-        for name in ("max_prompt_length", "total_episodes", "save_total_limit", "reward_clip", "max_grad_norm"):
+        for name in ("target", "horizon", "target_kl"):
+            _require(getattr(self, name) > 0, f"{name} must be > 0, got {getattr(self, name)}")
+        _require(not self.adap_kl_ctrl or self.kl_coef > 0,
+                 "adap_kl_ctrl scales kl_coef up and down, so kl_coef must be > 0 (its starting value)")
+        for name in ("max_prompt_length", "total_episodes", "save_total_limit", "reward_clip", "max_grad_norm",
+                     "critic_learning_rate"):
             value = getattr(self, name)
             _require(value is None or value > 0, f"{name} must be > 0 (or null), got {value}")
         for name in ("max_kl", "max_length_drift", "max_reward_jump"):

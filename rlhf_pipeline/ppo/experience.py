@@ -15,8 +15,9 @@ from typing import Any
 
 import torch
 
+from rlhf_pipeline.chat import end_of_turn_id, pad_batch
 from rlhf_pipeline.ppo.config import PPOConfig
-from rlhf_pipeline.ppo.formulas import explained_variance
+from rlhf_pipeline.ppo.formulas import SumOverProcesses, explained_variance
 from rlhf_pipeline.ppo.roles import CRITIC
 
 logger = logging.getLogger(__name__)
@@ -136,6 +137,37 @@ def chunks(total: int, size: int) -> Iterator[slice]:
         yield slice(start, min(start + size, total))
 
 
+def stop_token_ids(config: PPOConfig, tokenizer: Any) -> list[int]:
+    """Where answers end: `stop_token_id`, or with `stop_token: eos` the chat template's end-of-turn token and EOS.
+
+    The reward model learnt on answers closed by the end-of-turn token (chat.py), and eval samples until
+    either; where the two differ (Gemma's `<end_of_turn>`, Phi-3's `<|end|>`), stopping at EOS alone would
+    run answers past their turn and count nearly all of them as missing their stop.
+    """
+    if config.stop_token_id is not None:
+        return [config.stop_token_id]
+    if config.stop_token != "eos":
+        return []
+    if tokenizer.eos_token_id is None:
+        raise ValueError("stop_token is 'eos' but the tokenizer has no eos token; set stop_token_id")
+    ids = {tokenizer.eos_token_id}
+    if tokenizer.chat_template is not None:
+        ids.add(end_of_turn_id(tokenizer))
+    return sorted(ids)
+
+
+def score_responses(reward_fn: Any, queries: torch.Tensor, query_mask: torch.Tensor, responses: torch.Tensor,
+                    response_mask: torch.Tensor, pad_id: int, chunk_size: int) -> torch.Tensor:
+    """The reward function on right-padded prompt+response rows, built from lengths, never from `!= pad`."""
+    rows = [torch.cat([q[m.bool()], r[rm]])
+            for q, m, r, rm in zip(queries, query_mask, responses, response_mask, strict=True)]
+    ids, mask = (t.to(queries.device) for t in pad_batch(rows, pad_id, "right"))
+    scores = torch.cat([reward_fn(ids[part], mask[part]).reshape(-1) for part in chunks(len(rows), chunk_size)])
+    if scores.shape != (len(rows),):
+        raise ValueError(f"reward_fn must return one score per row, got shape {tuple(scores.shape)}")
+    return scores.float().to(queries.device)
+
+
 def truncate_after_stop(responses: torch.Tensor, stop_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """Mask of tokens up to and including the first stop token, and whether a stop token was produced."""
     stops = torch.tensor(stop_ids, dtype=responses.dtype, device=responses.device)
@@ -158,7 +190,8 @@ def shape_scores(raw_scores: torch.Tensor, has_stop: torch.Tensor, config: PPOCo
     return scores
 
 
-def rollout_statistics(rollout: Rollout, kl_coef: float, accelerator: Any) -> dict[str, float]:
+def rollout_statistics(rollout: Rollout, kl_coef: float, accelerator: Any,
+                       sum_over_processes: SumOverProcesses) -> dict[str, float]:
     """Statistics of a rollout over the whole global batch (every process's rows gathered).
 
     kl, non_score_reward and rlhf_reward are per answer (summed over its tokens), as in TRL;
@@ -172,7 +205,7 @@ def rollout_statistics(rollout: Rollout, kl_coef: float, accelerator: Any) -> di
                            lengths, rollout.has_stop.float(), (rollout.entropy * mask).sum(dim=1)], dim=1)
     per_row = accelerator.gather(per_row)
     scores, raw, kl, non_score, rlhf, lengths, stops, entropy = per_row.unbind(dim=1)
-    ev = explained_variance(rollout.values, rollout.returns, mask)
+    ev = explained_variance(rollout.values, rollout.returns, mask, sum_over_processes)
     return {
         "objective/scores": scores.mean().item(),
         "objective/scores_std": scores.std().item() if len(scores) > 1 else 0.0,
@@ -183,8 +216,16 @@ def rollout_statistics(rollout: Rollout, kl_coef: float, accelerator: Any) -> di
         "objective/rlhf_reward": rlhf.mean().item(),
         "response/length": lengths.mean().item(),
         "response/eos_fraction": stops.mean().item(),
-        "val/explained_variance": mean_over_processes(accelerator, {"ev": ev.item()})["ev"],
+        "objective/kl_coef": kl_coef,
+        "val/explained_variance": ev.item(),
     }
+
+
+def sum_over_processes(accelerator: Any) -> SumOverProcesses:
+    """A sum over processes for statistics of the whole global batch (whitening, explained variance)."""
+    if accelerator.num_processes == 1:
+        return lambda tensor: tensor
+    return lambda tensor: accelerator.reduce(tensor, reduction="sum")
 
 
 def mean_over_processes(accelerator: Any, values: dict[str, float]) -> dict[str, float]:

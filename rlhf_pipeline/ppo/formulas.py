@@ -9,11 +9,19 @@ token), Schulman 2020 "Approximating KL divergence" (k1/k3 estimators), Zheng et
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 import torch
 
 KLEstimator = Literal["k1", "k3"]
+
+
+SumOverProcesses = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _no_reduce(total: torch.Tensor) -> torch.Tensor:
+    return total
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
@@ -24,19 +32,41 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None
     return total / count
 
 
-def masked_var(values: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
-    """Variance over valid tokens, with Bessel's correction n/(n−1) when there are at least two of them."""
-    centered = values - masked_mean(values, mask)
-    variance = masked_mean(centered**2, mask)
-    count = mask.bool().sum()
+def masked_var(values: torch.Tensor, mask: torch.Tensor, unbiased: bool = True,
+               sum_over_processes: SumOverProcesses = _no_reduce) -> torch.Tensor:
+    """Variance over valid tokens, with Bessel's correction n/(n−1) when there are at least two of them.
+
+    With `sum_over_processes` (a sum all-reduce) the tokens are every process's: the mean first, then the
+    squared deviations from it, so the result is the single-process one on the gathered batch.
+    """
+    mean, count = masked_global_mean(values, mask, sum_over_processes)
+    squares = sum_over_processes(torch.where(mask.bool(), (values - mean) ** 2, torch.zeros_like(values)).sum())
+    variance = squares / count.clamp(min=1)
     if unbiased and count > 1:
         variance = variance * count / (count - 1)
     return variance
 
 
-def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
-    """(x − μ)/σ with μ, σ over valid tokens; shift_mean=False keeps μ (rewards keep their sign, only rescaled)."""
-    mean, var = masked_mean(values, mask), masked_var(values, mask)
+def masked_global_mean(values: torch.Tensor, mask: torch.Tensor,
+                       sum_over_processes: SumOverProcesses = _no_reduce) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, count) of the valid tokens of every process (one all-reduce of sum and count)."""
+    mask = mask.bool()
+    totals = torch.stack([torch.where(mask, values, torch.zeros_like(values)).sum(),
+                          mask.sum().to(values.dtype)])
+    total, count = sum_over_processes(totals).unbind()
+    return total / count.clamp(min=1), count
+
+
+def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True,
+                  sum_over_processes: SumOverProcesses = _no_reduce) -> torch.Tensor:
+    """(x − μ)/σ over the valid tokens (of every process, with `sum_over_processes`); padding becomes 0.
+
+    shift_mean=False adds μ back: (x − μ)/σ + μ, the spread rescaled to one and the mean kept, as TRL's
+    reward whitening does. That does not keep each value's sign (x = μ − σ/2 with μ = σ/4 turns negative,
+    and the reverse), only the batch mean; the scale is what it changes.
+    """
+    mean, _ = masked_global_mean(values, mask, sum_over_processes)
+    var = masked_var(values, mask, sum_over_processes=sum_over_processes)
     whitened = (values - mean) * torch.rsqrt(var + 1e-8)
     if not shift_mean:
         whitened = whitened + mean
@@ -123,7 +153,20 @@ def value_loss(
     return loss, clip_fraction.detach()
 
 
-def explained_variance(predictions: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def explained_variance(predictions: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
+                       sum_over_processes: SumOverProcesses = _no_reduce) -> torch.Tensor:
     """1 − Var[R − V]/Var[R] over valid tokens: 1 is a perfect critic, 0 no better than a constant, < 0 worse."""
-    target_var = masked_var(targets, mask)
-    return 1.0 - masked_var(targets - predictions, mask) / target_var.clamp(min=1e-8)
+    target_var = masked_var(targets, mask, sum_over_processes=sum_over_processes)
+    residual_var = masked_var(targets - predictions, mask, sum_over_processes=sum_over_processes)
+    return 1.0 - residual_var / target_var.clamp(min=1e-8)
+
+
+def adaptive_kl_coef(kl_coef: float, kl: float, target: float, horizon: float, episodes: int) -> float:
+    """Ziegler et al. (2019)'s KL controller: β ← β·(1 + clip(KL/target − 1, ±0.2)·episodes/horizon).
+
+    `kl` is this step's mean KL per answer and `episodes` the answers it was measured on: β grows while the
+    policy is further from the reference than `target` and shrinks while it is closer, at most 20% of
+    episodes/horizon per step.
+    """
+    error = min(max(kl / target - 1.0, -0.2), 0.2)
+    return kl_coef * (1.0 + error * episodes / horizon)

@@ -49,19 +49,22 @@ from rlhf_pipeline.ppo.experience import (
     response_logits,
     response_values,
     rollout_statistics,
+    score_responses,
     shape_scores,
+    stop_token_ids,
+    sum_over_processes,
     truncate_after_stop,
 )
 from rlhf_pipeline.ppo.formulas import (
+    adaptive_kl_coef,
     gae_advantages_and_returns,
     kl_penalty,
     masked_whiten,
-    policy_loss,
     token_rewards,
-    value_loss,
 )
 from rlhf_pipeline.ppo.monitors import check_health
-from rlhf_pipeline.ppo.roles import POLICY, REFERENCE, check_roles, disable_dropout
+from rlhf_pipeline.ppo.roles import CRITIC, POLICY, REFERENCE, check_roles, disable_dropout
+from rlhf_pipeline.ppo.update import PolicyCriticUpdate, PtxLoss
 from rlhf_pipeline.stopping import requested_signal
 
 logger = logging.getLogger(__name__)
@@ -94,6 +97,7 @@ class PPOTrainer:
         train_prompts: Sequence[Sequence[int]],
         reward_stats: tuple[float, float] | None = None,
         on_log: LogCallback | None = None,
+        ptx_loss: PtxLoss | None = None,
     ) -> None:
         check_roles(model)
         if tokenizer.pad_token_id is None:
@@ -109,15 +113,18 @@ class PPOTrainer:
         self.accelerator = Accelerator(log_with=config.report_to or None, project_dir=config.output_dir)
         self.schedule = PromptSchedule.build(train_prompts, config, self.accelerator.num_processes,
                                              self.accelerator.process_index)
-        self.stop_token_ids = self._stop_token_ids()
+        self.stop_token_ids = stop_token_ids(config, tokenizer)
         self.generation_config = GenerationConfig(
             **_PURE_SAMPLING, temperature=config.temperature, max_new_tokens=config.response_length,
             eos_token_id=self.stop_token_ids, pad_token_id=tokenizer.pad_token_id, use_cache=True,
         )
         disable_dropout(model)
-        self.trainable_params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(self.trainable_params, lr=config.learning_rate,
-                                      weight_decay=config.weight_decay)
+        self.role_params = {role: model.role_parameters(role) for role in (POLICY, CRITIC)}
+        self.trainable_params = [p for params in self.role_params.values() for p in params]
+        optimizer = torch.optim.AdamW(
+            [{"params": self.role_params[POLICY]},
+             {"params": self.role_params[CRITIC], "lr": config.critic_learning_rate or config.learning_rate}],
+            lr=config.learning_rate, weight_decay=config.weight_decay)
         self.total_steps = self.schedule.total_steps(config)
         self.lr_scheduler = get_scheduler(
             config.lr_scheduler_type, optimizer, num_warmup_steps=math.ceil(config.warmup_ratio * self.total_steps),
@@ -131,7 +138,11 @@ class PPOTrainer:
             self.model = self.accelerator.prepare_model(model, evaluation_mode=True)
             self.optimizer = self.accelerator.prepare_optimizer(optimizer)
         self.shared: SharedBase = self.accelerator.unwrap_model(self.model)
+        self.sum_over_processes = sum_over_processes(self.accelerator)
+        self.update = PolicyCriticUpdate(config, self.model, self.optimizer, self.accelerator, self.trainable_params,
+                                         self.deepspeed, ptx_loss)
         self.global_step = 0
+        self.kl_coef = config.kl_coef  # adapted per step with adap_kl_ctrl
         self.log_history: list[dict[str, Any]] = []
         self.stopped_early = False
 
@@ -160,15 +171,6 @@ class PPOTrainer:
     def global_batch_size(self) -> int:
         """Prompts consumed per PPO step over all processes."""
         return self.schedule.global_batch_size
-
-    def _stop_token_ids(self) -> list[int]:
-        if self.config.stop_token_id is not None:
-            return [self.config.stop_token_id]
-        if self.config.stop_token == "eos":
-            if self.tokenizer.eos_token_id is None:
-                raise ValueError("stop_token is 'eos' but the tokenizer has no eos token; set stop_token_id")
-            return [self.tokenizer.eos_token_id]
-        return []
 
     # --------------------------------------------------------------- rollout
 
@@ -200,14 +202,16 @@ class PPOTrainer:
         logprobs, ref_logprobs, entropy, values = (torch.cat(parts[name]).float() for name in
                                                    ("logprobs", "ref_logprobs", "entropy", "values"))
 
-        raw_scores = self._score(queries, query_mask, responses, response_mask)
+        raw_scores = score_responses(self.reward_fn, queries, query_mask, responses, response_mask,
+                                     self.tokenizer.pad_token_id, cfg.local_rollout_forward_batch_size)
         scores = shape_scores(raw_scores, has_stop, cfg, self.reward_stats)
         kl = kl_penalty(logprobs, ref_logprobs, cfg.kl_estimator).masked_fill(~response_mask, 0.0)
-        rewards = token_rewards(scores, kl, response_mask, cfg.kl_coef)
+        rewards = token_rewards(scores, kl, response_mask, self.kl_coef)
+        total = self.sum_over_processes  # every process's statistics: the update does not depend on the launch
         if cfg.whiten_rewards:
-            rewards = masked_whiten(rewards, response_mask, shift_mean=False)
+            rewards = masked_whiten(rewards, response_mask, shift_mean=False, sum_over_processes=total)
         advantages, returns = gae_advantages_and_returns(rewards, values, response_mask, cfg.gamma, cfg.lam)
-        advantages = masked_whiten(advantages, response_mask)
+        advantages = masked_whiten(advantages, response_mask, sum_over_processes=total)
         return Rollout(input_ids, attention_mask, context_length, response_mask, has_stop, logprobs, ref_logprobs,
                        entropy, values.masked_fill(~response_mask, 0.0), raw_scores, scores, kl, rewards,
                        advantages, returns)
@@ -224,80 +228,12 @@ class PPOTrainer:
         return torch.cat([F.pad(part, (0, width - part.shape[1]), value=self.tokenizer.pad_token_id)
                           for part in parts])
 
-    def _score(self, queries: torch.Tensor, query_mask: torch.Tensor, responses: torch.Tensor,
-               response_mask: torch.Tensor) -> torch.Tensor:
-        """The reward function on right-padded prompt+response rows, built from lengths, never from `!= pad`."""
-        rows = [torch.cat([q[m.bool()], r[rm]])
-                for q, m, r, rm in zip(queries, query_mask, responses, response_mask, strict=True)]
-        ids, mask = (t.to(queries.device) for t in pad_batch(rows, self.tokenizer.pad_token_id, "right"))
-        scores = [self.reward_fn(ids[part], mask[part]).reshape(-1)
-                  for part in chunks(len(rows), self.config.local_rollout_forward_batch_size)]
-        scores = torch.cat(scores).float().to(queries.device)
-        if scores.shape != (len(rows),):
-            raise ValueError(f"reward_fn must return one score per row, got shape {tuple(scores.shape)}")
-        return scores
-
     # ---------------------------------------------------------- optimisation
 
     def ppo_update(self, rollout: Rollout) -> dict[str, float]:
-        """num_ppo_epochs passes of shuffled minibatch AdamW steps on policy_loss + vf_coef·value_loss."""
-        cfg = self.config
-        self.model.train()
-        stats: dict[str, list[torch.Tensor]] = defaultdict(list)
-        for _ in range(cfg.num_ppo_epochs):
-            order = torch.randperm(len(rollout)).to(self.accelerator.device)
-            for minibatch in order.split(cfg.mini_batch_size):
-                micro_batches = minibatch.split(cfg.micro_batch_size)
-                for index, rows in enumerate(micro_batches):
-                    micro_stats = self._train_micro_batch(rollout.select(rows), last=index == len(micro_batches) - 1)
-                    for name, value in micro_stats.items():
-                        stats[name].append(value)
-                if not self.deepspeed:  # DeepSpeed averages, clips and steps inside its last backward
-                    self._average_gradients()
-                    if cfg.max_grad_norm is not None:  # accelerate unscales fp16 gradients first
-                        self.accelerator.clip_grad_norm_(self.trainable_params, cfg.max_grad_norm)
-                    self.optimizer.step()
-                    self.optimizer.zero_grad(set_to_none=True)
-        return {name: torch.stack(values).mean().item() for name, values in stats.items()}
-
-    def _train_micro_batch(self, batch: Rollout, last: bool) -> dict[str, torch.Tensor]:
-        """The policy's loss and backward, then the critic's: each backward while its own adapter is active."""
-        cfg = self.config
-        logits = response_logits(self.model, POLICY, batch.input_ids, batch.attention_mask, batch.context_length)
-        logprobs = selective_log_softmax(logits.float() / cfg.temperature, batch.responses)  # as in the rollout
-        pg_loss, clipfrac, approxkl = policy_loss(logprobs, batch.logprobs, batch.advantages, batch.response_mask,
-                                                  cfg.cliprange)
-        self._backward(pg_loss, last=False)
-        del logits, logprobs
-        values = response_values(self.model, batch.input_ids, batch.attention_mask, batch.context_length)
-        vf_loss, vf_clipfrac = value_loss(values, batch.values, batch.returns, batch.response_mask,
-                                          cfg.cliprange_value)
-        self._backward(cfg.vf_coef * vf_loss, last=last)
-        return {"policy/clipfrac": clipfrac, "policy/approxkl": approxkl, "loss/policy": pg_loss.detach(),
-                "loss/value": vf_loss.detach(), "val/clipfrac": vf_clipfrac}
-
-    def _backward(self, loss: torch.Tensor, last: bool) -> None:
-        """Back-propagate one role's loss, averaged over the minibatch's micro-batches.
-
-        Under DeepSpeed every backward is one of its micro-steps (see `_fill_deepspeed_config`): the engine
-        divides by twice the accumulation, so the loss is doubled, and at the minibatch's last backward it
-        reduces, clips and steps.
-        """
-        if self.deepspeed:
-            self.model.set_gradient_accumulation_boundary(last)
-            self.model.backward(2 * loss)
-            self.model.step()
-        else:  # accelerate's backward applies fp16 loss scaling; the model is not DDP-wrapped (see __init__)
-            self.accelerator.backward(loss / self.config.gradient_accumulation_steps)
-
-    def _average_gradients(self) -> None:
-        """Mean of the trainable gradients over processes: one all-reduce per optimizer step, as DDP would do."""
-        if self.accelerator.num_processes == 1:
-            return
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.trainable_params]
-        flat = self.accelerator.reduce(torch.cat([g.reshape(-1) for g in grads]), reduction="mean")
-        for param, chunk in zip(self.trainable_params, flat.split([g.numel() for g in grads]), strict=True):
-            param.grad = chunk.view_as(param).to(param.dtype)  # a bf16 modules_to_save copy beside fp32 LoRA
+        """The policy and critic's update on a rollout (ppo/update.py); the critic alone during its warm-up."""
+        return self.update(rollout, train_policy=self.global_step >= self.config.critic_warmup_steps,
+                           step=self.global_step)
 
     # -------------------------------------------------------------- training
 
@@ -329,8 +265,11 @@ class PPOTrainer:
             update_stats = self.ppo_update(rollout)
             self.lr_scheduler.step()
             self.global_step = step
-            window.append({**rollout_statistics(rollout, self.config.kl_coef, self.accelerator),
-                           **mean_over_processes(self.accelerator, update_stats), "lr": lr})
+            step_stats = rollout_statistics(rollout, self.kl_coef, self.accelerator, self.sum_over_processes)
+            window.append({**step_stats, **mean_over_processes(self.accelerator, update_stats), "lr": lr})
+            if self.config.adap_kl_ctrl:  # from this step's KL of the whole batch: the same on every rank
+                self.kl_coef = adaptive_kl_coef(self.kl_coef, step_stats["objective/kl"], self.config.target,
+                                                self.config.horizon, self.global_batch_size)
             alerts: list[dict[str, Any]] = []
             if step % self.config.logging_steps == 0 or step == self.total_steps:
                 metrics = self._log(window)
@@ -358,7 +297,9 @@ class PPOTrainer:
 
     def _log(self, window: list[dict[str, float]]) -> dict[str, Any]:
         """Average the steps since the last log; record, report to trackers and call `on_log`."""
-        logs: dict[str, Any] = {name: sum(m[name] for m in window) / len(window) for name in window[0]}
+        names = dict.fromkeys(name for entry in window for name in entry)  # critic warm-up steps have fewer
+        logs: dict[str, Any] = {name: sum(values) / len(values)
+                                for name in names for values in [[m[name] for m in window if name in m]]}
         logs.update(episode=self.global_step * self.global_batch_size, step=self.global_step)
         self.log_history.append(logs)
         if self.config.report_to:
@@ -424,7 +365,7 @@ class PPOTrainer:
         checkpoints.write_state(staging, {
             "global_step": self.global_step, "episode": self.global_step * self.global_batch_size,
             "data_epoch": epoch, "data_batch_index": index, "world_size": self.accelerator.num_processes,
-            "global_batch_size": self.global_batch_size, "total_steps": self.total_steps,
+            "global_batch_size": self.global_batch_size, "total_steps": self.total_steps, "kl_coef": self.kl_coef,
             "log_history": self.log_history})
 
     def load_checkpoint(self, folder: Path) -> None:
@@ -444,4 +385,5 @@ class PPOTrainer:
         checkpoints.set_rng_state(torch.load(folder / f"rng_state_{self.accelerator.process_index}.pth",
                                              weights_only=True))
         self.global_step = state["global_step"]
+        self.kl_coef = state.get("kl_coef", self.config.kl_coef)  # adapted by adap_kl_ctrl
         self.log_history = state["log_history"]

@@ -107,6 +107,7 @@ class Stage:
     model: ModelOutput | None = None
     memory: MemoryModel = field(default_factory=MemoryModel)
     launch_checks: Callable[[Recipe, Launch], None] | None = None
+    extra_data: dict[str, frozenset[str]] = field(default_factory=dict)  # further card lists and their formats
 
     def config_fields(self) -> dict[str, str]:
         """Field name -> annotation of the stage's config class (trainer_fields: cached, no torch import)."""
@@ -190,7 +191,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None, stage: str
         hub=build_section(HubSpec, data.get("hub", {}), path, "hub"),
         sections={key: build_section(cls, data.get(key, {}), path, key) for key, cls in spec.sections.items()},
         pending_outputs=list(pending_outputs or []),
-        cards=check_cards(data_spec, path, name, spec.data_formats, pending_outputs),
+        cards=check_cards(data_spec, path, name, spec.data_formats, pending_outputs, spec.extra_data),
     )
     recipe.settings = spec.settings(recipe)
     if spec.extra_checks is not None:

@@ -24,7 +24,7 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from rlhf_pipeline.data.formats import FORMATS
+from rlhf_pipeline.data.formats import FORMATS, SFT_FORMATS
 from rlhf_pipeline.errors import PipelineError, RecipeError
 from rlhf_pipeline.outputs import MARKER, read_manifest
 from rlhf_pipeline.report.sections import ppo_headline, ppo_section, ppo_summary_note
@@ -43,6 +43,12 @@ def _check(recipe: Recipe) -> None:
         raise RecipeError(recipe.path, "model.lora", "PPO trains a copy of the SFT adapter (or a new LoRA) beside the "
                           "frozen reference on one base; add a lora section")
     _check_reward_model_folder(recipe, Path(recipe.config["reward_model_path"]))
+    if recipe.config.get("ptx_coef") and not recipe.data.ptx:
+        raise RecipeError(recipe.path, "data.ptx", "training.ptx_coef > 0 mixes in the SFT loss of demonstrations "
+                          "(PPO-ptx): list SFT-format cards here, or set ptx_coef to 0")
+    if recipe.data.ptx and not recipe.config.get("ptx_coef"):
+        raise RecipeError(recipe.path, "training.ptx_coef", "data.ptx lists demonstrations but ptx_coef is 0, so they "
+                          "would not be used; set it > 0 (InstructGPT mixed them in), or remove data.ptx")
 
 
 def _check_reward_model_folder(recipe: Recipe, folder: Path) -> None:
@@ -90,10 +96,10 @@ def check_launch(recipe: Recipe, launch: Launch) -> None:
 
 def count_prompt_rows(recipe: Recipe) -> int | None:
     """Rows in the recipe's local JSON/JSONL cards (an upper bound on its prompts); None if not cheap to know."""
-    from rlhf_pipeline.data.loading import read_card_rows
+    from rlhf_pipeline.data.loading import cards_of, read_card_rows
 
     total = 0
-    for card in recipe.cards:
+    for card in cards_of(recipe, "train") + cards_of(recipe, "eval"):
         path = card.local_path()
         if path is None or path.suffix not in (".json", ".jsonl"):
             return None
@@ -148,7 +154,7 @@ def run(recipe: Recipe) -> dict[str, Any]:
     prompts = [encode_prompt(tokenizer, row["prompt"]) for split in datasets.values() for row in split]
     say(f"ppo: {len(prompts)} prompts ({data_report.summary()})")
     trainer = PPOTrainer(config, model, partial(model.last_scores, REWARD), tokenizer, prompts,
-                         reward_stats=reward_stats)
+                         reward_stats=reward_stats, ptx_loss=_demonstrations(recipe, tokenizer, data_report))
     final, record = train_resuming(trainer, recipe, data_report)
     history = [entry for entry in trainer.log_history if "objective/scores" in entry]
     alerts = [entry for entry in trainer.log_history if "alerts" in entry]
@@ -173,6 +179,28 @@ def run(recipe: Recipe) -> dict[str, Any]:
     return metrics
 
 
+def _demonstrations(recipe: Recipe, tokenizer: Any, report: Any) -> Any:
+    """PPO-ptx's loss on the recipe's `data.ptx` demonstrations (ppo/ptx.py), or None without them."""
+    from rlhf_pipeline.chat import answer_text, encode_answer, encode_prompt
+    from rlhf_pipeline.data.loading import load_rows
+    from rlhf_pipeline.distributed import process_state, say
+    from rlhf_pipeline.ppo.ptx import Demonstration, Demonstrations
+
+    if not recipe.data.ptx:
+        return None
+    rows = load_rows(recipe, "ptx", tokenizer, report)
+    if not rows:
+        raise PipelineError(f"{recipe.path}: data.ptx: no usable demonstrations ({report.summary()})")
+    say(f"ppo: {len(rows)} demonstrations for PPO-ptx (ptx_coef {recipe.settings.ptx_coef})")
+    state = process_state()
+    examples = [Demonstration(encode_prompt(tokenizer, row["prompt"]),
+                              encode_answer(tokenizer, answer_text(row["completion"]))) for row in rows]
+    demonstrations = Demonstrations(
+        examples, recipe.settings.micro_batch_size, tokenizer.pad_token_id, recipe.settings.seed, state.process_index,
+        state.num_processes)
+    return demonstrations.loss
+
+
 STAGE = Stage(
     name="ppo",
     summary="PPO of the SFT policy against the reward model, KL-anchored to the SFT policy",
@@ -185,4 +213,5 @@ STAGE = Stage(
     model=ModelOutput("ppo", "PPO policy, trained against the reward model and KL-anchored to the SFT policy"),
     memory=MemoryModel(kind="ppo"),
     launch_checks=check_launch,
+    extra_data={"ptx": frozenset(SFT_FORMATS)},
 )

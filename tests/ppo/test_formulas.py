@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import math
 import statistics
+from pathlib import Path
 
 import pytest
 import torch
 
 from rlhf_pipeline.ppo.formulas import (
+    adaptive_kl_coef,
     explained_variance,
     gae_advantages_and_returns,
     kl_penalty,
@@ -19,6 +21,7 @@ from rlhf_pipeline.ppo.formulas import (
     token_rewards,
     value_loss,
 )
+from tests.two_processes import launch_two_processes
 
 LENGTHS = [5, 3, 1, 4]  # valid tokens per right-padded row; width 5
 
@@ -66,8 +69,58 @@ def test_masked_whiten_uses_valid_tokens_only(batch: tuple[torch.Tensor, torch.T
     assert valid_items(whitened, LENGTHS) == pytest.approx(expected, abs=1e-6)
     assert (whitened[~mask] == 0).all()
 
-    kept_mean = masked_whiten(padded, mask, shift_mean=False)
-    assert valid_items(kept_mean, LENGTHS) == pytest.approx([x + mean for x in expected], abs=1e-6)
+    kept = valid_items(masked_whiten(padded, mask, shift_mean=False), LENGTHS)
+    assert statistics.fmean(kept) == pytest.approx(mean)  # the batch mean stays
+    assert statistics.stdev(kept) == pytest.approx(1.0)  # the spread is rescaled to one
+
+
+def test_whitening_that_keeps_the_mean_does_not_keep_signs() -> None:
+    """What the docstring warns of: a small negative reward in a wide batch with a positive mean turns positive."""
+    rewards = torch.tensor([[-0.1, -3.0, 2.1, 3.0]], dtype=torch.float64)
+    kept = masked_whiten(rewards, torch.ones_like(rewards, dtype=torch.bool), shift_mean=False)
+    assert rewards[0, 0] < 0 < kept[0, 0]
+
+
+_SHARDED = """
+import sys
+import torch
+import torch.distributed as dist
+from rlhf_pipeline.ppo.formulas import explained_variance, masked_whiten
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+values, targets, mask = torch.load(sys.argv[1])
+rows = slice(0, 2) if rank == 0 else slice(2, None)  # shards of unequal size and token count
+
+
+def total(tensor):
+    dist.all_reduce(tensor)
+    return tensor
+
+
+result = {"global": masked_whiten(values[rows], mask[rows], sum_over_processes=total),
+          "kept_mean": masked_whiten(values[rows], mask[rows], shift_mean=False, sum_over_processes=total),
+          "local": masked_whiten(values[rows], mask[rows]),
+          "ev": explained_variance(values[rows], targets[rows], mask[rows], sum_over_processes=total)}
+torch.save(result, sys.argv[2] + f".{rank}")
+"""
+
+
+def test_two_processes_whiten_with_the_statistics_of_the_whole_batch(batch: tuple[torch.Tensor, torch.Tensor],
+                                                                     tmp_path: Path) -> None:
+    """Two real processes over gloo, each with part of the rows, give what one process gives on all of them."""
+    values, mask = batch
+    targets = values + 0.3 * torch.randn_like(values)
+    torch.save((values, targets, mask), tmp_path / "batch.pt")
+    script = tmp_path / "sharded.py"
+    script.write_text(_SHARDED)
+    launch_two_processes(script, str(tmp_path / "batch.pt"), str(tmp_path / "out"), timeout=120)
+    ranks = [torch.load(tmp_path / f"out.{rank}") for rank in (0, 1)]
+    for name, shift_mean in (("global", True), ("kept_mean", False)):
+        joined = torch.cat([part[name] for part in ranks])
+        torch.testing.assert_close(joined, masked_whiten(values, mask, shift_mean=shift_mean))
+    assert not torch.allclose(torch.cat([part["local"] for part in ranks]), masked_whiten(values, mask))
+    for part in ranks:
+        torch.testing.assert_close(part["ev"], explained_variance(values, targets, mask))
 
 
 def gae_reference(rewards: list[float], values: list[float], gamma: float, lam: float) -> list[float]:
@@ -196,3 +249,10 @@ def test_explained_variance_of_perfect_and_constant_critics(batch: tuple[torch.T
     assert explained_variance(constant, returns, mask).item() == pytest.approx(0.0, abs=1e-9)
     noisy = with_garbage_padding(returns + 0.1, mask, math.nan)
     assert explained_variance(noisy, returns, mask).item() == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize(("kl", "expected_error"), [(12.0, 0.2), (6.6, 0.1), (6.0, 0.0), (5.4, -0.1), (0.0, -0.2)])
+def test_adaptive_kl_coefficient_moves_by_the_clipped_proportional_error(kl: float, expected_error: float) -> None:
+    """Ziegler et al.: e = clip(KL/target − 1, ±0.2), β ← β(1 + e·n/horizon); target 6, n 100, horizon 1000."""
+    assert adaptive_kl_coef(0.1, kl, target=6.0, horizon=1000, episodes=100) == pytest.approx(
+        0.1 * (1 + expected_error * 100 / 1000))

@@ -5,10 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
-import socket
-import subprocess
-import sys
+import string
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -28,6 +25,7 @@ from rlhf_pipeline.ppo.config import PPOConfig
 from rlhf_pipeline.ppo.experience import Rollout, response_logits, truncate_after_stop
 from rlhf_pipeline.ppo.roles import CRITIC, POLICY, REFERENCE
 from rlhf_pipeline.ppo.trainer import PPOTrainer, RewardFn
+from tests.two_processes import launch_two_processes
 
 LETTERS = "abcdefghijklm"
 TARGET = "a"
@@ -103,7 +101,7 @@ def target_fraction(tokenizer: PreTrainedTokenizerFast, response_length: int) ->
     return reward_fn
 
 
-def make_trainer(tokenizer: PreTrainedTokenizerFast, output_dir: Path, on_log: Any = None,
+def make_trainer(tokenizer: PreTrainedTokenizerFast, output_dir: Path, on_log: Any = None, ptx_loss: Any = None,
                  **overrides: Any) -> tuple[PPOTrainer, LlamaForCausalLM]:
     settings: dict[str, Any] = dict(output_dir=str(output_dir), per_device_train_batch_size=8, response_length=6,
                                     temperature=1.0, learning_rate=3e-3, num_ppo_epochs=4, num_mini_batches=2,
@@ -113,7 +111,7 @@ def make_trainer(tokenizer: PreTrainedTokenizerFast, output_dir: Path, on_log: A
     config = PPOConfig(**settings)
     model, pristine = build_model(tokenizer)
     trainer = PPOTrainer(config, model, target_fraction(tokenizer, config.response_length), tokenizer,
-                         prompts(tokenizer), on_log=on_log)
+                         prompts(tokenizer), on_log=on_log, ptx_loss=ptx_loss)
     return trainer, pristine
 
 
@@ -291,7 +289,7 @@ def test_each_role_backpropagates_under_its_own_adapter(tokenizer: PreTrainedTok
             trainer.shared.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         rollout = trainer.rollout(prompts(tokenizer)[:8])
         trainer.model.train()
-        trainer._train_micro_batch(rollout.select(torch.arange(4)), last=True)
+        trainer.update.train_micro_batch(rollout.select(torch.arange(4)), last=True)
         grads.append({name: p.grad.clone() for name, p in trainer.shared.named_parameters() if p.grad is not None})
     assert grads[0].keys() == grads[1].keys() and grads[0]
     for name, grad in grads[0].items():
@@ -334,17 +332,6 @@ result = {{"world_size": acc.num_processes, "type": str(acc.distributed_type),
 """
 
 
-def launch_two_processes(script: Path, *args: str) -> None:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-               str(script), *args]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"})
-    assert done.returncode == 0, done.stderr[-3000:]
-
-
 @pytest.mark.slow
 def test_two_processes_stay_in_sync_and_resume_exactly(tmp_path: Path) -> None:
     """Each rank samples its own prompts, DDP keeps the weights equal, and resume works per rank."""
@@ -362,3 +349,201 @@ def test_two_processes_stay_in_sync_and_resume_exactly(tmp_path: Path) -> None:
     assert resumed[0]["scores"] == pytest.approx(straight[0]["scores"], rel=1e-5)
     assert torch.allclose(torch.tensor(resumed[0]["weights"]), torch.tensor(straight[0]["weights"]), atol=1e-6)
     assert resumed[0]["weights"] == resumed[1]["weights"]
+
+
+# ------------------------------------------------------------------------------------------ the knobs
+
+
+def _policy_and_critic(trainer: PPOTrainer) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    params = {name: p.detach().clone() for name, p in trainer.shared.named_parameters() if p.requires_grad}
+    policy = {name: value for name, value in params.items() if f".{POLICY}." in name}
+    return policy, {name: value for name, value in params.items() if name not in policy}
+
+
+def _policy_grads(trainer: PPOTrainer, batch: Rollout) -> dict[str, torch.Tensor]:
+    trainer.optimizer.zero_grad(set_to_none=True)
+    trainer.model.train()
+    trainer.update.train_micro_batch(batch, last=True)
+    return {name: p.grad.clone() for name, p in trainer.shared.named_parameters()
+            if p.grad is not None and f".{POLICY}." in name}
+
+
+def _perturbed_trainer(tokenizer: PreTrainedTokenizerFast, output_dir: Path, **overrides: Any) -> PPOTrainer:
+    """The same trainer every time (build_model seeds), with its adapters moved off zero."""
+    trainer, _ = make_trainer(tokenizer, output_dir, **overrides)
+    torch.manual_seed(3)
+    with torch.no_grad():  # a policy that differs from the rollout's, so every loss term has a gradient
+        for name, param in trainer.shared.named_parameters():
+            if "lora_B" in name:
+                param.add_(0.05 * torch.randn_like(param))
+    return trainer
+
+
+def _gradients_of(trainer: PPOTrainer, loss: torch.Tensor) -> dict[str, torch.Tensor]:
+    names = [name for name, p in trainer.shared.named_parameters() if p.requires_grad and f".{POLICY}." in name]
+    params = dict(trainer.shared.named_parameters())
+    grads = torch.autograd.grad(loss, [params[n] for n in names], allow_unused=True)
+    return {n: g if g is not None else torch.zeros_like(params[n]) for n, g in zip(names, grads, strict=True)}
+
+
+def test_entropy_bonus_subtracts_its_coefficient_times_the_entropy(tokenizer: PreTrainedTokenizerFast,
+                                                                   tmp_path: Path) -> None:
+    from trl.trainer.utils import entropy_from_logits
+
+    from rlhf_pipeline.ppo.formulas import masked_mean
+
+    coef = 0.3
+    plain = _perturbed_trainer(tokenizer, tmp_path / "plain")
+    bonus = _perturbed_trainer(tokenizer, tmp_path / "bonus", entropy_coef=coef)
+    torch.manual_seed(5)
+    batch = plain.rollout(prompts(tokenizer)[:8]).select(torch.arange(8))
+    without, with_bonus = _policy_grads(plain, batch), _policy_grads(bonus, batch)
+    logits = response_logits(bonus.shared, POLICY, batch.input_ids, batch.attention_mask, batch.context_length)
+    entropy = masked_mean(entropy_from_logits(logits.float() / bonus.config.temperature), batch.response_mask)
+    expected = _gradients_of(bonus, -coef * entropy)
+    assert without.keys() == with_bonus.keys()
+    for name, grad in with_bonus.items():
+        torch.testing.assert_close(grad, without[name] + expected[name], atol=1e-6, rtol=1e-4)
+    assert any(expected[name].abs().max() > 1e-6 for name in expected)
+
+
+def test_ptx_adds_its_coefficient_times_the_demonstrations_loss(tokenizer: PreTrainedTokenizerFast,
+                                                               tmp_path: Path) -> None:
+    from rlhf_pipeline.ppo.ptx import Demonstration, Demonstrations
+
+    letters = [tokenizer.convert_tokens_to_ids(c) for c in "abcdefgh"]
+    demos = Demonstrations([Demonstration([tokenizer.bos_token_id, letters[i]], letters[i:i + 3])
+                            for i in range(5)], micro_batch_size=2, pad_id=tokenizer.pad_token_id, seed=1)
+    coef = 0.5
+    plain = _perturbed_trainer(tokenizer, tmp_path / "plain")
+    trainer = _perturbed_trainer(tokenizer, tmp_path / "ptx", ptx_coef=coef, ptx_loss=demos.loss)
+    torch.manual_seed(5)
+    batch = plain.rollout(prompts(tokenizer)[:8]).select(torch.arange(8))
+    without, with_ptx = _policy_grads(plain, batch), _policy_grads(trainer, batch)
+
+    rows = demos.rows(0)  # the first micro-batch of step 0
+    ids = [demos.examples[i].prompt + demos.examples[i].answer for i in rows]
+    nll = []
+    for row, sequence in zip(rows, ids, strict=True):  # the NLL of each answer token, written out per token
+        logits = trainer.shared(POLICY, torch.tensor([sequence]), torch.ones(1, len(sequence), dtype=torch.long))[0]
+        start = len(demos.examples[row].prompt)
+        nll += [-torch.log_softmax(logits[t - 1].float(), -1)[sequence[t]] for t in range(start, len(sequence))]
+    expected = _gradients_of(trainer, coef * torch.stack(nll).mean())
+    for name, grad in with_ptx.items():
+        torch.testing.assert_close(grad, without[name] + expected[name], atol=1e-6, rtol=1e-4)
+    assert any(expected[name].abs().max() > 1e-6 for name in expected)
+
+
+def test_ptx_batches_follow_the_position_and_split_over_processes() -> None:
+    from rlhf_pipeline.ppo.ptx import Demonstration, Demonstrations
+
+    examples = [Demonstration([1], [i]) for i in range(5)]
+    single = Demonstrations(examples, micro_batch_size=2, pad_id=0, seed=3)
+    ranks = [Demonstrations(examples, micro_batch_size=1, pad_id=0, seed=3, process_index=r, num_processes=2)
+             for r in (0, 1)]
+    served = [i for position in range(5) for i in single.rows(position)]
+    assert sorted(served[:5]) == sorted(served[5:10]) == list(range(5))  # every demonstration once per pass
+    assert served != list(range(10)) and single.rows(3) == Demonstrations(examples, 2, 0, 3).rows(3)
+    assert [i for position in range(5) for rank in ranks for i in rank.rows(position)] == served
+
+
+def test_critic_warmup_leaves_the_policy_unchanged(tokenizer: PreTrainedTokenizerFast, tmp_path: Path) -> None:
+    trainer, _ = make_trainer(tokenizer, tmp_path, total_episodes=16 * 3, critic_warmup_steps=2,
+                              critic_learning_rate=1e-2)
+    assert [group["lr"] for group in trainer.optimizer.param_groups] == [3e-3, 1e-2]
+    policy, critic = _policy_and_critic(trainer)
+    for step in (1, 2):
+        trainer.ppo_update(trainer.rollout(trainer.schedule.prompts_for_step(step)))
+        trainer.global_step = step
+        now_policy, now_critic = _policy_and_critic(trainer)
+        assert all(torch.equal(now_policy[name], value) for name, value in policy.items()), step
+        assert any(not torch.equal(now_critic[name], value) for name, value in critic.items()), step
+        critic = now_critic
+    stats = trainer.ppo_update(trainer.rollout(trainer.schedule.prompts_for_step(3)))
+    assert "loss/policy" in stats
+    assert any(not torch.equal(p, policy[n]) for n, p in _policy_and_critic(trainer)[0].items())
+
+
+def test_update_epochs_stop_at_the_first_minibatch_past_the_target_kl(tokenizer: PreTrainedTokenizerFast,
+                                                                      tmp_path: Path) -> None:
+    seen: list[float] = []
+
+    def run(target_kl: float) -> dict[str, float]:
+        trainer, _ = make_trainer(tokenizer, tmp_path / str(target_kl), early_stopping=True, target_kl=target_kl,
+                                  learning_rate=3e-2)
+        real = trainer.update._kl_over_target
+
+        def recording(stats: dict[str, list[torch.Tensor]], micro_batches: int) -> bool:
+            seen.append(torch.stack(stats["policy/approxkl"][-micro_batches:]).mean().item())
+            return real(stats, micro_batches)
+
+        trainer.update._kl_over_target = recording
+        torch.manual_seed(0)
+        return trainer.ppo_update(trainer.rollout(trainer.schedule.prompts_for_step(1)))
+
+    planned = 4 * 2  # num_ppo_epochs x num_mini_batches
+    assert run(1e6)["policy/early_stopped"] == 0.0
+    kls, seen[:] = list(seen), []
+    assert len(kls) == planned and kls[0] < max(kls)
+    first_past = next(i for i, kl in enumerate(kls) if kl > kls[0] * 1.01)
+    target = (kls[0] * 1.01 + kls[first_past]) / 2 / 1.5  # 1.5 × target lies between the first and that one
+    assert all(kl <= 1.5 * target for kl in kls[:first_past]) and kls[first_past] > 1.5 * target
+    stats = run(target)
+    assert seen == pytest.approx(kls[:first_past + 1], rel=1e-6)  # stopped right after the first one past it
+    assert stats["policy/early_stopped"] == pytest.approx(1 - (first_past + 1) / planned)
+
+
+def test_adaptive_kl_coefficient_follows_the_controller_and_resumes(tokenizer: PreTrainedTokenizerFast,
+                                                                   tmp_path: Path) -> None:
+    from rlhf_pipeline.ppo.formulas import adaptive_kl_coef
+
+    settings = dict(total_episodes=16 * 3, save_steps=1, adap_kl_ctrl=True, kl_coef=0.2, target=0.01, horizon=100)
+    trainer, _ = make_trainer(tokenizer, tmp_path / "run", **settings)
+    trainer.train()
+    logs = numeric_logs(trainer.log_history)
+    coef = 0.2
+    for entry in logs:  # each step uses the coefficient the previous steps' KL set
+        assert entry["objective/kl_coef"] == pytest.approx(coef)
+        coef = adaptive_kl_coef(coef, entry["objective/kl"], 0.01, 100, 16)
+    assert trainer.kl_coef == pytest.approx(coef) and coef != 0.2
+    state = json.loads((tmp_path / "run" / "checkpoint-2" / "trainer_state.json").read_text())
+    resumed, _ = make_trainer(tokenizer, tmp_path / "run", **settings)
+    resumed.load_checkpoint(tmp_path / "run" / "checkpoint-2")
+    assert resumed.kl_coef == state["kl_coef"] == pytest.approx(
+        adaptive_kl_coef(logs[1]["objective/kl_coef"], logs[1]["objective/kl"], 0.01, 100, 16))
+
+
+def test_answers_stop_at_the_end_of_turn_token_when_it_is_not_eos(tmp_path: Path) -> None:
+    """A chat template that closes turns with <|end|> (not </s>): PPO stops there and does not penalise it."""
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<|end|>": 3} | {c: 4 + i for i, c in enumerate(string.ascii_lowercase)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    backend.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    eot_tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>",
+                                            pad_token="<pad>", additional_special_tokens=["<|end|>"])
+    eot_tokenizer.chat_template = ("{% for m in messages %}{% if m['role'] == 'assistant' %}{{ m['content'] }}"
+                                   "<|end|>{% else %}<s>{{ m['content'] }}{% endif %}{% endfor %}")
+    eot = eot_tokenizer.convert_tokens_to_ids("<|end|>")
+    config = PPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=16, response_length=8, temperature=1.0,
+                       missing_eos_penalty=1.0, total_episodes=16, disable_tqdm=True, seed=1)
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(tiny_config(eot_tokenizer))
+    shared = SharedBase(base)
+    shared.add_role(REFERENCE)
+    shared.add_role(POLICY, config=LoraConfig(r=4, target_modules="all-linear"), trainable=True)
+    shared.add_role(CRITIC, config=LoraConfig(r=4, target_modules="all-linear"), trainable=True,
+                    head=torch.nn.Linear(32, 1))
+    trainer = PPOTrainer(config, shared, lambda ids, mask: torch.zeros(len(ids)), eot_tokenizer,
+                         [[1, 4 + i % 4] for i in range(16)])
+    assert trainer.stop_token_ids == [eot_tokenizer.eos_token_id, eot]
+    torch.manual_seed(2)
+    rollout = trainer.rollout([[1, 4 + i % 4] for i in range(16)])
+    lengths = rollout.response_mask.sum(dim=1)
+    last = rollout.responses[torch.arange(16), lengths - 1]
+    ended_at_eot = last == eot
+    assert ended_at_eot.any()  # the random model emits <|end|> within 8 tokens in some answers
+    for row in range(16):
+        valid = rollout.responses[row, : lengths[row]].tolist()
+        assert eot not in valid[:-1] and eot_tokenizer.eos_token_id not in valid[:-1]  # cut at the first stop
+    assert torch.equal(rollout.has_stop[ended_at_eot], torch.ones(int(ended_at_eot.sum()), dtype=torch.bool))
+    assert torch.equal(rollout.scores[ended_at_eot], torch.zeros(int(ended_at_eot.sum())))  # no missing-EOS penalty
+    assert (rollout.scores[~rollout.has_stop] == -1.0).all()

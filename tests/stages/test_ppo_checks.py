@@ -113,3 +113,28 @@ def test_normalising_rewards_needs_the_rm_stages_statistics(tmp_path: Path, tiny
     assert main(["ppo", str(recipe), "training.normalize_reward=true"]) == 2
     err = capsys.readouterr().err
     assert "training.normalize_reward: the rm stage in" in err and "set normalize_reward: false" in err
+
+
+def test_ptx_needs_both_its_coefficient_and_sft_format_demonstrations(tmp_path: Path, tiny_model_dir: Path) -> None:
+    from tests.stages.conftest import sft_rows
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    rm = _fake_stage(tmp_path / "rm", "rm", tiny_model_dir, tokenizer)
+    path = _ppo_recipe(tmp_path, tiny_model_dir, rm)
+    write_card(tmp_path, "demos", sft_rows(8), "messages", ["sft"])
+    write_card(tmp_path, "pairs", preference_rows(8), "prompt_chosen_rejected", ["rm"])
+    with pytest.raises(RecipeError, match=r"data\.ptx: training\.ptx_coef > 0 mixes in the SFT loss"):
+        load_recipe(path, ["training.ptx_coef=0.5"])
+    with pytest.raises(RecipeError, match=r"training\.ptx_coef: data\.ptx lists demonstrations but ptx_coef is 0"):
+        load_recipe(path, ["data.ptx=[demos]"])
+    with pytest.raises(RecipeError, match=r"data\.ptx\[0\]: card 'pairs' has format 'prompt_chosen_rejected', but "
+                                          r"the ppo stage takes messages, prompt_completion there"):
+        load_recipe(path, ["data.ptx=[pairs]", "training.ptx_coef=0.5"])
+    recipe = load_recipe(path, ["data.ptx=[demos]", "training.ptx_coef=0.5"])
+    assert [card.name for card in recipe.cards] == ["prompts", "demos"]
+    sft = tmp_path / "sft.yaml"
+    sft.write_text(yaml.safe_dump({"stage": "sft", "model": {"name_or_path": str(tiny_model_dir)},
+                                   "data": {"train": ["demos"], "ptx": ["demos"]},
+                                   "training": {"output_dir": str(tmp_path / "out")}}))
+    with pytest.raises(RecipeError, match=r"data\.ptx: the sft stage does not take ptx cards; remove the key"):
+        load_recipe(sft)
