@@ -149,20 +149,25 @@ class SharedBase(torch.nn.Module):
 
     # ------------------------------------------------------------------ saving
 
-    def adapter_state(self, role: str) -> dict[str, torch.Tensor]:
-        """The role's adapter weights under PEFT's standard keys (as if it were the only adapter)."""
+    def adapter_state(self, role: str, state_dict: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """The role's adapter weights under PEFT's standard keys (as if it were the only adapter).
+
+        `state_dict`: the adapters' model's state to take them from instead of the live one (e.g. tensors that
+        were gathered whole under ZeRO-3, see stages.common.gathered_state_dict).
+        """
         from peft import get_peft_model_state_dict
 
-        return get_peft_model_state_dict(self.model, adapter_name=self.roles[role])
+        return get_peft_model_state_dict(self.model, state_dict=state_dict, adapter_name=self.roles[role])
 
-    def save_adapter(self, role: str, folder: Path) -> None:
+    def save_adapter(self, role: str, folder: Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
         """Write the role's adapter as a standalone PEFT folder: `PeftModel.from_pretrained(base, folder)` loads it."""
         import copy
 
         from safetensors.torch import save_file
 
         folder.mkdir(parents=True, exist_ok=True)
-        state = {key: value.detach().to("cpu").contiguous() for key, value in self.adapter_state(role).items()}
+        state = {key: value.detach().to("cpu").contiguous()
+                 for key, value in self.adapter_state(role, state_dict).items()}
         save_file(state, str(folder / ADAPTER_WEIGHTS), metadata={"format": "pt"})
         config = copy.deepcopy(self.model.peft_config[self.roles[role]])
         config.inference_mode = True

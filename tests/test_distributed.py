@@ -237,7 +237,7 @@ def test_ppo_ddp(work: Path, tiny_model_dir: Path, ddp_runs: dict[str, Path]) ->
     if "rm" not in ddp_runs:
         pytest.skip("needs the reward model of test_rm_ddp")
     per_device, accumulation, episodes = 2, 2, 16
-    recipe = ppo_recipe(work, "ppo-ddp", ddp_runs)
+    recipe = ppo_recipe(work, "ppo-ddp", ddp_runs, save_steps=2)  # checkpoint-2: the trained weights to compare
     output = succeeded(launch("ppo ddp", CONFIGS / "cpu_multi_process.yaml", stage("ppo", recipe)))
     out = work / "out" / "ppo-ddp"
     metrics = metrics_of(out)
@@ -317,14 +317,12 @@ def test_deepspeed_trains_like_ddp_and_saves_the_trained_adapter(work: Path, tin
     _check_deepspeed_run(work, tiny_model_dir, name, stage_name, zero_stage, ddp_runs)
 
 
-def test_zero3_sharded_adapter_and_head_are_gathered_on_save(work: Path, tiny_model_dir: Path,
-                                                             ddp_runs: dict[str, Path]) -> None:
-    """The reward model under deepspeed_zero3_cpu.yaml with every parameter sharded.
+def zero3_shard_everything(work: Path) -> Path:
+    """deepspeed_zero3_cpu.yaml with every parameter sharded, however small.
 
     ZeRO-3 keeps parameters under stage3_param_persistence_threshold (1e5 elements) whole on every rank, so
     with the tiny model the shipped profile shards no LoRA tensor at all. This variant of it (the same file,
-    its DeepSpeed section given as a config file with the threshold at 0) shards them all, and the score
-    head too: the case where an ungathered save writes empty tensors (checked: 28 of them for the SFT LoRA).
+    its DeepSpeed section given as a config file with the threshold at 0) shards them all, and the heads too.
     """
     ds_config = work / "zero3_shard_everything.json"
     ds_config.write_text(json.dumps({
@@ -338,8 +336,15 @@ def test_zero3_sharded_adapter_and_head_are_gathered_on_save(work: Path, tiny_mo
                                    "deepspeed_multinode_launcher": "standard"}
     config = work / "zero3_shard_everything.yaml"
     config.write_text(yaml.safe_dump(shipped))
+    return config
+
+
+def test_zero3_sharded_adapter_and_head_are_gathered_on_save(work: Path, tiny_model_dir: Path,
+                                                             ddp_runs: dict[str, Path]) -> None:
+    """The reward model under zero3_shard_everything: the case where an ungathered save writes empty
+    tensors (checked: 28 of them for the SFT LoRA)."""
     recipe = write_recipe(work, "rm-zero3-sharded", "rm")
-    output = succeeded(launch("rm zero3 sharded", config, probed("rm", recipe)))
+    output = succeeded(launch("rm zero3 sharded", zero3_shard_everything(work), probed("rm", recipe)))
     assert "invalid shape" not in output  # PEFT's warning for ungathered ZeRO-3 / FSDP shards
     _check_deepspeed_run(work, tiny_model_dir, "rm-zero3-sharded", "rm", 3, ddp_runs)
 
@@ -352,6 +357,57 @@ def assert_same_ppo_steps(ours: dict[str, Any], theirs: dict[str, Any]) -> None:
             assert entry[key] == pytest.approx(value, rel=1e-4, abs=1e-5), (expected["step"], key)
 
 
+TRAINED_FILES = ("adapter_model.safetensors", "value_model/adapter_model.safetensors",
+                 "value_model/value_head.safetensors")
+
+
+def assert_same_trained_weights(checkpoint: Path, reference: Path) -> None:
+    """Two PPO checkpoints hold the same policy and critic adapters and value head.
+
+    This checks the optimizer steps themselves, which the logged statistics cannot: a step's statistics are
+    measured before its update. (It caught ZeRO-3 adding the critic's first gradient of a step onto the
+    previous step's, 3.7e-4 off after two steps; see ppo/sharding.prepare_deepspeed.)
+    """
+    for name in TRAINED_FILES:
+        ours, theirs = load_file(checkpoint / name), load_file(reference / name)
+        assert ours.keys() == theirs.keys(), name
+        for key, value in theirs.items():
+            torch.testing.assert_close(ours[key], value, atol=1e-5, rtol=1e-4, msg=lambda m, k=key: f"{k}: {m}")
+
+
+def run_ppo_like_ddp(work: Path, tiny_model_dir: Path, ddp_runs: dict[str, Path], name: str, config: Path,
+                     zero_stage: int) -> tuple[Path, dict[str, Any], str]:
+    """Launch the PPO recipe `name` (a checkpoint per step) and check it trained as DDP did and saved what it
+    trained: the same step statistics and weights as the DDP run, the probe's logits from the saved adapter."""
+    recipe = ppo_recipe(work, name, ddp_runs, save_steps=1)
+    output = succeeded(launch(name.replace("-", " "), config, probed("ppo", recipe)))
+    out = work / "out" / name
+    metrics = metrics_of(out)
+    assert_two_ranks(metrics, "DEEPSPEED", zero_stage)
+    assert metrics["global_batch_size"] == 8 and metrics["global_steps"] == 2
+    assert_same_ppo_steps(metrics, metrics_of(ddp_runs["ppo"]))
+    assert_same_trained_weights(out / "checkpoint-2", ddp_runs["ppo"] / "checkpoint-2")
+    assert_adapter_trained(out)
+    base, tuned = load_trained(tiny_model_dir, out, "sft")
+    torch.testing.assert_close(logits(tuned), torch.load(logits_path(recipe)), atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(logits(tuned), logits(base), atol=1e-6)
+    return out, metrics, output
+
+
+def resume_after_step_one(work: Path, ddp_runs: dict[str, Path], name: str, config: Path,
+                          metrics: dict[str, Any]) -> None:
+    """What a crash during step 2 leaves (checkpoint-1, no completion marker); the same command resumes it
+    and trains step 2 as the uninterrupted run did."""
+    out = work / "out" / name
+    (out / "stage.json").unlink()
+    shutil.rmtree(out / "checkpoint-2")
+    succeeded(launch(f"{name.replace('-', ' ')} resumed", config, stage("ppo", work / f"{name}.yaml")))
+    resumed = metrics_of(out)
+    assert resumed["resumed_from"] == str(out / "checkpoint-1")
+    assert_same_ppo_steps(resumed, metrics)
+    assert_same_trained_weights(out / "checkpoint-2", ddp_runs["ppo"] / "checkpoint-2")
+
+
 def test_ppo_zero2_trains_like_ddp_saves_and_resumes(work: Path, tiny_model_dir: Path,
                                                      ddp_runs: dict[str, Path]) -> None:
     """PPO under DeepSpeed ZeRO-2: the same two steps as DDP, the trained adapter saved, exact resume.
@@ -361,41 +417,68 @@ def test_ppo_zero2_trains_like_ddp_saves_and_resumes(work: Path, tiny_model_dir:
     """
     if "ppo" not in ddp_runs:
         pytest.skip("needs the PPO run of test_ppo_ddp")
-    recipe = ppo_recipe(work, "ppo-zero2", ddp_runs, save_steps=1)
     config = CONFIGS / "deepspeed_zero2_cpu.yaml"
-    succeeded(launch("ppo zero2", config, probed("ppo", recipe)))
-    out = work / "out" / "ppo-zero2"
-    metrics = metrics_of(out)
-    assert_two_ranks(metrics, "DEEPSPEED", 2)
-    assert metrics["global_batch_size"] == 8 and metrics["global_steps"] == 2
-    assert_same_ppo_steps(metrics, metrics_of(ddp_runs["ppo"]))
-    assert_adapter_trained(out)
-    base, tuned = load_trained(tiny_model_dir, out, "sft")
-    torch.testing.assert_close(logits(tuned), torch.load(logits_path(recipe)), atol=1e-5, rtol=1e-4)
-    assert not torch.allclose(logits(tuned), logits(base), atol=1e-6)
+    out, metrics, _ = run_ppo_like_ddp(work, tiny_model_dir, ddp_runs, "ppo-zero2", config, 2)
     shards = list((out / "checkpoint-1" / "deepspeed" / "state").glob("*optim_states.pt"))
     assert len(shards) == 2, shards
-
-    # What a crash during step 2 leaves: checkpoint-1 and no completion marker. The same command resumes.
-    (out / "stage.json").unlink()
-    shutil.rmtree(out / "checkpoint-2")
-    succeeded(launch("ppo zero2 resumed", config, stage("ppo", recipe)))
-    resumed = metrics_of(out)
-    assert resumed["resumed_from"] == str(out / "checkpoint-1")
-    assert_same_ppo_steps(resumed, metrics)
+    resume_after_step_one(work, ddp_runs, "ppo-zero2", config, metrics)
 
 
-def test_ppo_refuses_zero3_before_loading_weights(work: Path, ddp_runs: dict[str, Path]) -> None:
+def _module_states(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """What ZeRO-3 saved of rank 0's module in a PPO checkpoint: its trainable parameters as that rank held them
+    (the values themselves are in its optimizer files)."""
+    (path,) = (checkpoint / "deepspeed" / "state").glob("zero_pp_rank_0_*model_states.pt")
+    return torch.load(path, map_location="cpu", weights_only=False)["module"]
+
+
+@pytest.mark.parametrize("sharded", [False, True], ids=["shipped", "shard_everything"])
+def test_ppo_zero3_trains_like_ddp_saves_and_resumes(work: Path, tiny_model_dir: Path, ddp_runs: dict[str, Path],
+                                                     sharded: bool) -> None:
+    """PPO under DeepSpeed ZeRO-3: the same two steps as DDP, whole trained tensors saved, exact resume.
+
+    Generation runs on parameters gathered once per generate call (ppo/sharding.py), every other pass on
+    ZeRO-3's per-module gathering. With the shipped profile the tiny model's LoRA tensors and heads stay
+    whole (under stage3_param_persistence_threshold) and only the base is sharded; with
+    zero3_shard_everything every one of them is sharded, so the saved adapters and the critic's head are
+    complete only if they were gathered, and resuming loads into sharded parameters.
+    """
+    if "ppo" not in ddp_runs:
+        pytest.skip("needs the PPO run of test_ppo_ddp")
+    name = "ppo-zero3-sharded" if sharded else "ppo-zero3"
+    config = zero3_shard_everything(work) if sharded else CONFIGS / "deepspeed_zero3_cpu.yaml"
+    out, metrics, output = run_ppo_like_ddp(work, tiny_model_dir, ddp_runs, name, config, 3)
+    assert "invalid shape" not in output  # PEFT's warning for ungathered shards
+    checkpoint = out / "checkpoint-2"
+    policy, critic = assert_adapter_trained(checkpoint), assert_adapter_trained(checkpoint / "value_model")
+    head = load_file(checkpoint / "value_model" / "value_head.safetensors")
+    hidden_size = json.loads((tiny_model_dir / "config.json").read_text())["hidden_size"]
+    assert head["weight"].shape == (1, hidden_size) and head["bias"].shape == (1,)
+    # ZeRO-3 shards every parameter before it checkpoints (the whole-kept small ones too), so its own copy of
+    # the module holds empty tensors: the adapters and head above are whole because they were gathered
+    lora = {key: value for key, value in _module_states(checkpoint).items() if "lora_" in key}
+    assert len(lora) == len(policy) + len(critic) and all(value.numel() == 0 for value in lora.values())
+    assert len(list((checkpoint / "deepspeed" / "state").glob("*optim_states.pt"))) == 2
+    resume_after_step_one(work, ddp_runs, name, config, metrics)
+
+
+def test_ppo_refuses_fsdp_before_loading_weights(work: Path, ddp_runs: dict[str, Path]) -> None:
+    """fsdp.yaml on this CPU machine (2 processes, fp32): refused with the profiles that work, no weights read.
+
+    (accelerate 1.15 itself turns FSDP into plain DDP without GPUs; the refusal comes first.)
+    """
     if "rm" not in ddp_runs:
         pytest.skip("needs the reward model of test_rm_ddp")
-    recipe = write_recipe(work, "ppo-zero3", "ppo", {"reward_model_path": str(ddp_runs["rm"]),
-                                                     "per_device_train_batch_size": 2, "total_episodes": 16},
+    fsdp = yaml.safe_load((CONFIGS / "fsdp.yaml").read_text()) | {"num_processes": 2, "mixed_precision": "no"}
+    config = work / "fsdp_cpu.yaml"
+    config.write_text(yaml.safe_dump(fsdp))
+    recipe = write_recipe(work, "ppo-fsdp", "ppo", {"reward_model_path": str(ddp_runs["rm"]),
+                                                    "per_device_train_batch_size": 2, "total_episodes": 16},
                           eval_split=0.0)
-    done = launch("ppo zero3 refused", CONFIGS / "deepspeed_zero3_cpu.yaml", stage("ppo", recipe))
+    done = launch("ppo fsdp refused", config, stage("ppo", recipe))
     assert done.returncode != 0
-    assert "error: " in done.stdout and "this launch uses DeepSpeed ZeRO-3, which shards" in done.stdout
-    assert "deepspeed_zero2_cpu.yaml" in done.stdout
+    assert "error: " in done.stdout and "this launch uses FSDP, which shards every parameter" in done.stdout
+    assert "deepspeed_zero3_cpu.yaml" in done.stdout
     assert re.search(r"exitcode\s*:\s*2\b", done.stdout)  # the CLI's status for a PipelineError, no crash
     assert "]: Traceback" not in done.stdout  # no rank raised anything else
     assert "loading " not in done.stdout  # refused before any weights were read
-    assert not (work / "out" / "ppo-zero3" / "stage.json").exists()
+    assert not (work / "out" / "ppo-fsdp" / "stage.json").exists()

@@ -121,14 +121,13 @@ def test_ppo_clipping_fixed_by_deepspeed_must_match_the_recipe(recipe_for) -> No
                  env)
 
 
-def test_ppo_refuses_launches_that_shard_parameters(recipe_for) -> None:
+def test_ppo_runs_under_ddp_and_deepspeed_and_refuses_fsdp(recipe_for) -> None:
     recipe = recipe_for("ppo", {"per_device_train_batch_size": 1, "total_episodes": 4})
-    for env, backend in ((ZERO3, "DeepSpeed ZeRO-3"), (FSDP, "FSDP")):
-        with pytest.raises(PipelineError, match=rf"this launch uses {backend}, which shards every parameter .* "
-                                                r"generate\(\) .* accelerate_configs/multi_gpu\.yaml \(DDP\) or "
-                                                r"deepspeed_zero2\.yaml"):
-            check_launch(recipe, env)
-    for env in (DDP, ZERO2):
+    with pytest.raises(PipelineError, match=r"this launch uses FSDP, which shards every parameter .* generate\(\) "
+                                            r"only under DeepSpeed ZeRO-3 .* accelerate_configs/multi_gpu\.yaml "
+                                            r"\(DDP\), deepspeed_zero2\.yaml or deepspeed_zero3\.yaml"):
+        check_launch(recipe, FSDP)
+    for env in (DDP, ZERO2, ZERO3):
         check_launch(recipe, env)
 
 

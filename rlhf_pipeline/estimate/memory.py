@@ -39,9 +39,9 @@ size d, I MLP width, V vocabulary, r LoRA rank; ab = activation bytes: 4 fp32 on
 - PPO holds one copy of the base and four adapters on it (reference, policy, reward model, critic) plus two
   scalar heads; the policy and critic adapters and the value head train. Peak = the base + adapters +
   trainable states + the largest phase: generation (KV cache 2·L·kv·d·(prompt + response)·chunk·ab +
-  prefill), scoring (no-grad forwards of one role at a time; one role's response logits), optimisation
-  (one role's activations of a micro-batch, since the policy's backward runs before the critic's forward,
-  plus the response logits).
+  prefill; under ZeRO-3 also the rest of the base, gathered whole for generate()), scoring (no-grad
+  forwards of one role at a time; one role's response logits), optimisation (one role's activations of a
+  micro-batch, since the policy's backward runs before the critic's forward, plus the response logits).
 - runtime: CUDA context and allocator slack on GPUs (0.8 GiB); on CPU the libraries (~0.5 GiB) and an
   allowance of 0.5 × (activations + loss temporaries) for the freed temporaries glibc's heap keeps
   resident (0 to 1.8 GiB measured on SmolLM2; none with MALLOC_MMAP_THRESHOLD_=65536).
@@ -389,7 +389,10 @@ def _kv_cache_bytes(setup: Setup, arch: Architecture, batch: int, tokens: int) -
 def _estimate_ppo(setup: Setup) -> Estimate:
     """One base copy with four adapters (ppo/roles.py), two of them trained, then the largest phase."""
     arch = setup.arch
-    rows = _shard_weights(setup, weight_rows(setup, arch, "lm", "base (all four roles) "), arch)
+    base = weight_rows(setup, arch, "lm", "base (all four roles) ")
+    rows = _shard_weights(setup, base, arch)
+    # ZeRO-3: generate() runs on the whole base, gathered once per rollout (ppo/sharding.py)
+    gathered = sum(r.bytes for r in base) - sum(r.bytes for r in rows[:len(base)] if not r.host)
     adapter = lora_params(setup, arch, "lm")
     frozen = 2 * adapter + arch.hidden_size + 1  # the reference's and reward model's adapters, the reward head
     rows.append(Row("frozen adapters (reference, reward model)", frozen * 4, f"{frozen / 1e6:.2f}M params, fp32"))
@@ -401,7 +404,7 @@ def _estimate_ppo(setup: Setup) -> Estimate:
     vocab = arch.vocab_size
     rollout_store = setup.rollout_batch * (2 * seq * 8 + 12 * response * 4)
     prefill = chunk * prompt * ab * (arch.q_dim + 2 * arch.kv_dim + 3 * arch.intermediate_size)
-    generation = _kv_cache_bytes(setup, arch, chunk, seq) + prefill + chunk * vocab * 4
+    generation = _kv_cache_bytes(setup, arch, chunk, seq) + prefill + chunk * vocab * 4 + gathered
     logits = chunk * (response + 1) * vocab
     # one role's response logits at a time (fp32 when computed in bf16), entropy in 128-row chunks
     scoring = (logits * (ab + (4 if ab < 4 else 0)) + 2 * 128 * vocab * 4
@@ -415,7 +418,8 @@ def _estimate_ppo(setup: Setup) -> Estimate:
     phase = max(phases, key=phases.__getitem__)
     rows.append(Row("rollout buffers", rollout_store, f"{setup.rollout_batch} sequences"))
     details = {
-        "generation": f"KV cache {chunk} × {seq} tokens + prefill",
+        "generation": f"KV cache {chunk} × {seq} tokens + prefill"
+                      + (f" + the whole base gathered ({gathered / GIB:.2f} GiB)" if gathered else ""),
         "scoring": f"no-grad forwards of {chunk} rows, response logits {chunk} × {response + 1} × {vocab}",
         "optimisation": f"policy {activations / GIB:.2f} GiB activations + logits {train_logits / GIB:.2f} GiB "
                         "(the critic's come after the policy's backward)",

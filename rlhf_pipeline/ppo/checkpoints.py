@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from rlhf_pipeline.models import load_adapter_weights
 from rlhf_pipeline.outputs import CHECKPOINT_STATE, checkpoints, move_into_place
 from rlhf_pipeline.ppo.roles import CRITIC, POLICY
+from rlhf_pipeline.ppo.sharding import gathered
 
 if TYPE_CHECKING:
     from rlhf_pipeline.adapters import SharedBase
@@ -38,10 +39,15 @@ def save_weights(shared: SharedBase, folder: Path) -> None:
 
 
 def load_weights(shared: SharedBase, folder: Path) -> None:
-    """Put a checkpoint's policy and critic adapters and value head back into their roles."""
-    load_adapter_weights(shared.model, folder, POLICY)
-    load_adapter_weights(shared.model, folder / CRITIC_DIR, CRITIC)
-    shared.heads[CRITIC].load_state_dict(load_file(str(folder / CRITIC_DIR / CRITIC_HEAD)))
+    """Put a checkpoint's policy and critic adapters and value head back into their roles.
+
+    Every rank calls this: under ZeRO-3 the trained tensors are gathered whole, loaded, and rank 0's values
+    sharded again.
+    """
+    with gathered([param for param in shared.parameters() if param.requires_grad], writer=0):
+        load_adapter_weights(shared.model, folder, POLICY)
+        load_adapter_weights(shared.model, folder / CRITIC_DIR, CRITIC)
+        shared.heads[CRITIC].load_state_dict(load_file(str(folder / CRITIC_DIR / CRITIC_HEAD)))
 
 
 def commit(staging: Path, final: Path, limit: int | None) -> None:

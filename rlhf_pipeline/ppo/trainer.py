@@ -38,7 +38,7 @@ from rlhf_pipeline.adapters import SharedBase
 from rlhf_pipeline.chat import pad_batch
 from rlhf_pipeline.distributed import process_state, say
 from rlhf_pipeline.outputs import CHECKPOINT_PREFIX, last_checkpoint
-from rlhf_pipeline.ppo import checkpoints
+from rlhf_pipeline.ppo import checkpoints, sharding
 from rlhf_pipeline.ppo.config import PPOConfig
 from rlhf_pipeline.ppo.experience import (
     PromptSchedule,
@@ -133,7 +133,7 @@ class PPOTrainer:
         self.deepspeed = self.accelerator.state.deepspeed_plugin is not None
         if self.deepspeed:
             self._fill_deepspeed_config()
-            self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+            self.model, self.optimizer = sharding.prepare_deepspeed(self.accelerator, model, optimizer)
         else:  # gradients are averaged over processes once per optimizer step, after both roles' backward
             self.model = self.accelerator.prepare_model(model, evaluation_mode=True)
             self.optimizer = self.accelerator.prepare_optimizer(optimizer)
@@ -220,10 +220,11 @@ class PPOTrainer:
         """Sample from the policy in chunks (each chunk's KV cache freed before the next); right-padded responses."""
         policy = self.shared.use(POLICY)
         parts = []
-        for rows in chunks(queries.shape[0], self.config.local_rollout_forward_batch_size):
-            out = policy.generate(input_ids=queries[rows], attention_mask=query_mask[rows],
-                                  generation_config=self.generation_config)
-            parts.append(out[:, queries.shape[1]:])
+        with sharding.whole_parameters(self.model):  # ZeRO-3: gathered once for all chunks, not per token
+            for rows in chunks(queries.shape[0], self.config.local_rollout_forward_batch_size):
+                out = policy.generate(input_ids=queries[rows], attention_mask=query_mask[rows],
+                                      generation_config=self.generation_config, synced_gpus=False)
+                parts.append(out[:, queries.shape[1]:])
         width = max(part.shape[1] for part in parts)
         return torch.cat([F.pad(part, (0, width - part.shape[1]), value=self.tokenizer.pad_token_id)
                           for part in parts])
@@ -344,13 +345,14 @@ class PPOTrainer:
             accelerator.wait_for_everyone()
             self.model.save_checkpoint(str(staging / checkpoints.DEEPSPEED_STATE), tag="state",
                                        exclude_frozen_parameters=True)
-        if accelerator.is_main_process:
-            try:
-                self._write_checkpoint(staging, rng_states)
-            except BaseException:  # e.g. a full disk: no half-written folder stays beside the complete ones
-                shutil.rmtree(staging, ignore_errors=True)
-                raise
-            checkpoints.commit(staging, final, config.save_total_limit)
+        with sharding.gathered(self.trainable_params):  # ZeRO-3: whole tensors for rank 0 to write
+            if accelerator.is_main_process:
+                try:
+                    self._write_checkpoint(staging, rng_states)
+                except BaseException:  # e.g. a full disk: no half-written folder stays beside the complete ones
+                    shutil.rmtree(staging, ignore_errors=True)
+                    raise
+                checkpoints.commit(staging, final, config.save_total_limit)
         accelerator.wait_for_everyone()
         return final
 

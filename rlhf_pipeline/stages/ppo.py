@@ -64,17 +64,21 @@ def _check_reward_model_folder(recipe: Recipe, folder: Path) -> None:
                           f"'{manifest.stage}' stage, not a reward model; point it at the rm stage's output_dir")
 
 
-PPO_LAUNCH_HINT = ("launch PPO with accelerate_configs/multi_gpu.yaml (DDP) or deepspeed_zero2.yaml "
-                   "(cpu_multi_process.yaml or deepspeed_zero2_cpu.yaml on a machine without GPUs)")
+PPO_LAUNCH_HINT = ("launch PPO with accelerate_configs/multi_gpu.yaml (DDP), deepspeed_zero2.yaml or "
+                   "deepspeed_zero3.yaml (cpu_multi_process.yaml, deepspeed_zero2_cpu.yaml or "
+                   "deepspeed_zero3_cpu.yaml on a machine without GPUs)")
 
 
 def check_launch(recipe: Recipe, launch: Launch) -> None:
-    """PPO under this launch: whole parameters on every rank, and batches that fill every process."""
-    if launch.shards_parameters:
-        raise PipelineError(f"{recipe.path}: this launch uses {launch.backend}, which shards every parameter over "
-                            "the processes, but PPO samples answers with generate() from the model it trains and "
-                            "needs whole parameters on each rank (DDP or DeepSpeed ZeRO-1/2, which shard only "
-                            f"gradients and optimizer states); {PPO_LAUNCH_HINT}")
+    """PPO under this launch: DDP or DeepSpeed (not FSDP), and batches that fill every process.
+
+    Under ZeRO-3 the trainer gathers the sharded parameters once per generate call (ppo/sharding.py).
+    """
+    if launch.fsdp:
+        raise PipelineError(f"{recipe.path}: this launch uses FSDP, which shards every parameter over the "
+                            "processes; PPO gathers sharded parameters for generate() only under DeepSpeed "
+                            "ZeRO-3 (accelerate runs FSDP on GPUs only, so PPO under FSDP is untested); "
+                            f"{PPO_LAUNCH_HINT}")
     config = recipe.settings
     per_process = config.rollout_batch_size
     global_batch = per_process * launch.world_size
@@ -124,6 +128,7 @@ def run(recipe: Recipe) -> dict[str, Any]:
         Loaded,
         activation_checkpointing_default,
         finish,
+        gathered_state_dict,
         start_training,
         train_resuming,
     )
@@ -174,8 +179,10 @@ def run(recipe: Recipe) -> dict[str, Any]:
     if trainer.stopped_early:
         say(f"ppo: stopped early at step {trainer.global_step} of {trainer.total_steps} on a health alert; the "
             "policy of that step is saved as the stage's adapter (see report.md)")
+    policy_state = gathered_state_dict(model.model)  # under ZeRO-3 the whole trained tensors (every rank calls it)
     finish(recipe, Loaded(source, tokenizer, model), model, metrics,
-           extra={"reward_model": str(config.reward_model_path)}, save_weights=partial(model.save_adapter, POLICY))
+           extra={"reward_model": str(config.reward_model_path)},
+           save_weights=partial(model.save_adapter, POLICY, state_dict=policy_state))
     return metrics
 
 

@@ -123,6 +123,20 @@ def test_ppo_holds_one_base_copy_four_adapters_and_a_kv_cache_per_rollout_chunk(
     assert result.phases["optimisation"] < 1.5 * sum(r.bytes for r in sft.rows if r.name == "activations")
 
 
+def test_ppo_under_zero3_gathers_the_whole_base_for_generation() -> None:
+    """The base is sharded for training and scoring, and whole on every GPU while generate() samples."""
+    arch = Architecture.from_config(LLAMA31_8B)
+    setup = Setup(stage="ppo", arch=arch, lora_r=16, num_devices=8, zero=2, micro_batch=4, seq_len=1024,
+                  response_length=256, rollout_batch=32, forward_chunk=8)
+    zero2, zero3 = estimate(setup), estimate(dataclasses.replace(setup, zero=3))
+    base = arch.total_params("lm") * 2  # bf16
+    rows = {r.name: r.bytes for r in zero3.rows}
+    assert rows["weights base (all four roles)"] == pytest.approx(base / 8)
+    assert zero3.phases["generation"] - zero2.phases["generation"] == pytest.approx(base * 7 / 8)
+    assert zero3.phases["optimisation"] == pytest.approx(zero2.phases["optimisation"])
+    offloaded = estimate(dataclasses.replace(setup, zero=3, offload_params=True, offload_optimizer=True))
+    assert offloaded.phases["generation"] - zero2.phases["generation"] == pytest.approx(base)
+
 
 def test_the_8b_qlora_ppo_recipe_holds_one_4bit_base_per_gpu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The shipped QLoRA PPO recipe: one NF4 copy of Llama 3.1 8B per GPU, far under an 80 GB GPU."""

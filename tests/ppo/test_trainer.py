@@ -316,7 +316,7 @@ def test_normalize_reward_needs_the_reward_stats(tokenizer: PreTrainedTokenizerF
 WORKER = """
 import json, sys
 from pathlib import Path
-sys.path[:0] = [{tests!r}, {here!r}]
+sys.path[:0] = [{root!r}, {tests!r}, {here!r}]
 import conftest  # noqa: F401  (offline Hugging Face settings)
 import torch
 from test_trainer import make_trainer, numeric_logs, tiny_tokenizer
@@ -337,7 +337,7 @@ def test_two_processes_stay_in_sync_and_resume_exactly(tmp_path: Path) -> None:
     """Each rank samples its own prompts, DDP keeps the weights equal, and resume works per rank."""
     here = Path(__file__).resolve().parent
     script = tmp_path / "worker.py"
-    script.write_text(WORKER.format(tests=str(here.parent), here=str(here)))
+    script.write_text(WORKER.format(root=str(here.parent.parent), tests=str(here.parent), here=str(here)))
     output_dir = tmp_path / "run"
     launch_two_processes(script, str(output_dir))
     straight = [json.loads((output_dir / f"rank{rank}-2.json").read_text()) for rank in (0, 1)]
@@ -349,6 +349,47 @@ def test_two_processes_stay_in_sync_and_resume_exactly(tmp_path: Path) -> None:
     assert resumed[0]["scores"] == pytest.approx(straight[0]["scores"], rel=1e-5)
     assert torch.allclose(torch.tensor(resumed[0]["weights"]), torch.tensor(straight[0]["weights"]), atol=1e-6)
     assert resumed[0]["weights"] == resumed[1]["weights"]
+
+
+ROLLOUT_WORKER = """
+import sys
+from pathlib import Path
+sys.path[:0] = [{root!r}, {tests!r}, {here!r}]
+import conftest  # noqa: F401  (offline Hugging Face settings)
+import torch
+from test_trainer import make_trainer, tiny_tokenizer
+torch.set_num_threads(1)
+out = Path(sys.argv[1])
+trainer, _ = make_trainer(tiny_tokenizer(), out, per_device_train_batch_size=4, total_episodes=16 * 4)
+rollout = trainer.rollout(trainer.schedule.prompts_for_step(1))
+torch.save({{name: getattr(rollout, name) for name in ("rewards", "values", "response_mask", "advantages")}},
+           out / f"rollout{{trainer.accelerator.process_index}}.pt")
+"""
+
+
+def test_two_processes_whiten_advantages_over_the_global_batch(tmp_path: Path) -> None:
+    """Advantages of a 2-process rollout equal one process's GAE + whitening over both ranks' rows together."""
+    from rlhf_pipeline.ppo.formulas import gae_advantages_and_returns, masked_whiten
+
+    here = Path(__file__).resolve().parent
+    script = tmp_path / "rollout.py"
+    script.write_text(ROLLOUT_WORKER.format(root=str(here.parent.parent), tests=str(here.parent), here=str(here)))
+    (tmp_path / "run").mkdir()
+    launch_two_processes(script, str(tmp_path / "run"))
+    ranks = [torch.load(tmp_path / "run" / f"rollout{rank}.pt") for rank in (0, 1)]
+    width = max(part["response_mask"].shape[1] for part in ranks)
+
+    def joined(name: str) -> torch.Tensor:
+        return torch.cat([torch.nn.functional.pad(part[name], (0, width - part[name].shape[1])) for part in ranks])
+
+    mask = joined("response_mask").bool()
+    config = PPOConfig()
+    raw, _ = gae_advantages_and_returns(joined("rewards"), joined("values"), mask, config.gamma, config.lam)
+    torch.testing.assert_close(joined("advantages"), masked_whiten(raw, mask), atol=1e-5, rtol=1e-4)
+    per_rank = torch.cat([torch.nn.functional.pad(masked_whiten(*gae_advantages_and_returns(
+        part["rewards"], part["values"], part["response_mask"], config.gamma, config.lam)[:1],
+        part["response_mask"]), (0, width - part["response_mask"].shape[1])) for part in ranks])
+    assert not torch.allclose(per_rank, masked_whiten(raw, mask), atol=1e-3)  # each rank's own statistics differ
 
 
 # ------------------------------------------------------------------------------------------ the knobs
