@@ -71,6 +71,9 @@ class SharedBase(torch.nn.Module):
         if adapter_dir is not None or config is not None:
             config = config or _adapter_config(adapter_dir)
             config.inference_mode = not trainable
+            # The folder the base was loaded from, not the Hub id a finished stage's adapter names: saving
+            # the adapter with an unknown base makes PEFT look the id up on the Hub (and fetch its config).
+            config.base_model_name_or_path = self.model.name_or_path or config.base_model_name_or_path
             if isinstance(self.model, PeftModel):
                 self.model.add_adapter(name, config)
             else:

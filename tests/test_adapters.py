@@ -286,6 +286,28 @@ def test_shared_base_switches_roles_and_keeps_trainable_grads(chain: Chain) -> N
         shared.add_role("sft", chain.sft)
 
 
+def test_saving_a_role_never_looks_its_base_up_on_the_hub(chain: Chain, tmp_path: Path) -> None:
+    """A finished stage's adapter names its base by Hub id; the role names the folder the base was loaded from,
+    so PEFT's save does not look the id up (or fetch its config) to decide about embedding layers."""
+    import shutil
+    import warnings
+
+    published = tmp_path / "sft"
+    shutil.copytree(chain.sft, published)
+    config = json.loads((published / "adapter_config.json").read_text())
+    (published / "adapter_config.json").write_text(json.dumps(config | {"base_model_name_or_path": "org/published"}))
+    spec = _spec(chain.sft, quantized=False)
+    source = resolve_source(spec)
+    shared = SharedBase(load_base(source, spec, load_tokenizer(source, spec)))
+    shared.add_role("reference", published)
+    shared.add_role("policy", published, trainable=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        shared.save_adapter("policy", tmp_path / "saved")
+    assert not [w for w in caught if "org/published" in str(w.message)], [str(w.message) for w in caught]
+    assert shared.model.peft_config["policy"].base_model_name_or_path == str(source.path)
+
+
 def test_eval_in_4bit_measures_the_sft_models_kl_to_the_base(chain: Chain, tmp_path: Path) -> None:
     """`rlhf-pipeline eval` with a 4-bit base: base vs the SFT stage, KL(SFT ‖ base) as in full precision."""
     from rlhf_pipeline.cli import main
