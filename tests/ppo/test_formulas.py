@@ -102,6 +102,8 @@ result = {"global": masked_whiten(values[rows], mask[rows], sum_over_processes=t
           "local": masked_whiten(values[rows], mask[rows]),
           "ev": explained_variance(values[rows], targets[rows], mask[rows], sum_over_processes=total)}
 torch.save(result, sys.argv[2] + f".{rank}")
+dist.barrier()  # neither rank leaves while the other still talks to it (gloo aborts the process otherwise)
+dist.destroy_process_group()
 """
 
 

@@ -329,6 +329,8 @@ result = {{"world_size": acc.num_processes, "type": str(acc.distributed_type),
           "weights": torch.cat([p.detach().flatten() for p in trainer.trainable_params]).tolist(),
           "scores": [e["objective/scores"] for e in numeric_logs(trainer.log_history)]}}
 (out / f"rank{{acc.process_index}}-{{len(sys.argv)}}.json").write_text(json.dumps(result))
+acc.wait_for_everyone()  # neither rank leaves while the other still talks to it
+torch.distributed.destroy_process_group()
 """
 
 
@@ -364,6 +366,8 @@ trainer, _ = make_trainer(tiny_tokenizer(), out, per_device_train_batch_size=4, 
 rollout = trainer.rollout(trainer.schedule.prompts_for_step(1))
 torch.save({{name: getattr(rollout, name) for name in ("rewards", "values", "response_mask", "advantages")}},
            out / f"rollout{{trainer.accelerator.process_index}}.pt")
+trainer.accelerator.wait_for_everyone()  # neither rank leaves while the other still talks to it
+torch.distributed.destroy_process_group()
 """
 
 
