@@ -18,7 +18,7 @@ import torch
 from trl.trainer.utils import entropy_from_logits, selective_log_softmax
 
 from rlhf_pipeline.ppo.config import PPOConfig
-from rlhf_pipeline.ppo.experience import Rollout, response_logits, response_values
+from rlhf_pipeline.ppo.experience import Rollout, mean_over_processes, response_logits, response_values
 from rlhf_pipeline.ppo.formulas import masked_mean, policy_loss, value_loss
 from rlhf_pipeline.ppo.roles import POLICY
 
@@ -103,10 +103,8 @@ class PolicyCriticUpdate:
 
     def _kl_over_target(self, stats: dict[str, list[torch.Tensor]], micro_batches: int) -> bool:
         """Whether the last minibatch's approximate KL, averaged over processes, is past 1.5 × target_kl."""
-        kl = torch.stack(stats["policy/approxkl"][-micro_batches:]).mean()
-        if self.accelerator.num_processes > 1:
-            kl = self.accelerator.reduce(kl, reduction="mean")
-        return kl.item() > 1.5 * self.config.target_kl
+        kl = torch.stack(stats["policy/approxkl"][-micro_batches:]).mean().item()
+        return mean_over_processes(self.accelerator, {"kl": kl})["kl"] > 1.5 * self.config.target_kl
 
     def _backward(self, loss: torch.Tensor, last: bool) -> None:
         """Back-propagate one role's loss, averaged over the minibatch's micro-batches.
