@@ -21,7 +21,7 @@ import yaml
 
 from rlhf_pipeline.data.cards import DataCard, DataSpec
 from rlhf_pipeline.errors import RecipeError
-from rlhf_pipeline.outputs import read_manifest
+from rlhf_pipeline.outputs import MARKER, read_manifest
 from rlhf_pipeline.schema import (
     coerce,
     describe,
@@ -172,6 +172,22 @@ class Recipe:
     @property
     def output_dir(self) -> Path:
         return Path(self.config["output_dir"])
+
+    def check_finished_stage(self, key: str, folder: str | Path, stages: tuple[str, ...], fix: str) -> None:
+        """Before any weights load: a folder the recipe points at holds a finished stage of one of `stages`.
+
+        A folder an earlier pipeline stage will still write, or one that does not exist yet, is checked
+        when the stage starts (the loaders refuse it then).
+        """
+        folder = Path(folder)
+        if not folder.is_dir() or any(folder.resolve() == p.resolve() for p in self.pending_outputs):
+            return
+        manifest = read_manifest(folder)
+        if manifest is None:
+            raise RecipeError(self.path, key, f"{folder} is not a finished {' or '.join(stages)} stage (no {MARKER}); "
+                              "run that stage to the end first (re-running it resumes)")
+        if manifest.stage not in stages:
+            raise RecipeError(self.path, key, f"{folder} holds a finished '{manifest.stage}' stage, {fix}")
 
     def resolved(self) -> dict[str, Any]:
         """The recipe with every default filled in: what is saved next to the outputs."""

@@ -1,6 +1,6 @@
 """Interruptions lose nothing: a stage killed with SIGKILL is never taken as finished and resumes where it was.
 
-SFT, RM and PPO each run as `python -m rlhf_pipeline <stage> recipe.yaml` on the tiny model, with many short
+Each stage runs as `python -m rlhf_pipeline <stage> recipe.yaml` on the tiny model, with many short
 steps and a checkpoint every two steps. As soon as the first checkpoint is complete the process is killed
 with -9 (no chance to clean up); the folder must then count as unfinished, and the same command must resume
 from the newest complete checkpoint and finish. A crash inside the final save must leave no half-written
@@ -36,11 +36,13 @@ TRAINER = {"per_device_train_batch_size": 2, "per_device_eval_batch_size": 8, "l
            "disable_tqdm": True}
 
 
-def _recipe(folder: Path, model_dir: Path, stage: str, **training: Any) -> Path:
-    cards = {"sft": "chat", "rm": "pairs", "ppo": "prompts"}
+def _recipe(folder: Path, model_dir: Path, stage: str, sections: dict[str, Any] | None = None,
+            **training: Any) -> Path:
+    cards = {"sft": "chat", "rm": "pairs", "ppo": "prompts", "dpo": "pairs", "kto": "pairs", "grpo": "prompts",
+             "rloo": "prompts"}
     recipe = {"stage": stage, "model": {"name_or_path": str(model_dir), "lora": LORA},
-              "data": {"train": [cards[stage]], "eval_split": 0.0, "max_length": 96},
-              "training": {"output_dir": str(folder / "outputs" / stage)} | training}
+              "data": {"train": [cards[stage]], "eval_split": 0.0, "max_length": 96, "unpair": stage == "kto"},
+              "training": {"output_dir": str(folder / "outputs" / stage)} | training} | (sections or {})
     path = folder / f"{stage}.yaml"
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     return path
@@ -51,9 +53,14 @@ def _stage_recipe(stage: str, folder: Path, model_dir: Path, request: pytest.Fix
     if stage == "sft":
         write_card(folder, "chat", sft_rows(32), "messages", ["sft"])
         return _recipe(folder, model_dir, "sft", max_steps=STEPS, **TRAINER)
-    if stage == "rm":
-        write_card(folder, "pairs", preference_rows(32), "prompt_chosen_rejected", ["rm"])
-        return _recipe(folder, model_dir, "rm", max_steps=STEPS, **TRAINER)
+    if stage in ("rm", "dpo", "kto"):
+        write_card(folder, "pairs", preference_rows(32), "prompt_chosen_rejected", ["rm", "dpo", "kto"])
+        return _recipe(folder, model_dir, stage, max_steps=STEPS, **TRAINER)
+    if stage in ("grpo", "rloo"):
+        write_card(folder, "prompts", [{"prompt": f"Say something about topic {i}."} for i in range(24)],
+                   "prompt_only", ["grpo", "rloo"])
+        return _recipe(folder, model_dir, stage, {"reward": {"model": str(request.getfixturevalue("finished_rm"))}},
+                       max_steps=STEPS, num_generations=2, max_completion_length=6, beta=0.1, **TRAINER)
     write_card(folder, "prompts", [{"prompt": f"Say something about topic {i}."} for i in range(24)],
                "prompt_only", ["ppo"])
     return _recipe(folder, model_dir, "ppo", reward_model_path=str(request.getfixturevalue("finished_rm")),
@@ -152,7 +159,7 @@ def _trained_steps(metrics: dict[str, Any]) -> list[int]:
     return [entry["step"] for entry in metrics["log_history"] if "loss" in entry or "objective/scores" in entry]
 
 
-@pytest.mark.parametrize("stage", ["sft", "rm", "ppo"])
+@pytest.mark.parametrize("stage", ["sft", "rm", "ppo", "dpo", "kto", "grpo", "rloo"])
 def test_sigterm_saves_the_current_step_and_the_rerun_resumes_there(stage: str, tmp_path: Path,
                                                                      tiny_model_dir: Path,
                                                                      request: pytest.FixtureRequest,

@@ -31,6 +31,7 @@ class DataSpec:
     system_prompt: str | None = None
     min_valid_fraction: float = 0.5
     seed: int = 42
+    unpair: bool = False  # KTO: each preference pair becomes its chosen (desirable) and rejected (undesirable) answer
 
     def __post_init__(self) -> None:
         if not self.train:

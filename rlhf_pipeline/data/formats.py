@@ -13,6 +13,8 @@ model's own chat template):
   answers are context. (Training on every answer would need one row per answer; that is not done here.)
 - Preference: ``{"prompt": [...], "chosen": [assistant], "rejected": [assistant]}`` plus an optional
   float ``"margin"`` that the reward trainer adds to the pairwise loss.
+- Labelled answers: ``{"prompt": [...], "completion": [assistant], "label": bool}``: one answer marked
+  desirable (True) or undesirable (False), what KTO trains on; a preference pair unpairs into two of them.
 - Prompt sets: ``{"prompt": [...]}`` for PPO, labelling and evaluation.
 
 Pure Python on purpose: no torch or datasets import, so it is cheap to import and to test.
@@ -34,8 +36,9 @@ Finisher = Callable[[Row, Mapping], Row]  # applied to every kept output, with t
 
 SFT_FORMATS = {"messages", "prompt_completion"}
 PREFERENCE_FORMATS = {"prompt_chosen_rejected", "chosen_rejected_messages", "hh_transcript", "ranking"}
+LABELLED_FORMATS = {"prompt_completion_label"}
 PROMPT_FORMATS = {"prompt_only"}
-FORMATS = SFT_FORMATS | PREFERENCE_FORMATS | PROMPT_FORMATS
+FORMATS = SFT_FORMATS | PREFERENCE_FORMATS | LABELLED_FORMATS | PROMPT_FORMATS
 
 # Canonical column names each format understands, so a data card's `columns:` mapping can be checked
 # before any data is read. Not all are required: ranking rows use either `ranked` or `answers`+`scores`.
@@ -46,6 +49,7 @@ CANONICAL_COLUMNS: dict[str, frozenset[str]] = {
     "chosen_rejected_messages": frozenset({"prompt", "chosen", "rejected", "margin"}),
     "hh_transcript": frozenset({"prompt", "chosen", "rejected", "margin"}),
     "ranking": frozenset({"prompt", "ranked", "answers", "scores"}),
+    "prompt_completion_label": frozenset({"prompt", "completion", "label"}),
     "prompt_only": frozenset({"prompt"}),
 }
 
@@ -83,17 +87,6 @@ class Converted:
         indices = self.first_bad_rows.setdefault(reason, [])
         if len(indices) < MAX_BAD_ROWS_KEPT and index not in indices:
             indices.append(index)
-
-    def summary(self) -> str:
-        """One log line: `kept 98 rows from 100 input rows; dropped 2: empty_answer 2 (rows 3, 7)`."""
-        head = f"kept {len(self.rows)} rows from {self.n_input} input rows"
-        if not self.dropped:
-            return head
-        parts = [
-            f"{reason} {count} (rows {', '.join(map(str, self.first_bad_rows[reason]))})"
-            for reason, count in self.dropped.most_common()
-        ]
-        return f"{head}; dropped {self.n_dropped}: " + "; ".join(parts)
 
 
 # --------------------------------------------------------------------------- public converters
@@ -133,6 +126,19 @@ def to_preference(
         return add_system(pair, row)
 
     return _convert_all(rows, convert_row, finish)
+
+
+def to_labelled(rows: Iterable[Mapping], fmt: str = "prompt_completion_label",
+                system_prompt: str | None = None) -> Converted:
+    """Rows of single answers with a desirable/undesirable label -> canonical labelled rows (KTO)."""
+    converters: dict[str, RowConverter] = {"prompt_completion_label": _labelled_row}
+    return _convert_all(rows, _pick(converters, fmt, "labelled"), _system_adder(system_prompt))
+
+
+def unpair(pair: Row) -> list[Row]:
+    """A canonical pair as two labelled answers: the chosen one desirable, the rejected one undesirable."""
+    return [{"prompt": pair["prompt"], "completion": pair["chosen"], "label": True},
+            {"prompt": pair["prompt"], "completion": pair["rejected"], "label": False}]
 
 
 def to_prompts(
@@ -405,6 +411,29 @@ def _pairs_from_ranking(row: Mapping, with_margin: bool) -> list[Row | UnusableR
             pair["margin"] = scores[better] - scores[worse]
         outcomes.append(pair)
     return outcomes
+
+
+# --------------------------------------------------------------------------- labelled answers
+
+_LABEL_SPELLINGS = {"true": True, "false": False, "1": True, "0": False, "yes": True, "no": False,
+                    "desirable": True, "undesirable": False, "good": True, "bad": False}
+
+
+def _label(raw: Any) -> bool:
+    """True/False, 1/0 or their usual spellings; anything else is not a label we can trust."""
+    if isinstance(raw, bool):
+        return raw
+    if isinstance(raw, (int, float)) and raw in (0, 1):
+        return bool(raw)
+    if isinstance(raw, str) and raw.strip().lower() in _LABEL_SPELLINGS:
+        return _LABEL_SPELLINGS[raw.strip().lower()]
+    raise UnusableRow("bad_label")
+
+
+def _labelled_row(row: Mapping) -> list[Row]:
+    prompt = _prompt_messages(_field(row, "prompt"))
+    history, answer = _answer(_field(row, "completion"))
+    return [_sft_row(prompt + history, answer) | {"label": _label(_field(row, "label"))}]
 
 
 # --------------------------------------------------------------------------- prompt sets

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rlhf_pipeline.data import formats
-from rlhf_pipeline.data.cards import DataCard
+from rlhf_pipeline.data.cards import DataCard, DataSpec
 from rlhf_pipeline.errors import PipelineError, RecipeError
 
 if TYPE_CHECKING:
@@ -49,7 +49,10 @@ class DataReport:
     def summary(self) -> str:
         reasons = ", ".join(f"{reason} {count} (e.g. {', '.join(self.examples.get(reason, [])[:3])})"
                             for reason, count in self.dropped.most_common())
-        return f"{self.kept} of {self.read} rows kept" + (f"; dropped: {reasons}" if reasons else "")
+        # a ranking row gives several pairs, and a pair split for KTO two answers: more examples than rows
+        kept = f"{self.kept} of {self.read} rows kept" if self.kept <= self.read else \
+            f"{self.kept} examples from {self.read} rows"
+        return kept + (f"; dropped: {reasons}" if reasons else "")
 
     def as_dict(self) -> dict[str, Any]:
         return {"rows_read": self.read, "rows_kept": self.kept, "rows_dropped": dict(self.dropped),
@@ -157,6 +160,7 @@ _REQUIRED = {
     "hh_transcript": {"chosen", "rejected"},
     "ranking": {"prompt"},
     "prompt_only": {"prompt"},
+    "prompt_completion_label": {"prompt", "completion", "label"},
 }
 
 
@@ -167,23 +171,28 @@ def _convert(card: DataCard, rows: list[dict[str, Any]], system_prompt: str | No
     if card.format in formats.PREFERENCE_FORMATS:
         return formats.to_preference(rows, card.format, margin_key="margin" if card.margin_column else None,
                                      system_prompt=system_prompt)
+    if card.format in formats.LABELLED_FORMATS:
+        return formats.to_labelled(rows, card.format, system_prompt=system_prompt)
     return formats.to_prompts(rows, card.format, system_prompt=system_prompt)
 
 
-def _convert_rows(card: DataCard, rows: list[dict[str, Any]], labels: list[str], system_prompt: str | None,
+def _convert_rows(card: DataCard, rows: list[dict[str, Any]], labels: list[str], data: DataSpec,
                   prompts_only: bool, dropped: collections.Counter[str],
                   where: Where) -> list[tuple[str, dict[str, Any]]]:
     """Canonical rows, each with the line or row it came from, so every later drop names it too.
 
-    Rows are converted one at a time for that; stages that sample answers keep only the distinct prompts.
+    Rows are converted one at a time for that; stages that sample answers keep only the distinct prompts,
+    and with `data.unpair` a pair becomes its two answers labelled desirable and undesirable (KTO).
     """
     out: list[tuple[str, dict[str, Any]]] = []
+    unpair = data.unpair and card.format in formats.PREFERENCE_FORMATS
     for label, row in zip(labels, rows, strict=True):
-        converted = _convert(card, [row], system_prompt)
+        converted = _convert(card, [row], data.system_prompt)
         for reason, count in converted.dropped.items():
             dropped[reason] += count
             _note(where, reason, label)
-        out.extend((label, canonical) for canonical in converted.rows)
+        for canonical in converted.rows:
+            out.extend((label, answer) for answer in (formats.unpair(canonical) if unpair else [canonical]))
     if prompts_only:
         distinct: dict[str, tuple[str, dict[str, Any]]] = {}
         for label, canonical in out:
@@ -216,7 +225,7 @@ def load_rows(recipe: Recipe, split: str, tokenizer: PreTrainedTokenizerBase, re
     for card in cards:
         rows, dropped, where, labels = _read_card(card)
         read = len(rows) + sum(dropped.values())  # so far only unreadable lines are counted
-        converted = _convert_rows(card, rows, labels, recipe.data.system_prompt, prompts_only, dropped, where)
+        converted = _convert_rows(card, rows, labels, recipe.data, prompts_only, dropped, where)
         kept = []
         for label, row in tqdm(converted, desc=f"data: token lengths ({card.name})", leave=False,
                                disable=len(converted) < 2000 or not is_main_process()):

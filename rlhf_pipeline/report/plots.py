@@ -242,6 +242,21 @@ def plot_ppo(history: list[dict[str, Any]], alerts: list[dict[str, Any]]) -> Any
     return figure
 
 
+def plot_curves(history: list[dict[str, Any]], panels: Sequence[tuple[str, str]], x_label: str) -> Any:
+    """One panel per logged key over optimizer steps (the TRL-wrapped policy stages), skipping absent keys."""
+    present = [(key, title) for key, title in panels if _numeric(history, key)[0]]
+    if not present:
+        return None
+    figure, axes = _figure(len(present))
+    for axis, (key, title) in zip(axes, present, strict=True):
+        steps, values = _numeric(history, key)
+        axis.plot(steps, values, marker="o" if len(steps) < 30 else None, markersize=4)
+        axis.set_title(title)
+        axis.set_xlabel(x_label)
+        _grid(axis, steps=True)
+    return figure
+
+
 def plot_eval(per_answer: dict[str, dict[str, list[float]]], judge: str) -> Any:
     columns = [(column, label) for column, label in (("judge", f"judge score ({judge})"), ("reward", "RM reward"),
                                                       ("length_tokens", "answer length (tokens)"))

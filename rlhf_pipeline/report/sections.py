@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from rlhf_pipeline.report.plots import (
     Plots,
+    plot_curves,
     plot_eval,
     plot_label,
     plot_ppo,
@@ -108,6 +109,35 @@ def eval_headline(metrics: dict[str, Any]) -> str:
     if "kl" in metrics:
         parts.append(f"KL {metrics['kl']['mean']:.3f} nats/answer")
     return "; ".join(parts)
+
+
+Panels = Sequence[tuple[str, str]]  # (logged key, what it is)
+
+
+def curves_headline(panels: Panels) -> Callable[[dict[str, Any]], str]:
+    """First → last logged value of a stage's main keys (the TRL-wrapped policy stages), and its steps."""
+    def headline(metrics: dict[str, Any]) -> str:
+        first, final = metrics.get("first", {}), metrics.get("final", {})
+        parts = [f"{title} {_fmt(first.get(key))} → {_fmt(final.get(key))}" for key, title in panels[:2]]
+        return ", ".join([*parts, f"{_fmt(metrics.get('global_steps'))} steps"])
+    return headline
+
+
+def curves_section(panels: Panels, plot_name: str) -> Callable[[Path, dict[str, Any], Plots], list[str]]:
+    """A stage's logged keys first → last, its held-out evaluation, and one plot panel per key."""
+    def section(folder: Path, metrics: dict[str, Any], plots: Plots) -> list[str]:
+        first, final = metrics.get("first", {}), metrics.get("final", {})
+        lines = table(["", f"first log (step {first.get('step', '—')})", f"last log (step {final.get('step', '—')})"],
+                      [[f"{title} (`{key}`)", first.get(key), final.get(key)] for key, title in panels])
+        held_out = {key: value for key, value in (metrics.get("eval") or {}).items()
+                    if isinstance(value, (int, float))}
+        if held_out:
+            lines += ["Held-out evaluation after training:", "",
+                      *table(["metric", "value"], sorted(held_out.items()))]
+        lines += [f"{metrics.get('global_steps')} optimizer steps of {metrics.get('global_batch_size')} examples.", ""]
+        return lines + plots.add(plot_name, "Training", plot_curves, metrics.get("log_history") or [], panels,
+                                 "optimizer step")
+    return section
 
 
 def generic_headline(metrics: dict[str, Any]) -> str:

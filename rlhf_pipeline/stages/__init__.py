@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from rlhf_pipeline.data.cards import DataSpec, check_cards
+from rlhf_pipeline.data.formats import LABELLED_FORMATS
 from rlhf_pipeline.distributed import Launch
 from rlhf_pipeline.errors import PipelineError, RecipeError
 from rlhf_pipeline.outputs import MARKER, StageManifest, read_manifest
@@ -39,6 +40,10 @@ _STAGE_MODULES = {
     "label": "rlhf_pipeline.stages.label",
     "rm": "rlhf_pipeline.stages.rm",
     "ppo": "rlhf_pipeline.stages.ppo",
+    "dpo": "rlhf_pipeline.stages.dpo",
+    "kto": "rlhf_pipeline.stages.kto",
+    "grpo": "rlhf_pipeline.stages.grpo",
+    "rloo": "rlhf_pipeline.stages.rloo",
     "eval": "rlhf_pipeline.stages.eval",
 }
 STAGE_NAMES = tuple(_STAGE_MODULES)
@@ -181,6 +186,9 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None, stage: str
         if required not in data:
             raise RecipeError(path, required, "required section is missing")
     data_spec = build_section(DataSpec, data["data"], path, "data")
+    if data_spec.unpair and not spec.data_formats & LABELLED_FORMATS:
+        raise RecipeError(path, "data.unpair", f"the {name} stage does not train on labelled single answers, so "
+                          "it has no use for unpaired pairs; remove the key (it is for kto)")
     recipe = Recipe(
         path=path,
         stage=name,

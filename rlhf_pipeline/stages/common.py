@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rlhf_pipeline.distributed import is_main_process, quiet_unless_main, say
-from rlhf_pipeline.errors import PipelineError
+from rlhf_pipeline.errors import PipelineError, RecipeError
 from rlhf_pipeline.models import (
     CAUSAL_LM,
     check_continued_lora,
@@ -101,7 +101,21 @@ def start_training(recipe: Recipe) -> None:
     quiet_unless_main()
     check_hardware(recipe.model, recipe.config)
     check_launch(recipe)
+    load_weights_whole()
     set_seed(recipe.config.get("seed", 42))
+
+
+def load_weights_whole() -> None:
+    """Let the next loads build whole weights on every rank, as the stages are tested under ZeRO-3.
+
+    transformers partitions weights at load time (zero.Init) while any TrainingArguments with a ZeRO-3 config
+    is alive, such as the previous stage's when `run` chains stages in one process. A frozen scorer loaded that
+    way belongs to no engine and fails on its first forward (tensors of size 0, seen with GRPO after DPO); the
+    trained model is partitioned when its trainer prepares it anyway.
+    """
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
 
 
 def load_for_training(recipe: Recipe, task: str = CAUSAL_LM) -> Loaded:
@@ -135,6 +149,15 @@ def load_frozen(recipe: Recipe, sources: dict[str, str], scorers: frozenset[str]
                                 f"or special tokens) than the {first} ({sources[first]}); compare models that share "
                                 "a tokenizer (stages trained from one base)")
     return resolved, tokenizer, load_frozen_roles(resolved, recipe.model, tokenizer, scorers)
+
+
+def require_same_tokenizer(recipe: Recipe, key: str, scorer: ModelSource, scorer_spec: Any,
+                           tokenizer: PreTrainedTokenizerBase) -> None:
+    """Refuse, before any weights load, a reward model that reads token ids differently from the policy."""
+    if not same_tokenizer(tokenizer, load_tokenizer(scorer, scorer_spec)):
+        raise RecipeError(recipe.path, key, f"the reward model at {scorer_spec.name_or_path} uses a different "
+                          "tokenizer (vocabulary or special tokens) than the policy; train the RM from the same SFT "
+                          "output as the policy")
 
 
 def trainer_config(config_class: type, recipe: Recipe, **stage_values: Any) -> Any:
@@ -277,7 +300,7 @@ def finish(recipe: Recipe, loaded: Loaded, model: PreTrainedModel, metrics: dict
         if save_weights is not None:
             save_weights(folder)
         else:
-            model.save_pretrained(folder, safe_serialization=True,
+            model.save_pretrained(folder, safe_serialization=True, **_trained_adapter_only(model),
                                   **({"state_dict": state_dict} if state_dict is not None else {}))
         check_saved_weights(folder)
         loaded.tokenizer.save_pretrained(folder)
@@ -288,6 +311,13 @@ def finish(recipe: Recipe, loaded: Loaded, model: PreTrainedModel, metrics: dict
     finish_outputs(recipe, manifest, write_weights)
     push_if_configured(recipe)  # the recipe's hub.push: true; main process only
     return manifest
+
+
+def _trained_adapter_only(model: Any) -> dict[str, Any]:
+    """save_pretrained's arguments that keep only the trained adapter: TRL's preference and online trainers
+    add a frozen copy of the starting adapter ("ref") as the reference, which is not this stage's output."""
+    adapters = getattr(model, "peft_config", {})
+    return {"selected_adapters": [model.active_adapter]} if len(adapters) > 1 else {}
 
 
 def _stop_when_signalled(trainer: Any) -> None:

@@ -21,12 +21,10 @@ checkpoint); downstream stages (eval) then measure that policy. To train on past
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rlhf_pipeline.data.formats import FORMATS, SFT_FORMATS
 from rlhf_pipeline.errors import PipelineError, RecipeError
-from rlhf_pipeline.outputs import MARKER, read_manifest
 from rlhf_pipeline.report.sections import ppo_headline, ppo_section, ppo_summary_note
 from rlhf_pipeline.stages import MemoryModel, ModelOutput, Presentation, Stage
 
@@ -42,26 +40,14 @@ def _check(recipe: Recipe) -> None:
     if recipe.model.lora is None:
         raise RecipeError(recipe.path, "model.lora", "PPO trains a copy of the SFT adapter (or a new LoRA) beside the "
                           "frozen reference on one base; add a lora section")
-    _check_reward_model_folder(recipe, Path(recipe.config["reward_model_path"]))
+    recipe.check_finished_stage("training.reward_model_path", recipe.config["reward_model_path"], ("rm",),
+                                "not a reward model; point it at the rm stage's output_dir")
     if recipe.config.get("ptx_coef") and not recipe.data.ptx:
         raise RecipeError(recipe.path, "data.ptx", "training.ptx_coef > 0 mixes in the SFT loss of demonstrations "
                           "(PPO-ptx): list SFT-format cards here, or set ptx_coef to 0")
     if recipe.data.ptx and not recipe.config.get("ptx_coef"):
         raise RecipeError(recipe.path, "training.ptx_coef", "data.ptx lists demonstrations but ptx_coef is 0, so they "
                           "would not be used; set it > 0 (InstructGPT mixed them in), or remove data.ptx")
-
-
-def _check_reward_model_folder(recipe: Recipe, folder: Path) -> None:
-    """An existing reward_model_path must hold a finished rm stage; an earlier pipeline stage may still write it."""
-    if not folder.is_dir() or any(folder.resolve() == p.resolve() for p in recipe.pending_outputs):
-        return
-    manifest = read_manifest(folder)
-    if manifest is None:
-        raise RecipeError(recipe.path, "training.reward_model_path", f"{folder} is not a finished rm stage (no "
-                          f"{MARKER}); run the rm stage to the end first (re-running it resumes)")
-    if manifest.stage != "rm":
-        raise RecipeError(recipe.path, "training.reward_model_path", f"{folder} holds a finished "
-                          f"'{manifest.stage}' stage, not a reward model; point it at the rm stage's output_dir")
 
 
 PPO_LAUNCH_HINT = ("launch PPO with accelerate_configs/multi_gpu.yaml (DDP), deepspeed_zero2.yaml or "
@@ -119,7 +105,7 @@ def run(recipe: Recipe) -> dict[str, Any]:
     from rlhf_pipeline.chat import encode_prompt
     from rlhf_pipeline.data.loading import load_datasets
     from rlhf_pipeline.distributed import say
-    from rlhf_pipeline.models import load_tokenizer, same_tokenizer
+    from rlhf_pipeline.models import load_tokenizer
     from rlhf_pipeline.outputs import require_finished
     from rlhf_pipeline.ppo.roles import POLICY, REWARD, build_ppo_model, check_shared_base
     from rlhf_pipeline.ppo.trainer import PPOTrainer
@@ -129,6 +115,7 @@ def run(recipe: Recipe) -> dict[str, Any]:
         activation_checkpointing_default,
         finish,
         gathered_state_dict,
+        require_same_tokenizer,
         start_training,
         train_resuming,
     )
@@ -141,10 +128,7 @@ def run(recipe: Recipe) -> dict[str, Any]:
     check_shared_base(source, reward_source, config.reward_model_path)
     # Tokenizers first: a mismatch is reported before any weights load.
     tokenizer = load_tokenizer(source, recipe.model)
-    if not same_tokenizer(tokenizer, load_tokenizer(reward_source, reward_spec)):
-        raise RecipeError(recipe.path, "training.reward_model_path", f"the reward model at {config.reward_model_path} "
-                          "uses a different tokenizer (vocabulary or special tokens) than the policy; train the RM "
-                          "from the same SFT output as the policy")
+    require_same_tokenizer(recipe, "training.reward_model_path", reward_source, reward_spec, tokenizer)
     stats = rm_manifest.extra.get("reward_stats", {})
     if config.normalize_reward and not {"mean", "std"} <= stats.keys():
         raise RecipeError(recipe.path, "training.normalize_reward", f"the rm stage in {config.reward_model_path} "

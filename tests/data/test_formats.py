@@ -15,9 +15,11 @@ from rlhf_pipeline.data.formats import (
     SFT_FORMATS,
     Converted,
     parse_hh_transcript,
+    to_labelled,
     to_preference,
     to_prompts,
     to_sft,
+    unpair,
 )
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "preference"
@@ -109,7 +111,7 @@ def test_sft_bad_rows_are_counted_by_reason_with_indices() -> None:
         "empty_answer": [1, 7], "no_assistant_turn": [2], "wrong_type": [3, 5], "missing_field": [4],
         "empty_prompt": [6],
     }
-    assert "dropped 7" in out.summary() and "empty_answer 2 (rows 1, 7)" in out.summary()
+    assert out.n_dropped == 7
 
 
 def test_first_bad_rows_keeps_only_the_first_five() -> None:
@@ -285,6 +287,33 @@ def test_margin_column() -> None:
 def test_margin_is_left_out_unless_asked_for() -> None:
     out = to_preference(read_jsonl("with_margin.jsonl"), "prompt_chosen_rejected")
     assert len(out.rows) == 4 and all("margin" not in pair for pair in out.rows)
+
+
+# --------------------------------------------------------------------------- labelled answers (KTO)
+
+
+def test_labelled_answers_accept_the_usual_label_spellings_and_count_the_rest() -> None:
+    rows = [{"prompt": "Hi", "completion": "Hello!", "label": True},
+            {"prompt": "Hi", "completion": "Go away.", "label": 0},
+            {"prompt": "Hi", "completion": "Hey there", "label": "Desirable"},
+            {"prompt": "Hi", "completion": "Meh", "label": "no"},
+            {"prompt": "Hi", "completion": "Eh", "label": 0.5},
+            {"prompt": "Hi", "completion": "Eh", "label": "maybe"},
+            {"prompt": "Hi", "completion": "Eh"},
+            {"prompt": "Hi", "completion": "  ", "label": True}]
+    out = to_labelled(rows)
+    assert [(row["completion"][0]["content"], row["label"]) for row in out.rows] == [
+        ("Hello!", True), ("Go away.", False), ("Hey there", True), ("Meh", False)]
+    assert out.rows[0]["prompt"] == [user("Hi")]
+    assert out.dropped == {"bad_label": 2, "missing_field": 1, "empty_answer": 1}
+    assert out.first_bad_rows["bad_label"] == [4, 5]
+
+
+def test_a_pair_unpairs_into_a_desirable_and_an_undesirable_answer() -> None:
+    row = {"prompt": "Hi", "chosen": "Hello!", "rejected": "Go away."}
+    pair = to_preference([row], "prompt_chosen_rejected").rows[0]
+    assert unpair(pair) == [{"prompt": [user("Hi")], "completion": [assistant("Hello!")], "label": True},
+                            {"prompt": [user("Hi")], "completion": [assistant("Go away.")], "label": False}]
 
 
 # --------------------------------------------------------------------------- prompt sets and registry

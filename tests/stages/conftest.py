@@ -49,22 +49,46 @@ def write_card(folder: Path, name: str, rows: list[dict[str, Any]], fmt: str, st
 RecipeFactory = Callable[..., Path]
 
 
+def write_recipe(folder: Path, model_dir: Path, stage: str, cards: list[str], training: dict[str, Any] | None = None,
+                 model: dict[str, Any] | None = None, name: str | None = None, **sections: Any) -> Path:
+    """A stage recipe for the tiny model in `folder`; sections are merged over small CPU-friendly defaults."""
+    recipe = {
+        "stage": stage,
+        "model": {"name_or_path": str(model_dir), "lora": {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0}}
+        | (model or {}),
+        "data": {"train": cards, "eval_split": 0.25, "max_length": 128},
+        "training": {"output_dir": str(folder / "outputs" / (name or stage)), "num_train_epochs": 1,
+                     "per_device_train_batch_size": 8, "per_device_eval_batch_size": 8,
+                     "learning_rate": 5e-3, "logging_steps": 1, "save_steps": 2, "seed": 0,
+                     "eval_strategy": "no", "report_to": "none"} | (training or {}),
+    } | sections
+    path = folder / f"{name or stage}.yaml"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
 @pytest.fixture
 def make_recipe(tmp_path: Path, tiny_model_dir: Path) -> RecipeFactory:
-    """Write a stage recipe for the tiny model; sections are merged over small CPU-friendly defaults."""
-    def make(stage: str, cards: list[str], training: dict[str, Any] | None = None,
-             model: dict[str, Any] | None = None, name: str | None = None, **sections: Any) -> Path:
-        recipe = {
-            "stage": stage,
-            "model": {"name_or_path": str(tiny_model_dir), "lora": {"r": 8, "lora_alpha": 16,
-                                                                    "lora_dropout": 0.0}} | (model or {}),
-            "data": {"train": cards, "eval_split": 0.25, "max_length": 128},
-            "training": {"output_dir": str(tmp_path / "outputs" / (name or stage)), "num_train_epochs": 1,
-                         "per_device_train_batch_size": 8, "per_device_eval_batch_size": 8,
-                         "learning_rate": 5e-3, "logging_steps": 1, "save_steps": 2, "seed": 0,
-                         "eval_strategy": "no", "report_to": "none"} | (training or {}),
-        } | sections
-        path = tmp_path / f"{name or stage}.yaml"
-        path.write_text(yaml.safe_dump(recipe, sort_keys=False))
-        return path
+    """Write a stage recipe for the tiny model in this test's folder (see write_recipe)."""
+    def make(*args: Any, **kwargs: Any) -> Path:
+        return write_recipe(tmp_path, tiny_model_dir, *args, **kwargs)
     return make
+
+
+@pytest.fixture(scope="session")
+def sft_and_rm(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> tuple[Path, Path]:
+    """A finished SFT stage on the tiny base (LoRA r 8) and a reward model trained from it: where the policy
+    stages start. The SFT adapter is trained hard enough to move its log-probabilities well away from the base."""
+    from rlhf_pipeline.stages import load_recipe, rm, sft
+
+    folder = tmp_path_factory.mktemp("sft-and-rm")
+    write_card(folder, "chat", sft_rows(16), "messages", ["sft"])
+    write_card(folder, "pairs", preference_rows(16), "prompt_chosen_rejected", ["rm"])
+    sft_recipe = load_recipe(write_recipe(folder, tiny_model_dir, "sft", ["chat"], {"max_steps": 4},
+                                          data={"train": ["chat"], "eval_split": 0.0, "max_length": 128}))
+    sft.run(sft_recipe)
+    rm_recipe = load_recipe(write_recipe(folder, tiny_model_dir, "rm", ["pairs"], {"max_steps": 2},
+                                         model={"name_or_path": str(sft_recipe.output_dir)},
+                                         data={"train": ["pairs"], "eval_split": 0.0, "max_length": 128}))
+    rm.run(rm_recipe)
+    return sft_recipe.output_dir, rm_recipe.output_dir

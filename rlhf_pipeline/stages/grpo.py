@@ -1,0 +1,25 @@
+"""GRPO: the SFT policy samples a group of answers per prompt and learns from their rewards relative to the group.
+
+    rlhf-pipeline grpo recipes/smollm2-135m/grpo.yaml
+
+TRL's GRPOTrainer with GRPOConfig's own key names; no critic. Prompts come from any card. Answers are scored
+with the recipe's `reward:` section (a finished rm stage and/or Python functions, judges.RewardSpec), summed
+with `training.reward_weights`. With `training.beta` > 0 the KL penalty anchors to the SFT policy
+(stages/policy_training.py); TRL's default beta is 0 (no reference at all).
+"""
+
+from __future__ import annotations
+
+from rlhf_pipeline.data.formats import FORMATS
+from rlhf_pipeline.stages import MemoryModel
+from rlhf_pipeline.stages.policy_training import trl_stage
+
+STAGE = trl_stage(
+    "grpo", "GRPO",
+    summary="GRPO of the SFT policy: groups of sampled answers scored by reward models and functions",
+    example="rlhf-pipeline grpo recipes/smollm2-135m/grpo.yaml training.beta=0.04",
+    what="GRPO policy, trained on group-relative rewards, KL-anchored to the SFT policy",
+    data_formats=frozenset(FORMATS),
+    online=True,
+    memory=MemoryModel(kind="ppo"),  # sampling, and a reward model beside the trained policy
+)

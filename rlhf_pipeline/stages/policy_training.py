@@ -1,0 +1,146 @@
+"""What the policy stages that wrap TRL's trainers (dpo, kto, grpo, rloo) share: the checks and the wiring.
+
+Each starts from the SFT stage's output, as PPO does: its trainable weights are a copy of the SFT adapter on
+the base. Given a PEFT model that already carries an adapter, TRL's trainers copy it into a frozen adapter
+named "ref" and take the reference log-probabilities from that copy, so the anchor (DPO/KTO's implicit reward,
+GRPO/RLOO's KL penalty) is the SFT policy, never the raw base, and no second base is loaded. The stage saves
+the trained adapter only: a complete policy on the base, like every other stage's output.
+
+`trl_stage` declares such a stage from a TRL trainer's name, so each stage module only says what differs.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from rlhf_pipeline.errors import RecipeError
+from rlhf_pipeline.judges import RewardSpec
+from rlhf_pipeline.outputs import read_manifest
+from rlhf_pipeline.report.sections import Panels, curves_headline, curves_section
+from rlhf_pipeline.stages import MemoryModel, ModelOutput, Presentation, Stage
+
+if TYPE_CHECKING:
+    from rlhf_pipeline.recipe import Recipe
+
+
+def check_starts_from_sft(recipe: Recipe) -> None:
+    """A LoRA on one base, starting from (and anchored to) a finished SFT stage when it names a stage folder.
+
+    A Hub id or a plain model folder is accepted as the start: that model, unchanged, is then the reference.
+    """
+    if recipe.model.lora is None:
+        raise RecipeError(recipe.path, "model.lora", f"the {recipe.stage} stage trains a copy of the SFT adapter "
+                          "beside its frozen reference on one base; add a lora section (the SFT adapter's shape)")
+    start = Path(recipe.model.name_or_path)
+    if (start / "config.json").is_file() and read_manifest(start) is None:
+        return  # a plain model folder (an instruct model, say): the model as it is is the reference
+    recipe.check_finished_stage("model.name_or_path", start, ("sft",),
+                                "not the SFT policy; point model.name_or_path at the sft stage's output_dir: its "
+                                "adapter is where training starts and the reference it is anchored to")
+
+
+def check_reward_spec(recipe: Recipe) -> None:
+    """Before weights load: the reward functions import, the reward model is a finished rm stage, weights line up."""
+    from rlhf_pipeline.judges import import_function
+
+    check_starts_from_sft(recipe)
+    spec = recipe.sections["reward"]
+    for index, reference in enumerate(spec.functions):
+        try:
+            import_function(reference)
+        except ValueError as error:
+            raise RecipeError(recipe.path, f"reward.functions[{index}]", f"{error}; a reward function is "
+                              "`module:function`, called with (prompts, answers) and returning a float per answer"
+                              ) from None
+    if spec.model:
+        recipe.check_finished_stage("reward.model", spec.model, ("rm",),
+                                    "not a reward model; point it at the rm stage's output_dir")
+    weights = recipe.config.get("reward_weights")
+    if weights is not None and len(weights) != len(spec.names):
+        raise RecipeError(recipe.path, "training.reward_weights", f"{len(weights)} weight(s) for "
+                          f"{len(spec.names)} reward signal(s) ({', '.join(spec.names)}); give one weight per "
+                          "signal, in that order, or remove the key (all 1.0)")
+
+
+def train_policy(recipe: Recipe, trainer_class: type, config_class: type, *, prompts_only: bool = False,
+                 reward_funcs: list[Any] | None = None, **config_values: Any) -> dict[str, Any]:
+    """Load the SFT adapter's trainable copy, build the trainer, train resuming, save the adapter.
+
+    Metrics: the first and last training log entries, the held-out evaluation when the data has an eval
+    split, and what every training stage records (steps, launch, data report, log history).
+    """
+    from rlhf_pipeline.data.loading import load_datasets
+    from rlhf_pipeline.models import match_compute_dtype
+    from rlhf_pipeline.stages.common import finish, load_for_training, say, train_resuming, trainer_config
+
+    loaded = load_for_training(recipe)
+    args = trainer_config(config_class, recipe, **config_values)  # after loading: see load_weights_whole
+    datasets, data_report = load_datasets(recipe, loaded.tokenizer, prompts_only=prompts_only)
+    say(f"{recipe.stage}: data {data_report.summary()}")
+    extra = {"reward_funcs": reward_funcs} if reward_funcs is not None else {}
+    trainer = trainer_class(model=loaded.model, args=args, train_dataset=datasets["train"],
+                            eval_dataset=datasets.get("eval"), processing_class=loaded.tokenizer, **extra)
+    match_compute_dtype(trainer.model, recipe.model)
+    _, record = train_resuming(trainer, recipe, data_report)
+    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+    metrics = {
+        "first": logged[0] if logged else {},
+        "final": logged[-1] if logged else {},
+        "train_loss": next((log["train_loss"] for log in reversed(trainer.state.log_history)
+                            if "train_loss" in log), None),
+        "eval": trainer.evaluate(metric_key_prefix="eval") if "eval" in datasets else {},
+        **record,
+    }
+    finish(recipe, loaded, trainer.model, metrics)
+    return metrics
+
+
+def train_online(recipe: Recipe, trainer_class: type, config_class: type) -> dict[str, Any]:
+    """GRPO/RLOO: the policy samples answers to the cards' prompts, scored by the recipe's `reward:` signals."""
+    import dataclasses
+
+    from rlhf_pipeline.judges import reward_functions
+    from rlhf_pipeline.models import load_tokenizer
+    from rlhf_pipeline.sources import resolve_source
+    from rlhf_pipeline.stages.common import load_weights_whole, require_same_tokenizer
+
+    load_weights_whole()
+    if model_path := recipe.sections["reward"].model:
+        scorer_spec = dataclasses.replace(recipe.model, name_or_path=model_path)
+        tokenizer = load_tokenizer(resolve_source(recipe.model), recipe.model)
+        require_same_tokenizer(recipe, "reward.model", resolve_source(scorer_spec), scorer_spec, tokenizer)
+    return train_policy(recipe, trainer_class, config_class, prompts_only=True,
+                        reward_funcs=reward_functions(recipe.sections["reward"], recipe.model))
+
+
+ONLINE_PANELS = (("reward", "reward (weighted sum)"), ("kl", "KL to the SFT policy"),
+                 ("completions/mean_length", "answer length (tokens)"), ("entropy", "entropy (nats/token)"),
+                 ("reward_std", "reward std within groups"), ("completions/clipped_ratio", "answers cut at max length"))
+
+
+def trl_stage(name: str, trainer: str, summary: str, example: str, what: str, data_formats: frozenset[str],
+              panels: Panels = ONLINE_PANELS, online: bool = False, extra_checks: Any = None,
+              memory: MemoryModel | None = None) -> Stage:
+    """The declaration of a stage wrapping TRL's `<trainer>Trainer` (recipe keys: `<trainer>Config`'s own).
+
+    Offline stages (DPO, KTO) train on the cards' answers, truncated at `data.max_length`; online ones (GRPO,
+    RLOO) sample answers to the cards' prompts and score them with the recipe's `reward:` section.
+    """
+    def run(recipe: Recipe) -> dict[str, Any]:
+        trl = importlib.import_module("trl")
+        trainer_class, config_class = getattr(trl, f"{trainer}Trainer"), getattr(trl, f"{trainer}Config")
+        if online:
+            return train_online(recipe, trainer_class, config_class)
+        return train_policy(recipe, trainer_class, config_class, max_length=recipe.data.max_length)
+
+    run.__doc__ = f"Train the {trainer} policy adapter from the SFT adapter and save it."
+    return Stage(name=name, summary=summary, example=example, config_class=(f"trl.trainer.{name}_config",
+                                                                            f"{trainer}Config"),
+                 data_formats=data_formats, run=run,
+                 presentation=Presentation(trainer, curves_headline(panels),
+                                           curves_section(panels, f"{name}_training.png")),
+                 sections={"reward": RewardSpec} if online else {},
+                 extra_checks=extra_checks or (check_reward_spec if online else check_starts_from_sft),
+                 model=ModelOutput(name, what), memory=memory or MemoryModel())

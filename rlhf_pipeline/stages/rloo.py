@@ -1,0 +1,25 @@
+"""RLOO: REINFORCE with a leave-one-out baseline: each sampled answer is compared with the mean of its siblings.
+
+    rlhf-pipeline rloo recipes/smollm2-135m/rloo.yaml
+
+TRL's RLOOTrainer with RLOOConfig's own key names; no critic (Ahmadian et al., 2024). Prompts come from any
+card. Answers are scored with the recipe's `reward:` section (a finished rm stage and/or Python functions,
+judges.RewardSpec), summed with `training.reward_weights`. With `training.beta` > 0 the KL penalty anchors
+to the SFT policy (stages/policy_training.py); TRL's default beta is 0.05.
+"""
+
+from __future__ import annotations
+
+from rlhf_pipeline.data.formats import FORMATS
+from rlhf_pipeline.stages import MemoryModel
+from rlhf_pipeline.stages.policy_training import trl_stage
+
+STAGE = trl_stage(
+    "rloo", "RLOO",
+    summary="RLOO of the SFT policy: each sampled answer's reward against its siblings' mean (no critic)",
+    example="rlhf-pipeline rloo recipes/smollm2-135m/rloo.yaml training.beta=0.05",
+    what="RLOO policy, REINFORCE with a leave-one-out baseline, KL-anchored to the SFT policy",
+    data_formats=frozenset(FORMATS),
+    online=True,
+    memory=MemoryModel(kind="ppo"),  # sampling, and a reward model beside the trained policy
+)

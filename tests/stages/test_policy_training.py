@@ -1,0 +1,117 @@
+"""The policy stages that wrap TRL's trainers (dpo, kto, grpo, rloo) on the tiny model: each starts from the SFT
+adapter, is anchored to the SFT policy (not the raw base), trains, and saves one adapter that loads on the base."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from rlhf_pipeline.errors import RecipeError
+from rlhf_pipeline.stages import get_stage, load_recipe
+from tests.stages.conftest import preference_rows, write_card, write_recipe
+
+POLICY_STAGES = ("dpo", "kto", "grpo", "rloo")
+ONLINE = {"num_generations": 4, "max_completion_length": 8, "per_device_train_batch_size": 4, "beta": 0.1}
+KEYS = {"dpo": ("rewards/accuracies", "rewards/margins"), "kto": ("rewards/margins", "kl"),
+        "grpo": ("reward", "kl", "rewards/reward_model/mean"), "rloo": ("reward", "kl", "rewards/reward_model/mean")}
+
+
+def policy_recipe(folder: Path, model_dir: Path, stage: str, sft: Path, rm: Path,
+                  training: dict[str, Any] | None = None, model: dict[str, Any] | None = None,
+                  **sections: Any) -> Path:
+    """A small recipe of `stage` starting from the finished SFT output, on preference pairs (prompts for online)."""
+    write_card(folder, "pairs", preference_rows(16), "prompt_chosen_rejected", ["dpo", "kto", "grpo", "rloo"])
+    online = stage in ("grpo", "rloo")
+    data = {"train": ["pairs"], "eval_split": 0.0 if online else 0.25, "max_length": 128} | (
+        {"unpair": True} if stage == "kto" else {})
+    defaults = {"data": data} | ({"reward": {"model": str(rm)}} if online else {})
+    return write_recipe(folder, model_dir, stage, ["pairs"], {"max_steps": 3, **(ONLINE if online else {}),
+                                                              **(training or {})},
+                        model={"name_or_path": str(sft)} | (model or {}), **(defaults | sections))
+
+
+def _answer_logprobs(model: Any, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=ids).logits.float().log_softmax(-1)
+
+
+@pytest.mark.parametrize("stage", POLICY_STAGES)
+def test_stage_trains_from_the_sft_adapter_against_the_sft_policy(stage: str, tmp_path: Path, tiny_model_dir: Path,
+                                                                   sft_and_rm: tuple[Path, Path],
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+    from trl.trainer.utils import use_adapter
+
+    from rlhf_pipeline.stages import common
+
+    sft, rm = sft_and_rm
+    ids = torch.tensor([[1, 5, 9, 14, 3, 7, 11, 2]])
+    reference: dict[str, torch.Tensor] = {}
+    train = common.train_resuming
+
+    def probe_then_train(trainer: Any, *args: Any) -> Any:
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        assert set(model.peft_config) == {"default", "ref"}  # the trained copy and the frozen reference
+        with use_adapter(model, "ref"):
+            reference["ref"] = _answer_logprobs(model, ids)
+        return train(trainer, *args)
+
+    monkeypatch.setattr(common, "train_resuming", probe_then_train)
+    recipe = load_recipe(policy_recipe(tmp_path, tiny_model_dir, stage, sft, rm))
+    metrics = get_stage(stage).run(recipe)
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    from_base = _answer_logprobs(base, ids)
+    sft_policy = PeftModel.from_pretrained(base, str(sft)).eval()
+    assert torch.allclose(reference["ref"], _answer_logprobs(sft_policy, ids), atol=1e-5)  # the SFT policy ...
+    assert (reference["ref"] - from_base).abs().max() > 1e-3  # ... which the raw base is not
+
+    assert metrics["global_steps"] == 3
+    for key in KEYS[stage]:
+        assert isinstance(metrics["final"][key], float), key
+    assert metrics["first"]["step"] == 1 and metrics["final"]["step"] == 3
+    out = recipe.output_dir
+    manifest = json.loads((out / "stage.json").read_text())
+    assert manifest["stage"] == stage and manifest["lineage"] == [str(sft.resolve())]
+    assert not (out / "ref").exists()  # the frozen reference copy is not part of the output
+    trained = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(out)).eval()
+    assert not torch.allclose(_answer_logprobs(trained, ids), reference["ref"], atol=1e-6)  # it trained
+    assert (out / "report.md").read_text().count(f"{stage}_training.png") == 1
+
+
+def test_a_policy_stage_at_step_one_measures_zero_implicit_reward(tmp_path: Path, tiny_model_dir: Path,
+                                                                   sft_and_rm: tuple[Path, Path]) -> None:
+    """Before the first update the policy is the reference, so DPO's implicit rewards β·log π/π_ref are 0."""
+    recipe = load_recipe(policy_recipe(tmp_path, tiny_model_dir, "dpo", *sft_and_rm, {"max_steps": 1}))
+    first = get_stage("dpo").run(recipe)["first"]
+    assert first["rewards/chosen"] == pytest.approx(0, abs=1e-6)
+    assert first["rewards/margins"] == pytest.approx(0, abs=1e-6)
+
+
+@pytest.mark.parametrize("stage", POLICY_STAGES)
+def test_the_reference_must_be_a_finished_sft_stage(stage: str, tmp_path: Path, tiny_model_dir: Path,
+                                                    sft_and_rm: tuple[Path, Path]) -> None:
+    sft, rm = sft_and_rm
+    with pytest.raises(RecipeError, match=r"model\.name_or_path: .*holds a finished 'rm' stage, not the SFT policy; "
+                                          r"point model\.name_or_path at the sft stage's output_dir"):
+        load_recipe(policy_recipe(tmp_path, tiny_model_dir, stage, rm, rm))
+    unfinished = tmp_path / "unfinished-sft"
+    (unfinished / "checkpoint-2").mkdir(parents=True)
+    with pytest.raises(RecipeError, match=r"is not a finished sft stage \(no stage\.json\)"):
+        load_recipe(policy_recipe(tmp_path, tiny_model_dir, stage, unfinished, rm))
+    with pytest.raises(RecipeError, match=r"model\.lora: the .* stage trains a copy of the SFT adapter"):
+        load_recipe(policy_recipe(tmp_path, tiny_model_dir, stage, sft, rm, model={"lora": None}))
+
+
+def test_dpo_refuses_a_card_of_prompts_only(tmp_path: Path, tiny_model_dir: Path,
+                                            sft_and_rm: tuple[Path, Path]) -> None:
+    write_card(tmp_path, "prompts", [{"prompt": "Hi"}], "prompt_only", ["ppo"])
+    path = write_recipe(tmp_path, tiny_model_dir, "dpo", ["prompts"], model={"name_or_path": str(sft_and_rm[0])})
+    with pytest.raises(RecipeError, match=r"data\.train\[0\]: card 'prompts' has format 'prompt_only', but the dpo "
+                                          "stage takes chosen_rejected_messages, hh_transcript"):
+        load_recipe(path)
