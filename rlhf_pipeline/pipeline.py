@@ -81,15 +81,17 @@ def run_stage(recipe: Recipe, overwrite: bool, force_unlock: bool = False) -> An
     """Run one stage in its output folder, which it holds locked for the whole run (rlhf_pipeline/locks.py).
 
     A finished run of another recipe there is replaced only with `overwrite`; this recipe's checkpoints stay,
-    so the stage resumes from them.
+    so the stage resumes from them. Its wall time and peak memory are measured here (rlhf_pipeline/resources.py)
+    and recorded in its manifest.
     """
     from rlhf_pipeline.distributed import process_state
     from rlhf_pipeline.locks import output_lock
     from rlhf_pipeline.outputs import check_writable
+    from rlhf_pipeline.resources import measure_stage
     from rlhf_pipeline.stages import get_stage
     from rlhf_pipeline.stages.common import claim_output_dir
 
-    with output_lock(recipe.output_dir, f"{recipe.stage} stage of {recipe.path}", force_unlock):
+    with output_lock(recipe.output_dir, f"{recipe.stage} stage of {recipe.path}", force_unlock), measure_stage():
         process_state(recipe.config.get("ddp_timeout"))  # after the lock: a refusal needs no torch, so it is quick
         claim_output_dir(recipe, overwrite)
         try:
