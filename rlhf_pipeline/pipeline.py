@@ -116,7 +116,7 @@ def run_pipeline(path: str | Path, start: str | None = None, force: bool = False
     rerun_from = names.index(start) if start else (0 if force else len(names))
     results: dict[str, Any] = {}
     output_dirs: list[Path] = []
-    seconds: list[float | None] = []
+    ran: list[bool] = []
     started = time.monotonic()
     for index, step in enumerate(steps):
         recipe = load_recipe(step.recipe, step.overrides, stage=step.stage)  # upstream outputs exist now
@@ -125,18 +125,17 @@ def run_pipeline(path: str | Path, start: str | None = None, force: bool = False
         if index < rerun_from and finished_run(recipe):
             say(f"{counter}: finished earlier with this recipe and inputs; skipped")
             results[recipe.stage] = "skipped"
-            seconds.append(None)
+            ran.append(False)
             continue
         say(f"{counter}: running {recipe.path}")
-        stage_started = time.monotonic()
         results[recipe.stage] = run_stage(recipe, overwrite=True, force_unlock=force_unlock)
         wait_for_everyone()
-        seconds.append(time.monotonic() - stage_started)
+        ran.append(True)
     if is_main_process():
         from rlhf_pipeline.report import console_summary, report_dir_for, write_report_safely, write_summary_report
 
         say(f"pipeline finished in {time.monotonic() - started:.0f} s:")
-        for line in console_summary(output_dirs, seconds):
+        for line in console_summary(output_dirs, ran):
             say(line)
         report_dir = report_dir_for(output_dirs, Path(path).parent)
         if report := write_report_safely(lambda folder: write_summary_report(output_dirs, folder, f"Pipeline {name}"),
