@@ -81,15 +81,17 @@ def run_stage(recipe: Recipe, overwrite: bool, force_unlock: bool = False) -> An
     """Run one stage in its output folder, which it holds locked for the whole run (rlhf_pipeline/locks.py).
 
     A finished run of another recipe there is replaced only with `overwrite`; this recipe's checkpoints stay,
-    so the stage resumes from them.
+    so the stage resumes from them. Its wall time and peak memory are measured here (rlhf_pipeline/resources.py)
+    and recorded in its manifest.
     """
     from rlhf_pipeline.distributed import process_state
     from rlhf_pipeline.locks import output_lock
     from rlhf_pipeline.outputs import check_writable
+    from rlhf_pipeline.resources import measure_stage
     from rlhf_pipeline.stages import get_stage
     from rlhf_pipeline.stages.common import claim_output_dir
 
-    with output_lock(recipe.output_dir, f"{recipe.stage} stage of {recipe.path}", force_unlock):
+    with output_lock(recipe.output_dir, f"{recipe.stage} stage of {recipe.path}", force_unlock), measure_stage():
         process_state(recipe.config.get("ddp_timeout"))  # after the lock: a refusal needs no torch, so it is quick
         claim_output_dir(recipe, overwrite)
         try:
@@ -114,7 +116,7 @@ def run_pipeline(path: str | Path, start: str | None = None, force: bool = False
     rerun_from = names.index(start) if start else (0 if force else len(names))
     results: dict[str, Any] = {}
     output_dirs: list[Path] = []
-    seconds: list[float | None] = []
+    ran: list[bool] = []
     started = time.monotonic()
     for index, step in enumerate(steps):
         recipe = load_recipe(step.recipe, step.overrides, stage=step.stage)  # upstream outputs exist now
@@ -123,18 +125,17 @@ def run_pipeline(path: str | Path, start: str | None = None, force: bool = False
         if index < rerun_from and finished_run(recipe):
             say(f"{counter}: finished earlier with this recipe and inputs; skipped")
             results[recipe.stage] = "skipped"
-            seconds.append(None)
+            ran.append(False)
             continue
         say(f"{counter}: running {recipe.path}")
-        stage_started = time.monotonic()
         results[recipe.stage] = run_stage(recipe, overwrite=True, force_unlock=force_unlock)
         wait_for_everyone()
-        seconds.append(time.monotonic() - stage_started)
+        ran.append(True)
     if is_main_process():
         from rlhf_pipeline.report import console_summary, report_dir_for, write_report_safely, write_summary_report
 
         say(f"pipeline finished in {time.monotonic() - started:.0f} s:")
-        for line in console_summary(output_dirs, seconds):
+        for line in console_summary(output_dirs, ran):
             say(line)
         report_dir = report_dir_for(output_dirs, Path(path).parent)
         if report := write_report_safely(lambda folder: write_summary_report(output_dirs, folder, f"Pipeline {name}"),

@@ -140,12 +140,35 @@ def suggest(key: str, candidates: Iterable[str]) -> str:
     return f"; did you mean {close[0]}?" if close else ""
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, except that a key said twice in one mapping is an error.
+
+    PyYAML keeps the last of two equal keys without a word, so `policies: {ppo: a, ppo: b}` would compare one
+    policy and a repeated `learning_rate` would silently win; YAML itself requires keys to be unique.
+    """
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        lines: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults` may be overridden key by key
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, typing.Hashable):
+                continue  # the safe loader names an unhashable key itself
+            if key in lines:
+                raise yaml.constructor.ConstructorError(
+                    "while reading a mapping", node.start_mark,
+                    f"found the key {key!r} twice (first on line {lines[key] + 1})", key_node.start_mark)
+            lines[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml(path: Path, what: str = "recipe") -> dict[str, Any]:
-    """Read a YAML mapping, turning a missing file or a syntax error into a message with the line."""
+    """Read a YAML mapping, turning a missing file, a syntax error or a repeated key into a message with the line."""
     if not path.is_file():
         raise RecipeError(path, None, f"{what} file not found (looked for {path.resolve()})")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # a SafeLoader
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         line = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""

@@ -325,7 +325,7 @@ def test_eval_in_4bit_measures_the_sft_models_kl_to_the_base(chain: Chain, tmp_p
     for name, overrides in (("fp32", []), ("nf4", ["model.quantization.load_in_4bit=true",
                                                    "model.quantization.bnb_4bit_compute_dtype=float32"])):
         assert main(["eval", str(path), f"evaluation.output_dir={tmp_path / name}", *overrides]) == 0
-        kl[name] = json.loads((tmp_path / name / "eval.json").read_text())["kl"]["mean"]
+        kl[name] = json.loads((tmp_path / name / "eval.json").read_text())["policies"]["policy"]["kl"]["mean"]
     print(f"KL(SFT || base) per answer: fp32 {kl['fp32']:.5f}, 4-bit {kl['nf4']:.5f}")
     assert kl["fp32"] > 0
     assert kl["nf4"] >= 0.8 * kl["fp32"]

@@ -95,3 +95,16 @@ def test_sequence_summary(metrics: dict[str, evaluate.EvaluationModule]) -> None
     assert 1.0 < summary["ci95_low"] < 5.5 < summary["ci95_high"] < 10.0
     exact = metrics["sequence_summary"].compute(values=[LN3])  # values keep float64 precision
     assert exact["mean"] == LN3 and exact["ci95_low"] == exact["ci95_high"] == LN3
+
+
+def test_distinct_n_counts_ngrams_over_all_answers_together(metrics: dict[str, evaluate.EvaluationModule]) -> None:
+    distinct = metrics["distinct_n"]
+    # Bigrams: (1 2) (2 3) | (1 2) (2 4) | none in [7]: 3 distinct of 4. Unigrams: 1 2 3 4 7, 5 of 7 tokens.
+    answers = [[1, 2, 3], [1, 2, 4], [7]]
+    assert distinct.compute(sequences=answers, n=2) == {"distinct": 0.75, "ngrams": 4, "distinct_ngrams": 3}
+    assert distinct.compute(sequences=answers, n=1)["distinct"] == pytest.approx(5 / 7)
+    # The same answer twice halves it: repeating a phrase across prompts is what distinct-n is for.
+    assert distinct.compute(sequences=[[5, 6, 7, 8]] * 2, n=2)["distinct"] == 0.5
+    assert distinct.compute(sequences=[[1], []], n=2)["distinct"] == 0.0  # no bigram at all
+    with pytest.raises(ValueError, match="n must be >= 1"):
+        distinct.compute(sequences=answers, n=0)

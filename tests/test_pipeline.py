@@ -72,12 +72,12 @@ def test_chain_runs_then_skips_then_reruns_only_downstream(tmp_path: Path, tiny_
     assert all(math.isfinite(ppo["final"][key]) for key in ("objective/kl", "objective/scores", "loss/value"))
     assert json.loads((out / "ppo" / "stage.json").read_text())["lineage"] == [str((out / "sft").resolve())]
     report = json.loads((out / "eval" / "eval.json").read_text())
-    assert report["prompts"] == 24 and "reward" in report["policy"]
+    assert report["prompts"] == 24 and "reward" in report["policies"]["policy"]
     assert (out / "eval" / "eval.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     printed = capsys.readouterr().out
     summary = printed[printed.index("pipeline finished in "):].splitlines()[1:6]
     assert [line.split()[0] for line in summary] == ["sft", "label", "rm", "ppo", "eval"]
-    assert all(re.match(r"\s+\w+\s+\d+ s  \S", line) for line in summary), summary
+    assert all(re.match(r"\s+\w+\s+[\d.]+ s\s+[\d.]+ GiB  \S", line) for line in summary), summary
     assert "held-out accuracy" in summary[2] and "judge gain" in summary[4] and "nats/answer" in summary[4]
 
     started = time.monotonic()

@@ -13,8 +13,9 @@ label stage's JSONL files), so `rlhf-pipeline report` can rewrite them at any ti
   `rm_rewards.png`: chosen vs rejected rewards on the held-out pairs, reliability diagram.
 - ppo: first vs last log, health alerts, early stop, samples; `ppo_training.png`: score, KL, entropy,
   length, clip fractions and stop-token share per step, alerts marked.
-- eval: gains and win rates with 95% intervals, KL, samples; `eval.png`: baseline vs policy judge scores,
-  rewards and lengths.
+- eval: one row per policy (gains and win rates with 95% intervals, KL, length, distinct-2, the wall time and
+  peak memory of the stage that made it), samples; `eval_tradeoff.png`: each policy's gain against its KL;
+  `eval.png`: judge scores, rewards and lengths of the baseline and every policy.
 
 The pipeline summary is `report.md` in the common parent folder of the stage outputs (for the demo,
 `outputs/smollm2-135m/`); if that parent is itself a stage folder, its parent; if the stages share only the
@@ -29,7 +30,7 @@ Where things are (each module imports only the ones listed before it):
 - `stage.py`: `write_stage_report` (a stage folder's `report.md`, as the stage's `Presentation` says),
   `headline`, `write_report_safely` (a failure only warns).
 - `summary.py`: the chain's summary (`write_summary_report` into `report_dir_for` the stage folders) and
-  the console's `console_summary`.
+  the console's `console_summary`, each with every stage's wall time and peak memory.
 - `command.py`: `rlhf-pipeline report` (`add_commands`).
 """
 

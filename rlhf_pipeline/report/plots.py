@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 _DPI = 110
-_BASELINE, _POLICY = "tab:blue", "tab:orange"
+_BASELINE = "tab:blue"
 _CHOSEN, _REJECTED = "tab:green", "tab:red"
 _PPO_PANELS = (("objective/scores", "score (shaped RM reward)"), ("objective/kl", "KL to reference (nats/answer)"),
                ("objective/entropy", "entropy (nats/token)"), ("response/length", "answer length (tokens)"),
@@ -257,17 +257,58 @@ def plot_curves(history: list[dict[str, Any]], panels: Sequence[tuple[str, str]]
     return figure
 
 
-def plot_eval(per_answer: dict[str, dict[str, list[float]]], judge: str) -> Any:
+def plot_eval(per_answer: dict[str, Any], judge: str, order: list[str]) -> Any:
+    """Judge scores, RM rewards and lengths per answer: one box for the baseline and one for each policy.
+
+    The policies come in `order`, the one `plot_eval_tradeoff` gets them in, so each keeps its colour.
+    """
+    baseline = per_answer.get("baseline", {})
     columns = [(column, label) for column, label in (("judge", f"judge score ({judge})"), ("reward", "RM reward"),
                                                       ("length_tokens", "answer length (tokens)"))
-               if column in per_answer.get("baseline", {})]
+               if column in baseline]
     if not columns:
         return None
-    figure, axes = _figure(len(columns), height=3.6)
+    models = {"baseline": baseline, **{name: per_answer["policies"][name] for name in order}}
+    figure, axes = _figure(len(columns), height=3.6 + 0.1 * len(models))
     for axis, (column, label) in zip(axes, columns, strict=True):
-        _compare_hist(axis, per_answer["baseline"][column], per_answer["policy"][column],
-                      ("baseline (SFT)", "policy (PPO)"), (_BASELINE, _POLICY), label)
+        boxes = axis.boxplot([models[name][column] for name in models], tick_labels=list(models), patch_artist=True,
+                             showmeans=True, medianprops={"color": "black"},
+                             meanprops={"marker": "D", "markerfacecolor": "white", "markeredgecolor": "black"})
+        for index, box in enumerate(boxes["boxes"]):
+            box.set(facecolor=_BASELINE if index == 0 else f"C{index % 10}", alpha=0.45)
+        axis.set_ylabel(label)
         axis.set_title(f"Held-out answers: {label.split(' (')[0]}")
+        axis.tick_params(axis="x", labelrotation=30 if len(models) > 3 else 0)
+        _grid(axis)
+    return figure
+
+
+def _error(block: dict[str, Any]) -> list[list[float]]:
+    """A 95% interval as matplotlib's [[below], [above]] error bar around the mean."""
+    return [[max(block["mean"] - block["ci95_low"], 0.0)], [max(block["ci95_high"] - block["mean"], 0.0)]]
+
+
+def plot_eval_tradeoff(policies: dict[str, dict[str, Any]], judge: str) -> Any:
+    """Each policy's gain over the baseline against its KL to the baseline, both with their 95% intervals."""
+    panels = [(column, label) for column, label in (("judge", "judge score"), ("reward", "RM reward"))
+              if policies and all(f"{column}_gain" in policy for policy in policies.values())]
+    if not panels:
+        return None
+    figure, axes = _figure(len(panels), columns=2, height=4.2)
+    for axis, (column, label) in zip(axes, panels, strict=True):
+        axis.axhline(0.0, color="gray", linestyle=":")
+        axis.plot([0.0], [0.0], "s", color=_BASELINE, markersize=8, label="baseline")
+        for index, (name, policy) in enumerate(policies.items(), start=1):
+            kl, gain = policy["kl"], policy[f"{column}_gain"]
+            axis.errorbar([kl["mean"]], [gain["mean"]], xerr=_error(kl), yerr=_error(gain), fmt="o", markersize=7,
+                          capsize=4, color=f"C{index % 10}", label=name)
+            axis.annotate(name, (kl["mean"], gain["mean"]), textcoords="offset points", xytext=(6, 6), fontsize=9)
+        axis.set_xlabel("KL(policy ‖ baseline), nats per answer")
+        axis.set_ylabel(f"{label} gain (policy − baseline)")
+        axis.set_title(f"{label.capitalize()} gain vs KL, 95% intervals"
+                       + (f"\njudge: {judge}" if column == "judge" else ""))
+        axis.legend(fontsize=8)
+        _grid(axis)
     return figure
 
 

@@ -15,6 +15,7 @@ from rlhf_pipeline.report.plots import (
     Plots,
     plot_curves,
     plot_eval,
+    plot_eval_tradeoff,
     plot_label,
     plot_ppo,
     plot_rm_rewards,
@@ -102,13 +103,26 @@ def ppo_headline(metrics: dict[str, Any]) -> str:
     return line
 
 
+_EARLIER_EVAL = ("recorded by an earlier rlhf-pipeline, before one eval compared several policies: re-run the eval "
+                 "stage (`rlhf-pipeline run PIPELINE --from eval`) to report it")
+
+
+def eval_policy_line(policy: dict[str, Any]) -> str:
+    """A policy's gains over the baseline, win rates and KL in one line (the headline's, and the eval log's)."""
+    parts = [f"{label} gain {_interval(policy[f'{column}_gain'], signed=True)}, win rate "
+             f"{policy[f'{column}_gain']['win_rate']:.3f}"
+             for column, label in (("judge", "judge"), ("reward", "RM")) if f"{column}_gain" in policy]
+    return "; ".join([*parts, f"KL {policy['kl']['mean']:.3f} nats/answer"])
+
+
 def eval_headline(metrics: dict[str, Any]) -> str:
-    parts = [f"{column} gain {_interval(metrics[f'{column}_gain'], signed=True)}, win rate "
-             f"{_fmt(metrics[f'{column}_gain'].get('win_rate', metrics.get(f'{column}_win_rate')), 3)}"
-             for column in ("reward", "judge") if f"{column}_gain" in metrics]
-    if "kl" in metrics:
-        parts.append(f"KL {metrics['kl']['mean']:.3f} nats/answer")
-    return "; ".join(parts)
+    """The best policy by mean judge gain (the only one, when one was compared)."""
+    policies = metrics.get("policies")
+    if policies is None:
+        return _EARLIER_EVAL
+    best = max(policies, key=lambda name: policies[name]["judge_gain"]["mean"])
+    line = eval_policy_line(policies[best])
+    return line if len(policies) == 1 else f"best of {len(policies)} by judge gain: {best}, {line}"
 
 
 Panels = Sequence[tuple[str, str]]  # (logged key, what it is)
@@ -249,40 +263,75 @@ def ppo_section(folder: Path, metrics: dict[str, Any], plots: Plots) -> list[str
     return lines
 
 
+def _duration(seconds: float) -> str:
+    return f"{seconds:.1f} s" if seconds < 10 else f"{seconds:.0f} s" if seconds < 600 else f"{seconds / 60:.1f} min"
+
+
+def cost_cells(resources: dict[str, Any] | None) -> list[str]:
+    """A stage run's wall time and peak memory (its `metrics.resources`) as two cells; — where not recorded."""
+    if not resources:
+        return ["—", "—"]
+    cuda = resources.get("peak_cuda_gib")
+    return [_duration(resources["wall_seconds"]),
+            f"{resources['peak_rss_gib']:.2f} GiB" + (f" (CUDA {cuda:.2f} GiB)" if cuda is not None else "")]
+
+
+def _method(name: str, record: dict[str, Any]) -> str:
+    """A compared model's row label: its name, and the stage that made it when that says more."""
+    stage = record.get("stage")
+    return name if stage in (None, name) else f"{name} ({stage})"
+
+
+def _median_p90(block: dict[str, Any] | None) -> str:
+    return f"{_fmt(block.get('median'))} / {_fmt(block.get('p90'))}" if block else "—"
+
+
+def _record(gain: dict[str, Any] | None) -> str:
+    return f"{gain['wins']} / {gain['ties']} / {gain['losses']}" if gain else "—"
+
+
 def eval_section(folder: Path, metrics: dict[str, Any], plots: Plots) -> list[str]:
     full = read_json(folder / "eval.json") or metrics
-    rows = []
-    for key, label in (("reward", "RM reward"), ("judge", "judge score"), ("length_tokens", "answer length (tokens)")):
-        if key in full.get("baseline", {}):
-            base, pol = full["baseline"][key], full["policy"][key]
-            rows.append([f"{label}: mean [95% CI]", _interval(base), _interval(pol)])
-            rows.append([f"{label}: median / p90", f"{_fmt(base.get('median'))} / {_fmt(base.get('p90'))}",
-                         f"{_fmt(pol.get('median'))} / {_fmt(pol.get('p90'))}"])
-    rows.append(["answers ending with the stop token", f"{full['baseline']['eos_fraction']:.2f}",
-                 f"{full['policy']['eos_fraction']:.2f}"])
-    lines = [f"{full.get('prompts')} held-out prompts, judge `{full.get('judge')}`.", "",
-             *table(["", "baseline (SFT)", "policy (PPO)"], rows)]
-    gains = []
-    for column, label in (("reward", "RM reward"), ("judge", "judge score")):
-        gain = full.get(f"{column}_gain")
-        if gain:
-            win = gain.get("win_rate", full.get(f"{column}_win_rate"))
-            win_ci = (f" [{gain['win_rate_ci95_low']:.2f}, {gain['win_rate_ci95_high']:.2f}]"
-                      if "win_rate_ci95_low" in gain else "")
-            record = f"{gain['wins']} / {gain['ties']} / {gain['losses']}" if "wins" in gain else "—"
-            gains.append([label, _interval(gain, signed=True), f"{win:.2f}{win_ci}", record])
-    if gains:
-        lines += ["Paired comparison, policy − baseline on the same prompts (bootstrap 95% intervals):", "",
-                  *table(["", "gain [95% CI]", "win rate [95% CI]", "wins / ties / losses"], gains)]
-    kl = full.get("kl")
-    if kl:
-        lines += [f"KL(policy ‖ baseline) per answer: {_interval(kl)} nats (median {_fmt(kl.get('median'))}, "
-                  f"p90 {_fmt(kl.get('p90'))}); Monte-Carlo estimate on the policy's samples.", ""]
-    lines += plots.add("eval.png", "Baseline vs policy", plot_eval, full.get("per_answer") or {}, full.get("judge"))
+    if "policies" not in full:
+        return [f"This eval was {_EARLIER_EVAL}.", ""]
+    baseline = full["baseline"]
+    policies = dict(sorted(full["policies"].items(), key=lambda item: -item[1]["judge_gain"]["mean"]))  # best first
+    scored = [(column, label) for column, label in (("judge", "judge"), ("reward", "RM")) if column in baseline]
+    lines = [f"{full.get('prompts')} held-out prompts, judge `{full.get('judge')}`, baseline `{baseline.get('path')}`. "
+             "Gains are policy − baseline on the same prompts, with bootstrap 95% intervals; KL(policy ‖ baseline) "
+             "is in nats per answer, a Monte-Carlo estimate on the policy's own samples; distinct-2 is the share "
+             "of distinct token bigrams over all of a model's answers; wall time and peak memory are those of the "
+             "stage that made the model (its stage.json).", ""]
+    header = ["method", *(f"{label} gain [95% CI]" for _, label in scored), "judge win rate", "KL [95% CI]",
+              "length (tokens)", "distinct-2", "stop token", "wall time", "peak memory"]
+
+    def traits(record: dict[str, Any]) -> list[str]:
+        return [f"{record['length_tokens']['mean']:.1f}", f"{record['distinct_2']:.3f}",
+                f"{record['eos_fraction']:.2f}", *cost_cells(record.get("resources"))]
+
+    rows = [[_method("baseline", baseline), *("—" for _ in scored), "—", "0", *traits(baseline)]]
+    rows += [[_method(name, policy), *(_interval(policy[f"{column}_gain"], signed=True) for column, _ in scored),
+              f"{policy['judge_gain']['win_rate']:.2f}", _interval(policy["kl"]), *traits(policy)]
+             for name, policy in policies.items()]
+    lines += table(header, rows)
+    scores = [[_method(name, record), *(_interval(record[column]) for column, _ in scored),
+               _median_p90(record["length_tokens"]), _median_p90(record.get("kl")),
+               *(_record(record.get(f"{column}_gain")) for column, _ in scored)]
+              for name, record in {"baseline": baseline, **policies}.items()]
+    lines += ["Per answer: scores as mean [95% CI], length and KL as median / p90, and the paired record against "
+              "the baseline:", "",
+              *table(["", *(f"{label} score" for _, label in scored), "length median / p90", "KL median / p90",
+                      *(f"{label} wins / ties / losses" for _, label in scored)], scores)]
+    lines += plots.add("eval_tradeoff.png", "Gain vs KL to the baseline", plot_eval_tradeoff, policies,
+                       full.get("judge"))
+    lines += plots.add("eval.png", "Scores per answer", plot_eval, full.get("per_answer") or {}, full.get("judge"),
+                       list(policies))
     examples = full.get("examples") or []
     if examples:
-        lines += ["## Samples", "", *table(["prompt", "baseline (SFT)", "policy (PPO)"],
-                                            [[_short(e["prompt"], 100), _short(e["baseline"]), _short(e["policy"])]
+        limit = max(60, 320 // (len(policies) + 1))
+        lines += ["## Samples", "", *table(["prompt", "baseline", *policies],
+                                            [[_short(e["prompt"], 100), _short(e["baseline"], limit),
+                                              *(_short(e["policies"][name], limit) for name in policies)]
                                              for e in examples])]
     return lines
 

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from rlhf_pipeline.outputs import read_manifest, write_text_atomic
-from rlhf_pipeline.report.sections import read_json, table
+from rlhf_pipeline.report.sections import cost_cells, read_json, table
 from rlhf_pipeline.report.stage import REPORT, headline, presentation
 
 
@@ -21,7 +21,7 @@ def report_dir_for(stage_dirs: Sequence[Path], fallback: Path) -> Path:
 
 
 def write_summary_report(stage_dirs: Sequence[Path], report_dir: Path, title: str) -> Path:
-    """One `report.md` over several stage folders: each stage's headline and a link to its report."""
+    """One `report.md` over several stage folders: each stage's headline, wall time, peak memory and report link."""
     report_dir = Path(report_dir)
     rows: list[list[str]] = []
     warnings: list[str] = []
@@ -31,18 +31,18 @@ def write_summary_report(stage_dirs: Sequence[Path], report_dir: Path, title: st
         manifest = read_manifest(folder)
         link = os.path.relpath(folder / REPORT, report_dir)
         if manifest is None:
-            rows.append(["—", f"`{os.path.relpath(folder, report_dir)}`", "not finished", "—"])
+            rows.append(["—", f"`{os.path.relpath(folder, report_dir)}`", "not finished", "—", "—", "—"])
             continue
         metrics = read_json(folder / "metrics.json") or manifest.metrics
         report_link = f"[report]({link})" if (folder / REPORT).is_file() else "—"
         shown = presentation(manifest.stage)
         rows.append([manifest.stage, f"`{os.path.relpath(folder, report_dir)}`", shown.headline(metrics),
-                     report_link])
+                     *cost_cells(metrics.get("resources")), report_link])
         if shown.summary_note is not None and (note := shown.summary_note(folder, metrics)):
             warnings.append(note)
         if shown.summary_figure is not None and (folder / shown.summary_figure[0]).is_file():
             figures.append((os.path.relpath(folder / shown.summary_figure[0], report_dir), shown.summary_figure[1]))
-    lines = [f"# {title}", "", *table(["stage", "folder", "headline", "details"], rows)]
+    lines = [f"# {title}", "", *table(["stage", "folder", "headline", "wall time", "peak memory", "details"], rows)]
     if warnings:
         lines += ["## Warnings", "", *warnings, ""]
     for path, caption in figures:
@@ -52,14 +52,14 @@ def write_summary_report(stage_dirs: Sequence[Path], report_dir: Path, title: st
     return path
 
 
-def console_summary(stage_dirs: Sequence[Path], seconds: Sequence[float | None]) -> list[str]:
-    """The chain at a glance for the terminal: each stage's wall time (or "skipped") and headline."""
+def console_summary(stage_dirs: Sequence[Path], ran: Sequence[bool]) -> list[str]:
+    """The chain at a glance for the terminal: each stage's wall time and peak memory (or "skipped"), headline."""
     lines = []
-    for folder, took in zip(stage_dirs, seconds, strict=True):
+    for folder, this_run in zip(stage_dirs, ran, strict=True):
         manifest = read_manifest(folder)
         if manifest is None:
             continue
         metrics = read_json(Path(folder) / "metrics.json") or manifest.metrics
-        when = "skipped" if took is None else f"{took:5.0f} s"
-        lines.append(f"  {manifest.stage:<6} {when:>8}  {headline(manifest.stage, metrics)}")
+        wall, peak = cost_cells(metrics.get("resources")) if this_run else ("skipped", "")
+        lines.append(f"  {manifest.stage:<6} {wall:>8} {peak:>9}  {headline(manifest.stage, metrics)}")
     return lines

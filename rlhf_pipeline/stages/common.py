@@ -40,6 +40,7 @@ from rlhf_pipeline.outputs import (
     write_json,
 )
 from rlhf_pipeline.preflight import check_launch
+from rlhf_pipeline.resources import stage_resources
 from rlhf_pipeline.sources import ModelSource, resolve_source
 from rlhf_pipeline.stopping import raise_if_stopped, requested_signal, stopping_after_step
 
@@ -220,7 +221,12 @@ def train_resuming(trainer: Any, recipe: Recipe, data_report: DataReport) -> tup
 
 def finished_manifest(recipe: Recipe, source: ModelSource, metrics: dict[str, Any], adapter: bool,
                       task: str = CAUSAL_LM, extra: dict[str, Any] | None = None) -> StageManifest:
-    """The completion record of a stage run: recipe fingerprint, base model lineage and metrics."""
+    """The completion record of a stage run: recipe fingerprint, base model lineage and metrics.
+
+    Run through `pipeline.run_stage`, the metrics also get the run's `resources` (wall time, peak memory).
+    """
+    if (used := stage_resources()) is not None:
+        metrics = metrics | {"resources": used}
     return StageManifest(stage=recipe.stage, fingerprint=recipe.fingerprint(), base_model=source.as_dict(),
                          adapter=adapter, lineage=list(source.lineage), task=task, metrics=metrics, extra=extra or {})
 

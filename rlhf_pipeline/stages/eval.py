@@ -1,23 +1,31 @@
-"""Held-out comparison of two policies (SFT vs PPO): reward, judge score with a 95% interval, KL, length.
+"""Held-out comparison of policies with one baseline: judge and RM gains with 95% intervals, KL, length, diversity.
 
     rlhf-pipeline eval recipes/smollm2-135m/eval.yaml
 
-`model.name_or_path` is the baseline (the SFT output) and `evaluation.policy` the policy under test
-(the PPO output). Both answer the same held-out prompts with the same sampling settings and seed; the
-KL is the Monte-Carlo estimate of KL(policy‖baseline) per answer on the policy's own samples, under the
-sampling temperature. Writes `eval.json` (summaries, per-answer values, samples); `report.md` and
+`model.name_or_path` is the baseline (the SFT output). The policies under test are `evaluation.policies`, a
+mapping name -> folder of a finished policy stage (a bake-off: `{ppo: outputs/x/ppo, dpo: outputs/x/dpo}`),
+or one `evaluation.policy: FOLDER`, which is shorthand for `policies: {policy: FOLDER}`. The baseline, every
+policy and the reward model are roles on one base loaded once; each answers the same held-out prompts with
+the same sampling settings and seed. A policy's KL is the Monte-Carlo estimate of KL(policy‖baseline) per
+answer on its own samples, under the sampling temperature. Which stage made each model, and its wall time
+and peak memory, come from that folder's stage.json, so the report can set the methods' costs beside their
+gains. Writes `eval.json` (summaries, per-answer values, samples); `report.md`, `eval_tradeoff.png` and
 `eval.png` come from `rlhf_pipeline.report`.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rlhf_pipeline.data.formats import FORMATS
+from rlhf_pipeline.errors import RecipeError
 from rlhf_pipeline.judges import JudgeSpec
-from rlhf_pipeline.report.sections import eval_headline, eval_section
+from rlhf_pipeline.outputs import read_manifest
+from rlhf_pipeline.report.sections import eval_headline, eval_policy_line, eval_section
+from rlhf_pipeline.schema import shown_key
 from rlhf_pipeline.stages import MemoryModel, Presentation, Stage
 
 if TYPE_CHECKING:
@@ -26,13 +34,17 @@ if TYPE_CHECKING:
     from rlhf_pipeline.generation import Sample
     from rlhf_pipeline.recipe import Recipe
 
+BASELINE, REWARD = "baseline", "reward"  # role names on the shared base, beside the policies' own names
+_POLICY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")  # a PEFT adapter name and a report row
+
 
 @dataclass
 class EvalConfig:
     """What to compare and how to sample."""
 
     output_dir: str
-    policy: str
+    policy: str | None = None  # one policy under test: shorthand for policies: {policy: FOLDER}
+    policies: dict[str, str] | None = None  # name -> folder of a finished policy stage
     reward_model: str | None = None
     max_new_tokens: int = 48
     temperature: float = 0.7
@@ -41,6 +53,39 @@ class EvalConfig:
     seed: int = 1234
     bootstrap_samples: int = 2000
     num_examples: int = 6
+
+    def compared(self) -> dict[str, str]:
+        """Name -> folder of every policy under test (`policy: X` is `{policy: X}`)."""
+        if self.policies is not None:
+            return dict(self.policies)
+        return {"policy": self.policy} if self.policy else {}
+
+
+def _folder(name_or_path: str) -> Path:
+    return Path(name_or_path).expanduser().resolve()
+
+
+def _check(recipe: Recipe) -> None:
+    """The policies under test, before any weights load: one of `policy`/`policies`, usable names, no model twice."""
+    config: EvalConfig = recipe.settings
+    section = recipe.config_section
+    if config.policy is not None and config.policies is not None:
+        raise RecipeError(recipe.path, f"{section}.policy", f"give either policy (one) or {section}.policies "
+                          "(name: folder, several), not both")
+    if not config.compared():
+        raise RecipeError(recipe.path, f"{section}.policies", "required: the policies to compare with the baseline, "
+                          "as policies: {name: folder, ...} or policy: folder")
+    seen = {_folder(recipe.model.name_or_path): "the baseline (model.name_or_path)"}
+    for name, folder in config.compared().items():
+        key = f"{section}.policies.{shown_key(name)}" if config.policies is not None else f"{section}.policy"
+        if not isinstance(name, str) or not _POLICY_NAME.fullmatch(name) or name in (BASELINE, REWARD):
+            raise RecipeError(recipe.path, key, "a policy's name is letters, digits, _ and - (it names the policy's "
+                              f"adapter and its row in the report), and neither '{BASELINE}' nor '{REWARD}'")
+        if not isinstance(folder, str) or not folder:
+            raise RecipeError(recipe.path, key, f"expected the folder of a finished policy stage, got {folder!r}")
+        if (other := seen.setdefault(_folder(folder), key)) != key:
+            raise RecipeError(recipe.path, key, f"{folder} is already compared as {other}; each policy must be a "
+                              "folder of its own, neither the baseline's nor another policy's")
 
 
 def answer_logprob(model: PreTrainedModel, samples: list[Sample], temperature: float,
@@ -67,31 +112,50 @@ def answer_logprob(model: PreTrainedModel, samples: list[Sample], temperature: f
 _GAIN_KEYS = {"mean_gain": "mean", "gain_std": "std", "gain_ci95_low": "ci95_low", "gain_ci95_high": "ci95_high"}
 
 
-def compare(per_answer: dict[str, dict[str, list[float]]], config: EvalConfig) -> dict[str, Any]:
-    """Summaries of every per-answer column (metric `sequence_summary`) and the paired gains (`win_rate`).
+def compare(per_answer: dict[str, Any], config: EvalConfig) -> dict[str, Any]:
+    """Summaries of every per-answer column (metric `sequence_summary`) and each policy's paired gains (`win_rate`).
 
-    `per_answer` is {"baseline": {column: values}, "policy": {column: values}}; the policy's "kl" column
-    (KL to the baseline) is summarised on its own, as `kl`.
+    `per_answer` is {"baseline": {column: values}, "policies": {name: {column: values}}}, as eval.json keeps it;
+    a policy's "kl" column is its KL to the baseline. The gains are `judge_gain` and `reward_gain` per policy.
     """
     from rlhf_pipeline.metrics import load_metric
 
     summary, win_rate = load_metric("sequence_summary"), load_metric("win_rate")
     settings = {"bootstrap_samples": config.bootstrap_samples, "seed": config.seed}
-    report: dict[str, Any] = {name: {column: summary.compute(values=values, **settings)
-                                     for column, values in columns.items() if column != "kl"}
-                              for name, columns in per_answer.items()}
-    report["kl"] = summary.compute(values=per_answer["policy"]["kl"], **settings)
-    for column in ("judge", "reward"):
-        if column in per_answer["baseline"]:
-            result = win_rate.compute(policy_scores=per_answer["policy"][column],
-                                      baseline_scores=per_answer["baseline"][column], **settings)
-            report[f"{column}_gain"] = {_GAIN_KEYS.get(key, key): value for key, value in result.items()}
-            report[f"{column}_win_rate"] = result["win_rate"]
-    return report
+
+    def summaries(columns: dict[str, list[float]]) -> dict[str, Any]:
+        return {column: summary.compute(values=values, **settings) for column, values in columns.items()}
+
+    baseline = per_answer[BASELINE]
+    policies = {}
+    for name, columns in per_answer["policies"].items():
+        policies[name] = summaries(columns)
+        for column in ("judge", "reward"):
+            if column in baseline:
+                result = win_rate.compute(policy_scores=columns[column], baseline_scores=baseline[column], **settings)
+                policies[name][f"{column}_gain"] = {_GAIN_KEYS.get(key, key): value for key, value in result.items()}
+    return {BASELINE: summaries(baseline), "policies": policies}
+
+
+def answer_traits(samples: list[Sample]) -> dict[str, float]:
+    """What a model's answers show only together: the share that ended with the stop token, and their
+    distinct-2 over answer tokens (the stop token left out: every finished answer shares it)."""
+    from rlhf_pipeline.metrics import load_metric
+
+    tokens = [s.answer_ids[: len(s.answer_ids) - s.finished] for s in samples]
+    return {"eos_fraction": sum(s.finished for s in samples) / len(samples),
+            "distinct_2": load_metric("distinct_n").compute(sequences=tokens, n=2)["distinct"]}
+
+
+def made_by(name_or_path: str) -> dict[str, Any]:
+    """The stage a compared model comes from and what it cost (its stage.json); nulls for a model no stage made."""
+    manifest = read_manifest(Path(name_or_path))
+    return {"path": name_or_path, "stage": manifest.stage if manifest else None,
+            "resources": manifest.metrics.get("resources") if manifest else None}
 
 
 def run(recipe: Recipe) -> dict[str, Any]:
-    """Sample both policies on the held-out prompts, score them, and write the comparison."""
+    """Sample the baseline and every policy on the held-out prompts, score them, and write the comparison."""
     from rlhf_pipeline.data.loading import load_datasets
     from rlhf_pipeline.distributed import say
     from rlhf_pipeline.generation import sample_answers
@@ -101,59 +165,63 @@ def run(recipe: Recipe) -> dict[str, Any]:
     from rlhf_pipeline.stages.common import finish_outputs, finished_manifest, load_frozen
 
     config: EvalConfig = recipe.settings
-    names = {"baseline": recipe.model.name_or_path, "policy": config.policy}
+    policies = config.compared()
+    names = {BASELINE: recipe.model.name_or_path, **policies}
     if config.reward_model:
-        names["reward"] = config.reward_model
-    sources, tokenizer, models = load_frozen(recipe, names, scorers=frozenset({"reward"}))
+        names[REWARD] = config.reward_model
+    sources, tokenizer, models = load_frozen(recipe, names, scorers=frozenset({REWARD}))
     datasets, _ = load_datasets(recipe, tokenizer, prompts_only=True)
     prompts = [row["prompt"] for split in datasets.values() for row in split]
     settings = (1, config.max_new_tokens, config.temperature, config.top_p, config.batch_size, config.seed)
-    samples = {name: [s[0] for s in sample_answers(models[name].use(name), tokenizer, prompts, *settings, name)]
-               for name in ("baseline", "policy")}
-    kl = [p - b for p, b in zip(answer_logprob(models["policy"].use("policy"), samples["policy"], config.temperature,
-                                               "eval: log π"),
-                                answer_logprob(models["baseline"].use("baseline"), samples["policy"],
-                                               config.temperature, "eval: log π_baseline"), strict=True)]
+    roles = [BASELINE, *policies]
+    samples = {role: [s[0] for s in sample_answers(models[role].use(role), tokenizer, prompts, *settings,
+                                                   f"eval: sampling ({role})")]
+               for role in roles}
+    kl = {name: [p - b for p, b in zip(
+        answer_logprob(models[name].use(name), samples[name], config.temperature, f"eval: log π ({name})"),
+        answer_logprob(models[BASELINE].use(BASELINE), samples[name], config.temperature,
+                       f"eval: log π_baseline ({name})"), strict=True)]
+          for name in policies}
     say("eval: scoring")
     judge = load_judge(recipe.sections["judge"], recipe.model)
-    scorer = (RewardModel.from_role(models["reward"], "reward", tokenizer, config.reward_model)
+    scorer = (RewardModel.from_role(models[REWARD], REWARD, tokenizer, config.reward_model)
               if config.reward_model else None)
-    texts = {name: [s.text for s in group] for name, group in samples.items()}
-    per_answer: dict[str, dict[str, list[float]]] = {
-        name: {"judge": judge(prompts, texts[name]), "length_tokens": [len(s.answer_ids) for s in samples[name]]}
-        | ({"reward": scorer.score(prompts, texts[name], f"eval: RM scores ({name})")} if scorer else {})
-        for name in samples}
-    per_answer["policy"]["kl"] = kl
+    texts = {role: [s.text for s in group] for role, group in samples.items()}
+    columns: dict[str, dict[str, list[float]]] = {
+        role: {"judge": judge(prompts, texts[role]), "length_tokens": [len(s.answer_ids) for s in samples[role]]}
+        | ({"reward": scorer.score(prompts, texts[role], f"eval: RM scores ({role})")} if scorer else {})
+        | ({"kl": kl[role]} if role in kl else {})
+        for role in roles}
+    per_answer = {BASELINE: columns[BASELINE], "policies": {name: columns[name] for name in policies}}
     report = compare(per_answer, config)
-    for name, group in samples.items():
-        report[name]["eos_fraction"] = sum(s.finished for s in group) / len(group)
+    report[BASELINE] |= answer_traits(samples[BASELINE]) | made_by(names[BASELINE])
+    for name in policies:
+        report["policies"][name] |= answer_traits(samples[name]) | made_by(names[name])
+        say(f"eval: {name}: {eval_policy_line(report['policies'][name])}")
     report |= {"prompts": len(prompts), "judge": recipe.sections["judge"].name}
-    examples = [{"prompt": prompts[i][-1]["content"], "baseline": texts["baseline"][i], "policy": texts["policy"][i]}
+    examples = [{"prompt": prompts[i][-1]["content"], BASELINE: texts[BASELINE][i],
+                 "policies": {name: texts[name][i] for name in policies}}
                 for i in range(min(config.num_examples, len(prompts)))]
-    for column in ("reward", "judge"):
-        if f"{column}_gain" in report:
-            gain = report[f"{column}_gain"]
-            say(f"eval: {column} gain {gain['mean']:+.3f} [{gain['ci95_low']:+.3f}, {gain['ci95_high']:+.3f}], "
-                f"win rate {gain['win_rate']:.2f}")
-    say(f"eval: KL(policy || baseline) {report['kl']['mean']:.3f} nats per answer")
 
     def write_files(folder: Path) -> None:
         write_json(folder / "eval.json", report | {"examples": examples, "per_answer": per_answer})
 
-    finish_outputs(recipe, finished_manifest(recipe, sources["policy"], report, adapter=False), write_files)
+    finish_outputs(recipe, finished_manifest(recipe, sources[BASELINE], report, adapter=False), write_files)
     return report
 
 
 STAGE = Stage(
     name="eval",
-    summary="compare two policies (SFT vs PPO) on held-out prompts: reward, judge score, KL, length",
+    summary="compare policies (PPO, DPO, ...) with a baseline (SFT) on held-out prompts: judge and RM gains, KL, "
+            "length, diversity, cost",
     example="rlhf-pipeline eval recipes/smollm2-135m/eval.yaml",
     config_class=("rlhf_pipeline.stages.eval", "EvalConfig"),
     config_section="evaluation",
     data_formats=frozenset(FORMATS),
     sections={"judge": JudgeSpec},
+    extra_checks=_check,
     run=run,
-    presentation=Presentation("Evaluation: policy vs baseline", eval_headline, eval_section,
-                              summary_figure=("eval.png", "Baseline vs policy on held-out prompts")),
+    presentation=Presentation("Evaluation: policies vs baseline", eval_headline, eval_section,
+                              summary_figure=("eval_tradeoff.png", "Judge gain vs KL to the baseline, per policy")),
     memory=MemoryModel(kind="sample"),
 )

@@ -1,6 +1,8 @@
-"""What the sections report: plausible stage metrics, and a PPO run that a health alert stops early.
+"""What the sections report: plausible stage metrics, a PPO run that a health alert stops early, and the
+eval's bake-off table over several policies.
 
-The second PPO run starts from the chain's SFT and RM outputs and trips a health monitor.
+The second PPO run starts from the chain's SFT and RM outputs and trips a health monitor. The bake-off is
+drawn from a hand-made eval folder whose every number is known.
 """
 
 from __future__ import annotations
@@ -13,8 +15,10 @@ import numpy as np
 import pytest
 import yaml
 
-from rlhf_pipeline.report import REPORT
+from rlhf_pipeline.outputs import StageManifest, mark_complete, write_json
+from rlhf_pipeline.report import REPORT, write_stage_report, write_summary_report
 from rlhf_pipeline.stages import load_recipe, ppo
+from rlhf_pipeline.stages.eval import EvalConfig, compare
 from tests.report.conftest import check_png, finite, metrics_of
 
 
@@ -53,15 +57,18 @@ def test_stage_metrics_have_the_expected_keys_and_plausible_values(chain: Path) 
     assert all(e["objective/kl"] > -0.05 for e in steps)
 
     report = metrics_of(chain, "eval")
-    assert report["prompts"] == 24 and report["kl"]["n"] == 24
-    for block in (report["kl"], report["judge_gain"], report["reward_gain"], report["policy"]["judge"]):
+    policy = report["policies"]["policy"]  # `evaluation.policy: FOLDER` is the policy named "policy"
+    assert list(report["policies"]) == ["policy"] and (policy["stage"], report["baseline"]["stage"]) == ("ppo", "sft")
+    assert report["prompts"] == 24 and policy["kl"]["n"] == 24
+    for block in (policy["kl"], policy["judge_gain"], policy["reward_gain"], policy["judge"]):
         assert block["ci95_low"] <= block["mean"] <= block["ci95_high"]
-    assert report["kl"]["mean"] > -0.05
-    assert 0.0 <= report["judge_win_rate"] <= 1.0 and report["judge_win_rate"] == report["judge_gain"]["win_rate"]
+    assert policy["kl"]["mean"] > -0.05 and 0.0 <= policy["judge_gain"]["win_rate"] <= 1.0
     per_answer = json.loads((chain / "outputs" / "eval" / "eval.json").read_text())["per_answer"]
-    assert report["judge_gain"]["mean"] == pytest.approx(np.mean(per_answer["policy"]["judge"])
+    assert policy["judge_gain"]["mean"] == pytest.approx(np.mean(per_answer["policies"]["policy"]["judge"])
                                                          - np.mean(per_answer["baseline"]["judge"]))
-    assert report["policy"]["length_tokens"]["p90"] <= 12 and len(per_answer["policy"]["kl"]) == 24
+    assert policy["length_tokens"]["p90"] <= 12 and len(per_answer["policies"]["policy"]["kl"]) == 24
+    ppo_costs = json.loads((chain / "outputs" / "ppo" / "stage.json").read_text())["metrics"]["resources"]
+    assert policy["resources"] == ppo_costs and ppo_costs["wall_seconds"] > 0 and ppo_costs["peak_rss_gib"] > 0.1
 
 
 def test_a_health_alert_stops_ppo_after_saving_a_checkpoint(chain: Path) -> None:
@@ -88,3 +95,62 @@ def test_a_health_alert_stops_ppo_after_saving_a_checkpoint(chain: Path) -> None
     report = (out / REPORT).read_text()
     assert "Stopped early at step 2" in report and "max_kl" in report and "KL to the reference" in report
     check_png(out / "ppo_training.png")
+
+
+def _finished_eval(folder: Path, record: dict) -> Path:
+    """An eval stage folder holding `record` (eval.json; metrics without per-answer values and samples)."""
+    metrics = {key: value for key, value in record.items() if key not in ("per_answer", "examples")}
+    folder.mkdir(parents=True)
+    write_json(folder / "eval.json", record)
+    write_json(folder / "metrics.json", metrics)
+    mark_complete(folder, StageManifest(stage="eval", fingerprint="0", base_model={"origin": "tiny"}, adapter=False,
+                                        metrics=metrics))
+    return folder
+
+
+def test_eval_report_ranks_the_policies_in_one_bake_off_table(tmp_path: Path) -> None:
+    per_answer = {"baseline": {"judge": [0.1, 0.2, 0.3, 0.4], "reward": [0.0] * 4, "length_tokens": [10, 12, 14, 16]},
+                  "policies": {
+                      "fast": {"judge": [0.2, 0.2, 0.3, 0.4], "reward": [0.5] * 4, "length_tokens": [8] * 4,
+                               "kl": [0.5] * 4},
+                      "ppo": {"judge": [0.3, 0.4, 0.5, 0.6], "reward": [1.0] * 4, "length_tokens": [9, 9, 11, 11],
+                              "kl": [2.0] * 4}}}
+    record = compare(per_answer, EvalConfig(output_dir="unused", policy="unused", bootstrap_samples=200))
+    record["baseline"] |= {"eos_fraction": 0.75, "distinct_2": 0.9, "path": "out/sft", "stage": "sft",
+                           "resources": {"wall_seconds": 143.2, "peak_rss_gib": 1.9, "peak_cuda_gib": None}}
+    record["policies"]["ppo"] |= {"eos_fraction": 1.0, "distinct_2": 0.5, "path": "out/ppo", "stage": "ppo",
+                                  "resources": {"wall_seconds": 336.0, "peak_rss_gib": 4.2, "peak_cuda_gib": None}}
+    record["policies"]["fast"] |= {"eos_fraction": 0.5, "distinct_2": 0.8, "path": "out/dpo", "stage": "dpo",
+                                   "resources": {"wall_seconds": 1500.0, "peak_rss_gib": 2.5, "peak_cuda_gib": 10.25}}
+    record |= {"prompts": 4, "judge": "vader", "per_answer": per_answer,
+               "examples": [{"prompt": "Describe a rainy Monday.", "baseline": "Wet.",
+                             "policies": {"ppo": "Cosy and calm!", "fast": "Rainy."}}]}
+    folder = _finished_eval(tmp_path / "eval", record)
+    lines = write_stage_report(folder).read_text().splitlines()
+
+    assert lines[2] == ("best of 2 by judge gain: ppo, judge gain +0.200 [+0.200, +0.200], win rate 1.000; "
+                        "RM gain +1.000 [+1.000, +1.000], win rate 1.000; KL 2.000 nats/answer.")
+    start = lines.index("| method | judge gain [95% CI] | RM gain [95% CI] | judge win rate | KL [95% CI] | "
+                        "length (tokens) | distinct-2 | stop token | wall time | peak memory |")
+    assert lines[start + 2 : start + 5] == [  # best judge gain first; wall time and memory of each stage
+        "| baseline (sft) | — | — | — | 0 | 13.0 | 0.900 | 0.75 | 143 s | 1.90 GiB |",
+        "| ppo | +0.200 [+0.200, +0.200] | +1.000 [+1.000, +1.000] | 1.00 | 2.000 [2.000, 2.000] | 10.0 | 0.500 | "
+        "1.00 | 336 s | 4.20 GiB |",
+        "| fast (dpo) | +0.025 [+0.000, +0.075] | +0.500 [+0.500, +0.500] | 0.62 | 0.500 [0.500, 0.500] | 8.0 | "
+        "0.800 | 0.50 | 25.0 min | 2.50 GiB (CUDA 10.25 GiB) |"]
+    assert "| fast (dpo) | 0.275 [0.200, 0.350] | 0.500 [0.500, 0.500] | 8 / 8 | 0.5 / 0.5 | 1 / 3 / 0 | 4 / 0 / 0 |" \
+        in lines
+    assert "| Describe a rainy Monday. | Wet. | Cosy and calm! | Rainy. |" in lines
+    assert "![Gain vs KL to the baseline](eval_tradeoff.png)" in lines and "![Scores per answer](eval.png)" in lines
+    check_png(folder / "eval_tradeoff.png")
+    check_png(folder / "eval.png")
+
+
+def test_an_eval_recorded_before_several_policies_asks_to_be_run_again(tmp_path: Path) -> None:
+    old = {"baseline": {"eos_fraction": 0.8}, "policy": {"eos_fraction": 0.9}, "kl": {"mean": 3.6},
+           "judge_gain": {"mean": 0.4, "ci95_low": 0.3, "ci95_high": 0.5, "win_rate": 0.81}, "prompts": 64}
+    folder = _finished_eval(tmp_path / "run" / "eval", old)
+    report = write_stage_report(folder).read_text()
+    assert "This eval was recorded by an earlier rlhf-pipeline" in report and "--from eval" in report
+    summary = write_summary_report([folder], tmp_path / "run", "Run").read_text()
+    assert "| eval | `eval` | recorded by an earlier rlhf-pipeline" in summary
