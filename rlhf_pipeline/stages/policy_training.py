@@ -126,7 +126,8 @@ def trl_stage(name: str, trainer: str, summary: str, example: str, what: str, da
     """The declaration of a stage wrapping TRL's `<trainer>Trainer` (recipe keys: `<trainer>Config`'s own).
 
     Offline stages (DPO, KTO) train on the cards' answers, truncated at `data.max_length`; online ones (GRPO,
-    RLOO) sample answers to the cards' prompts and score them with the recipe's `reward:` section.
+    RLOO) sample answers to the cards' prompts and score them with the recipe's `reward:` section. `memory`
+    defaults to one trained policy: `estimate` does not count an online stage's reward model, a base of its own.
     """
     def run(recipe: Recipe) -> dict[str, Any]:
         trl = importlib.import_module("trl")

@@ -11,7 +11,6 @@ to the SFT policy (stages/policy_training.py); TRL's default beta is 0.05.
 from __future__ import annotations
 
 from rlhf_pipeline.data.formats import FORMATS
-from rlhf_pipeline.stages import MemoryModel
 from rlhf_pipeline.stages.policy_training import trl_stage
 
 STAGE = trl_stage(
@@ -21,5 +20,4 @@ STAGE = trl_stage(
     what="RLOO policy, REINFORCE with a leave-one-out baseline, KL-anchored to the SFT policy",
     data_formats=frozenset(FORMATS),
     online=True,
-    memory=MemoryModel(kind="ppo"),  # sampling, and a reward model beside the trained policy
 )
