@@ -141,7 +141,7 @@ def curves_section(panels: Panels, plot_name: str) -> Callable[[Path, dict[str, 
     """A stage's logged keys first → last, its held-out evaluation, and one plot panel per key."""
     def section(folder: Path, metrics: dict[str, Any], plots: Plots) -> list[str]:
         first, final = metrics.get("first", {}), metrics.get("final", {})
-        lines = table(["", f"first log (step {first.get('step', '—')})", f"last log (step {final.get('step', '—')})"],
+        lines = table(["", "first logged value", "last logged value"],
                       [[f"{title} (`{key}`)", first.get(key), final.get(key)] for key, title in panels])
         held_out = {key: value for key, value in (metrics.get("eval") or {}).items()
                     if isinstance(value, (int, float))}

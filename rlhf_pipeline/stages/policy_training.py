@@ -68,7 +68,7 @@ def train_policy(recipe: Recipe, trainer_class: type, config_class: type, *, pro
                  reward_funcs: list[Any] | None = None, **config_values: Any) -> dict[str, Any]:
     """Load the SFT adapter's trainable copy, build the trainer, train resuming, save the adapter.
 
-    Metrics: the first and last training log entries, the held-out evaluation when the data has an eval
+    Metrics: every logged key's first and last value, the held-out evaluation when the data has an eval
     split, and what every training stage records (steps, launch, data report, log history).
     """
     from rlhf_pipeline.data.loading import load_datasets
@@ -84,10 +84,10 @@ def train_policy(recipe: Recipe, trainer_class: type, config_class: type, *, pro
                             eval_dataset=datasets.get("eval"), processing_class=loaded.tokenizer, **extra)
     match_compute_dtype(trainer.model, recipe.model)
     _, record = train_resuming(trainer, recipe, data_report)
-    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+    first, final = first_and_last_values([entry for entry in trainer.state.log_history if "loss" in entry])
     metrics = {
-        "first": logged[0] if logged else {},
-        "final": logged[-1] if logged else {},
+        "first": first,
+        "final": final,
         "train_loss": next((log["train_loss"] for log in reversed(trainer.state.log_history)
                             if "train_loss" in log), None),
         "eval": trainer.evaluate(metric_key_prefix="eval") if "eval" in datasets else {},
@@ -95,6 +95,18 @@ def train_policy(recipe: Recipe, trainer_class: type, config_class: type, *, pro
     }
     finish(recipe, loaded, trainer.model, metrics)
     return metrics
+
+
+def first_and_last_values(logs: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Each logged key's first and last value: GRPO/RLOO log their sampling metrics only in the log entries
+    of the steps that sampled, so the last entry alone can lack the reward."""
+    first: dict[str, Any] = {}
+    last: dict[str, Any] = {}
+    for entry in logs:
+        for key, value in entry.items():
+            first.setdefault(key, value)
+            last[key] = value
+    return first, last
 
 
 def train_online(recipe: Recipe, trainer_class: type, config_class: type) -> dict[str, Any]:

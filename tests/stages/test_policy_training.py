@@ -115,3 +115,13 @@ def test_dpo_refuses_a_card_of_prompts_only(tmp_path: Path, tiny_model_dir: Path
     with pytest.raises(RecipeError, match=r"data\.train\[0\]: card 'prompts' has format 'prompt_only', but the dpo "
                                           "stage takes chosen_rejected_messages, hh_transcript"):
         load_recipe(path)
+
+
+def test_first_and_last_values_take_each_key_where_it_was_logged() -> None:
+    from rlhf_pipeline.stages.policy_training import first_and_last_values
+
+    logs = [{"loss": 1.0, "step": 1}, {"loss": 0.8, "reward": -0.2, "step": 2}, {"loss": 0.5, "reward": 0.3, "step": 3},
+            {"loss": 0.4, "step": 4}]  # GRPO logs the reward only for the steps that sampled
+    first, last = first_and_last_values(logs)
+    assert first == {"loss": 1.0, "step": 1, "reward": -0.2}
+    assert last == {"loss": 0.4, "step": 4, "reward": 0.3}
