@@ -305,7 +305,7 @@ def plot_eval_tradeoff(policies: dict[str, dict[str, Any]], judge: str) -> Any:
             axis.annotate(name, (kl["mean"], gain["mean"]), textcoords="offset points", xytext=(6, 6), fontsize=9)
         axis.set_xlabel("KL(policy ‖ baseline), nats per answer")
         axis.set_ylabel(f"{label} gain (policy − baseline)")
-        axis.set_title(f"{label.capitalize()} gain vs KL, 95% intervals"
+        axis.set_title(f"{label[0].upper()}{label[1:]} gain vs KL, 95% intervals"
                        + (f"\njudge: {judge}" if column == "judge" else ""))
         axis.legend(fontsize=8)
         _grid(axis)
