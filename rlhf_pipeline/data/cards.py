@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 
 from rlhf_pipeline.data.formats import FORMATS
+from rlhf_pipeline.data.pairs import PAIR_LABELS
 from rlhf_pipeline.errors import RecipeError
 from rlhf_pipeline.schema import build_section, read_yaml, suggest
 
@@ -78,12 +79,24 @@ class DataCard:
     language: str | None = None
     known_issues: str | None = None
     margin_column: str | None = None
+    # pair_with_label: which label value means the first answer (answer_a) is the preferred one
+    first_preferred_when: int | None = None
+    # nested_completions: the keys of each completion record holding the answer text and its score
+    completion_answer_key: str = "response"
+    completion_score_key: str = "overall_score"
     file: Path = field(default=Path(), metadata={"internal": True})
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
             raise ValueError(f"format: unknown format '{self.format}'{suggest(self.format, FORMATS)}; "
                              f"one of {', '.join(sorted(FORMATS))}")
+        labelled_pair = self.format == "pair_with_label"
+        if labelled_pair and self.first_preferred_when not in PAIR_LABELS:
+            raise ValueError(f"first_preferred_when: pair_with_label cards must say which label value means "
+                             f"answer_a is preferred: one of {', '.join(map(str, PAIR_LABELS))} "
+                             f"(got {self.first_preferred_when})")
+        if not labelled_pair and self.first_preferred_when is not None:
+            raise ValueError("first_preferred_when: only pair_with_label cards take it; remove the key")
 
     def column(self, canonical: str) -> str:
         """The file's name for a canonical column (the same name unless the card maps it)."""

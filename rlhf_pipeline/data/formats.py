@@ -18,24 +18,41 @@ model's own chat template):
 - Prompt sets: ``{"prompt": [...]}`` for PPO, labelling and evaluation.
 
 Pure Python on purpose: no torch or datasets import, so it is cheap to import and to test.
+The row-level helpers live in `rows`; the converters that order or expand answers (rankings,
+labelled pairs, nested completions) in `pairs`.
 """
 
 from __future__ import annotations
 
 import collections
-import itertools
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-Message = dict[str, str]
-Row = dict[str, Any]
+from rlhf_pipeline.data.pairs import pair_from_label, pairs_from_completions, pairs_from_ranking
+from rlhf_pipeline.data.rows import (
+    Message,
+    Row,
+    UnusableRow,
+    assistant_turn,
+    make_pair,
+    pair_from_answers,
+    parse_answer,
+    parse_messages,
+    parse_prompt,
+    require_prompt,
+    required_field,
+    split_at_last_answer,
+)
+
 RowConverter = Callable[[Mapping], "list[Row | UnusableRow]"]  # one input row -> its outputs or drop reasons
 Finisher = Callable[[Row, Mapping], Row]  # applied to every kept output, with the input row it came from
 
 SFT_FORMATS = {"messages", "prompt_completion"}
-PREFERENCE_FORMATS = {"prompt_chosen_rejected", "chosen_rejected_messages", "hh_transcript", "ranking"}
+PREFERENCE_FORMATS = {"prompt_chosen_rejected", "chosen_rejected_messages", "hh_transcript", "ranking",
+                      "pair_with_label", "nested_completions"}
+SCORED_FORMATS = {"ranking", "nested_completions"}  # margins come from score gaps, not from a column
 LABELLED_FORMATS = {"prompt_completion_label"}
 PROMPT_FORMATS = {"prompt_only"}
 FORMATS = SFT_FORMATS | PREFERENCE_FORMATS | LABELLED_FORMATS | PROMPT_FORMATS
@@ -49,23 +66,14 @@ CANONICAL_COLUMNS: dict[str, frozenset[str]] = {
     "chosen_rejected_messages": frozenset({"prompt", "chosen", "rejected", "margin"}),
     "hh_transcript": frozenset({"prompt", "chosen", "rejected", "margin"}),
     "ranking": frozenset({"prompt", "ranked", "answers", "scores"}),
+    "pair_with_label": frozenset({"prompt", "answer_a", "answer_b", "label"}),
+    "nested_completions": frozenset({"prompt", "completions"}),
     "prompt_completion_label": frozenset({"prompt", "completion", "label"}),
     "prompt_only": frozenset({"prompt"}),
 }
 
 MAX_BAD_ROWS_KEPT = 5
-
-# ShareGPT-style spellings seen in the wild, mapped onto the roles chat templates expect.
-_ROLE_ALIASES = {"human": "user", "gpt": "assistant", "bot": "assistant", "model": "assistant"}
 _HH_MARKER = re.compile(r"(?:^|\n\n)(Human|Assistant):")
-
-
-class UnusableRow(ValueError):
-    """Raised by the row converters; `reason` is the short snake_case key the drop is counted under."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
 
 
 @dataclass
@@ -102,26 +110,33 @@ def to_sft(rows: Iterable[Mapping], fmt: str, system_prompt: str | None = None) 
 
 
 def to_preference(
-    rows: Iterable[Mapping], fmt: str, margin_key: str | None = None, system_prompt: str | None = None
+    rows: Iterable[Mapping], fmt: str, margin_key: str | None = None, system_prompt: str | None = None,
+    first_preferred_when: int | None = None, answer_key: str = "response", score_key: str = "overall_score",
 ) -> Converted:
     """Rows of a preference format -> canonical prompt/chosen/rejected pairs.
 
     `margin_key` names the column holding a numeric margin (canonical name `margin` after the card's
-    mapping). For `ranking` rows any non-None `margin_key` switches on margins equal to the score gap,
-    which exist only when the row gives `scores`.
+    mapping). For the scored formats any non-None `margin_key` switches on margins equal to the score
+    gap, which exist only when the row gives scores. `first_preferred_when` is the `pair_with_label`
+    label value meaning `answer_a` is preferred; `answer_key`/`score_key` name the fields inside each
+    `nested_completions` record.
     """
     with_margin = margin_key is not None
+    if fmt == "pair_with_label" and first_preferred_when is None:
+        raise ValueError("pair_with_label needs first_preferred_when: the label value that means answer_a wins")
     converters: dict[str, RowConverter] = {
         "prompt_chosen_rejected": _pair_from_prompt_chosen_rejected,
         "chosen_rejected_messages": _pair_from_message_lists,
         "hh_transcript": _pair_from_hh_transcripts,
-        "ranking": lambda row: _pairs_from_ranking(row, with_margin),
+        "ranking": lambda row: pairs_from_ranking(row, with_margin),
+        "pair_with_label": lambda row: pair_from_label(row, first_preferred_when),
+        "nested_completions": lambda row: pairs_from_completions(row, with_margin, answer_key, score_key),
     }
     convert_row = _pick(converters, fmt, "preference")
     add_system = _system_adder(system_prompt)
 
     def finish(pair: Row, row: Mapping) -> Row:
-        if margin_key is not None and fmt != "ranking":
+        if margin_key is not None and fmt not in SCORED_FORMATS:
             pair = _with_margin(pair, row, margin_key)
         return add_system(pair, row)
 
@@ -182,58 +197,7 @@ def _outcomes(row: Any, convert_row: RowConverter, finish: Finisher) -> list[Row
         return [unusable]
 
 
-# --------------------------------------------------------------------------- messages and fields
-
-
-def _field(row: Mapping, key: str) -> Any:
-    """A required value; absent and null are the same problem for the user (a wrong column mapping)."""
-    value = row.get(key)
-    if value is None:
-        raise UnusableRow("missing_field")
-    return value
-
-
-def _message(raw: Any) -> Message:
-    """One message as `{"role", "content"}`, accepting ShareGPT's `from`/`value` spelling too."""
-    if not isinstance(raw, Mapping):
-        raise UnusableRow("wrong_type")
-    role = raw.get("role", raw.get("from"))
-    content = raw.get("content", raw.get("value"))
-    if not isinstance(role, str) or not isinstance(content, str):
-        raise UnusableRow("wrong_type")
-    return {"role": _ROLE_ALIASES.get(role.lower(), role.lower()), "content": content}
-
-
-def _messages(raw: Any) -> list[Message]:
-    if not isinstance(raw, (list, tuple)):
-        raise UnusableRow("wrong_type")
-    return [_message(item) for item in raw]
-
-
-def _prompt_messages(raw: Any) -> list[Message]:
-    """A prompt given as a string is the user's single turn; a list is a conversation so far."""
-    if isinstance(raw, str):
-        return [{"role": "user", "content": raw}]
-    return _messages(raw)
-
-
-def _split_at_last_answer(messages: list[Message]) -> tuple[list[Message], str]:
-    """(history before the last assistant turn, that turn's text); later turns carry no answer and are cut."""
-    last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
-    if last is None:
-        raise UnusableRow("no_assistant_turn")
-    return messages[:last], messages[last]["content"]
-
-
-def _answer(raw: Any) -> tuple[list[Message], str]:
-    """An answer given as a string, or as a message list whose last assistant turn is the answer."""
-    if isinstance(raw, str):
-        return [], raw
-    return _split_at_last_answer(_messages(raw))
-
-
-def _assistant(text: str) -> list[Message]:
-    return [{"role": "assistant", "content": text}]
+# --------------------------------------------------------------------------- finishers
 
 
 def _system_adder(system_prompt: str | None) -> Finisher:
@@ -248,79 +212,43 @@ def _system_adder(system_prompt: str | None) -> Finisher:
     return add_system
 
 
-def _require_prompt(prompt: list[Message]) -> list[Message]:
-    """A reward or answer for nothing teaches nothing: some turn must say something."""
-    if not any(message["content"].strip() for message in prompt):
-        raise UnusableRow("empty_prompt")
-    return prompt
-
-
 # --------------------------------------------------------------------------- SFT
 
 
 def _sft_row(prompt: list[Message], answer: str) -> Row:
     if not answer.strip():
         raise UnusableRow("empty_answer")
-    return {"prompt": _require_prompt(prompt), "completion": _assistant(answer)}
+    return {"prompt": require_prompt(prompt), "completion": assistant_turn(answer)}
 
 
 def _sft_from_messages(row: Mapping) -> list[Row]:
-    prompt, answer = _split_at_last_answer(_messages(_field(row, "messages")))
+    prompt, answer = split_at_last_answer(parse_messages(required_field(row, "messages")))
     return [_sft_row(prompt, answer)]
 
 
 def _sft_from_prompt_completion(row: Mapping) -> list[Row]:
-    prompt = _prompt_messages(_field(row, "prompt"))
+    prompt = parse_prompt(required_field(row, "prompt"))
     # A completion given as several messages trains on its last answer; the turns before it join the prompt.
-    history, answer = _answer(_field(row, "completion"))
+    history, answer = parse_answer(required_field(row, "completion"))
     return [_sft_row(prompt + history, answer)]
 
 
 # --------------------------------------------------------------------------- preference pairs
 
 
-def _pair(prompt: list[Message], chosen: str, rejected: str) -> Row:
-    """A canonical pair, refusing the rows that would teach the reward model nothing or nonsense."""
-    if not chosen.strip() or not rejected.strip():
-        raise UnusableRow("empty_answer")
-    if chosen.strip() == rejected.strip():
-        raise UnusableRow("identical_answers")
-    return {"prompt": _require_prompt(prompt), "chosen": _assistant(chosen), "rejected": _assistant(rejected)}
-
-
-def _shared_prompt(row: Mapping, histories: list[list[Message]]) -> list[Message]:
-    """The conversation the answers reply to: their common history, else the row's own `prompt`.
-
-    UltraFeedback-style rows repeat the user turn inside chosen/rejected *and* give it as a string
-    `prompt`; TRL-style rows keep the history in `prompt` and only the answer in chosen/rejected.
-    """
-    if any(history != histories[0] for history in histories):
-        raise UnusableRow("mismatched_history")
-    if histories[0]:
-        return histories[0]
-    return _prompt_messages(_field(row, "prompt"))
-
-
-def _pair_from_answers(row: Mapping, chosen_raw: Any, rejected_raw: Any) -> list[Row]:
-    chosen_history, chosen = _answer(chosen_raw)
-    rejected_history, rejected = _answer(rejected_raw)
-    prompt = _shared_prompt(row, [chosen_history, rejected_history])
-    return [_pair(prompt, chosen, rejected)]
-
-
 def _pair_from_prompt_chosen_rejected(row: Mapping) -> list[Row]:
-    return _pair_from_answers(row, _field(row, "chosen"), _field(row, "rejected"))
+    return pair_from_answers(row, required_field(row, "chosen"), required_field(row, "rejected"))
 
 
 def _pair_from_message_lists(row: Mapping) -> list[Row]:
-    chosen, rejected = _field(row, "chosen"), _field(row, "rejected")
+    chosen, rejected = required_field(row, "chosen"), required_field(row, "rejected")
     if not isinstance(chosen, (list, tuple)) or not isinstance(rejected, (list, tuple)):
         raise UnusableRow("wrong_type")
-    return _pair_from_answers(row, chosen, rejected)
+    return pair_from_answers(row, chosen, rejected)
 
 
 def _with_margin(pair: Row, row: Mapping, margin_key: str) -> Row:
-    margin = _field(row, margin_key)
+    margin = required_field(row, margin_key)
     if isinstance(margin, bool) or not isinstance(margin, (int, float)):
         raise UnusableRow("wrong_type")
     return {**pair, "margin": float(margin)}
@@ -352,11 +280,11 @@ def _pair_from_hh_transcripts(row: Mapping) -> list[Row]:
     lead = row.get("prompt") or ""
     if not isinstance(lead, str):
         raise UnusableRow("wrong_type")
-    chosen = _split_at_last_answer(parse_hh_transcript(_hh_text(lead, _field(row, "chosen"))))
-    rejected = _split_at_last_answer(parse_hh_transcript(_hh_text(lead, _field(row, "rejected"))))
+    chosen = split_at_last_answer(parse_hh_transcript(_hh_text(lead, required_field(row, "chosen"))))
+    rejected = split_at_last_answer(parse_hh_transcript(_hh_text(lead, required_field(row, "rejected"))))
     if chosen[0] != rejected[0]:
         raise UnusableRow("mismatched_history")
-    return [_pair(chosen[0], chosen[1], rejected[1])]
+    return [make_pair(chosen[0], chosen[1], rejected[1])]
 
 
 def _hh_text(lead: str, continuation: Any) -> str:
@@ -366,51 +294,6 @@ def _hh_text(lead: str, continuation: Any) -> str:
 
 
 # --------------------------------------------------------------------------- rankings of K answers
-
-
-def _ranked_answers(row: Mapping) -> tuple[list[Any], list[float] | None]:
-    """Answers best first, and their scores when the row gives scores instead of an order."""
-    if row.get("ranked") is not None:
-        ranked = row["ranked"]
-        if not isinstance(ranked, (list, tuple)):
-            raise UnusableRow("wrong_type")
-        return list(ranked), None
-    answers, scores = _field(row, "answers"), _field(row, "scores")
-    if not isinstance(answers, (list, tuple)) or not isinstance(scores, (list, tuple)):
-        raise UnusableRow("wrong_type")
-    if any(isinstance(s, bool) or not isinstance(s, (int, float)) for s in scores):
-        raise UnusableRow("wrong_type")
-    if len(answers) != len(scores):
-        raise UnusableRow("malformed_ranking")
-    order = sorted(range(len(answers)), key=lambda i: -scores[i])  # stable: equal scores keep row order
-    return [answers[i] for i in order], [float(scores[i]) for i in order]
-
-
-def _pairs_from_ranking(row: Mapping, with_margin: bool) -> list[Row | UnusableRow]:
-    """K ranked answers -> K·(K−1)/2 pairs, better answer chosen; tied scores give no pair ("tie").
-
-    Drops inside a ranking are counted per pair, since one bad answer spoils only the pairs it is in.
-    """
-    answers, scores = _ranked_answers(row)
-    if len(answers) < 2:
-        raise UnusableRow("too_few_answers")
-    parsed = [_answer(answer) for answer in answers]
-    prompt = _shared_prompt(row, [history for history, _ in parsed])
-    texts = [text for _, text in parsed]
-    outcomes: list[Row | UnusableRow] = []
-    for better, worse in itertools.combinations(range(len(texts)), 2):
-        if scores is not None and scores[better] == scores[worse]:
-            outcomes.append(UnusableRow("tie"))
-            continue
-        try:
-            pair = _pair(prompt, texts[better], texts[worse])
-        except UnusableRow as unusable:
-            outcomes.append(unusable)
-            continue
-        if with_margin and scores is not None:
-            pair["margin"] = scores[better] - scores[worse]
-        outcomes.append(pair)
-    return outcomes
 
 
 # --------------------------------------------------------------------------- labelled answers
@@ -431,9 +314,9 @@ def _label(raw: Any) -> bool:
 
 
 def _labelled_row(row: Mapping) -> list[Row]:
-    prompt = _prompt_messages(_field(row, "prompt"))
-    history, answer = _answer(_field(row, "completion"))
-    return [_sft_row(prompt + history, answer) | {"label": _label(_field(row, "label"))}]
+    prompt = parse_prompt(required_field(row, "prompt"))
+    history, answer = parse_answer(required_field(row, "completion"))
+    return [_sft_row(prompt + history, answer) | {"label": _label(required_field(row, "label"))}]
 
 
 # --------------------------------------------------------------------------- prompt sets
@@ -441,7 +324,7 @@ def _labelled_row(row: Mapping) -> list[Row]:
 
 def _prompt_row(row: Mapping) -> list[Row]:
     """A prompt the policy answers next, so it must not end on an assistant turn."""
-    prompt = _require_prompt(_prompt_messages(_field(row, "prompt")))
+    prompt = require_prompt(parse_prompt(required_field(row, "prompt")))
     if prompt[-1]["role"] == "assistant":
         raise UnusableRow("ends_with_answer")
     return [{"prompt": prompt}]

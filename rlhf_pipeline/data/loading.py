@@ -159,18 +159,21 @@ _REQUIRED = {
     "chosen_rejected_messages": {"chosen", "rejected"},
     "hh_transcript": {"chosen", "rejected"},
     "ranking": {"prompt"},
+    "pair_with_label": {"prompt", "answer_a", "answer_b", "label"},
+    "nested_completions": {"prompt", "completions"},
     "prompt_only": {"prompt"},
     "prompt_completion_label": {"prompt", "completion", "label"},
 }
 
 
-def _convert(card: DataCard, rows: list[dict[str, Any]], system_prompt: str | None) -> formats.Converted:
+def convert_card_rows(card: DataCard, rows: list[dict[str, Any]], system_prompt: str | None) -> formats.Converted:
     """Convert with the card's own format."""
     if card.format in formats.SFT_FORMATS:
         return formats.to_sft(rows, card.format, system_prompt=system_prompt)
     if card.format in formats.PREFERENCE_FORMATS:
         return formats.to_preference(rows, card.format, margin_key="margin" if card.margin_column else None,
-                                     system_prompt=system_prompt)
+                                     system_prompt=system_prompt, first_preferred_when=card.first_preferred_when,
+                                     answer_key=card.completion_answer_key, score_key=card.completion_score_key)
     if card.format in formats.LABELLED_FORMATS:
         return formats.to_labelled(rows, card.format, system_prompt=system_prompt)
     return formats.to_prompts(rows, card.format, system_prompt=system_prompt)
@@ -187,7 +190,7 @@ def _convert_rows(card: DataCard, rows: list[dict[str, Any]], labels: list[str],
     out: list[tuple[str, dict[str, Any]]] = []
     unpair = data.unpair and card.format in formats.PREFERENCE_FORMATS
     for label, row in zip(labels, rows, strict=True):
-        converted = _convert(card, [row], data.system_prompt)
+        converted = convert_card_rows(card, [row], data.system_prompt)
         for reason, count in converted.dropped.items():
             dropped[reason] += count
             _note(where, reason, label)
