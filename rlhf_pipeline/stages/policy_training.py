@@ -3,7 +3,7 @@
 Each starts from the SFT stage's output, as PPO does: its trainable weights are a copy of the SFT adapter on
 the base. Given a PEFT model that already carries an adapter, TRL's trainers copy it into a frozen adapter
 named "ref" and take the reference log-probabilities from that copy, so the anchor (DPO/KTO's implicit reward,
-GRPO/RLOO's KL penalty) is the SFT policy, never the raw base, and no second base is loaded. The stage saves
+GRPO/RLOO's KL penalty) is the SFT policy, never the raw base, with no second base for it. The stage saves
 the trained adapter only: a complete policy on the base, like every other stage's output.
 
 `trl_stage` declares such a stage from a TRL trainer's name, so each stage module only says what differs.
