@@ -322,6 +322,7 @@ def eval_section(folder: Path, metrics: dict[str, Any], plots: Plots) -> list[st
               "the baseline:", "",
               *table(["", *(f"{label} score" for _, label in scored), "length median / p90", "KL median / p90",
                       *(f"{label} wins / ties / losses" for _, label in scored)], scores)]
+    lines += _signal_table(full.get("signals") or {}, baseline, policies)
     lines += plots.add("eval_tradeoff.png", "Gain vs KL to the baseline", plot_eval_tradeoff, policies,
                        full.get("judge"))
     lines += plots.add("eval.png", "Scores per answer", plot_eval, full.get("per_answer") or {}, full.get("judge"),
@@ -334,6 +335,19 @@ def eval_section(folder: Path, metrics: dict[str, Any], plots: Plots) -> list[st
                                               *(_short(e["policies"][name], limit) for name in policies)]
                                              for e in examples])]
     return lines
+
+
+def _signal_table(signals: dict[str, Any], baseline: dict[str, Any], policies: dict[str, Any]) -> list[str]:
+    """Each reward signal's mean per model and its gain over the baseline: which signal a policy moved."""
+    if not signals:
+        return []
+    rows = [[name, f"{signal['use']} ({signal['weight']:g})", _interval(baseline[f"signal/{name}"]),
+             *(f"{_interval(policy[f'signal/{name}'])}; {_interval(policy[f'signal/{name}_gain'], signed=True)}"
+               for policy in policies.values())]
+            for name, signal in signals.items()]
+    return ["Reward signals (`reward:` section): the mean per answer [95% CI] and each policy's gain over the "
+            "baseline. A penalty or veto signal's mean is the share of answers that break its rule.", "",
+            *table(["signal", "use (weight)", "baseline", *(f"{name}; gain" for name in policies)], rows)]
 
 
 def generic_section(folder: Path, metrics: dict[str, Any], plots: Plots) -> list[str]:
