@@ -237,13 +237,18 @@ def ppo_section(folder: Path, metrics: dict[str, Any], plots: Plots) -> list[str
                   + ". The policy of that step is this stage's adapter; the checkpoint is "
                   + f"`{Path(stop['checkpoint']).name}`.",
                   ""]
-    keys = ("objective/scores", "objective/raw_scores", "objective/kl", "objective/entropy", "response/length",
-            "response/eos_fraction", "policy/clipfrac", "val/clipfrac", "loss/value", "val/explained_variance")
+    signals = [key for key in final if key.startswith("reward/")]  # the recipe's reward signals, one each
+    keys = ("objective/scores", "objective/raw_scores", *signals, "objective/kl", "objective/entropy",
+            "response/length", "response/eos_fraction", "policy/clipfrac", "val/clipfrac", "loss/value",
+            "val/explained_variance")
     lines += table(["", f"first log (step {first.get('step', '—')})", f"last log (step {final.get('step', '—')})"],
                     [[key, first.get(key), final.get(key)] for key in keys])
     lines += [f"{metrics.get('global_steps')} PPO steps of {metrics.get('global_batch_size')} prompts; reward model "
               f"`{metrics.get('reward_model')}`.", ""]
     lines += plots.add("ppo_training.png", "PPO training", plot_ppo, history, alerts)
+    if signals:
+        lines += plots.add("ppo_signals.png", "Reward signals (mean per answer)", plot_curves, history,
+                           [(key, key.removeprefix("reward/")) for key in signals], "PPO step")
     lines += ["## Health alerts", ""]
     if alerts:
         flat = [[entry["step"], a["monitor"], _fmt(a["value"], 6), _fmt(a["threshold"], 6), a["message"]]

@@ -29,6 +29,10 @@ ONLINE_STAGES = ("grpo", "rloo")
     ({}, {}, r"reward: required: the signals the sampled answers are scored with"),
     ({"functions": ["tests.stages.judges:letter_e_share"]}, {"reward_weights": [1.0, 0.5]},
      r"training\.reward_weights: 2 weight\(s\) for 1 reward signal\(s\) \(letter_e_share\)"),
+    ({"signals": {"e": {"function": "tests.stages.judges:letter_e_share"}}}, {"reward_weights": [0.5]},
+     r"training\.reward_weights: the signals carry their own weights"),
+    ({"signals": {"cake": {"function": "tests.stages.judges:mentions_cake", "use": "veto"}}}, {},
+     r"reward\.signals\.cake\.use: .* cannot express a veto; use `use: penalty` here"),
 ])
 def test_a_reward_specification_the_stage_cannot_call_fails_validation(
         stage: str, reward: dict[str, Any], training: dict[str, Any], message: str, tmp_path: Path,
@@ -79,3 +83,16 @@ def test_signals_are_logged_each_and_summed_with_their_weights(tmp_path: Path, t
         by_signal = entry["rewards/reward_model/mean"], entry["rewards/letter_e_share/mean"]
         assert 0 <= by_signal[1] <= 1  # the share of letters that are 'e'
         assert entry["reward"] == pytest.approx(0.5 * by_signal[0] + 2.0 * by_signal[1], abs=1e-5)
+
+
+def test_named_signals_carry_their_weights_and_a_penalty_is_subtracted(tmp_path: Path, tiny_model_dir: Path,
+                                                                      sft_and_rm: tuple[Path, Path]) -> None:
+    sft, rm = sft_and_rm
+    reward = {"signals": {"warmth": {"model": str(rm), "weight": 0.5},
+                          "cake": {"function": "tests.stages.judges:mentions_cake", "use": "penalty", "weight": 2.0}}}
+    recipe = load_recipe(policy_recipe(tmp_path, tiny_model_dir, "rloo", sft, rm, {"max_steps": 2}, reward=reward))
+    metrics = get_stage("rloo").run(recipe)
+    for entry in (metrics["first"], metrics["final"]):
+        warmth, cake = entry["rewards/warmth/mean"], entry["rewards/cake/mean"]
+        assert 0 <= cake <= 1
+        assert entry["reward"] == pytest.approx(0.5 * warmth - 2.0 * cake, abs=1e-5)
