@@ -6,13 +6,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from rlhf_pipeline.cli import main
 from rlhf_pipeline.errors import RecipeError
 from rlhf_pipeline.stages import get_stage, load_recipe
+from tests.stages.conftest import rm_with_another_tokenizer
 from tests.stages.test_policy_training import policy_recipe
-from tests.stages.test_ppo_checks import _fake_stage
 
 ONLINE_STAGES = ("grpo", "rloo")
 
@@ -55,18 +54,10 @@ def test_the_reward_model_must_be_a_finished_rm_stage(stage: str, tmp_path: Path
 
 
 def test_a_reward_model_with_another_tokenizer_stops_before_weights_load(
-        tmp_path: Path, tiny_model_dir: Path, sft_and_rm: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch,
+        tmp_path: Path, tiny_model_dir: Path, sft_and_rm: tuple[Path, Path], weights_forbidden: None,
         capsys: pytest.CaptureFixture[str]) -> None:
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    tokenizer.add_special_tokens({"additional_special_tokens": ["<|reward|>"]})
-    rm_dir = _fake_stage(tmp_path / "outputs" / "other-rm", "rm", tiny_model_dir, tokenizer)
+    rm_dir = rm_with_another_tokenizer(tmp_path / "outputs" / "other-rm", tiny_model_dir)
     recipe = policy_recipe(tmp_path, tiny_model_dir, "grpo", sft_and_rm[0], rm_dir)
-
-    def no_weights(*args: Any, **kwargs: Any) -> Any:
-        raise AssertionError("weights were loaded before the tokenizer check")
-
-    for model_class in (AutoModelForCausalLM, AutoModelForSequenceClassification):
-        monkeypatch.setattr(model_class, "from_pretrained", no_weights)
     assert main(["grpo", str(recipe)]) == 2
     assert capsys.readouterr().err.startswith(f"error: {recipe}: reward.model: the reward model at {rm_dir} uses a "
                                               "different tokenizer")

@@ -8,13 +8,11 @@ from typing import Any
 
 import pytest
 import yaml
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from rlhf_pipeline.cli import main
 from rlhf_pipeline.errors import RecipeError
 from rlhf_pipeline.stages import load_recipe
-from tests.stages.conftest import write_card
-from tests.stages.test_ppo_checks import _fake_stage
+from tests.stages.conftest import rm_with_another_tokenizer, write_card
 
 CAKE = "tests.stages.judges:mentions_cake"
 LETTER_E = "tests.stages.judges:letter_e_share"
@@ -73,20 +71,12 @@ def test_ppo_refuses_normalising_the_combined_reward_again(tmp_path: Path, tiny_
 
 
 def test_a_signal_model_with_another_tokenizer_stops_ppo_before_weights_load(
-        tmp_path: Path, tiny_model_dir: Path, sft_and_rm: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch,
+        tmp_path: Path, tiny_model_dir: Path, sft_and_rm: tuple[Path, Path], weights_forbidden: None,
         capsys: pytest.CaptureFixture[str]) -> None:
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    tokenizer.add_special_tokens({"additional_special_tokens": ["<|reward|>"]})
-    other = _fake_stage(tmp_path / "outputs" / "other-rm", "rm", tiny_model_dir, tokenizer)
+    other = rm_with_another_tokenizer(tmp_path / "outputs" / "other-rm", tiny_model_dir)
     sft, rm = sft_and_rm
     path = _ppo_recipe(tmp_path, tiny_model_dir, sft, rm, {"signals": {"warmth": {"model": str(rm)},
                                                                        "other": {"model": str(other)}}})
-
-    def no_weights(*args: Any, **kwargs: Any) -> Any:
-        raise AssertionError("weights were loaded before the tokenizer check")
-
-    for model_class in (AutoModelForCausalLM, AutoModelForSequenceClassification):
-        monkeypatch.setattr(model_class, "from_pretrained", no_weights)
     assert main(["ppo", str(path)]) == 2
     assert capsys.readouterr().err.startswith(f"error: {path}: reward.signals.other: the reward model at {other} "
                                               "uses a different tokenizer")
