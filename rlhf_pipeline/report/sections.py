@@ -80,6 +80,9 @@ def sft_headline(metrics: dict[str, Any]) -> str:
 
 def label_headline(metrics: dict[str, Any]) -> str:
     counts = metrics.get("counts", {})
+    if metrics.get("writes") == "classification":
+        return (f"{_fmt(counts.get('violations'))} of {_fmt(counts.get('classified'))} answers break the rule "
+                f"({_fmt(counts.get('violation_rate'))}), from {_fmt(counts.get('prompts'))} prompts")
     return (f"{_fmt(counts.get('pairs'))} pairs from {_fmt(counts.get('prompts'))} prompts "
             f"({_fmt(counts.get('answers'))} answers), mean judge score {_fmt(metrics.get('mean_judge_score'))}")
 
@@ -194,10 +197,16 @@ def label_section(folder: Path, metrics: dict[str, Any], plots: Plots) -> list[s
     answers = counts.get("answers") or 0
     rows = [["judge", metrics.get("judge")], ["prompts", counts.get("prompts")], ["answers sampled", answers],
             ["answers that ended with the stop token",
-             f"{counts.get('finished_answers')} ({counts.get('finished_answers', 0) / max(answers, 1):.0%})"],
-            ["preference pairs kept", counts.get("pairs")],
-            ["pairs dropped (judge gap below min_gap)", counts.get("dropped_below_min_gap")],
-            ["mean judge score", metrics.get("mean_judge_score")], *_data_rows(metrics)]
+             f"{counts.get('finished_answers')} ({counts.get('finished_answers', 0) / max(answers, 1):.0%})"]]
+    if metrics.get("writes") == "classification":
+        rows += [["answers classified (empty ones left out)", counts.get("classified")],
+                 ["answers that break the rule", f"{counts.get('violations')} ({counts.get('violation_rate', 0):.0%})"],
+                 *_data_rows(metrics)]
+        return [*table(["", "value"], rows), "The labelled answers are in `classified.jsonl`, described by "
+                "`data_card.yaml` (format `classification`, label 1 = breaks the rule).", ""]
+    rows += [["preference pairs kept", counts.get("pairs")],
+             ["pairs dropped (judge gap below min_gap)", counts.get("dropped_below_min_gap")],
+             ["mean judge score", metrics.get("mean_judge_score")], *_data_rows(metrics)]
     ranked, pairs = _read_jsonl(folder / "ranked.jsonl"), _read_jsonl(folder / "preferences.jsonl")
     lines = [*table(["", "value"], rows), *plots.add("label.png", "Judge scores", plot_label, ranked, pairs)]
     if pairs:
