@@ -1,4 +1,4 @@
-"""A trivial judge for chain tests: it prefers answers with more of the letter 'e'."""
+"""Trivial judges and reward functions for chain tests: the letter 'e', and answer length."""
 
 from __future__ import annotations
 
@@ -7,3 +7,7 @@ from collections.abc import Sequence
 
 def letter_e_share(prompts: Sequence[object], answers: Sequence[str]) -> list[float]:
     return [answer.count("e") / max(len(answer), 1) for answer in answers]
+
+
+def answer_length(prompts: Sequence[object], answers: Sequence[str]) -> list[float]:
+    return [float(len(answer)) for answer in answers]
