@@ -323,6 +323,7 @@ def eval_section(folder: Path, metrics: dict[str, Any], plots: Plots) -> list[st
               "the baseline:", "",
               *table(["", *(f"{label} score" for _, label in scored), "length median / p90", "KL median / p90",
                       *(f"{label} wins / ties / losses" for _, label in scored)], scores)]
+    lines += _signal_table(full.get("signals") or {}, baseline, policies)
     lines += plots.add("eval_tradeoff.png", "Gain vs KL to the baseline", plot_eval_tradeoff, policies,
                        full.get("judge"))
     lines += plots.add("eval.png", "Scores per answer", plot_eval, full.get("per_answer") or {}, full.get("judge"),
@@ -335,6 +336,19 @@ def eval_section(folder: Path, metrics: dict[str, Any], plots: Plots) -> list[st
                                               *(_short(e["policies"][name], limit) for name in policies)]
                                              for e in examples])]
     return lines
+
+
+def _signal_table(signals: dict[str, Any], baseline: dict[str, Any], policies: dict[str, Any]) -> list[str]:
+    """Each reward signal's mean per model and its gain over the baseline: which signal a policy moved."""
+    if not signals:
+        return []
+    rows = [[name, f"{signal['use']} ({signal['weight']:g})", _interval(baseline[f"signal/{name}"]),
+             *(f"{_interval(policy[f'signal/{name}'])}; {_interval(policy[f'signal/{name}_gain'], signed=True)}"
+               for policy in policies.values())]
+            for name, signal in signals.items()]
+    return ["Reward signals (`reward:` section): the mean per answer [95% CI] and each policy's gain over the "
+            "baseline. A penalty or veto signal's mean is the share of answers that break its rule.", "",
+            *table(["signal", "use (weight)", "baseline", *(f"{name}; gain" for name in policies)], rows)]
 
 
 def best_of_n_headline(metrics: dict[str, Any]) -> str:
@@ -353,7 +367,7 @@ def best_of_n_section(folder: Path, metrics: dict[str, Any], plots: Plots) -> li
     rows = full.get("by_n") or []
     if not rows:
         return []
-    signals = sorted(key for key in rows[0] if key.startswith("reward/"))
+    signals = sorted(key for key in rows[0] if key.startswith("signal/"))
     lines = [f"{full.get('prompts')} prompts × {full.get('n_max')} answers sampled from `{full.get('policy')}`; "
              f"reward `{' + '.join(full.get('reward') or [])}` picks the best, judge `{full.get('judge')}` measures "
              "it. Best of n is the exact average over every n-subset of the sampled answers (not the first n); "

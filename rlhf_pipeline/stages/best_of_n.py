@@ -4,7 +4,7 @@
 
 The no-training baseline of Sparrow and of Gao et al. 2022 ("Scaling laws for reward model
 overoptimization"): the policy (`model.name_or_path`, normally the SFT output) answers each held-out prompt
-n_max times; the recipe's `reward:` section (judges.RewardSpec: what best-of-n maximises) and its `judge:`
+n_max times; the recipe's `reward:` section (reward_spec.py: what best-of-n maximises) and its `judge:`
 (an independent measure, such as VADER) score every answer. For each n in `n_values` the stage reports the
 expected judge score and reward of the best of n answers, with 95% bootstrap intervals over prompts, and the
 paired gain over n = 1, beside the analytic KL of best-of-n to the policy.
@@ -29,14 +29,16 @@ from typing import TYPE_CHECKING, Any
 
 from rlhf_pipeline.data.formats import FORMATS
 from rlhf_pipeline.errors import RecipeError
-from rlhf_pipeline.judges import JudgeSpec, RewardSpec
+from rlhf_pipeline.judges import JudgeSpec
 from rlhf_pipeline.report.sections import best_of_n_headline, best_of_n_section
+from rlhf_pipeline.reward_spec import RewardSpec, check_reward
 from rlhf_pipeline.stages import MemoryModel, Presentation, Stage
+from rlhf_pipeline.stages.eval import SIGNAL
 
 if TYPE_CHECKING:
     from rlhf_pipeline.chat import Messages
     from rlhf_pipeline.generation import Sample
-    from rlhf_pipeline.recipe import ModelSpec, Recipe
+    from rlhf_pipeline.recipe import Recipe
 
 POLICY = "policy"
 
@@ -118,42 +120,19 @@ def kl_best_of_n(n: int) -> float:
     return math.log(n) - (n - 1) / n
 
 
-class _SummedReward:
-    """Stand-in for `judges.load_reward` until it lands: the spec's signals, summed with weight 1."""
-
-    def __init__(self, spec: RewardSpec, model_spec: ModelSpec) -> None:
-        from rlhf_pipeline.judges import reward_functions
-
-        self.signals = dict(zip(spec.names, reward_functions(spec, model_spec), strict=True))
-
-    def signal_scores(self, prompts: Sequence[Messages], answers: Sequence[str]) -> dict[str, list[float]]:
-        return {name: signal(prompts, answers) for name, signal in self.signals.items()}
-
-    def __call__(self, prompts: Sequence[Messages], answers: Sequence[str]) -> list[float]:
-        return [sum(values) for values in zip(*self.signal_scores(prompts, answers).values(), strict=True)]
-
-
 def _check(recipe: Recipe) -> None:
-    """Before any weights load: the reward's functions import and its model is a finished rm stage."""
-    from rlhf_pipeline.judges import import_function
-
+    """Before any weights load: a reward to rank by, whose signals can be called (reward_spec.check_reward)."""
     spec: RewardSpec = recipe.sections["reward"]
-    for index, reference in enumerate(spec.functions):
-        try:
-            import_function(reference)
-        except ValueError as error:
-            raise RecipeError(recipe.path, f"reward.functions[{index}]", f"{error}; a reward function is "
-                              "`module:function`, called with (prompts, answers) and returning a float per answer"
-                              ) from None
-    if spec.model:
-        recipe.check_finished_stage("reward.model", spec.model, ("rm",),
-                                    "not a reward model; point it at the rm stage's output_dir")
+    if not spec.given:
+        raise RecipeError(recipe.path, "reward", "required: what best-of-n maximises, as model: RM_FOLDER (the short "
+                          "form; functions: [module:function] too) or signals: {name: {model: RM_FOLDER}, ...}")
+    check_reward(recipe, spec)
 
 
 def score_columns(samples: list[list[Sample]], judge: list[float], reward: list[float],
                   signals: dict[str, list[float]]) -> list[dict[str, list[float]]]:
     """Per prompt, one list per scored column (judge, reward, each signal when several, length in tokens)."""
-    columns = {"judge": judge, "reward": reward, **({f"reward/{k}": v for k, v in signals.items()}
+    columns = {"judge": judge, "reward": reward, **({f"{SIGNAL}{k}": v for k, v in signals.items()}
                                                     if len(signals) > 1 else {})}
     width = len(samples[0])
     return [{name: values[i * width : (i + 1) * width] for name, values in columns.items()}
@@ -233,6 +212,7 @@ def run(recipe: Recipe) -> dict[str, Any]:
     from rlhf_pipeline.generation import sample_answers
     from rlhf_pipeline.judges import load_judge
     from rlhf_pipeline.outputs import write_json
+    from rlhf_pipeline.reward_spec import load_reward
     from rlhf_pipeline.stages.common import finish_outputs, finished_manifest, load_frozen
 
     config: BestOfNConfig = recipe.settings
@@ -248,9 +228,9 @@ def run(recipe: Recipe) -> dict[str, Any]:
     texts = [sample.text for group in samples for sample in group]
     say("best-of-n: scoring")
     reward_spec: RewardSpec = recipe.sections["reward"]
-    reward = _SummedReward(reward_spec, recipe.model)
-    signals = reward.signal_scores(flat_prompts, texts) if len(reward_spec.names) > 1 else {}
-    rewards = reward(flat_prompts, texts)
+    reward = load_reward(reward_spec, recipe.model)
+    signals = reward.signal_scores(flat_prompts, texts)
+    rewards = reward.combine(signals)
     judge = load_judge(recipe.sections["judge"], recipe.model)(flat_prompts, texts)
     per_prompt = score_columns(samples, judge, rewards, signals)
     by_n = summarize(per_prompt, config)

@@ -3,7 +3,8 @@
     rlhf-pipeline label recipes/smollm2-135m/label.yaml
 
 InstructGPT's comparison data without people: the SFT policy answers each prompt K times, the judge
-scores every answer, and each prompt yields pairs whose judge gap is at least `min_gap` (closer pairs
+scores every answer (or, when the recipe has a `reward:` section, its combined reward:
+reward_spec.py), and each prompt yields pairs whose judge gap is at least `min_gap` (closer pairs
 are dropped and counted). The output folder holds `preferences.jsonl`, `ranked.jsonl` and a data card
 (`data_card.yaml`) that an RM recipe names like any other dataset.
 """
@@ -19,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from rlhf_pipeline.data.formats import FORMATS
 from rlhf_pipeline.judges import JudgeSpec
 from rlhf_pipeline.report.sections import label_headline, label_section
+from rlhf_pipeline.reward_spec import RewardSpec, check_reward
 from rlhf_pipeline.stages import MemoryModel, Presentation, Stage
 
 if TYPE_CHECKING:
@@ -67,13 +69,13 @@ def select_pairs(answers: list[str], scores: list[float], min_gap: float, mode: 
     return pairs, too_close
 
 
-def _card(recipe: Recipe, config: LabelConfig, judge: JudgeSpec, counts: dict[str, int]) -> dict[str, Any]:
+def _card(recipe: Recipe, config: LabelConfig, judge: str, counts: dict[str, int]) -> dict[str, Any]:
     return {
         "name": f"{recipe.output_dir.name}_preferences",
         "description": (f"Preference pairs labelled by this pipeline: {config.num_samples} answers per prompt "
                         f"sampled from {recipe.model.name_or_path} (temperature {config.temperature}, top_p "
                         f"{config.top_p}, at most {config.max_new_tokens} new tokens), ranked by the judge "
-                        f"'{judge.name}', pairs with a judge gap of at least {config.min_gap} kept."),
+                        f"'{judge}', pairs with a judge gap of at least {config.min_gap} kept."),
         "source": {"path": "preferences.jsonl"},
         "format": "prompt_chosen_rejected",
         "license": "same as the prompts and the sampled model",
@@ -81,6 +83,10 @@ def _card(recipe: Recipe, config: LabelConfig, judge: JudgeSpec, counts: dict[st
         "size": {"rows": counts["pairs"], "prompts": counts["prompts"]},
         "known_issues": "Machine-judged: the pairs teach whatever the judge rewards, including its blind spots.",
     }
+
+
+def _check(recipe: Recipe) -> None:
+    check_reward(recipe, recipe.sections["reward"])
 
 
 def run(recipe: Recipe) -> dict[str, Any]:
@@ -92,18 +98,20 @@ def run(recipe: Recipe) -> dict[str, Any]:
     from rlhf_pipeline.distributed import is_main_process, say
     from rlhf_pipeline.generation import sample_answers
     from rlhf_pipeline.judges import load_judge
+    from rlhf_pipeline.reward_spec import load_reward
     from rlhf_pipeline.stages.common import finish_outputs, finished_manifest, load_frozen
 
     config: LabelConfig = recipe.settings
-    judge_spec = recipe.sections["judge"]
+    judge_spec, spec = recipe.sections["judge"], recipe.sections["reward"]
+    judge_name = f"reward ({', '.join(spec.names)})" if spec.given else judge_spec.name
     sources, tokenizer, models = load_frozen(recipe, {"policy": recipe.model.name_or_path})
     datasets, data_report = load_datasets(recipe, tokenizer, prompts_only=True)
     prompts = [row["prompt"] for split in datasets.values() for row in split]
-    say(f"label: {len(prompts)} prompts x {config.num_samples} answers, judge {judge_spec.name}")
+    say(f"label: {len(prompts)} prompts x {config.num_samples} answers, judge {judge_name}")
     samples = sample_answers(models["policy"].use("policy"), tokenizer, prompts, config.num_samples,
                              config.max_new_tokens, config.temperature, config.top_p, config.batch_size, config.seed,
                              "labelling")
-    judge = load_judge(judge_spec, recipe.model)
+    judge = load_reward(spec, recipe.model) if spec.given else load_judge(judge_spec, recipe.model)
     ranked_rows, pair_rows, too_close = [], [], 0
     for prompt, answers in tqdm(list(zip(prompts, samples, strict=True)), desc="label: judging",
                                 disable=not is_main_process()):
@@ -116,14 +124,14 @@ def run(recipe: Recipe) -> dict[str, Any]:
     counts = {"prompts": len(prompts), "answers": len(prompts) * config.num_samples, "pairs": len(pair_rows),
               "dropped_below_min_gap": too_close,
               "finished_answers": sum(a.finished for answers in samples for a in answers)}
-    metrics = {"counts": counts, "judge": judge_spec.name, "data": data_report.as_dict(),
+    metrics = {"counts": counts, "judge": judge_name, "data": data_report.as_dict(),
                "mean_judge_score": sum(s for r in ranked_rows for s in r["scores"]) / max(counts["answers"], 1)}
     say(f"label: {counts['pairs']} pairs kept, {too_close} dropped below min_gap {config.min_gap}")
 
     def write_files(folder: Path) -> None:
         (folder / "preferences.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pair_rows))
         (folder / "ranked.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ranked_rows))
-        (folder / "data_card.yaml").write_text(yaml.safe_dump(_card(recipe, config, judge_spec, counts),
+        (folder / "data_card.yaml").write_text(yaml.safe_dump(_card(recipe, config, judge_name, counts),
                                                               sort_keys=False))
 
     finish_outputs(recipe, finished_manifest(recipe, sources["policy"], metrics, adapter=False), write_files)
@@ -137,7 +145,8 @@ STAGE = Stage(
     config_class=("rlhf_pipeline.stages.label", "LabelConfig"),
     config_section="labelling",
     data_formats=frozenset(FORMATS),
-    sections={"judge": JudgeSpec},
+    sections={"judge": JudgeSpec, "reward": RewardSpec},
+    extra_checks=_check,
     run=run,
     presentation=Presentation("AI-feedback labelling", label_headline, label_section),
     memory=MemoryModel(kind="sample"),

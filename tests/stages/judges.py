@@ -1,4 +1,4 @@
-"""Trivial judges and reward functions for chain tests: the letter 'e', and answer length."""
+"""A trivial judge for chain tests: it prefers answers with more of the letter 'e'."""
 
 from __future__ import annotations
 
@@ -7,6 +7,11 @@ from collections.abc import Sequence
 
 def letter_e_share(prompts: Sequence[object], answers: Sequence[str]) -> list[float]:
     return [answer.count("e") / max(len(answer), 1) for answer in answers]
+
+
+def mentions_cake(prompts: Sequence[object], answers: Sequence[str]) -> list[float]:
+    """A rule for tests: 1.0 (the rule is broken) when an answer says "cake"."""
+    return [float("cake" in answer.lower()) for answer in answers]
 
 
 def answer_length(prompts: Sequence[object], answers: Sequence[str]) -> list[float]:

@@ -104,7 +104,7 @@ def test_the_default_n_values_are_powers_of_two_up_to_n_max(tmp_path: Path) -> N
 @pytest.mark.parametrize(("reward", "key", "problem"), [
     ({"functions": ["tests.stages.judges:no_such"]}, "reward.functions[0]", "has no function 'no_such'"),
     ({"model": "RM"}, "reward.model", "holds a finished 'sft' stage, not a reward model"),
-    ({}, "reward", "give model"),
+    ({}, "reward", "required: what best-of-n maximises"),
 ])
 def test_a_bad_reward_is_refused_before_any_weights_load(tmp_path: Path, sft_and_rm: tuple[Path, Path],
                                                           reward: dict[str, Any], key: str, problem: str) -> None:
@@ -183,16 +183,22 @@ def test_best_of_n_picks_the_longest_answer_and_its_card_feeds_sft(tmp_path: Pat
     assert [(row["prompt"], row["completion"][-1]["content"]) for row in datasets["train"]] == expected
 
 
-def test_several_reward_signals_are_reported_each(tmp_path: Path, sft_and_rm: tuple[Path, Path]) -> None:
-    """Length and the letter-e share as two signals: the reward is their sum, each signal is summarised at the
-    answer the summed reward picks."""
-    path = _recipe(tmp_path, sft_and_rm[0], reward={"functions": [LENGTH, "tests.stages.judges:letter_e_share"]},
-                   n_max=4)
+def test_several_reward_signals_are_combined_and_reported_each(tmp_path: Path, sft_and_rm: tuple[Path, Path]) -> None:
+    """Half the length as a reward and twice the letter-e share as a penalty (reward_spec's combination): the
+    reward is 0.5·length − 2·share, and each signal is summarised at the answer that reward picks."""
+    signals = {"length": {"function": LENGTH, "weight": 0.5},
+               "e_share": {"function": "tests.stages.judges:letter_e_share", "use": "penalty", "weight": 2.0}}
+    path = _recipe(tmp_path, sft_and_rm[0], reward={"signals": signals}, n_max=4)
     assert main(["best-of-n", str(path)]) == 0
     record = json.loads((tmp_path / "outputs" / "best-of-n" / "best_of_n.json").read_text())
-    row = record["per_prompt"][0]
-    assert row["reward"] == pytest.approx([a + b for a, b in zip(row["reward/answer_length"],
-                                                                  row["reward/letter_e_share"], strict=True)])
+    assert record["reward"] == ["length", "e_share"]
+    for row in record["per_prompt"]:
+        assert row["signal/length"] == [float(len(answer)) for answer in row["answers"]]
+        assert row["reward"] == pytest.approx([0.5 * length - 2 * share for length, share in
+                                               zip(row["signal/length"], row["signal/e_share"], strict=True)])
     top = record["by_n"][-1]
-    assert top["reward/answer_length"]["mean"] == pytest.approx(np.mean(
-        [p["reward/answer_length"][p["best"]] for p in record["per_prompt"]]))
+    for name in ("signal/length", "signal/e_share"):
+        assert top[name]["mean"] == pytest.approx(np.mean([p[name][p["best"]] for p in record["per_prompt"]]))
+    assert "| n | KL bound (nats) | judge [95% CI] | judge gain [95% CI] | reward [95% CI] | reward gain [95% CI] | " \
+           "signal/e_share [95% CI] | signal/length [95% CI] |" in (path.parent / "outputs" / "best-of-n" /
+                                                                    "report.md").read_text()

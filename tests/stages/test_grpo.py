@@ -26,7 +26,7 @@ ONLINE_STAGES = ("grpo", "rloo")
      r"function 'no_such_function'"),
     ({"functions": ["tests.stages.judges.letter_e_share"]}, {},
      r"reward\.functions: 'tests\.stages\.judges\.letter_e_share' is not `module:function`"),
-    ({}, {}, r"reward: give model .*, functions .*, or both"),
+    ({}, {}, r"reward: required: the signals the sampled answers are scored with"),
     ({"functions": ["tests.stages.judges:letter_e_share"]}, {"reward_weights": [1.0, 0.5]},
      r"training\.reward_weights: 2 weight\(s\) for 1 reward signal\(s\) \(letter_e_share\)"),
 ])
