@@ -116,7 +116,7 @@ def expected_best_of_n(rewards: Sequence[float], values: Sequence[float], n: int
 
 def kl_best_of_n(n: int) -> float:
     """log n − (n−1)/n nats: the KL of best-of-n to the policy it samples from (Stiennon et al. 2020, Gao et
-    al. 2022); an upper bound on the true KL, reached when no two answers tie (Beirami et al. 2024)."""
+    al. 2022): exact when no answer is likely to be sampled twice, an upper bound otherwise (Beirami et al. 2024)."""
     return math.log(n) - (n - 1) / n
 
 
