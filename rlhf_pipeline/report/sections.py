@@ -81,6 +81,9 @@ def sft_headline(metrics: dict[str, Any]) -> str:
 
 def label_headline(metrics: dict[str, Any]) -> str:
     counts = metrics.get("counts", {})
+    if metrics.get("writes") == "classification":
+        return (f"{_fmt(counts.get('violations'))} of {_fmt(counts.get('classified'))} answers break the rule "
+                f"({_fmt(counts.get('violation_rate'))}), from {_fmt(counts.get('prompts'))} prompts")
     return (f"{_fmt(counts.get('pairs'))} pairs from {_fmt(counts.get('prompts'))} prompts "
             f"({_fmt(counts.get('answers'))} answers), mean judge score {_fmt(metrics.get('mean_judge_score'))}")
 
@@ -195,10 +198,16 @@ def label_section(folder: Path, metrics: dict[str, Any], plots: Plots) -> list[s
     answers = counts.get("answers") or 0
     rows = [["judge", metrics.get("judge")], ["prompts", counts.get("prompts")], ["answers sampled", answers],
             ["answers that ended with the stop token",
-             f"{counts.get('finished_answers')} ({counts.get('finished_answers', 0) / max(answers, 1):.0%})"],
-            ["preference pairs kept", counts.get("pairs")],
-            ["pairs dropped (judge gap below min_gap)", counts.get("dropped_below_min_gap")],
-            ["mean judge score", metrics.get("mean_judge_score")], *_data_rows(metrics)]
+             f"{counts.get('finished_answers')} ({counts.get('finished_answers', 0) / max(answers, 1):.0%})"]]
+    if metrics.get("writes") == "classification":
+        rows += [["answers classified (empty ones left out)", counts.get("classified")],
+                 ["answers that break the rule", f"{counts.get('violations')} ({counts.get('violation_rate', 0):.0%})"],
+                 *_data_rows(metrics)]
+        return [*table(["", "value"], rows), "The labelled answers are in `classified.jsonl`, described by "
+                "`data_card.yaml` (format `classification`, label 1 = breaks the rule).", ""]
+    rows += [["preference pairs kept", counts.get("pairs")],
+             ["pairs dropped (judge gap below min_gap)", counts.get("dropped_below_min_gap")],
+             ["mean judge score", metrics.get("mean_judge_score")], *_data_rows(metrics)]
     ranked, pairs = _read_jsonl(folder / "ranked.jsonl"), _read_jsonl(folder / "preferences.jsonl")
     lines = [*table(["", "value"], rows), *plots.add("label.png", "Judge scores", plot_label, ranked, pairs)]
     if pairs:
@@ -238,13 +247,18 @@ def ppo_section(folder: Path, metrics: dict[str, Any], plots: Plots) -> list[str
                   + ". The policy of that step is this stage's adapter; the checkpoint is "
                   + f"`{Path(stop['checkpoint']).name}`.",
                   ""]
-    keys = ("objective/scores", "objective/raw_scores", "objective/kl", "objective/entropy", "response/length",
-            "response/eos_fraction", "policy/clipfrac", "val/clipfrac", "loss/value", "val/explained_variance")
+    signals = [key for key in final if key.startswith("reward/")]  # the recipe's reward signals, one each
+    keys = ("objective/scores", "objective/raw_scores", *signals, "objective/kl", "objective/entropy",
+            "response/length", "response/eos_fraction", "policy/clipfrac", "val/clipfrac", "loss/value",
+            "val/explained_variance")
     lines += table(["", f"first log (step {first.get('step', '—')})", f"last log (step {final.get('step', '—')})"],
                     [[key, first.get(key), final.get(key)] for key in keys])
     lines += [f"{metrics.get('global_steps')} PPO steps of {metrics.get('global_batch_size')} prompts; reward model "
               f"`{metrics.get('reward_model')}`.", ""]
     lines += plots.add("ppo_training.png", "PPO training", plot_ppo, history, alerts)
+    if signals:
+        lines += plots.add("ppo_signals.png", "Reward signals (mean per answer)", plot_curves, history,
+                           [(key, key.removeprefix("reward/")) for key in signals], "PPO step")
     lines += ["## Health alerts", ""]
     if alerts:
         flat = [[entry["step"], a["monitor"], _fmt(a["value"], 6), _fmt(a["threshold"], 6), a["message"]]

@@ -8,13 +8,11 @@ from typing import Any
 
 import pytest
 import yaml
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from rlhf_pipeline.cli import main
 from rlhf_pipeline.errors import RecipeError
 from rlhf_pipeline.stages import load_recipe
-from tests.stages.conftest import write_card
-from tests.stages.test_ppo_checks import _fake_stage
+from tests.stages.conftest import rm_with_another_tokenizer, write_card
 
 CAKE = "tests.stages.judges:mentions_cake"
 LETTER_E = "tests.stages.judges:letter_e_share"
@@ -73,20 +71,12 @@ def test_ppo_refuses_normalising_the_combined_reward_again(tmp_path: Path, tiny_
 
 
 def test_a_signal_model_with_another_tokenizer_stops_ppo_before_weights_load(
-        tmp_path: Path, tiny_model_dir: Path, sft_and_rm: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch,
+        tmp_path: Path, tiny_model_dir: Path, sft_and_rm: tuple[Path, Path], weights_forbidden: None,
         capsys: pytest.CaptureFixture[str]) -> None:
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    tokenizer.add_special_tokens({"additional_special_tokens": ["<|reward|>"]})
-    other = _fake_stage(tmp_path / "outputs" / "other-rm", "rm", tiny_model_dir, tokenizer)
+    other = rm_with_another_tokenizer(tmp_path / "outputs" / "other-rm", tiny_model_dir)
     sft, rm = sft_and_rm
     path = _ppo_recipe(tmp_path, tiny_model_dir, sft, rm, {"signals": {"warmth": {"model": str(rm)},
                                                                        "other": {"model": str(other)}}})
-
-    def no_weights(*args: Any, **kwargs: Any) -> Any:
-        raise AssertionError("weights were loaded before the tokenizer check")
-
-    for model_class in (AutoModelForCausalLM, AutoModelForSequenceClassification):
-        monkeypatch.setattr(model_class, "from_pretrained", no_weights)
     assert main(["ppo", str(path)]) == 2
     assert capsys.readouterr().err.startswith(f"error: {path}: reward.signals.other: the reward model at {other} "
                                               "uses a different tokenizer")
@@ -106,5 +96,72 @@ def test_ppo_scores_with_every_signal_and_logs_each(tmp_path: Path, tiny_model_d
         assert 0 <= entry["reward/e_share"] <= 1 and 0 <= entry["reward/cake"] <= 1
         combined = entry["reward/warmth"] + 2.0 * entry["reward/e_share"] - 0.5 * entry["reward/cake"]
         assert entry["objective/raw_scores"] == pytest.approx(combined, abs=1e-5)
+    report = (tmp_path / "outputs" / "ppo" / "report.md").read_text()
+    assert "| reward/cake | " in report and "ppo_signals.png" in report
+    assert (tmp_path / "outputs" / "ppo" / "ppo_signals.png").read_bytes()[:4] == b"\x89PNG"
     resolved = yaml.safe_load((tmp_path / "outputs" / "ppo" / "recipe.yaml").read_text())
     assert resolved["reward"]["signals"]["cake"]["use"] == "penalty"
+
+
+def test_eval_reports_the_combined_reward_and_each_signal_with_its_gain(
+        tmp_path: Path, tiny_model_dir: Path, sft_and_rm: tuple[Path, Path]) -> None:
+    sft, rm = sft_and_rm
+    write_card(tmp_path, "prompts", [{"prompt": f"Tell me about topic {i}."} for i in range(12)], "prompt_only",
+               ["eval"])
+    path = tmp_path / "eval.yaml"
+    signals = {"warmth": {"model": str(rm)}, "e_share": {"function": LETTER_E, "weight": 2.0},
+               "cake": {"function": CAKE, "use": "penalty", "weight": 0.5}}
+    path.write_text(yaml.safe_dump({
+        "stage": "eval", "model": {"name_or_path": str(sft)},
+        "data": {"train": ["prompts"], "eval_split": 0.0, "max_length": 96},
+        "judge": {"type": "callable", "function": LETTER_E}, "reward": {"signals": signals},
+        "evaluation": {"output_dir": str(tmp_path / "outputs" / "eval"), "policies": {"base": str(tiny_model_dir)},
+                       "max_new_tokens": 10, "bootstrap_samples": 200}}))
+    assert main(["eval", str(path)]) == 0
+    out = tmp_path / "outputs" / "eval"
+    record = json.loads((out / "eval.json").read_text())
+    for columns in (record["per_answer"]["baseline"], record["per_answer"]["policies"]["base"]):
+        assert columns["signal/e_share"] == columns["judge"]  # the same function, as a judge and as a signal
+        combined = [w + 2.0 * e - 0.5 * c for w, e, c in zip(columns["signal/warmth"], columns["signal/e_share"],
+                                                                columns["signal/cake"], strict=True)]
+        assert columns["reward"] == pytest.approx(combined)
+    policy = record["policies"]["base"]
+    for name in ("warmth", "e_share", "cake"):
+        gain = policy[f"signal/{name}_gain"]
+        assert gain["mean"] == pytest.approx(policy[f"signal/{name}"]["mean"] - record["baseline"][f"signal/{name}"]
+                                             ["mean"])
+    assert record["signals"]["cake"] == {"use": "penalty", "weight": 0.5}
+    report = (out / "report.md").read_text()
+    assert "Reward signals (`reward:` section)" in report and "| cake | penalty (0.5) | " in report
+
+
+def test_eval_takes_either_reward_model_or_a_reward_section(tmp_path: Path, sft_and_rm: tuple[Path, Path]) -> None:
+    sft, rm = sft_and_rm
+    write_card(tmp_path, "prompts", [{"prompt": "Hi?"}], "prompt_only", ["eval"])
+    path = tmp_path / "eval.yaml"
+    path.write_text(yaml.safe_dump({
+        "stage": "eval", "model": {"name_or_path": str(sft)}, "data": {"train": ["prompts"], "eval_split": 0.0},
+        "reward": {"model": str(rm)},
+        "evaluation": {"output_dir": str(tmp_path / "out"), "policy": str(rm), "reward_model": str(rm)}}))
+    with pytest.raises(RecipeError, match=r"evaluation\.reward_model: the recipe's reward: section says what"):
+        load_recipe(path)
+
+
+def test_label_ranks_by_the_reward_section_when_given(tmp_path: Path, sft_and_rm: tuple[Path, Path]) -> None:
+    sft, _ = sft_and_rm
+    write_card(tmp_path, "prompts", [{"prompt": f"Tell me about topic {i}."} for i in range(4)], "prompt_only",
+               ["label"])
+    path = tmp_path / "label.yaml"
+    path.write_text(yaml.safe_dump({
+        "stage": "label", "model": {"name_or_path": str(sft)},
+        "data": {"train": ["prompts"], "eval_split": 0.0, "max_length": 96},
+        "reward": {"signals": {"e_share": {"function": LETTER_E}, "cake": {"function": CAKE, "use": "veto"}}},
+        "labelling": {"output_dir": str(tmp_path / "out"), "num_samples": 3, "max_new_tokens": 10,
+                      "min_gap": 0.0}}, sort_keys=False))
+    assert main(["label", str(path)]) == 0
+    ranked = [json.loads(line) for line in (tmp_path / "out" / "ranked.jsonl").read_text().splitlines()]
+    for row in ranked:
+        expected = [-3.0 if "cake" in a.lower() else a.count("e") / max(len(a), 1) for a in row["answers"]]
+        assert row["scores"] == pytest.approx(expected)
+    stage = json.loads((tmp_path / "out" / "stage.json").read_text())
+    assert stage["metrics"]["judge"] == "reward (e_share, cake)"
