@@ -106,6 +106,7 @@ def test_the_default_n_values_are_powers_of_two_up_to_n_max(tmp_path: Path) -> N
     ({"model": "RM"}, "reward.model", "holds a finished 'sft' stage, not a reward model"),
     ({}, "reward", "required: what best-of-n maximises"),
 ])
+@pytest.mark.usefixtures("weights_forbidden")
 def test_a_bad_reward_is_refused_before_any_weights_load(tmp_path: Path, sft_and_rm: tuple[Path, Path],
                                                           reward: dict[str, Any], key: str, problem: str) -> None:
     reward = {k: str(sft_and_rm[0]) if v == "RM" else v for k, v in reward.items()}
