@@ -312,6 +312,29 @@ def plot_eval_tradeoff(policies: dict[str, dict[str, Any]], judge: str) -> Any:
     return figure
 
 
+def plot_best_of_n(rows: list[dict[str, Any]], judge: str) -> Any:
+    """Judge score, reward and length of best-of-n against its KL bound, one point per n with 95% intervals."""
+    panels = [(column, label) for column, label in (("judge", f"judge score ({judge})"), ("reward", "reward"),
+                                                     ("length_tokens", "answer length (tokens)"))
+              if rows and column in rows[0]]
+    if not panels:
+        return None
+    figure, axes = _figure(len(panels), height=3.8)
+    kl = [row["kl_bound"] for row in rows]
+    for axis, (column, label) in zip(axes, panels, strict=True):
+        means = [row[column]["mean"] for row in rows]
+        errors = [[row[column]["mean"] - row[column]["ci95_low"] for row in rows],
+                  [row[column]["ci95_high"] - row[column]["mean"] for row in rows]]
+        axis.errorbar(kl, means, yerr=errors, fmt="o-", capsize=4, color=_BASELINE)
+        for x, y, row in zip(kl, means, rows, strict=True):
+            axis.annotate(f"n={row['n']}", (x, y), textcoords="offset points", xytext=(5, -12), fontsize=8)
+        axis.set_xlabel("KL bound log n − (n−1)/n (nats)")
+        axis.set_ylabel(label)
+        axis.set_title(f"Best of n: {label.split(' (')[0]}, 95% intervals")
+        _grid(axis)
+    return figure
+
+
 def plot_label(ranked: list[dict[str, Any]], pairs: list[dict[str, Any]]) -> Any:
     scores = [s for row in ranked for s in row.get("scores", [])]
     if not scores:

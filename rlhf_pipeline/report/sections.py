@@ -13,6 +13,7 @@ from typing import Any
 
 from rlhf_pipeline.report.plots import (
     Plots,
+    plot_best_of_n,
     plot_curves,
     plot_eval,
     plot_eval_tradeoff,
@@ -362,6 +363,49 @@ def _signal_table(signals: dict[str, Any], baseline: dict[str, Any], policies: d
     return ["Reward signals (`reward:` section): the mean per answer [95% CI] and each policy's gain over the "
             "baseline. A penalty or veto signal's mean is the share of answers that break its rule.", "",
             *table(["signal", "use (weight)", "baseline", *(f"{name}; gain" for name in policies)], rows)]
+
+
+def best_of_n_headline(metrics: dict[str, Any]) -> str:
+    """Best of the largest n against best of 1: judge and reward, with the gains' intervals, and the KL bound."""
+    rows = metrics.get("by_n") or []
+    if len(rows) < 2:
+        return generic_headline(metrics)
+    first, last = rows[0], rows[-1]
+    return (f"best of {last['n']} vs 1: judge {first['judge']['mean']:.3f} → {last['judge']['mean']:.3f} (gain "
+            f"{_interval(last['judge_gain'], signed=True)}), reward {first['reward']['mean']:.3f} → "
+            f"{last['reward']['mean']:.3f}, KL bound {last['kl_bound']:.2f} nats")
+
+
+def best_of_n_section(folder: Path, metrics: dict[str, Any], plots: Plots) -> list[str]:
+    full = read_json(folder / "best_of_n.json") or metrics
+    rows = full.get("by_n") or []
+    if not rows:
+        return []
+    signals = sorted(key for key in rows[0] if key.startswith("signal/"))
+    lines = [f"{full.get('prompts')} prompts × {full.get('n_max')} answers sampled from `{full.get('policy')}`; "
+             f"reward `{' + '.join(full.get('reward') or [])}` picks the best, judge `{full.get('judge')}` measures "
+             "it. Best of n is the exact average over every n-subset of the sampled answers (not the first n); "
+             "intervals are 95% bootstrap over prompts; gains are paired against best of 1 on the same prompts; "
+             "KL bound = log n − (n−1)/n nats (Stiennon et al. 2020, Gao et al. 2022).", ""]
+    header = ["n", "KL bound (nats)", "judge [95% CI]", "judge gain [95% CI]", "reward [95% CI]",
+              "reward gain [95% CI]", *(f"{name} [95% CI]" for name in signals), "length (tokens)"]
+    lines += table(header, [[row["n"], f"{row['kl_bound']:.3f}", _interval(row["judge"]),
+                             _interval(row.get("judge_gain"), signed=True), _interval(row["reward"]),
+                             _interval(row.get("reward_gain"), signed=True),
+                             *(_interval(row[name]) for name in signals), f"{row['length_tokens']['mean']:.1f}"]
+                            for row in rows])
+    lines += plots.add("best_of_n.png", "Best-of-n vs its KL bound", plot_best_of_n, rows, full.get("judge"))
+    if card := full.get("sft_card"):
+        lines += [f"The best answer of {card['rows']} prompts (of those that ended with the stop token) is in "
+                  f"`demonstrations.jsonl`, described by `data_card.yaml` (an sft recipe can name it); "
+                  f"{card['prompts_without_a_finished_answer']} prompts had no such answer.", ""]
+    examples = full.get("examples") or []
+    if examples:
+        lines += [f"## Samples: the first answer and the best of {full.get('n_max')}", "",
+                  *table(["prompt", "first answer", "judge", f"best of {full.get('n_max')}", "judge"],
+                         [[_short(e["prompt"], 100), _short(e["first"], 140), f"{e['first_judge']:.3f}",
+                           _short(e["best"], 140), f"{e['best_judge']:.3f}"] for e in examples])]
+    return lines
 
 
 def generic_section(folder: Path, metrics: dict[str, Any], plots: Plots) -> list[str]:
