@@ -133,3 +133,28 @@ def test_a_listed_column_missing_from_the_file_is_named(tmp_path: Path) -> None:
     card = dataclasses.replace(card, columns=card.columns | {"label": ["is_response_0_safe", "is_response_2_safe"]})
     with pytest.raises(RecipeError, match=r"columns\.label: column 'is_response_2_safe' not found in .*pku_saferlhf"):
         read_card_rows(card)
+
+
+def test_a_recipe_loads_two_answers_per_row_and_names_the_lines_of_the_drops(tmp_path: Path,
+                                                                            tiny_model_dir: Path) -> None:
+    from transformers import AutoTokenizer
+
+    from rlhf_pipeline.data.loading import load_datasets
+    from rlhf_pipeline.stages import load_recipe
+
+    card = yaml.safe_load((REPO / "data_cards" / "pku_saferlhf_classification.yaml").read_text())
+    (tmp_path / "data_cards").mkdir()
+    (tmp_path / "data_cards" / "pku.yaml").write_text(yaml.safe_dump(
+        card | {"source": {"path": str(FIXTURES / "pku_saferlhf.jsonl")}}))
+    recipe_path = tmp_path / "rm.yaml"
+    recipe_path.write_text(yaml.safe_dump({"stage": "rm", "model": {"name_or_path": str(tiny_model_dir)},
+                                           "data": {"train": ["pku"], "eval_split": 0.0, "max_length": 512},
+                                           "training": {"output_dir": str(tmp_path / "out")}}))
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    datasets, report = load_datasets(load_recipe(recipe_path), tokenizer)
+    assert list(datasets["train"]["label"]) == [0, 1, 1, 0, 0, 0, 0, 0, 0]
+    assert report.as_dict() == {"rows_read": 6, "rows_kept": 9,
+                                "rows_dropped": {"empty_answer": 1, "bad_label": 1, "missing_field": 1},
+                                "first_dropped": {reason: [f"pku_saferlhf_classification:line {line}"] for reason, line
+                                                  in (("empty_answer", 4), ("bad_label", 5), ("missing_field", 6))}}
+    assert report.summary().startswith("9 examples from 6 rows; dropped: ")
