@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -11,9 +12,10 @@ import pytest
 import yaml
 
 from rlhf_pipeline.errors import RecipeError
+from rlhf_pipeline.outputs import last_checkpoint, read_manifest
 from rlhf_pipeline.reward import RewardModel
 from rlhf_pipeline.stages import load_recipe, rm
-from tests.stages.conftest import FLAT, TOPICS, WARM, preference_rows, write_card
+from tests.stages.conftest import FLAT, TOPICS, WARM, preference_rows, write_card, write_recipe
 
 
 def rule_rows(n: int) -> list[dict[str, Any]]:
@@ -90,3 +92,25 @@ def test_validate_refuses_rule_cards_mixed_with_preference_cards(make_recipe, tm
     with pytest.raises(RecipeError, match=r"training\.center_rewards_coefficient: centres pairwise rewards"):
         load_recipe(path)
     assert rm.objective(load_recipe(make_recipe("rm", ["rules"]))) == "classification"
+
+
+def test_sigterm_saves_the_step_and_the_rerun_resumes_there(tmp_path: Path, tiny_model_dir: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """The classifier trains through the shared resume and pre-emption code, like the pairwise RM."""
+    from rlhf_pipeline.cli import main
+    from tests.test_interruption import LORA, STEPS, TRAINER, _command, _signal_after_first_checkpoint, _trained_steps
+
+    write_rule_card(tmp_path, rule_rows(32))
+    recipe_path = write_recipe(tmp_path, tiny_model_dir, "rm", ["rules"], {"max_steps": STEPS} | TRAINER,
+                               model={"lora": LORA}, data={"train": ["rules"], "eval_split": 0.0, "max_length": 96})
+    out = load_recipe(recipe_path).output_dir
+    status, _ = _signal_after_first_checkpoint("rm", recipe_path, out, tmp_path / "stopped.log", signal.SIGTERM)
+    assert status == 128 + signal.SIGTERM, (tmp_path / "stopped.log").read_text()
+    stopped_at = last_checkpoint(out)
+    assert stopped_at is not None and read_manifest(out) is None
+
+    assert main(_command("rm", recipe_path)[3:]) == 0, capsys.readouterr().err
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["resumed_from"] == str(stopped_at)
+    assert _trained_steps(metrics) == list(range(1, STEPS + 1))  # nothing lost, nothing done twice
+    assert read_manifest(out).extra["objective"] == "classification"
