@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rlhf_pipeline.data.formats import CLASSIFICATION_FORMATS, PREFERENCE_FORMATS
+from rlhf_pipeline.distributed import say
 from rlhf_pipeline.errors import RecipeError
 from rlhf_pipeline.report.sections import rm_headline, rm_section
 from rlhf_pipeline.stages import MemoryModel, ModelOutput, Presentation, Stage
@@ -124,6 +125,31 @@ def reward_stats(scorer: RewardModel, answers: list[list[int]], sample: int = 12
     return {"mean": statistics.fmean(rewards), "std": statistics.pstdev(rewards) or 1.0, "answers": len(answers)}
 
 
+Measured = tuple[dict[str, Any], dict[str, Any], dict[str, float]]  # headline numbers, held-out block, reward stats
+
+
+def _measure_pairs(scorer: RewardModel, encoded: dict[str, Dataset]) -> Measured:
+    """A pairwise RM's held-out numbers (on the training pairs when there is no eval split) and reward statistics."""
+    held_out = pair_metrics(scorer, encoded.get("eval", encoded["train"]))
+    say(f"rm: held-out pairwise accuracy {held_out['accuracy']:.3f} on {held_out['pairs']} pairs, "
+        f"mean margin {held_out['mean_margin']:.3f}, calibration error {held_out['ece']:.3f}")
+    headline = {"eval_accuracy": held_out["accuracy"], "eval_mean_margin": held_out["mean_margin"],
+                "eval_ece": held_out["ece"], "eval_brier": held_out["brier"]}
+    answers = list(encoded["train"]["chosen_ids"]) + list(encoded["train"]["rejected_ids"])
+    return headline, held_out, reward_stats(scorer, answers)
+
+
+def _measure_answers(scorer: RewardModel, encoded: dict[str, Dataset]) -> Measured:
+    """A rule RM's held-out numbers (on the training answers when there is no eval split) and reward statistics."""
+    held_out = answer_metrics(scorer, encoded.get("eval", encoded["train"]))
+    auroc = "—" if held_out["auroc"] is None else f"{held_out['auroc']:.3f}"
+    say(f"rm: rule classifier, held-out accuracy {held_out['accuracy']:.3f} on {held_out['answers']} answers "
+        f"(base rate {held_out['base_rate']:.3f}), AUROC {auroc}, calibration error {held_out['ece']:.3f}")
+    headline = {"eval_accuracy": held_out["accuracy"], "eval_auroc": held_out["auroc"], "eval_ece": held_out["ece"],
+                "eval_brier": held_out["brier"], "eval_base_rate": held_out["base_rate"]}
+    return headline, held_out, reward_stats(scorer, list(encoded["train"]["input_ids"]))
+
+
 def _encode_answers(dataset: Dataset, tokenizer: Any) -> Dataset:
     """Pre-tokenize classified answers with the shared chat encoding, as PPO presents answers to a scorer."""
     from rlhf_pipeline.chat import answer_text, encode_answer, encode_prompt
@@ -179,7 +205,7 @@ def run(recipe: Recipe) -> dict[str, Any]:
     from rlhf_pipeline.data.loading import load_datasets
     from rlhf_pipeline.models import REWARD, match_compute_dtype
     from rlhf_pipeline.reward import RewardModel, sequence_scores
-    from rlhf_pipeline.stages.common import finish, load_for_training, say, train_resuming, trainer_config
+    from rlhf_pipeline.stages.common import finish, load_for_training, train_resuming, trainer_config
 
     classifier = objective(recipe) == CLASSIFICATION
     loaded = load_for_training(recipe, task=REWARD)
@@ -199,23 +225,7 @@ def run(recipe: Recipe) -> dict[str, Any]:
     _, record = train_resuming(trainer, recipe, data_report)
     scorer = RewardModel(partial(sequence_scores, trainer.model.eval()), loaded.tokenizer, trainer.model.device,
                          batch_size=args.per_device_eval_batch_size)
-    held_out_set = encoded.get("eval", encoded["train"])
-    if classifier:
-        held_out = answer_metrics(scorer, held_out_set)
-        stats = reward_stats(scorer, list(encoded["train"]["input_ids"]))
-        headline = {"eval_accuracy": held_out["accuracy"], "eval_auroc": held_out["auroc"],
-                    "eval_ece": held_out["ece"], "eval_brier": held_out["brier"],
-                    "eval_base_rate": held_out["base_rate"]}
-        auroc = "—" if held_out["auroc"] is None else f"{held_out['auroc']:.3f}"
-        say(f"rm: rule classifier, held-out accuracy {held_out['accuracy']:.3f} on {held_out['answers']} answers "
-            f"(base rate {held_out['base_rate']:.3f}), AUROC {auroc}, calibration error {held_out['ece']:.3f}")
-    else:
-        held_out = pair_metrics(scorer, held_out_set)
-        stats = reward_stats(scorer, list(encoded["train"]["chosen_ids"]) + list(encoded["train"]["rejected_ids"]))
-        headline = {"eval_accuracy": held_out["accuracy"], "eval_mean_margin": held_out["mean_margin"],
-                    "eval_ece": held_out["ece"], "eval_brier": held_out["brier"]}
-        say(f"rm: held-out pairwise accuracy {held_out['accuracy']:.3f} on {held_out['pairs']} pairs, "
-            f"mean margin {held_out['mean_margin']:.3f}, calibration error {held_out['ece']:.3f}")
+    headline, held_out, stats = (_measure_answers if classifier else _measure_pairs)(scorer, encoded)
     kind = CLASSIFICATION if classifier else PAIRWISE
     metrics = {"objective": kind, **headline, "eval": held_out, "reward_stats": stats, **record}
     finish(recipe, loaded, trainer.model, metrics, task=REWARD, extra={"reward_stats": stats, "objective": kind})
