@@ -21,6 +21,7 @@ from rlhf_pipeline.report.plots import (
     plot_ppo,
     plot_rm_rewards,
     plot_rm_training,
+    plot_rule_rm,
     plot_sft,
 )
 
@@ -90,6 +91,11 @@ def label_headline(metrics: dict[str, Any]) -> str:
 
 def rm_headline(metrics: dict[str, Any]) -> str:
     held_out = metrics.get("eval", {})
+    if metrics.get("objective") == "classification":
+        return (f"rule classifier: held-out accuracy {_fmt(metrics.get('eval_accuracy'))} on "
+                f"{_fmt(held_out.get('answers'))} answers (base rate {_fmt(metrics.get('eval_base_rate'))}), "
+                f"AUROC {_fmt(metrics.get('eval_auroc'))}, ECE {_fmt(metrics.get('eval_ece'))}, "
+                f"Brier {_fmt(metrics.get('eval_brier'))}")
     return (f"held-out accuracy {_fmt(metrics.get('eval_accuracy'))} on {_fmt(held_out.get('pairs'))} pairs, "
             f"margin {_fmt(metrics.get('eval_mean_margin'))}, ECE {_fmt(metrics.get('eval_ece'))}, "
             f"Brier {_fmt(metrics.get('eval_brier'))}")
@@ -220,6 +226,8 @@ def label_section(folder: Path, metrics: dict[str, Any], plots: Plots) -> list[s
 
 def rm_section(folder: Path, metrics: dict[str, Any], plots: Plots) -> list[str]:
     held_out, stats = metrics.get("eval", {}), metrics.get("reward_stats", {})
+    if metrics.get("objective") == "classification":
+        return _rule_rm_section(metrics, held_out, stats, plots)
     rows = [["held-out pairs", held_out.get("pairs")], ["pairwise accuracy", metrics.get("eval_accuracy")],
             ["mean margin r(chosen) − r(rejected)", metrics.get("eval_mean_margin")],
             ["expected calibration error (ECE)", held_out.get("ece")],
@@ -233,6 +241,28 @@ def rm_section(folder: Path, metrics: dict[str, Any], plots: Plots) -> list[str]
     return [*table(["", "value"], rows),
             *plots.add("rm_training.png", "RM training", plot_rm_training, history, metrics.get("eval_accuracy")),
             *plots.add("rm_rewards.png", "Held-out rewards and calibration", plot_rm_rewards, held_out)]
+
+
+def _rule_rm_section(metrics: dict[str, Any], held_out: dict[str, Any], stats: dict[str, Any],
+                     plots: Plots) -> list[str]:
+    """A rule reward model's numbers: σ(score) is the probability that an answer breaks the rule."""
+    rows = [["held-out answers", held_out.get("answers")],
+            ["base rate (share that breaks the rule)", held_out.get("base_rate")],
+            ["accuracy (σ(score) > 0.5)", metrics.get("eval_accuracy")], ["AUROC", held_out.get("auroc")],
+            ["expected calibration error (ECE)", held_out.get("ece")],
+            ["Brier score of σ(score)", held_out.get("brier")], ["log loss", held_out.get("log_loss")],
+            ["mean σ(score) / base rate", f"{_fmt(held_out.get('mean_probability'))} / "
+                                          f"{_fmt(held_out.get('base_rate'))}"],
+            ["mean score breaking / keeping the rule",
+             f"{_fmt(held_out.get('violation_score_mean'))} / {_fmt(held_out.get('kept_score_mean'))}"],
+            ["training score mean / std", f"{_fmt(stats.get('mean'))} / {_fmt(stats.get('std'))}"],
+            ["optimizer steps", metrics.get("global_steps")], *_data_rows(metrics)]
+    history = metrics.get("log_history") or []
+    return ["A rule reward model (a classifier): σ(score) is the probability that an answer breaks the rule.", "",
+            *table(["", "value"], rows),
+            *plots.add("rm_training.png", "RM training", plot_curves, history,
+                       [("loss", "binary cross-entropy (train batches)")], "optimizer step"),
+            *plots.add("rm_rule.png", "Held-out scores and calibration", plot_rule_rm, held_out)]
 
 
 def ppo_section(folder: Path, metrics: dict[str, Any], plots: Plots) -> list[str]:
