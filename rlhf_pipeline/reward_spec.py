@@ -34,6 +34,7 @@ from rlhf_pipeline.chat import Messages
 from rlhf_pipeline.errors import RecipeError
 from rlhf_pipeline.judges import JudgeSpec, import_function
 from rlhf_pipeline.outputs import read_manifest
+from rlhf_pipeline.reward import CLASSIFICATION, PAIRWISE
 
 if TYPE_CHECKING:
     from rlhf_pipeline.recipe import ModelSpec, Recipe
@@ -41,7 +42,6 @@ if TYPE_CHECKING:
 
 USES = ("reward", "penalty", "veto")
 RULE_USES = ("penalty", "veto")
-CLASSIFIER = "classification"  # the objective a rule RM's rm stage records in its stage.json
 _SIGNAL_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]*")  # a log key, an adapter name, a report row
 
 # A signal's scores for answers: chat prompts, answer texts and, when the caller sampled them, the token ids of
@@ -131,7 +131,7 @@ class RewardSpec:
 def model_objective(folder: str | Path) -> str | None:
     """What a finished rm stage learnt: "pairwise" (preferences) or "classification" (a rule); None if unfinished."""
     manifest = read_manifest(Path(folder))
-    return None if manifest is None else manifest.extra.get("objective", "pairwise")
+    return None if manifest is None else manifest.extra.get("objective", PAIRWISE)
 
 
 def check_reward(recipe: Recipe, spec: RewardSpec) -> None:
@@ -149,7 +149,7 @@ def check_reward(recipe: Recipe, spec: RewardSpec) -> None:
             recipe.check_finished_stage(model_key, signal.model, ("rm",),
                                         "not a reward model; point it at an rm stage's output_dir")
             objective = model_objective(signal.model)  # unknown while an earlier pipeline stage has yet to write it
-            rule = objective == CLASSIFIER
+            rule = objective == CLASSIFICATION
             if rule and signal.use not in RULE_USES:
                 raise RecipeError(recipe.path, f"{key}.use", f"{signal.model} is a rule reward model (the "
                                   "probability that an answer breaks a rule); use it as `use: penalty` or `use: veto`")
@@ -201,7 +201,7 @@ class Reward:
 def model_scorer(rm: RewardModel, signal: RewardSignal) -> Scorer:
     """A reward model as a signal: sigmoid(score) for a rule RM, else its score, normalised unless told not to."""
     mean, std = (rm.mean, rm.std) if signal.normalize else (0.0, 1.0)
-    rule = rm.objective == CLASSIFIER
+    rule = rm.objective == CLASSIFICATION
 
     def score(prompts: Sequence[Messages], answers: Sequence[str],
               sequences: Sequence[Sequence[int]] | None = None) -> list[float]:

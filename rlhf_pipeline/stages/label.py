@@ -98,6 +98,7 @@ def _classification_card(recipe: Recipe, config: LabelConfig, judge: str, counts
                         f"answer breaks the rule ({counts['violations']} of {counts['classified']})."),
         "source": {"path": "classified.jsonl"},
         "format": "classification",
+        "violation_when": True,
         "license": "same as the prompts and the sampled model",
         "stages": ["rm"],
         "size": {"rows": counts["classified"], "prompts": counts["prompts"]},

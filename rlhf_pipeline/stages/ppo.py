@@ -31,7 +31,8 @@ from typing import TYPE_CHECKING, Any
 from rlhf_pipeline.data.formats import FORMATS, SFT_FORMATS
 from rlhf_pipeline.errors import PipelineError, RecipeError
 from rlhf_pipeline.report.sections import ppo_headline, ppo_section, ppo_summary_note
-from rlhf_pipeline.reward_spec import RewardSpec, check_reward
+from rlhf_pipeline.reward import CLASSIFICATION
+from rlhf_pipeline.reward_spec import RewardSpec, check_reward, model_objective
 from rlhf_pipeline.stages import MemoryModel, ModelOutput, Presentation, Stage
 
 if TYPE_CHECKING:
@@ -53,6 +54,10 @@ def _check(recipe: Recipe) -> None:
                           "frozen reference on one base; add a lora section")
     recipe.check_finished_stage("training.reward_model_path", recipe.config["reward_model_path"], ("rm",),
                                 "not a reward model; point it at the rm stage's output_dir")
+    if model_objective(recipe.config["reward_model_path"]) == CLASSIFICATION:
+        raise RecipeError(recipe.path, "training.reward_model_path", "a rule reward model (higher = more likely to "
+                          "break its rule) cannot be PPO's reward or the critic's start; give the preference RM here "
+                          "and the rule RM as a penalty in the reward: section")
     spec = recipe.sections["reward"]
     if spec.given:
         check_reward(recipe, spec)

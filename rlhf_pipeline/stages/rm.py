@@ -25,6 +25,7 @@ from rlhf_pipeline.data.formats import CLASSIFICATION_FORMATS, PREFERENCE_FORMAT
 from rlhf_pipeline.distributed import say
 from rlhf_pipeline.errors import RecipeError
 from rlhf_pipeline.report.sections import rm_headline, rm_section
+from rlhf_pipeline.reward import CLASSIFICATION, PAIRWISE
 from rlhf_pipeline.stages import MemoryModel, ModelOutput, Presentation, Stage
 
 if TYPE_CHECKING:
@@ -34,7 +35,6 @@ if TYPE_CHECKING:
     from rlhf_pipeline.reward import RewardModel
     from rlhf_pipeline.stages.common import Loaded
 
-PAIRWISE, CLASSIFICATION = "pairwise", "classification"  # the two objectives, as the manifest records them
 
 
 def objective(recipe: Recipe) -> str:

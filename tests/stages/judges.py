@@ -16,3 +16,8 @@ def mentions_cake(prompts: Sequence[object], answers: Sequence[str]) -> list[flo
 
 def answer_length(prompts: Sequence[object], answers: Sequence[str]) -> list[float]:
     return [float(len(answer)) for answer in answers]
+
+
+def over_30_characters(prompts: Sequence[object], answers: Sequence[str]) -> list[float]:
+    """A rule for tests: an answer over 30 characters breaks it."""
+    return [float(len(answer) > 30) for answer in answers]

@@ -165,3 +165,45 @@ def test_label_ranks_by_the_reward_section_when_given(tmp_path: Path, sft_and_rm
         assert row["scores"] == pytest.approx(expected)
     stage = json.loads((tmp_path / "out" / "stage.json").read_text())
     assert stage["metrics"]["judge"] == "reward (e_share, cake)"
+
+
+def test_rule_labels_train_a_rule_rm_that_ppo_takes_as_a_penalty_only(
+        tmp_path: Path, tiny_model_dir: Path, sft_and_rm: tuple[Path, Path]) -> None:
+    sft, rm = sft_and_rm
+    write_card(tmp_path, "prompts", [{"prompt": f"Tell me about topic {i}."} for i in range(12)], "prompt_only",
+               ["label"])
+    labels = tmp_path / "outputs" / "label-rule"
+    path = tmp_path / "label.yaml"
+    path.write_text(yaml.safe_dump({
+        "stage": "label", "model": {"name_or_path": str(sft)},
+        "data": {"train": ["prompts"], "eval_split": 0.0, "max_length": 96},
+        "judge": {"type": "callable", "function": "tests.stages.judges:over_30_characters"},
+        "labelling": {"output_dir": str(labels), "writes": "classification", "num_samples": 2,
+                      "max_new_tokens": 12}}))
+    assert main(["label", str(path)]) == 0
+    rows = [json.loads(line) for line in (labels / "classified.jsonl").read_text().splitlines()]
+    assert rows and all(row["label"] == int(len(row["answer"]) > 30) for row in rows)
+    counts = json.loads((labels / "stage.json").read_text())["metrics"]["counts"]
+    assert counts["classified"] == len(rows) and counts["violations"] == sum(row["label"] for row in rows)
+    card = yaml.safe_load((labels / "data_card.yaml").read_text())
+    assert (card["format"], card["violation_when"], card["size"]["rows"]) == ("classification", True, len(rows))
+
+    rm_recipe = tmp_path / "rule-rm.yaml"
+    rm_recipe.write_text(yaml.safe_dump({
+        "stage": "rm", "model": {"name_or_path": str(sft), "lora": {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0}},
+        "data": {"train": [str(labels / "data_card.yaml")], "eval_split": 0.25, "max_length": 96},
+        "training": {"output_dir": str(tmp_path / "outputs" / "rule-rm"), "max_steps": 2,
+                     "per_device_train_batch_size": 8, "report_to": "none", "seed": 0}}))
+    assert main(["rm", str(rm_recipe)]) == 0
+    rule_rm = tmp_path / "outputs" / "rule-rm"
+    assert json.loads((rule_rm / "stage.json").read_text())["extra"]["objective"] == "classification"
+
+    with pytest.raises(RecipeError, match=r"training\.reward_model_path: a rule reward model .* cannot be PPO's "
+                                          r"reward"):
+        load_recipe(_ppo_recipe(tmp_path, tiny_model_dir, sft, rule_rm, {}))
+    with pytest.raises(RecipeError, match=r"reward\.signals\.brief\.use: .* is a rule reward model .* use it as "
+                                          r"`use: penalty` or `use: veto`"):
+        load_recipe(_ppo_recipe(tmp_path, tiny_model_dir, sft, rm, {"signals": {"brief": {"model": str(rule_rm)}}}))
+    penalised = load_recipe(_ppo_recipe(tmp_path, tiny_model_dir, sft, rm, {"signals": {
+        "warmth": {"model": str(rm)}, "brief": {"model": str(rule_rm), "use": "penalty"}}}))
+    assert penalised.sections["reward"].by_name["brief"].use == "penalty"
