@@ -36,7 +36,6 @@ if TYPE_CHECKING:
     from rlhf_pipeline.stages.common import Loaded
 
 
-
 def objective(recipe: Recipe) -> str:
     """What the recipe's cards train: a rule classifier when they are classification cards, else pairs."""
     return CLASSIFICATION if any(card.format in CLASSIFICATION_FORMATS for card in recipe.cards) else PAIRWISE
