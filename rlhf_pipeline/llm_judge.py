@@ -276,16 +276,18 @@ class LLMJudge:
 
 
 def agreement(judge: LLMJudge, pairs: Sequence[tuple[Messages, str, str]],
-              description: str | None = "judging pairs") -> dict[str, float]:
+              description: str | None = "judging pairs") -> dict[str, Any]:
     """How a pairwise judge agrees with (prompt, chosen, rejected) labels, and how much the order sways it.
 
     Each pair is asked with chosen first and with rejected first. Reported: agreement of the order-averaged
-    verdict (ties at exactly 0.5 count as disagreement), agreement of each order alone, the share of pairs
-    whose verdict flips with the order, the mean |P(chosen wins | first) − P(chosen wins | second)| and its
-    signed mean (> 0: the judge favours the first position), and the mean probability mass of the two choice
-    tokens (low: the judge does not answer in the asked format). A pointwise judge compares expected ratings
-    instead (`rating_agreement`).
+    verdict (ties at exactly 0.5 count as disagreement) with its 95% bootstrap interval, agreement of each
+    order alone, the share of pairs whose verdict flips with the order, the mean |P(chosen wins | first) −
+    P(chosen wins | second)| and its signed mean (> 0: the judge favours the first position), and the mean
+    probability mass of the two choice tokens (low: the judge does not answer in the asked format). A
+    pointwise judge compares expected ratings instead (`rating_agreement`).
     """
+    from rlhf_pipeline.stats import bootstrap_ci
+
     if not pairs:
         raise ValueError("agreement: no pairs to judge")
     if judge.mode == "pointwise":
@@ -297,9 +299,11 @@ def agreement(judge: LLMJudge, pairs: Sequence[tuple[Messages, str, str]],
     wins_second = [1 - p for p in first[n:]]  # ... with chosen shown second
     averaged = [(a + b) / 2 for a, b in zip(wins_first, wins_second, strict=True)]
     effect = [a - b for a, b in zip(wins_first, wins_second, strict=True)]
+    agrees = [float(p > 0.5) for p in averaged]
     return {
         "pairs": n,
-        "agreement": sum(p > 0.5 for p in averaged) / n,
+        "agreement": sum(agrees) / n,
+        "agreement_ci95": list(bootstrap_ci(agrees)),
         "agreement_chosen_first": sum(p > 0.5 for p in wins_first) / n,
         "agreement_chosen_second": sum(p > 0.5 for p in wins_second) / n,
         "order_flip_share": sum((a > 0.5) != (b > 0.5) for a, b in zip(wins_first, wins_second, strict=True)) / n,
@@ -311,11 +315,14 @@ def agreement(judge: LLMJudge, pairs: Sequence[tuple[Messages, str, str]],
 
 
 def rating_agreement(judge: LLMJudge, pairs: Sequence[tuple[Messages, str, str]],
-                     description: str | None = "rating answers") -> dict[str, float]:
+                     description: str | None = "rating answers") -> dict[str, Any]:
     """How often a pointwise judge rates chosen above rejected (ties count as disagreement), and the mean ratings."""
+    from rlhf_pipeline.stats import bootstrap_ci
+
     prompts = [p for p, _, _ in pairs] * 2
     ratings = judge.expected_ratings(prompts, [c for _, c, _ in pairs] + [r for _, _, r in pairs], description)
     n = len(pairs)
     chosen, rejected = ratings[:n], ratings[n:]
-    return {"pairs": n, "agreement": sum(c > r for c, r in zip(chosen, rejected, strict=True)) / n,
+    agrees = [float(c > r) for c, r in zip(chosen, rejected, strict=True)]
+    return {"pairs": n, "agreement": sum(agrees) / n, "agreement_ci95": list(bootstrap_ci(agrees)),
             "mean_rating_chosen": sum(chosen) / n, "mean_rating_rejected": sum(rejected) / n}

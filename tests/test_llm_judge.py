@@ -198,7 +198,8 @@ def test_agreement_separates_a_position_bias_from_a_judgement(tokenizer: Any, mo
     monkeypatch.setattr(sure, "prob_first", lambda triples, description=None: (
         [0.9 if first.startswith("Great") else 0.3 for _, first, _ in triples], [0.5] * len(triples)))
     numbers = agreement(sure, pairs, None)
-    assert numbers["agreement"] == 1.0 and numbers["order_flip_share"] == 0.0
+    assert numbers["agreement"] == 1.0 and numbers["agreement_ci95"] == [1.0, 1.0]
+    assert numbers["order_flip_share"] == 0.0
     assert numbers["mean_p_chosen"] == pytest.approx(0.8)  # (0.9 + (1 - 0.3)) / 2
     assert numbers["position_effect"] == pytest.approx(0.2) and numbers["choice_token_mass"] == 0.5
 
@@ -234,3 +235,11 @@ def test_the_label_stage_labels_with_an_llm_judge(tmp_path: Path, tiny_model_dir
         assert pair["judge_gap"] == pytest.approx(scores[key, pair["chosen"]] - scores[key, pair["rejected"]])
         assert pair["judge_gap"] >= 0
     assert yaml.safe_load((folder / "data_card.yaml").read_text())["size"]["rows"] == len(pairs)
+
+
+def test_a_pointwise_judge_is_measured_by_its_ratings(tokenizer: Any) -> None:
+    pairs = [(_prompt("Hi"), "Great to see you!", "Meh.")] * 3
+    judge = LLMJudge(_fixed_logits(tokenizer, {"2": 50.0}), tokenizer, name="stub", mode="pointwise", max_rating=3)
+    numbers = agreement(judge, pairs, None)
+    assert numbers == {"pairs": 3, "agreement": 0.0, "agreement_ci95": [0.0, 0.0], "mean_rating_chosen": 2.0,
+                       "mean_rating_rejected": 2.0}  # equal ratings are no agreement
