@@ -186,7 +186,7 @@ class LLMJudge:
             source = resolve_source(spec, progress=say)
             tokenizer = load_tokenizer(source, spec)
         except PipelineError as err:
-            raise PipelineError(f"judge.path: {path}: {err}") from None
+            raise PipelineError(f"judge.path: {path}: {str(err).removeprefix('model.name_or_path: ')}") from None
         judge = cls(_unloaded, tokenizer, name=path, **settings)  # choice tokens checked before weights load
         say(f"loading the LLM judge {source.origin}" + (f" with the adapter of {source.adapter}"
                                                          if source.adapter else ""))

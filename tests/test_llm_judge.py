@@ -175,7 +175,7 @@ def test_choice_tokens_must_each_be_one_token_of_the_judge_model(tokenizer: Any,
 
 
 def test_a_missing_judge_model_is_named_by_the_judge_key(tmp_path: Path) -> None:
-    with pytest.raises(PipelineError, match=r"^judge\.path: \./no-such-judge: .*not found"):
+    with pytest.raises(PipelineError, match=r"^judge\.path: \./no-such-judge: folder '\./no-such-judge' not found$"):
         load_judge(JudgeSpec(type="llm", path="./no-such-judge"))
 
 
