@@ -6,12 +6,13 @@
 
 The pairs are read through their data card, as a recipe reads them. Each pair is asked in both orders
 (rlhf_pipeline.llm_judge.agreement); `--mode pointwise` compares expected ratings instead. Prints one JSON
-object with the numbers, the settings and the wall time.
+object with the numbers, the settings and the wall time on stdout (progress goes to stderr).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import random
 import sys
@@ -53,10 +54,11 @@ def main() -> None:
     if args.max_pairs is not None and args.max_pairs < total:
         pairs = random.Random(args.seed).sample(pairs, args.max_pairs)
     start = time.perf_counter()
-    judge = LLMJudge.from_path(args.judge, mode=args.mode, rubric=args.rubric, choices=tuple(args.choices),
-                               batch_size=args.batch_size)
-    loaded = time.perf_counter()
-    numbers = agreement(judge, pairs)
+    with contextlib.redirect_stdout(sys.stderr):  # progress messages; stdout holds the JSON alone
+        judge = LLMJudge.from_path(args.judge, mode=args.mode, rubric=args.rubric, choices=tuple(args.choices),
+                                   batch_size=args.batch_size)
+        loaded = time.perf_counter()
+        numbers = agreement(judge, pairs)
     done = time.perf_counter()
     print(json.dumps({"card": str(args.card), "pairs_in_file": total, "judge": args.judge, "mode": args.mode,
                       "choices": args.choices, "rubric": args.rubric or "built-in", "seed": args.seed,

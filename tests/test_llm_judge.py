@@ -243,3 +243,19 @@ def test_a_pointwise_judge_is_measured_by_its_ratings(tokenizer: Any) -> None:
     numbers = agreement(judge, pairs, None)
     assert numbers == {"pairs": 3, "agreement": 0.0, "agreement_ci95": [0.0, 0.0], "mean_rating_chosen": 2.0,
                        "mean_rating_rejected": 2.0}  # equal ratings are no agreement
+
+
+def test_the_agreement_script_prints_its_numbers_as_json(tmp_path: Path, tiny_model_dir: Path) -> None:
+    import subprocess
+    import sys
+
+    from tests.stages.conftest import preference_rows
+
+    card = write_card(tmp_path, "pairs", preference_rows(10), "prompt_chosen_rejected", ["rm"])
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "judge_agreement.py"
+    done = subprocess.run([sys.executable, str(script), str(card), "--judge", str(tiny_model_dir), "--max-pairs", "6",
+                           "--choices", "A", "B"], capture_output=True, text=True, check=True, timeout=300)
+    numbers = json.loads(done.stdout)  # stdout holds the JSON alone
+    assert (numbers["pairs_in_file"], numbers["pairs"], numbers["choices"]) == (10, 6, ["A", "B"])
+    assert 0.0 <= numbers["agreement"] <= 1.0 and 0.0 <= numbers["order_flip_share"] <= 1.0
+    assert numbers["position_effect"] >= abs(numbers["first_position_bias"]) > 0  # mean |x| >= |mean x|
