@@ -1,9 +1,8 @@
 """Judges score answers without people: a trained reward model, a Python function, or VADER sentiment.
 
 A judge takes chat prompts and answer texts and returns one float per answer, higher is better. The
-`label` stage ranks sampled answers with one (RLAIF); the `eval` stage reports one next to the RM.
-`RewardSpec` (a recipe's `reward:` section) names the signals the online trainers that take reward
-functions (GRPO, RLOO) score their samples with: a finished rm stage, Python functions, or both.
+`label` stage ranks sampled answers with one (RLAIF); the `eval` stage reports one next to the reward; a
+judge can also be one signal of a reward (reward_spec.py).
 
     judge: {type: vader}
     judge: {type: reward_model, path: outputs/smollm2-135m/rm}
@@ -106,66 +105,3 @@ def load_judge(spec: JudgeSpec, model_spec: ModelSpec | None = None) -> Judge:
         return LLMJudge.from_path(str(spec.path), model_spec, mode=spec.mode, rubric=spec.rubric,
                                   choices=tuple(spec.choices), max_rating=spec.max_rating, batch_size=spec.batch_size)
     return import_function(str(spec.function))
-
-
-@dataclass
-class RewardSpec:
-    """The reward signals of an online stage, summed with the trainer's own `training.reward_weights`.
-
-    `model`: a finished rm stage's folder, scored as PPO scores (normalised by the reward statistics its
-    stage measured unless `normalize: false`). `functions`: `module:function` references called with the
-    chat prompts and the answer texts, returning one float per answer (a judge's signature, judges.py).
-    """
-
-    model: str | None = None
-    functions: list[str] = field(default_factory=list)
-    normalize: bool = True
-
-    def __post_init__(self) -> None:
-        if not self.model and not self.functions:
-            raise ValueError("give model (a finished rm stage's output_dir), functions (module:function), or both")
-        for reference in self.functions:
-            if ":" not in reference:
-                raise ValueError(f"functions: '{reference}' is not `module:function`")
-
-    @property
-    def names(self) -> list[str]:
-        """One name per signal, in order: what `reward_weights` lines up with and what the logs call them."""
-        return (["reward_model"] if self.model else []) + [ref.partition(":")[2] for ref in self.functions]
-
-
-RewardFunction = Callable[..., list[float]]  # TRL's reward function: (prompts, completions, **columns) -> floats
-
-
-def _answer_texts(completions: Sequence[object]) -> list[str]:
-    """TRL passes chat completions as one-message lists; plain-text ones as strings."""
-    return [c if isinstance(c, str) else c[-1]["content"] for c in completions]  # type: ignore[index]
-
-
-def reward_functions(spec: RewardSpec, model_spec: ModelSpec) -> list[RewardFunction]:
-    """The spec's signals as TRL reward functions, named as `RewardSpec.names` (TRL logs each by name).
-
-    The reward model loads as its own frozen copy of the base (4-bit if the recipe says so): TRL's trainers
-    hold the policy and its reference adapter on theirs.
-    """
-    signals: list[RewardFunction] = []
-    if spec.model:
-        from rlhf_pipeline.reward import RewardModel
-
-        rm = RewardModel.from_stage(spec.model, model_spec)
-        mean, std = (rm.mean, rm.std) if spec.normalize else (0.0, 1.0)
-
-        def reward_model(prompts: Sequence[Messages], completions: Sequence[object], **_: object) -> list[float]:
-            return [(score - mean) / std for score in rm.score(prompts, _answer_texts(completions))]
-
-        signals.append(reward_model)
-    signals += [_named_function(import_function(ref), ref.partition(":")[2]) for ref in spec.functions]
-    return signals
-
-
-def _named_function(function: Callable[..., Sequence[float]], name: str) -> RewardFunction:
-    def signal(prompts: Sequence[Messages], completions: Sequence[object], **_: object) -> list[float]:
-        return [float(value) for value in function(prompts, _answer_texts(completions))]
-
-    signal.__name__ = name
-    return signal

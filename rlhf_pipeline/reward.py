@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from rlhf_pipeline.adapters import SharedBase
     from rlhf_pipeline.recipe import ModelSpec
 
+PAIRWISE, CLASSIFICATION = "pairwise", "classification"  # a reward model's objective, as its rm stage records it
 ScoreFn = Callable[["torch.Tensor", "torch.Tensor"], "torch.Tensor"]  # right-padded ids, mask -> a score per row
 
 
@@ -45,6 +46,7 @@ class RewardModel:
     mean: float = 0.0
     std: float = 1.0
     batch_size: int = 16
+    objective: str = PAIRWISE  # or CLASSIFICATION: a rule RM, whose score's sigmoid is P(breaks the rule)
 
     @classmethod
     def from_stage(cls, output_dir: str | Path, model_spec: ModelSpec | None = None) -> RewardModel:
@@ -71,9 +73,10 @@ class RewardModel:
 
         from rlhf_pipeline.outputs import require_finished
 
-        stats = require_finished(Path(stage_dir), "rm", "reward model").extra.get("reward_stats", {})
+        extra = require_finished(Path(stage_dir), "rm", "reward model").extra
+        stats = extra.get("reward_stats", {})
         return cls(partial(shared.last_scores, role), tokenizer, next(shared.parameters()).device,
-                   stats.get("mean", 0.0), stats.get("std", 1.0))
+                   stats.get("mean", 0.0), stats.get("std", 1.0), objective=extra.get("objective", PAIRWISE))
 
     def score_ids(self, sequences: Sequence[Sequence[int]], description: str | None = None) -> list[float]:
         """Raw scores of already-encoded prompt+answer sequences, in batches (a progress bar when described)."""

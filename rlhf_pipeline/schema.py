@@ -206,7 +206,10 @@ def build_section(cls: type, data: Any, path: Path, prefix: str) -> Any:
         annotation = annotation_text(fields[key].type)
         value = coerce(value, annotation)
         nested = _section_class(cls, annotation)
-        if nested and isinstance(value, dict):
+        if (mapped := _mapping_of_sections(cls, annotation)) and isinstance(value, dict):
+            kwargs[key] = {name: build_section(mapped, item, path, f"{dotted_key(prefix, key)}.{shown_key(name)}")
+                           for name, item in value.items()}
+        elif nested and isinstance(value, dict):
             kwargs[key] = build_section(nested, value, path, dotted_key(prefix, key))
         elif nested and not (value is None and "None" in (p.strip() for p in annotation.split("|"))):
             raise RecipeError(path, dotted_key(prefix, key), f"must be a mapping of keys (got {value!r})")
@@ -228,6 +231,15 @@ def build_section(cls: type, data: Any, path: Path, prefix: str) -> Any:
                     if message.startswith((f"{name}:", f"{name} "))), "")
         problem = message.removeprefix(f"{key}:").strip() if key else message
         raise RecipeError(path, dotted_key(prefix, key) if key else prefix or None, problem) from None
+
+
+def _mapping_of_sections(owner: type, annotation: str) -> type | None:
+    """The dataclass of a `dict[str, Section]` field (named entries, each a section of its own), else None."""
+    node = ast.parse(annotation, mode="eval").body
+    if isinstance(node, ast.Subscript) and isinstance(node.value, ast.Name) and node.value.id == "dict":
+        args = node.slice.elts if isinstance(node.slice, ast.Tuple) else [node.slice]
+        return _section_class(owner, ast.unparse(args[-1]))
+    return None
 
 
 def _section_class(owner: type, annotation: str) -> type | None:

@@ -55,6 +55,49 @@ def test_pairwise_accuracy_margin_and_calibration(metrics: dict[str, evaluate.Ev
         metric.compute(chosen_rewards=[], rejected_rewards=[])
 
 
+def test_rule_classification_accuracy_auroc_and_calibration(metrics: dict[str, evaluate.EvaluationModule]) -> None:
+    metric = metrics["rule_classification"]
+    # Four answers at P(violation) = 3/4, three of them violations, and four at 1/4, one a violation:
+    # perfectly calibrated, 6 of 8 right at the 0.5 threshold.
+    scores, labels = [LN3] * 4 + [-LN3] * 4, [1, 1, 1, 0, 1, 0, 0, 0]
+    calibrated = metric.compute(scores=scores, labels=labels)
+    assert calibrated["accuracy"] == 0.75 and calibrated["answers"] == 8 and calibrated["base_rate"] == 0.5
+    assert calibrated["ece"] == pytest.approx(0.0, abs=1e-12)
+    assert calibrated["brier"] == pytest.approx(0.25**2 * 6 / 8 + 0.75**2 * 2 / 8)
+    assert calibrated["log_loss"] == pytest.approx((6 * math.log(4 / 3) + 2 * math.log(4)) / 8)
+    assert calibrated["mean_probability"] == pytest.approx(0.5)
+    # AUROC: 3·3 violation/non-violation pairs ordered right, 1·1 wrong, 3·1 + 1·3 tied (half each) of 16.
+    assert calibrated["auroc"] == pytest.approx((9 + 0.5 * 6) / 16)
+    bins = [b for b in calibrated["calibration_bins"] if b["count"]]
+    assert [(b["low"], b["count"], b["violation_rate"]) for b in bins] == [(pytest.approx(0.2), 4, 0.25),
+                                                                            (pytest.approx(0.7), 4, 0.75)]
+    # Over-confident: P = σ(10) for every answer, half of them violations.
+    sure = metric.compute(scores=[10.0] * 4, labels=[1, 0, 1, 0])
+    assert sure["ece"] == pytest.approx(0.5, abs=1e-4) and sure["auroc"] == 0.5
+
+
+def test_rule_classification_auroc_matches_counting_pairs(metrics: dict[str, evaluate.EvaluationModule]) -> None:
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 200)
+    scores = np.round(rng.normal(labels * 1.0, 1.0), 1)  # rounded: many ties
+    positive, negative = scores[labels == 1], scores[labels == 0]
+    counted = ((positive[:, None] > negative[None, :]).sum()
+               + 0.5 * (positive[:, None] == negative[None, :]).sum()) / (positive.size * negative.size)
+    result = metrics["rule_classification"].compute(scores=scores.tolist(), labels=labels.tolist())
+    assert result["auroc"] == pytest.approx(counted, abs=1e-12)
+    assert result["accuracy"] == pytest.approx(float(((scores > 0) == (labels == 1)).mean()))
+
+
+def test_rule_classification_refuses_what_it_cannot_score(metrics: dict[str, evaluate.EvaluationModule]) -> None:
+    metric = metrics["rule_classification"]
+    assert metric.compute(scores=[1.0, 2.0], labels=[1, 1])["auroc"] is None  # no answer keeps the rule
+    assert metric.compute(scores=[-1e4, 1e4], labels=[0, 1])["log_loss"] == pytest.approx(0.0)  # no overflow
+    with pytest.raises(ValueError, match="at least one answer"):
+        metric.compute(scores=[], labels=[])
+    with pytest.raises(ValueError, match=r"must be 0 \(keeps the rule\) or 1"):
+        metric.compute(scores=[0.3], labels=[2])
+
+
 def test_win_rate_counts_ties_half_and_its_interval_covers_the_true_gain(
         metrics: dict[str, evaluate.EvaluationModule]) -> None:
     comparison = metrics["win_rate"]

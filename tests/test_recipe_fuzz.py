@@ -64,6 +64,7 @@ NONSENSE_CONFIG: dict[str, list[tuple[str, Any]]] = {
     "grpo": [("num_generations", "four"), ("learning_rate", 0)],
     "rloo": [("max_completion_length", "long"), ("learning_rate", -1.0)],
     "eval": [("policy", 7), ("max_new_tokens", "many")],
+    "best-of-n": [("n_max", 0), ("n_values", [1, 8, 4]), ("n_values", [1, 32]), ("batch_size", 0)],
 }
 
 

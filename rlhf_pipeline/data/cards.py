@@ -74,7 +74,8 @@ class DataCard:
     format: str
     license: str
     stages: list[str]
-    columns: dict[str, str] = field(default_factory=dict)
+    # canonical name -> file column; a classification card may map answer and label to lists of columns
+    columns: dict[str, str | list[str]] = field(default_factory=dict)
     size: dict[str, Any] = field(default_factory=dict)
     language: str | None = None
     known_issues: str | None = None
@@ -84,6 +85,8 @@ class DataCard:
     # nested_completions: the keys of each completion record holding the answer text and its score
     completion_answer_key: str = "response"
     completion_score_key: str = "overall_score"
+    # classification: the label value meaning the answer breaks the rule (false for an `is_safe` column)
+    violation_when: bool | None = None
     file: Path = field(default=Path(), metadata={"internal": True})
 
     def __post_init__(self) -> None:
@@ -97,9 +100,35 @@ class DataCard:
                              f"(got {self.first_preferred_when})")
         if not labelled_pair and self.first_preferred_when is not None:
             raise ValueError("first_preferred_when: only pair_with_label cards take it; remove the key")
+        classified = self.format == "classification"
+        if classified and self.violation_when is None:
+            raise ValueError("violation_when: classification cards must say which label value means the answer "
+                             "breaks the rule: true (label 1/true = violation, the pipeline's convention) or false "
+                             "(label true = safe, as in an is_safe column)")
+        if not classified and self.violation_when is not None:
+            raise ValueError("violation_when: only classification cards take it; remove the key")
+        self._check_columns()
 
-    def column(self, canonical: str) -> str:
-        """The file's name for a canonical column (the same name unless the card maps it)."""
+    def _check_columns(self) -> None:
+        """File column names are strings; only a classification card's answer and label may list several."""
+        listed = {name: value for name, value in self.columns.items() if isinstance(value, list)}
+        for name, value in self.columns.items():
+            names = value if isinstance(value, list) else [value]
+            if not names or not all(isinstance(column, str) and column for column in names):
+                raise ValueError(f"columns: {name} must name a file column (got {value!r})")
+        if not listed:
+            return
+        if self.format != "classification" or set(listed) - {"answer", "label"}:
+            raise ValueError(f"columns: only a classification card's answer and label may list several columns "
+                             f"(got a list for {', '.join(sorted(listed))})")
+        if set(listed) != {"answer", "label"} or len(listed["answer"]) != len(listed["label"]):
+            raise ValueError("columns: answer and label must list the same number of columns, one label column "
+                             "per answer column (e.g. answer: [response_0, response_1], label: [is_response_0_safe, "
+                             "is_response_1_safe])")
+
+    def column(self, canonical: str) -> str | list[str]:
+        """The file's name for a canonical column (the same name unless the card maps it), or its names when a
+        classification card lists one column per answer."""
         return self.columns.get(canonical, canonical)
 
     def local_path(self) -> Path | None:

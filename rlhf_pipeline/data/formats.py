@@ -15,6 +15,9 @@ model's own chat template):
   float ``"margin"`` that the reward trainer adds to the pairwise loss.
 - Labelled answers: ``{"prompt": [...], "completion": [assistant], "label": bool}``: one answer marked
   desirable (True) or undesirable (False), what KTO trains on; a preference pair unpairs into two of them.
+- Classified answers: ``{"prompt": [...], "completion": [assistant], "label": 1 | 0}``: 1 when the answer
+  breaks a rule, what a rule reward model (Sparrow) learns to predict. Datasets that label the other way
+  (``is_safe``) are flipped here, by the card's ``violation_when``.
 - Prompt sets: ``{"prompt": [...]}`` for PPO, labelling and evaluation.
 
 Pure Python on purpose: no torch or datasets import, so it is cheap to import and to test.
@@ -43,6 +46,7 @@ from rlhf_pipeline.data.rows import (
     parse_prompt,
     require_prompt,
     required_field,
+    shared_prompt,
     split_at_last_answer,
 )
 
@@ -54,8 +58,9 @@ PREFERENCE_FORMATS = {"prompt_chosen_rejected", "chosen_rejected_messages", "hh_
                       "pair_with_label", "nested_completions"}
 SCORED_FORMATS = {"ranking", "nested_completions"}  # margins come from score gaps, not from a column
 LABELLED_FORMATS = {"prompt_completion_label"}
+CLASSIFICATION_FORMATS = {"classification"}
 PROMPT_FORMATS = {"prompt_only"}
-FORMATS = SFT_FORMATS | PREFERENCE_FORMATS | LABELLED_FORMATS | PROMPT_FORMATS
+FORMATS = SFT_FORMATS | PREFERENCE_FORMATS | LABELLED_FORMATS | CLASSIFICATION_FORMATS | PROMPT_FORMATS
 
 # Canonical column names each format understands, so a data card's `columns:` mapping can be checked
 # before any data is read. Not all are required: ranking rows use either `ranked` or `answers`+`scores`.
@@ -69,6 +74,7 @@ CANONICAL_COLUMNS: dict[str, frozenset[str]] = {
     "pair_with_label": frozenset({"prompt", "answer_a", "answer_b", "label"}),
     "nested_completions": frozenset({"prompt", "completions"}),
     "prompt_completion_label": frozenset({"prompt", "completion", "label"}),
+    "classification": frozenset({"prompt", "answer", "label"}),
     "prompt_only": frozenset({"prompt"}),
 }
 
@@ -148,6 +154,18 @@ def to_labelled(rows: Iterable[Mapping], fmt: str = "prompt_completion_label",
     """Rows of single answers with a desirable/undesirable label -> canonical labelled rows (KTO)."""
     converters: dict[str, RowConverter] = {"prompt_completion_label": _labelled_row}
     return _convert_all(rows, _pick(converters, fmt, "labelled"), _system_adder(system_prompt))
+
+
+def to_classified(rows: Iterable[Mapping], violation_when: bool, fmt: str = "classification",
+                  system_prompt: str | None = None) -> Converted:
+    """Rows of answers labelled by a rule -> canonical classified rows, label 1 when the answer breaks it.
+
+    `violation_when` is the parsed label value that means a violation (True for our convention, False for
+    datasets whose column says "safe"). A row whose `answer` and `label` are lists of equal length (a card
+    mapping several columns, such as PKU-SafeRLHF's two responses) gives one classified answer per position.
+    """
+    converters: dict[str, RowConverter] = {"classification": lambda row: _classified_rows(row, violation_when)}
+    return _convert_all(rows, _pick(converters, fmt, "classification"), _system_adder(system_prompt))
 
 
 def unpair(pair: Row) -> list[Row]:
@@ -317,6 +335,34 @@ def _labelled_row(row: Mapping) -> list[Row]:
     prompt = parse_prompt(required_field(row, "prompt"))
     history, answer = parse_answer(required_field(row, "completion"))
     return [_sft_row(prompt + history, answer) | {"label": _label(required_field(row, "label"))}]
+
+
+# --------------------------------------------------------------------------- classified answers (rule RMs)
+
+
+def _classified_rows(row: Mapping, violation_when: bool) -> list[Row | UnusableRow]:
+    """One classified answer, or one per position when `label` is a list; each bad answer is dropped alone."""
+    labels = required_field(row, "label")
+    if not isinstance(labels, list):
+        return [_classified(row, required_field(row, "answer"), labels, violation_when)]
+    answers = required_field(row, "answer")
+    if not isinstance(answers, list) or len(answers) != len(labels):
+        raise UnusableRow("wrong_type")
+    outcomes: list[Row | UnusableRow] = []
+    for answer, label in zip(answers, labels, strict=True):
+        try:
+            outcomes.append(_classified(row, answer, label, violation_when))
+        except UnusableRow as unusable:
+            outcomes.append(unusable)
+    return outcomes
+
+
+def _classified(row: Mapping, answer_raw: Any, label: Any, violation_when: bool) -> Row:
+    if answer_raw is None or label is None:
+        raise UnusableRow("missing_field")
+    history, answer = parse_answer(answer_raw)
+    prompt = shared_prompt(row, [history])
+    return _sft_row(prompt, answer) | {"label": int(_label(label) == violation_when)}
 
 
 # --------------------------------------------------------------------------- prompt sets

@@ -137,18 +137,22 @@ def _read_card(card: DataCard) -> tuple[list[dict[str, Any]], collections.Counte
                                   "HF_HUB_OFFLINE=1) to cache it, or point source.path at a local copy") from None
         rows, dropped, where = dataset.to_list(), collections.Counter(), {}
         labels = [f"row {number}" for number in range(1, len(rows) + 1)]
-    mapping = {card.column(name): name for name in formats.CANONICAL_COLUMNS[card.format]}
+    columns = {name: card.column(name) for name in formats.CANONICAL_COLUMNS[card.format]}
+    listed = {name: column for name, column in columns.items() if isinstance(column, list)}  # one per answer
+    mapping = {column: name for name, column in columns.items() if isinstance(column, str)}
     if card.margin_column:
         mapping[card.margin_column] = "margin"
     if rows:
         present = set().union(*(row.keys() for row in rows[:100]))
-        for file_column, canonical in mapping.items():
+        wanted = [*mapping.items(), *((column, name) for name, names in listed.items() for column in names)]
+        for file_column, canonical in wanted:
             needed = canonical in _REQUIRED[card.format]
             if needed and file_column not in present:
                 raise RecipeError(card.file, f"columns.{canonical}",
                                   f"column '{file_column}' not found in {path or card.source.hub_id}; "
                                   f"its columns are: {', '.join(sorted(present))}")
-    renamed = [{mapping.get(k, k): v for k, v in row.items()} for row in rows]
+    renamed = [{mapping.get(k, k): v for k, v in row.items()}
+               | {name: [row.get(column) for column in names] for name, names in listed.items()} for row in rows]
     return renamed, dropped, where, labels
 
 
@@ -163,6 +167,7 @@ _REQUIRED = {
     "nested_completions": {"prompt", "completions"},
     "prompt_only": {"prompt"},
     "prompt_completion_label": {"prompt", "completion", "label"},
+    "classification": {"prompt", "answer", "label"},
 }
 
 
@@ -176,6 +181,8 @@ def convert_card_rows(card: DataCard, rows: list[dict[str, Any]], system_prompt:
                                      answer_key=card.completion_answer_key, score_key=card.completion_score_key)
     if card.format in formats.LABELLED_FORMATS:
         return formats.to_labelled(rows, card.format, system_prompt=system_prompt)
+    if card.format in formats.CLASSIFICATION_FORMATS:
+        return formats.to_classified(rows, bool(card.violation_when), card.format, system_prompt=system_prompt)
     return formats.to_prompts(rows, card.format, system_prompt=system_prompt)
 
 

@@ -1,5 +1,5 @@
-"""Our `evaluate` modules: pairwise_accuracy (reward models), win_rate (policy vs baseline), sequence_summary,
-distinct_n (how varied answers are).
+"""Our `evaluate` modules: pairwise_accuracy (reward models), rule_classification (rule reward models), win_rate
+(policy vs baseline), sequence_summary, distinct_n (how varied answers are).
 
 `evaluate.load("accuracy")` needs the Hub (metric scripts live there); a local folder loads offline, so
 the modules ship inside the package, one folder each, and load like any other evaluate module:
@@ -17,7 +17,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-METRICS = ("pairwise_accuracy", "win_rate", "sequence_summary", "distinct_n")
+METRICS = ("pairwise_accuracy", "rule_classification", "win_rate", "sequence_summary", "distinct_n")
 
 
 def metric_path(name: str) -> Path:

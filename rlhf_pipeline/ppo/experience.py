@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, fields
+from collections import defaultdict
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
@@ -46,6 +47,7 @@ class Rollout:
     rewards: torch.Tensor
     advantages: torch.Tensor
     returns: torch.Tensor
+    signals: dict[str, torch.Tensor] = field(default_factory=dict)  # each reward signal's value per row
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -53,6 +55,7 @@ class Rollout:
     def select(self, rows: torch.Tensor) -> Rollout:
         """The same experience restricted to some rows (a minibatch)."""
         values = {f.name: getattr(self, f.name) for f in fields(self)}
+        values["signals"] = {name: v[rows] for name, v in self.signals.items()}
         return Rollout(**{name: v[rows] if isinstance(v, torch.Tensor) else v for name, v in values.items()})
 
     @property
@@ -157,15 +160,26 @@ def stop_token_ids(config: PPOConfig, tokenizer: Any) -> list[int]:
 
 
 def score_responses(reward_fn: Any, queries: torch.Tensor, query_mask: torch.Tensor, responses: torch.Tensor,
-                    response_mask: torch.Tensor, pad_id: int, chunk_size: int) -> torch.Tensor:
-    """The reward function on right-padded prompt+response rows, built from lengths, never from `!= pad`."""
+                    response_mask: torch.Tensor, pad_id: int,
+                    chunk_size: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The reward function on right-padded prompt+response rows, built from lengths, never from `!= pad`.
+
+    `reward_fn(input_ids, attention_mask, prompt_lengths)` returns one score per row, or a mapping with the
+    scores under "score" and each reward signal's values under its name (logged as `reward/<name>`).
+    """
     rows = [torch.cat([q[m.bool()], r[rm]])
             for q, m, r, rm in zip(queries, query_mask, responses, response_mask, strict=True)]
     ids, mask = (t.to(queries.device) for t in pad_batch(rows, pad_id, "right"))
-    scores = torch.cat([reward_fn(ids[part], mask[part]).reshape(-1) for part in chunks(len(rows), chunk_size)])
+    prompt_lengths = query_mask.sum(dim=1)
+    parts: dict[str, list[torch.Tensor]] = defaultdict(list)
+    for part in chunks(len(rows), chunk_size):
+        out = reward_fn(ids[part], mask[part], prompt_lengths[part])
+        for name, values in (out.items() if isinstance(out, Mapping) else [("score", out)]):
+            parts[name].append(torch.as_tensor(values).reshape(-1).float())
+    scores = torch.cat(parts.pop("score"))
     if scores.shape != (len(rows),):
         raise ValueError(f"reward_fn must return one score per row, got shape {tuple(scores.shape)}")
-    return scores.float().to(queries.device)
+    return scores.to(queries.device), {name: torch.cat(v).to(queries.device) for name, v in parts.items()}
 
 
 def truncate_after_stop(responses: torch.Tensor, stop_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -206,7 +220,8 @@ def rollout_statistics(rollout: Rollout, kl_coef: float, accelerator: Any,
     per_row = accelerator.gather(per_row)
     scores, raw, kl, non_score, rlhf, lengths, stops, entropy = per_row.unbind(dim=1)
     ev = explained_variance(rollout.values, rollout.returns, mask, sum_over_processes)
-    return {
+    signals = {f"reward/{name}": accelerator.gather(values).mean().item() for name, values in rollout.signals.items()}
+    return signals | {
         "objective/scores": scores.mean().item(),
         "objective/scores_std": scores.std().item() if len(scores) > 1 else 0.0,
         "objective/raw_scores": raw.mean().item(),

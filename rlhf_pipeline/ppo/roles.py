@@ -35,21 +35,23 @@ if TYPE_CHECKING:
 POLICY, REFERENCE, REWARD, CRITIC = "policy", "reference", "reward", "critic"
 
 
-def check_shared_base(policy: ModelSource, reward: ModelSource, reward_path: str) -> None:
-    """The four roles share one base, so the reward model must be an adapter on the policy's base."""
+def check_shared_base(policy: ModelSource, reward: ModelSource, reward_path: str,
+                      key: str = "training.reward_model_path") -> None:
+    """The roles share one base, so a reward model (the recipe's `key`) must be an adapter on the policy's base."""
     if reward.adapter is None:
-        raise PipelineError(f"training.reward_model_path: {reward_path} is a fully fine-tuned reward model; PPO keeps "
-                            "its four roles as adapters on one base, so train the reward model with a lora section")
+        raise PipelineError(f"{key}: {reward_path} is a fully fine-tuned reward model; PPO keeps its roles as "
+                            "adapters on one base, so train the reward model with a lora section")
     if (reward.path, reward.revision) != (policy.path, policy.revision):
-        raise PipelineError(f"training.reward_model_path: the reward model at {reward_path} was trained on the "
-                            f"base {reward.origin} ({reward.path}), the policy on {policy.origin} ({policy.path}); "
-                            "PPO keeps all four roles on one base: train the reward model from the policy's SFT output")
+        raise PipelineError(f"{key}: the reward model at {reward_path} was trained on the base {reward.origin} "
+                            f"({reward.path}), the policy on {policy.origin} ({policy.path}); PPO keeps all its "
+                            "roles on one base: train the reward model from the policy's SFT output")
 
 
 def build_ppo_model(policy: ModelSource, reward: ModelSource, spec: ModelSpec, tokenizer: PreTrainedTokenizerBase,
-                    reward_stats: tuple[float, float] | None = None,
-                    gradient_checkpointing: bool = False) -> SharedBase:
-    """Load the base once and put the four roles on it (see the module docstring)."""
+                    reward_stats: tuple[float, float] | None = None, gradient_checkpointing: bool = False,
+                    scorers: dict[str, ModelSource] | None = None) -> SharedBase:
+    """Load the base once and put the four roles on it (see the module docstring), plus any further frozen
+    `scorers` (role name -> rm stage: the reward models of a recipe's `reward:` signals)."""
     from peft import prepare_model_for_kbit_training
 
     for adapter in (policy.adapter, reward.adapter):  # the trainable copies take the recipe's shape: check first
@@ -68,6 +70,8 @@ def build_ppo_model(policy: ModelSource, reward: ModelSource, spec: ModelSpec, t
     shared.add_role(REWARD, reward.adapter, head=score_head(reward.adapter))
     shared.add_role(CRITIC, reward.adapter, trainable=True, head=score_head(reward.adapter, mean, std),
                     config=lora_config(spec, CAUSAL_LM, base, continues=reward.adapter))
+    for role, source in (scorers or {}).items():
+        shared.add_role(role, source.adapter, head=score_head(source.adapter))
     return shared
 
 

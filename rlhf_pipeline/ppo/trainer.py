@@ -22,7 +22,7 @@ import math
 import os
 import shutil
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -69,7 +69,8 @@ from rlhf_pipeline.stopping import requested_signal
 
 logger = logging.getLogger(__name__)
 
-RewardFn = Callable[[torch.LongTensor, torch.LongTensor], torch.Tensor]
+# (right-padded prompt+response ids, attention mask, prompt lengths) -> a score per row, or {"score": ..., signal: ...}
+RewardFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor | Mapping[str, torch.Tensor]]
 LogCallback = Callable[[dict[str, Any]], None]
 
 # The model's own generation_config fills every sampling option we leave unset (e.g. Qwen's top_k=20 and
@@ -84,8 +85,9 @@ class PPOTrainer:
 
     `model` holds the roles `policy` (trainable), `reference` (frozen) and `critic` (trainable, with a value
     head); ppo/roles.py builds it from the SFT and reward-model stages. `reward_fn(input_ids,
-    attention_mask)` scores right-padded prompt+response rows, one scalar each. `train_prompts` are token
-    ids of templated prompts.
+    attention_mask, prompt_lengths)` scores right-padded prompt+response rows, one scalar each (or a mapping
+    with the scores under "score" beside each reward signal's values, which are logged as `reward/<name>`).
+    `train_prompts` are token ids of templated prompts.
     """
 
     def __init__(
@@ -202,7 +204,7 @@ class PPOTrainer:
         logprobs, ref_logprobs, entropy, values = (torch.cat(parts[name]).float() for name in
                                                    ("logprobs", "ref_logprobs", "entropy", "values"))
 
-        raw_scores = score_responses(self.reward_fn, queries, query_mask, responses, response_mask,
+        raw_scores, signals = score_responses(self.reward_fn, queries, query_mask, responses, response_mask,
                                      self.tokenizer.pad_token_id, cfg.local_rollout_forward_batch_size)
         scores = shape_scores(raw_scores, has_stop, cfg, self.reward_stats)
         kl = kl_penalty(logprobs, ref_logprobs, cfg.kl_estimator).masked_fill(~response_mask, 0.0)
@@ -214,7 +216,7 @@ class PPOTrainer:
         advantages = masked_whiten(advantages, response_mask, sum_over_processes=total)
         return Rollout(input_ids, attention_mask, context_length, response_mask, has_stop, logprobs, ref_logprobs,
                        entropy, values.masked_fill(~response_mask, 0.0), raw_scores, scores, kl, rewards,
-                       advantages, returns)
+                       advantages, returns, signals)
 
     def _generate(self, queries: torch.Tensor, query_mask: torch.Tensor) -> torch.Tensor:
         """Sample from the policy in chunks (each chunk's KV cache freed before the next); right-padded responses."""

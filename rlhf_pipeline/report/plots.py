@@ -197,6 +197,36 @@ def plot_rm_rewards(held_out: dict[str, Any]) -> Any:
     return figure
 
 
+def plot_rule_rm(held_out: dict[str, Any]) -> Any:
+    """A rule RM's held-out scores by true label, and the reliability of σ(score) as P(breaks the rule)."""
+    scores, labels = held_out.get("scores") or [], held_out.get("labels") or []
+    if not scores:
+        return None
+    bins = [b for b in held_out.get("calibration_bins", []) if b["count"]]
+    figure, axes = _figure(2 if bins else 1, height=3.8)
+    broken = [s for s, y in zip(scores, labels, strict=True) if y == 1]
+    kept = [s for s, y in zip(scores, labels, strict=True) if y == 0]
+    _compare_hist(axes[0], broken, kept, ("breaks the rule", "keeps it"), (_REJECTED, _CHOSEN),
+                  "score (log-odds of a violation)")
+    axes[0].axvline(0.0, color="gray", linestyle=":")
+    axes[0].set_title(f"Held-out scores ({len(scores)} answers)")
+    if bins:
+        axis = axes[1]
+        axis.plot([0.0, 1.0], [0.0, 1.0], color="gray", linestyle=":", label="perfect calibration")
+        axis.bar([(b["low"] + b["high"]) / 2 for b in bins], [b["violation_rate"] for b in bins],
+                 width=[b["high"] - b["low"] for b in bins], alpha=0.6, edgecolor="black", label="violation rate")
+        axis.plot([b["mean_probability"] for b in bins], [b["violation_rate"] for b in bins], "o", color="black",
+                  label="mean σ(score)")
+        axis.set_xlim(0.0, 1.0)
+        axis.set_ylim(0.0, 1.05)
+        axis.set_xlabel("predicted P(breaks the rule) = σ(score)")
+        axis.set_ylabel("share that breaks it")
+        axis.set_title(f"Reliability (ECE {held_out.get('ece', float('nan')):.3f})")
+        axis.legend(fontsize=8, loc="upper left")
+        _grid(axis)
+    return figure
+
+
 def plot_ppo(history: list[dict[str, Any]], alerts: list[dict[str, Any]]) -> Any:
     numeric = [entry for entry in history if "objective/scores" in entry]
     if not numeric:
@@ -308,6 +338,29 @@ def plot_eval_tradeoff(policies: dict[str, dict[str, Any]], judge: str) -> Any:
         axis.set_title(f"{label[0].upper()}{label[1:]} gain vs KL, 95% intervals"
                        + (f"\njudge: {judge}" if column == "judge" else ""))
         axis.legend(fontsize=8)
+        _grid(axis)
+    return figure
+
+
+def plot_best_of_n(rows: list[dict[str, Any]], judge: str) -> Any:
+    """Judge score, reward and length of best-of-n against its KL bound, one point per n with 95% intervals."""
+    panels = [(column, label) for column, label in (("judge", f"judge score ({judge})"), ("reward", "reward"),
+                                                     ("length_tokens", "answer length (tokens)"))
+              if rows and column in rows[0]]
+    if not panels:
+        return None
+    figure, axes = _figure(len(panels), height=3.8)
+    kl = [row["kl_bound"] for row in rows]
+    for axis, (column, label) in zip(axes, panels, strict=True):
+        means = [row[column]["mean"] for row in rows]
+        errors = [[row[column]["mean"] - row[column]["ci95_low"] for row in rows],
+                  [row[column]["ci95_high"] - row[column]["mean"] for row in rows]]
+        axis.errorbar(kl, means, yerr=errors, fmt="o-", capsize=4, color=_BASELINE)
+        for x, y, row in zip(kl, means, rows, strict=True):
+            axis.annotate(f"n={row['n']}", (x, y), textcoords="offset points", xytext=(5, -12), fontsize=8)
+        axis.set_xlabel("KL bound log n − (n−1)/n (nats)")
+        axis.set_ylabel(label)
+        axis.set_title(f"Best of n: {label.split(' (')[0]}, 95% intervals")
         _grid(axis)
     return figure
 

@@ -13,6 +13,7 @@ from typing import Any
 
 from rlhf_pipeline.report.plots import (
     Plots,
+    plot_best_of_n,
     plot_curves,
     plot_eval,
     plot_eval_tradeoff,
@@ -20,6 +21,7 @@ from rlhf_pipeline.report.plots import (
     plot_ppo,
     plot_rm_rewards,
     plot_rm_training,
+    plot_rule_rm,
     plot_sft,
 )
 
@@ -80,12 +82,20 @@ def sft_headline(metrics: dict[str, Any]) -> str:
 
 def label_headline(metrics: dict[str, Any]) -> str:
     counts = metrics.get("counts", {})
+    if metrics.get("writes") == "classification":
+        return (f"{_fmt(counts.get('violations'))} of {_fmt(counts.get('classified'))} answers break the rule "
+                f"({_fmt(counts.get('violation_rate'))}), from {_fmt(counts.get('prompts'))} prompts")
     return (f"{_fmt(counts.get('pairs'))} pairs from {_fmt(counts.get('prompts'))} prompts "
             f"({_fmt(counts.get('answers'))} answers), mean judge score {_fmt(metrics.get('mean_judge_score'))}")
 
 
 def rm_headline(metrics: dict[str, Any]) -> str:
     held_out = metrics.get("eval", {})
+    if metrics.get("objective") == "classification":
+        return (f"rule classifier: held-out accuracy {_fmt(metrics.get('eval_accuracy'))} on "
+                f"{_fmt(held_out.get('answers'))} answers (base rate {_fmt(metrics.get('eval_base_rate'))}), "
+                f"AUROC {_fmt(metrics.get('eval_auroc'))}, ECE {_fmt(metrics.get('eval_ece'))}, "
+                f"Brier {_fmt(metrics.get('eval_brier'))}")
     return (f"held-out accuracy {_fmt(metrics.get('eval_accuracy'))} on {_fmt(held_out.get('pairs'))} pairs, "
             f"margin {_fmt(metrics.get('eval_mean_margin'))}, ECE {_fmt(metrics.get('eval_ece'))}, "
             f"Brier {_fmt(metrics.get('eval_brier'))}")
@@ -194,10 +204,16 @@ def label_section(folder: Path, metrics: dict[str, Any], plots: Plots) -> list[s
     answers = counts.get("answers") or 0
     rows = [["judge", metrics.get("judge")], ["prompts", counts.get("prompts")], ["answers sampled", answers],
             ["answers that ended with the stop token",
-             f"{counts.get('finished_answers')} ({counts.get('finished_answers', 0) / max(answers, 1):.0%})"],
-            ["preference pairs kept", counts.get("pairs")],
-            ["pairs dropped (judge gap below min_gap)", counts.get("dropped_below_min_gap")],
-            ["mean judge score", metrics.get("mean_judge_score")], *_data_rows(metrics)]
+             f"{counts.get('finished_answers')} ({counts.get('finished_answers', 0) / max(answers, 1):.0%})"]]
+    if metrics.get("writes") == "classification":
+        rows += [["answers classified (empty ones left out)", counts.get("classified")],
+                 ["answers that break the rule", f"{counts.get('violations')} ({counts.get('violation_rate', 0):.0%})"],
+                 *_data_rows(metrics)]
+        return [*table(["", "value"], rows), "The labelled answers are in `classified.jsonl`, described by "
+                "`data_card.yaml` (format `classification`, label 1 = breaks the rule).", ""]
+    rows += [["preference pairs kept", counts.get("pairs")],
+             ["pairs dropped (judge gap below min_gap)", counts.get("dropped_below_min_gap")],
+             ["mean judge score", metrics.get("mean_judge_score")], *_data_rows(metrics)]
     ranked, pairs = _read_jsonl(folder / "ranked.jsonl"), _read_jsonl(folder / "preferences.jsonl")
     lines = [*table(["", "value"], rows), *plots.add("label.png", "Judge scores", plot_label, ranked, pairs)]
     if pairs:
@@ -210,6 +226,8 @@ def label_section(folder: Path, metrics: dict[str, Any], plots: Plots) -> list[s
 
 def rm_section(folder: Path, metrics: dict[str, Any], plots: Plots) -> list[str]:
     held_out, stats = metrics.get("eval", {}), metrics.get("reward_stats", {})
+    if metrics.get("objective") == "classification":
+        return _rule_rm_section(metrics, held_out, stats, plots)
     rows = [["held-out pairs", held_out.get("pairs")], ["pairwise accuracy", metrics.get("eval_accuracy")],
             ["mean margin r(chosen) − r(rejected)", metrics.get("eval_mean_margin")],
             ["expected calibration error (ECE)", held_out.get("ece")],
@@ -225,6 +243,28 @@ def rm_section(folder: Path, metrics: dict[str, Any], plots: Plots) -> list[str]
             *plots.add("rm_rewards.png", "Held-out rewards and calibration", plot_rm_rewards, held_out)]
 
 
+def _rule_rm_section(metrics: dict[str, Any], held_out: dict[str, Any], stats: dict[str, Any],
+                     plots: Plots) -> list[str]:
+    """A rule reward model's numbers: σ(score) is the probability that an answer breaks the rule."""
+    rows = [["held-out answers", held_out.get("answers")],
+            ["base rate (share that breaks the rule)", held_out.get("base_rate")],
+            ["accuracy (σ(score) > 0.5)", metrics.get("eval_accuracy")], ["AUROC", held_out.get("auroc")],
+            ["expected calibration error (ECE)", held_out.get("ece")],
+            ["Brier score of σ(score)", held_out.get("brier")], ["log loss", held_out.get("log_loss")],
+            ["mean σ(score) / base rate", f"{_fmt(held_out.get('mean_probability'))} / "
+                                          f"{_fmt(held_out.get('base_rate'))}"],
+            ["mean score breaking / keeping the rule",
+             f"{_fmt(held_out.get('violation_score_mean'))} / {_fmt(held_out.get('kept_score_mean'))}"],
+            ["training score mean / std", f"{_fmt(stats.get('mean'))} / {_fmt(stats.get('std'))}"],
+            ["optimizer steps", metrics.get("global_steps")], *_data_rows(metrics)]
+    history = metrics.get("log_history") or []
+    return ["A rule reward model (a classifier): σ(score) is the probability that an answer breaks the rule.", "",
+            *table(["", "value"], rows),
+            *plots.add("rm_training.png", "RM training", plot_curves, history,
+                       [("loss", "binary cross-entropy (train batches)")], "optimizer step"),
+            *plots.add("rm_rule.png", "Held-out scores and calibration", plot_rule_rm, held_out)]
+
+
 def ppo_section(folder: Path, metrics: dict[str, Any], plots: Plots) -> list[str]:
     history = metrics.get("log_history") or []
     alerts = [entry for entry in history if "alerts" in entry]
@@ -237,13 +277,18 @@ def ppo_section(folder: Path, metrics: dict[str, Any], plots: Plots) -> list[str
                   + ". The policy of that step is this stage's adapter; the checkpoint is "
                   + f"`{Path(stop['checkpoint']).name}`.",
                   ""]
-    keys = ("objective/scores", "objective/raw_scores", "objective/kl", "objective/entropy", "response/length",
-            "response/eos_fraction", "policy/clipfrac", "val/clipfrac", "loss/value", "val/explained_variance")
+    signals = [key for key in final if key.startswith("reward/")]  # the recipe's reward signals, one each
+    keys = ("objective/scores", "objective/raw_scores", *signals, "objective/kl", "objective/entropy",
+            "response/length", "response/eos_fraction", "policy/clipfrac", "val/clipfrac", "loss/value",
+            "val/explained_variance")
     lines += table(["", f"first log (step {first.get('step', '—')})", f"last log (step {final.get('step', '—')})"],
                     [[key, first.get(key), final.get(key)] for key in keys])
     lines += [f"{metrics.get('global_steps')} PPO steps of {metrics.get('global_batch_size')} prompts; reward model "
               f"`{metrics.get('reward_model')}`.", ""]
     lines += plots.add("ppo_training.png", "PPO training", plot_ppo, history, alerts)
+    if signals:
+        lines += plots.add("ppo_signals.png", "Reward signals (mean per answer)", plot_curves, history,
+                           [(key, key.removeprefix("reward/")) for key in signals], "PPO step")
     lines += ["## Health alerts", ""]
     if alerts:
         flat = [[entry["step"], a["monitor"], _fmt(a["value"], 6), _fmt(a["threshold"], 6), a["message"]]
@@ -322,6 +367,7 @@ def eval_section(folder: Path, metrics: dict[str, Any], plots: Plots) -> list[st
               "the baseline:", "",
               *table(["", *(f"{label} score" for _, label in scored), "length median / p90", "KL median / p90",
                       *(f"{label} wins / ties / losses" for _, label in scored)], scores)]
+    lines += _signal_table(full.get("signals") or {}, baseline, policies)
     lines += plots.add("eval_tradeoff.png", "Gain vs KL to the baseline", plot_eval_tradeoff, policies,
                        full.get("judge"))
     lines += plots.add("eval.png", "Scores per answer", plot_eval, full.get("per_answer") or {}, full.get("judge"),
@@ -333,6 +379,62 @@ def eval_section(folder: Path, metrics: dict[str, Any], plots: Plots) -> list[st
                                             [[_short(e["prompt"], 100), _short(e["baseline"], limit),
                                               *(_short(e["policies"][name], limit) for name in policies)]
                                              for e in examples])]
+    return lines
+
+
+def _signal_table(signals: dict[str, Any], baseline: dict[str, Any], policies: dict[str, Any]) -> list[str]:
+    """Each reward signal's mean per model and its gain over the baseline: which signal a policy moved."""
+    if not signals:
+        return []
+    rows = [[name, f"{signal['use']} ({signal['weight']:g})", _interval(baseline[f"signal/{name}"]),
+             *(f"{_interval(policy[f'signal/{name}'])}; {_interval(policy[f'signal/{name}_gain'], signed=True)}"
+               for policy in policies.values())]
+            for name, signal in signals.items()]
+    return ["Reward signals (`reward:` section): the mean per answer [95% CI] and each policy's gain over the "
+            "baseline. A penalty or veto signal's mean is the share of answers that break its rule.", "",
+            *table(["signal", "use (weight)", "baseline", *(f"{name}; gain" for name in policies)], rows)]
+
+
+def best_of_n_headline(metrics: dict[str, Any]) -> str:
+    """Best of the largest n against best of 1: judge and reward, with the gains' intervals, and the KL bound."""
+    rows = metrics.get("by_n") or []
+    if len(rows) < 2:
+        return generic_headline(metrics)
+    first, last = rows[0], rows[-1]
+    return (f"best of {last['n']} vs 1: judge {first['judge']['mean']:.3f} → {last['judge']['mean']:.3f} (gain "
+            f"{_interval(last['judge_gain'], signed=True)}), reward {first['reward']['mean']:.3f} → "
+            f"{last['reward']['mean']:.3f}, KL bound {last['kl_bound']:.2f} nats")
+
+
+def best_of_n_section(folder: Path, metrics: dict[str, Any], plots: Plots) -> list[str]:
+    full = read_json(folder / "best_of_n.json") or metrics
+    rows = full.get("by_n") or []
+    if not rows:
+        return []
+    signals = sorted(key for key in rows[0] if key.startswith("signal/"))
+    lines = [f"{full.get('prompts')} prompts × {full.get('n_max')} answers sampled from `{full.get('policy')}`; "
+             f"reward `{' + '.join(full.get('reward') or [])}` picks the best, judge `{full.get('judge')}` measures "
+             "it. Best of n is the exact average over every n-subset of the sampled answers (not the first n); "
+             "intervals are 95% bootstrap over prompts; gains are paired against best of 1 on the same prompts; "
+             "KL bound = log n − (n−1)/n nats (Stiennon et al. 2020, Gao et al. 2022).", ""]
+    header = ["n", "KL bound (nats)", "judge [95% CI]", "judge gain [95% CI]", "reward [95% CI]",
+              "reward gain [95% CI]", *(f"{name} [95% CI]" for name in signals), "length (tokens)"]
+    lines += table(header, [[row["n"], f"{row['kl_bound']:.3f}", _interval(row["judge"]),
+                             _interval(row.get("judge_gain"), signed=True), _interval(row["reward"]),
+                             _interval(row.get("reward_gain"), signed=True),
+                             *(_interval(row[name]) for name in signals), f"{row['length_tokens']['mean']:.1f}"]
+                            for row in rows])
+    lines += plots.add("best_of_n.png", "Best-of-n vs its KL bound", plot_best_of_n, rows, full.get("judge"))
+    if card := full.get("sft_card"):
+        lines += [f"The best answer of {card['rows']} prompts (of those that ended with the stop token) is in "
+                  f"`demonstrations.jsonl`, described by `data_card.yaml` (an sft recipe can name it); "
+                  f"{card['prompts_without_a_finished_answer']} prompts had no such answer.", ""]
+    examples = full.get("examples") or []
+    if examples:
+        lines += [f"## Samples: the first answer and the best of {full.get('n_max')}", "",
+                  *table(["prompt", "first answer", "judge", f"best of {full.get('n_max')}", "judge"],
+                         [[_short(e["prompt"], 100), _short(e["first"], 140), f"{e['first_judge']:.3f}",
+                           _short(e["best"], 140), f"{e['best_judge']:.3f}"] for e in examples])]
     return lines
 
 

@@ -45,6 +45,7 @@ _STAGE_MODULES = {
     "grpo": "rlhf_pipeline.stages.grpo",
     "rloo": "rlhf_pipeline.stages.rloo",
     "eval": "rlhf_pipeline.stages.eval",
+    "best-of-n": "rlhf_pipeline.stages.best_of_n",
 }
 STAGE_NAMES = tuple(_STAGE_MODULES)
 

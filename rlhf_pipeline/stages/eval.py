@@ -9,8 +9,11 @@ policy and the reward model are roles on one base loaded once; each answers the 
 the same sampling settings and seed. A policy's KL is the Monte-Carlo estimate of KL(policy‖baseline) per
 answer on its own samples, under the sampling temperature. Which stage made each model, and its wall time
 and peak memory, come from that folder's stage.json, so the report can set the methods' costs beside their
-gains. Writes `eval.json` (summaries, per-answer values, samples); `report.md`, `eval_tradeoff.png` and
-`eval.png` come from `rlhf_pipeline.report`.
+gains. With a `reward:` section (reward_spec.py: several reward models, rule RMs, functions, judges) the
+reward column is its combined reward and every signal is reported on its own, with its gain, so a comparison
+shows which signal moved (a rule signal's mean is the rate at which answers break its rule). Writes
+`eval.json` (summaries, per-answer values, samples); `report.md`, `eval_tradeoff.png` and `eval.png` come from
+`rlhf_pipeline.report`.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from rlhf_pipeline.errors import RecipeError
 from rlhf_pipeline.judges import JudgeSpec
 from rlhf_pipeline.outputs import read_manifest
 from rlhf_pipeline.report.sections import eval_headline, eval_policy_line, eval_section
+from rlhf_pipeline.reward_spec import RewardSpec, check_reward
 from rlhf_pipeline.schema import shown_key
 from rlhf_pipeline.stages import MemoryModel, Presentation, Stage
 
@@ -35,6 +39,7 @@ if TYPE_CHECKING:
     from rlhf_pipeline.recipe import Recipe
 
 BASELINE, REWARD = "baseline", "reward"  # role names on the shared base, beside the policies' own names
+SIGNAL = "signal/"  # eval.json's column prefix of each reward signal
 _POLICY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")  # a PEFT adapter name and a report row
 
 
@@ -45,7 +50,7 @@ class EvalConfig:
     output_dir: str
     policy: str | None = None  # one policy under test: shorthand for policies: {policy: FOLDER}
     policies: dict[str, str] | None = None  # name -> folder of a finished policy stage
-    reward_model: str | None = None
+    reward_model: str | None = None  # one preference RM, its raw score; or the recipe's `reward:` section
     max_new_tokens: int = 48
     temperature: float = 0.7
     top_p: float = 1.0
@@ -80,6 +85,11 @@ def _check(recipe: Recipe) -> None:
     if judge.type == "llm" and judge.mode == "pairwise":
         raise RecipeError(recipe.path, "judge.mode", "a pairwise LLM judge ranks several answers to one prompt, and "
                           "eval scores one answer per prompt and policy; use mode: pointwise")
+    if recipe.sections["reward"].given:
+        if config.reward_model:
+            raise RecipeError(recipe.path, f"{section}.reward_model", "the recipe's reward: section says what answers "
+                              "are scored with; remove reward_model (or list it there as a signal)")
+        check_reward(recipe, recipe.sections["reward"])
     seen = {_folder(recipe.model.name_or_path): "the baseline (model.name_or_path)"}
     for name, folder in config.compared().items():
         key = f"{section}.policies.{shown_key(name)}" if config.policies is not None else f"{section}.policy"
@@ -121,7 +131,8 @@ def compare(per_answer: dict[str, Any], config: EvalConfig) -> dict[str, Any]:
     """Summaries of every per-answer column (metric `sequence_summary`) and each policy's paired gains (`win_rate`).
 
     `per_answer` is {"baseline": {column: values}, "policies": {name: {column: values}}}, as eval.json keeps it;
-    a policy's "kl" column is its KL to the baseline. The gains are `judge_gain` and `reward_gain` per policy.
+    a policy's "kl" column is its KL to the baseline. The gains are `judge_gain`, `reward_gain` and one
+    `signal/<name>_gain` per reward signal, per policy.
     """
     from rlhf_pipeline.metrics import load_metric
 
@@ -135,7 +146,7 @@ def compare(per_answer: dict[str, Any], config: EvalConfig) -> dict[str, Any]:
     policies = {}
     for name, columns in per_answer["policies"].items():
         policies[name] = summaries(columns)
-        for column in ("judge", "reward"):
+        for column in ("judge", "reward", *(c for c in baseline if c.startswith(SIGNAL))):
             if column in baseline:
                 result = win_rate.compute(policy_scores=columns[column], baseline_scores=baseline[column], **settings)
                 policies[name][f"{column}_gain"] = {_GAIN_KEYS.get(key, key): value for key, value in result.items()}
@@ -167,14 +178,17 @@ def run(recipe: Recipe) -> dict[str, Any]:
     from rlhf_pipeline.judges import load_judge
     from rlhf_pipeline.outputs import write_json
     from rlhf_pipeline.reward import RewardModel
+    from rlhf_pipeline.reward_spec import build_reward, signal_role
     from rlhf_pipeline.stages.common import finish_outputs, finished_manifest, load_frozen
 
     config: EvalConfig = recipe.settings
+    spec: RewardSpec = recipe.sections["reward"]
     policies = config.compared()
     names = {BASELINE: recipe.model.name_or_path, **policies}
     if config.reward_model:
         names[REWARD] = config.reward_model
-    sources, tokenizer, models = load_frozen(recipe, names, scorers=frozenset({REWARD}))
+    names |= {signal_role(name): folder for name, folder in spec.models().items()}
+    sources, tokenizer, models = load_frozen(recipe, names, scorers=frozenset(names) - {BASELINE, *policies})
     datasets, _ = load_datasets(recipe, tokenizer, prompts_only=True)
     prompts = [row["prompt"] for split in datasets.values() for row in split]
     settings = (1, config.max_new_tokens, config.temperature, config.top_p, config.batch_size, config.seed)
@@ -189,21 +203,31 @@ def run(recipe: Recipe) -> dict[str, Any]:
           for name in policies}
     say("eval: scoring")
     judge = load_judge(recipe.sections["judge"], recipe.model)
-    scorer = (RewardModel.from_role(models[REWARD], REWARD, tokenizer, config.reward_model)
-              if config.reward_model else None)
     texts = {role: [s.text for s in group] for role, group in samples.items()}
     columns: dict[str, dict[str, list[float]]] = {
         role: {"judge": judge(prompts, texts[role]), "length_tokens": [len(s.answer_ids) for s in samples[role]]}
-        | ({"reward": scorer.score(prompts, texts[role], f"eval: RM scores ({role})")} if scorer else {})
         | ({"kl": kl[role]} if role in kl else {})
         for role in roles}
+    if config.reward_model:
+        scorer = RewardModel.from_role(models[REWARD], REWARD, tokenizer, config.reward_model)
+        for role in roles:
+            columns[role]["reward"] = scorer.score(prompts, texts[role], f"eval: RM scores ({role})")
+    if spec.given:
+        reward = build_reward(spec, {name: RewardModel.from_role(models[signal_role(name)], signal_role(name),
+                                                                 tokenizer, folder)
+                                     for name, folder in spec.models().items()}, recipe.model)
+        for role in roles:
+            signals = reward.signal_scores(prompts, texts[role])
+            columns[role] |= {"reward": reward.combine(signals)} | {
+                f"{SIGNAL}{name}": values for name, values in signals.items()}
     per_answer = {BASELINE: columns[BASELINE], "policies": {name: columns[name] for name in policies}}
     report = compare(per_answer, config)
     report[BASELINE] |= answer_traits(samples[BASELINE]) | made_by(names[BASELINE])
     for name in policies:
         report["policies"][name] |= answer_traits(samples[name]) | made_by(names[name])
         say(f"eval: {name}: {eval_policy_line(report['policies'][name])}")
-    report |= {"prompts": len(prompts), "judge": recipe.sections["judge"].name}
+    report |= {"prompts": len(prompts), "judge": recipe.sections["judge"].name,
+               "signals": {name: {"use": signal.use, "weight": signal.weight} for name, signal in spec.by_name.items()}}
     examples = [{"prompt": prompts[i][-1]["content"], BASELINE: texts[BASELINE][i],
                  "policies": {name: texts[name][i] for name in policies}}
                 for i in range(min(config.num_examples, len(prompts)))]
@@ -223,7 +247,7 @@ STAGE = Stage(
     config_class=("rlhf_pipeline.stages.eval", "EvalConfig"),
     config_section="evaluation",
     data_formats=frozenset(FORMATS),
-    sections={"judge": JudgeSpec},
+    sections={"judge": JudgeSpec, "reward": RewardSpec},
     extra_checks=_check,
     run=run,
     presentation=Presentation("Evaluation: policies vs baseline", eval_headline, eval_section,

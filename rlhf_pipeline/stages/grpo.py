@@ -3,8 +3,8 @@
     rlhf-pipeline grpo recipes/smollm2-135m/grpo.yaml
 
 TRL's GRPOTrainer with GRPOConfig's own key names; no critic. Prompts come from any card. Answers are scored
-with the recipe's `reward:` section (a finished rm stage and/or Python functions, judges.RewardSpec), summed
-with `training.reward_weights`. With `training.beta` > 0 the KL penalty anchors to the SFT policy
+with the recipe's `reward:` section (reward models, rule reward models, functions and judges; reward_spec.py), each
+signal weighted. With `training.beta` > 0 the KL penalty anchors to the SFT policy
 (stages/policy_training.py); TRL's default beta is 0 (no reference at all).
 """
 

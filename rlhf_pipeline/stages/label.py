@@ -3,9 +3,14 @@
     rlhf-pipeline label recipes/smollm2-135m/label.yaml
 
 InstructGPT's comparison data without people: the SFT policy answers each prompt K times, the judge
-scores every answer, and each prompt yields pairs whose judge gap is at least `min_gap` (closer pairs
+scores every answer (or, when the recipe has a `reward:` section, its combined reward:
+reward_spec.py), and each prompt yields pairs whose judge gap is at least `min_gap` (closer pairs
 are dropped and counted). The output folder holds `preferences.jsonl`, `ranked.jsonl` and a data card
 (`data_card.yaml`) that an RM recipe names like any other dataset.
+
+With `labelling.writes: classification` the judge is a rule (e.g. `rlhf_pipeline.rules:over_word_limit`, 1 =
+broken): every sampled answer becomes a classified answer (label 1 when its score is above 0.5), written to
+`classified.jsonl` with a `classification` data card, what a rule reward model trains on (Sparrow).
 """
 
 from __future__ import annotations
@@ -17,8 +22,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rlhf_pipeline.data.formats import FORMATS
+from rlhf_pipeline.errors import PipelineError
 from rlhf_pipeline.judges import JudgeSpec
 from rlhf_pipeline.report.sections import label_headline, label_section
+from rlhf_pipeline.reward_spec import RewardSpec, check_reward
 from rlhf_pipeline.stages import MemoryModel, Presentation, Stage
 
 if TYPE_CHECKING:
@@ -38,10 +45,16 @@ class LabelConfig:
     seed: int = 42
     min_gap: float = 0.1
     pairs: str = "best_worst"
+    writes: str = "pairs"  # or "classification": each answer labelled by a rule judge (1 = broken)
 
     def __post_init__(self) -> None:
-        if self.num_samples < 2:
+        if self.writes not in ("pairs", "classification"):
+            raise ValueError("writes: pairs (preference pairs for a reward model) or classification (answers "
+                             "labelled by a rule, for a rule reward model)")
+        if self.num_samples < 2 and self.writes == "pairs":
             raise ValueError("num_samples: need at least 2 answers per prompt to compare")
+        if self.num_samples < 1:
+            raise ValueError("num_samples: at least 1 answer per prompt")
         if self.pairs not in ("best_worst", "all"):
             raise ValueError("pairs: best_worst (one pair per prompt) or all (every pair over min_gap)")
         if self.min_gap < 0:
@@ -67,13 +80,39 @@ def select_pairs(answers: list[str], scores: list[float], min_gap: float, mode: 
     return pairs, too_close
 
 
-def _card(recipe: Recipe, config: LabelConfig, judge: JudgeSpec, counts: dict[str, int]) -> dict[str, Any]:
+def classify(prompt: Any, answers: list[str], scores: list[float], judge: str) -> list[dict[str, Any]]:
+    """Each non-empty answer with label 1 when the rule judge's score (a probability, or 0/1) is above 0.5."""
+    if not all(0 <= score <= 1 for score in scores):
+        raise PipelineError(f"label: writes: classification needs a rule judge returning 1 (broken) or 0 (kept), "
+                            f"or a probability; '{judge}' returned {scores}")
+    return [{"prompt": prompt, "answer": answer, "label": int(score > 0.5)}
+            for answer, score in zip(answers, scores, strict=True) if answer.strip()]
+
+
+def _classification_card(recipe: Recipe, config: LabelConfig, judge: str, counts: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "name": f"{recipe.output_dir.name}_classified",
+        "description": (f"Answers labelled by a rule: {config.num_samples} answers per prompt sampled from "
+                        f"{recipe.model.name_or_path} (temperature {config.temperature}, at most "
+                        f"{config.max_new_tokens} new tokens), label 1 when the rule judge '{judge}' says the "
+                        f"answer breaks the rule ({counts['violations']} of {counts['classified']})."),
+        "source": {"path": "classified.jsonl"},
+        "format": "classification",
+        "violation_when": True,
+        "license": "same as the prompts and the sampled model",
+        "stages": ["rm"],
+        "size": {"rows": counts["classified"], "prompts": counts["prompts"]},
+        "known_issues": "Labelled by a program: exactly the rule as written, on this policy's answers only.",
+    }
+
+
+def _card(recipe: Recipe, config: LabelConfig, judge: str, counts: dict[str, int]) -> dict[str, Any]:
     return {
         "name": f"{recipe.output_dir.name}_preferences",
         "description": (f"Preference pairs labelled by this pipeline: {config.num_samples} answers per prompt "
                         f"sampled from {recipe.model.name_or_path} (temperature {config.temperature}, top_p "
                         f"{config.top_p}, at most {config.max_new_tokens} new tokens), ranked by the judge "
-                        f"'{judge.name}', pairs with a judge gap of at least {config.min_gap} kept."),
+                        f"'{judge}', pairs with a judge gap of at least {config.min_gap} kept."),
         "source": {"path": "preferences.jsonl"},
         "format": "prompt_chosen_rejected",
         "license": "same as the prompts and the sampled model",
@@ -81,6 +120,10 @@ def _card(recipe: Recipe, config: LabelConfig, judge: JudgeSpec, counts: dict[st
         "size": {"rows": counts["pairs"], "prompts": counts["prompts"]},
         "known_issues": "Machine-judged: the pairs teach whatever the judge rewards, including its blind spots.",
     }
+
+
+def _check(recipe: Recipe) -> None:
+    check_reward(recipe, recipe.sections["reward"])
 
 
 def run(recipe: Recipe) -> dict[str, Any]:
@@ -92,39 +135,50 @@ def run(recipe: Recipe) -> dict[str, Any]:
     from rlhf_pipeline.distributed import is_main_process, say
     from rlhf_pipeline.generation import sample_answers
     from rlhf_pipeline.judges import load_judge
+    from rlhf_pipeline.reward_spec import load_reward
     from rlhf_pipeline.stages.common import finish_outputs, finished_manifest, load_frozen
 
     config: LabelConfig = recipe.settings
-    judge_spec = recipe.sections["judge"]
+    judge_spec, spec = recipe.sections["judge"], recipe.sections["reward"]
+    judge_name = f"reward ({', '.join(spec.names)})" if spec.given else judge_spec.name
     sources, tokenizer, models = load_frozen(recipe, {"policy": recipe.model.name_or_path})
     datasets, data_report = load_datasets(recipe, tokenizer, prompts_only=True)
     prompts = [row["prompt"] for split in datasets.values() for row in split]
-    say(f"label: {len(prompts)} prompts x {config.num_samples} answers, judge {judge_spec.name}")
+    say(f"label: {len(prompts)} prompts x {config.num_samples} answers, judge {judge_name}")
     samples = sample_answers(models["policy"].use("policy"), tokenizer, prompts, config.num_samples,
                              config.max_new_tokens, config.temperature, config.top_p, config.batch_size, config.seed,
                              "labelling")
-    judge = load_judge(judge_spec, recipe.model)
-    ranked_rows, pair_rows, too_close = [], [], 0
+    judge = load_reward(spec, recipe.model) if spec.given else load_judge(judge_spec, recipe.model)
+    ranked_rows, pair_rows, classified, too_close = [], [], [], 0
     for prompt, answers in tqdm(list(zip(prompts, samples, strict=True)), desc="label: judging",
                                 disable=not is_main_process()):
         texts = [a.text for a in answers]
         scores = judge([prompt] * len(texts), texts)
         ranked_rows.append({"prompt": prompt, "answers": texts, "scores": scores})
+        if config.writes == "classification":
+            classified.extend(classify(prompt, texts, scores, judge_name))
+            continue
         pairs, dropped = select_pairs(texts, scores, config.min_gap, config.pairs)
         too_close += dropped
         pair_rows.extend({"prompt": prompt, **pair} for pair in pairs)
-    counts = {"prompts": len(prompts), "answers": len(prompts) * config.num_samples, "pairs": len(pair_rows),
-              "dropped_below_min_gap": too_close,
-              "finished_answers": sum(a.finished for answers in samples for a in answers)}
-    metrics = {"counts": counts, "judge": judge_spec.name, "data": data_report.as_dict(),
+    counts: dict[str, Any] = {"prompts": len(prompts), "answers": len(prompts) * config.num_samples,
+                              "finished_answers": sum(a.finished for answers in samples for a in answers)}
+    if config.writes == "classification":
+        counts |= {"classified": len(classified), "violations": sum(row["label"] for row in classified)}
+        counts["violation_rate"] = counts["violations"] / max(len(classified), 1)
+        say(f"label: {counts['violations']} of {len(classified)} answers break the rule")
+        card, data_file, rows = _classification_card(recipe, config, judge_name, counts), "classified.jsonl", classified
+    else:
+        counts |= {"pairs": len(pair_rows), "dropped_below_min_gap": too_close}
+        say(f"label: {counts['pairs']} pairs kept, {too_close} dropped below min_gap {config.min_gap}")
+        card, data_file, rows = _card(recipe, config, judge_name, counts), "preferences.jsonl", pair_rows
+    metrics = {"counts": counts, "judge": judge_name, "writes": config.writes, "data": data_report.as_dict(),
                "mean_judge_score": sum(s for r in ranked_rows for s in r["scores"]) / max(counts["answers"], 1)}
-    say(f"label: {counts['pairs']} pairs kept, {too_close} dropped below min_gap {config.min_gap}")
 
     def write_files(folder: Path) -> None:
-        (folder / "preferences.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pair_rows))
+        (folder / data_file).write_text("".join(json.dumps(r) + "\n" for r in rows))
         (folder / "ranked.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ranked_rows))
-        (folder / "data_card.yaml").write_text(yaml.safe_dump(_card(recipe, config, judge_spec, counts),
-                                                              sort_keys=False))
+        (folder / "data_card.yaml").write_text(yaml.safe_dump(card, sort_keys=False))
 
     finish_outputs(recipe, finished_manifest(recipe, sources["policy"], metrics, adapter=False), write_files)
     return metrics
@@ -137,7 +191,8 @@ STAGE = Stage(
     config_class=("rlhf_pipeline.stages.label", "LabelConfig"),
     config_section="labelling",
     data_formats=frozenset(FORMATS),
-    sections={"judge": JudgeSpec},
+    sections={"judge": JudgeSpec, "reward": RewardSpec},
+    extra_checks=_check,
     run=run,
     presentation=Presentation("AI-feedback labelling", label_headline, label_section),
     memory=MemoryModel(kind="sample"),

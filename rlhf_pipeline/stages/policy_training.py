@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rlhf_pipeline.errors import RecipeError
-from rlhf_pipeline.judges import RewardSpec
 from rlhf_pipeline.outputs import read_manifest
 from rlhf_pipeline.report.sections import Panels, curves_headline, curves_section
+from rlhf_pipeline.reward_spec import RewardSpec
 from rlhf_pipeline.stages import MemoryModel, ModelOutput, Presentation, Stage
 
 if TYPE_CHECKING:
@@ -42,26 +42,28 @@ def check_starts_from_sft(recipe: Recipe) -> None:
 
 
 def check_reward_spec(recipe: Recipe) -> None:
-    """Before weights load: the reward functions import, the reward model is a finished rm stage, weights line up."""
-    from rlhf_pipeline.judges import import_function
+    """Before weights load: the signals can be called, none is a veto (no weighted sum), weights line up."""
+    from rlhf_pipeline.reward_spec import check_reward
 
     check_starts_from_sft(recipe)
     spec = recipe.sections["reward"]
-    for index, reference in enumerate(spec.functions):
-        try:
-            import_function(reference)
-        except ValueError as error:
-            raise RecipeError(recipe.path, f"reward.functions[{index}]", f"{error}; a reward function is "
-                              "`module:function`, called with (prompts, answers) and returning a float per answer"
-                              ) from None
-    if spec.model:
-        recipe.check_finished_stage("reward.model", spec.model, ("rm",),
-                                    "not a reward model; point it at the rm stage's output_dir")
+    if not spec.given:
+        raise RecipeError(recipe.path, "reward", "required: the signals the sampled answers are scored with, as "
+                          "signals: {name: {model: RM_FOLDER}, ...} or the short form model: RM_FOLDER, functions: "
+                          "[module:function]")
+    check_reward(recipe, spec)
+    if vetoes := [name for name, signal in spec.by_name.items() if signal.use == "veto"]:
+        raise RecipeError(recipe.path, f"reward.signals.{vetoes[0]}.use", f"{recipe.stage} sums its signals with "
+                          "TRL's reward_weights, which cannot express a veto; use `use: penalty` here (ppo, eval, "
+                          "label and best_of_n apply vetoes)")
     weights = recipe.config.get("reward_weights")
     if weights is not None and len(weights) != len(spec.names):
         raise RecipeError(recipe.path, "training.reward_weights", f"{len(weights)} weight(s) for "
                           f"{len(spec.names)} reward signal(s) ({', '.join(spec.names)}); give one weight per "
                           "signal, in that order, or remove the key (all 1.0)")
+    if weights is not None and spec.signals:
+        raise RecipeError(recipe.path, "training.reward_weights", "the signals carry their own weights "
+                          "(reward.signals.<name>.weight); remove training.reward_weights")
 
 
 def train_policy(recipe: Recipe, trainer_class: type, config_class: type, *, prompts_only: bool = False,
@@ -113,18 +115,21 @@ def train_online(recipe: Recipe, trainer_class: type, config_class: type) -> dic
     """GRPO/RLOO: the policy samples answers to the cards' prompts, scored by the recipe's `reward:` signals."""
     import dataclasses
 
-    from rlhf_pipeline.judges import reward_functions
     from rlhf_pipeline.models import load_tokenizer
+    from rlhf_pipeline.reward_spec import load_reward, trl_reward_functions
     from rlhf_pipeline.sources import resolve_source
     from rlhf_pipeline.stages.common import load_weights_whole, require_same_tokenizer
 
     load_weights_whole()
-    if model_path := recipe.sections["reward"].model:
-        scorer_spec = dataclasses.replace(recipe.model, name_or_path=model_path)
+    spec = recipe.sections["reward"]
+    if spec.models():
         tokenizer = load_tokenizer(resolve_source(recipe.model), recipe.model)
-        require_same_tokenizer(recipe, "reward.model", resolve_source(scorer_spec), scorer_spec, tokenizer)
-    return train_policy(recipe, trainer_class, config_class, prompts_only=True,
-                        reward_funcs=reward_functions(recipe.sections["reward"], recipe.model))
+        for name, folder in spec.models().items():
+            scorer_spec = dataclasses.replace(recipe.model, name_or_path=folder)
+            require_same_tokenizer(recipe, spec.signal_key(name), resolve_source(scorer_spec), scorer_spec, tokenizer)
+    functions, weights = trl_reward_functions(load_reward(spec, recipe.model))  # training.reward_weights wins
+    return train_policy(recipe, trainer_class, config_class, prompts_only=True, reward_funcs=functions,
+                        reward_weights=weights)
 
 
 ONLINE_PANELS = (("reward", "reward (weighted sum)"), ("kl", "KL to the SFT policy"),

@@ -10,6 +10,11 @@ policy is a trainable copy of it; the reward model is the rm stage's adapter and
 (`training.reward_model_path`), frozen; the critic is a trainable copy of those. The saved policy adapter
 is the whole PPO model on the base.
 
+With a `reward:` section (reward_spec.py: preference RMs, rule RMs, functions and judges, combined as in
+Sparrow) the answers are scored by its signals instead: each reward model is one more frozen adapter on the
+same base, each signal is logged as `reward/<name>`, and the critic still starts from
+`training.reward_model_path`.
+
 Health monitors (`training.max_kl`, `min_entropy`, `max_length_drift`, `max_missing_eos_fraction`,
 `max_reward_jump`; ppo/monitors.py) warn while training. With `early_stop_on_alert: true` the trainer saves
 `checkpoint-N` at the alert and stops, and the stage still finishes, so the work is kept: the policy of
@@ -26,11 +31,18 @@ from typing import TYPE_CHECKING, Any
 from rlhf_pipeline.data.formats import FORMATS, SFT_FORMATS
 from rlhf_pipeline.errors import PipelineError, RecipeError
 from rlhf_pipeline.report.sections import ppo_headline, ppo_section, ppo_summary_note
+from rlhf_pipeline.reward import CLASSIFICATION
+from rlhf_pipeline.reward_spec import RewardSpec, check_reward, model_objective
 from rlhf_pipeline.stages import MemoryModel, ModelOutput, Presentation, Stage
 
 if TYPE_CHECKING:
+    import torch
+
+    from rlhf_pipeline.chat import Messages
     from rlhf_pipeline.distributed import Launch
+    from rlhf_pipeline.ppo.trainer import RewardFn
     from rlhf_pipeline.recipe import Recipe
+    from rlhf_pipeline.reward_spec import Reward
 
 
 def _check(recipe: Recipe) -> None:
@@ -42,6 +54,17 @@ def _check(recipe: Recipe) -> None:
                           "frozen reference on one base; add a lora section")
     recipe.check_finished_stage("training.reward_model_path", recipe.config["reward_model_path"], ("rm",),
                                 "not a reward model; point it at the rm stage's output_dir")
+    if model_objective(recipe.config["reward_model_path"]) == CLASSIFICATION:
+        raise RecipeError(recipe.path, "training.reward_model_path", "a rule reward model (higher = more likely to "
+                          "break its rule) cannot be PPO's reward or the critic's start; give the preference RM here "
+                          "and the rule RM as a penalty in the reward: section")
+    spec = recipe.sections["reward"]
+    if spec.given:
+        check_reward(recipe, spec)
+        if recipe.config.get("normalize_reward"):
+            raise RecipeError(recipe.path, "training.normalize_reward", "with a reward: section each reward-model "
+                              "signal is normalised by its own statistics (reward.signals.<name>.normalize); set "
+                              "normalize_reward: false")
     if recipe.config.get("ptx_coef") and not recipe.data.ptx:
         raise RecipeError(recipe.path, "data.ptx", "training.ptx_coef > 0 mixes in the SFT loss of demonstrations "
                           "(PPO-ptx): list SFT-format cards here, or set ptx_coef to 0")
@@ -107,8 +130,10 @@ def run(recipe: Recipe) -> dict[str, Any]:
     from rlhf_pipeline.distributed import say
     from rlhf_pipeline.models import load_tokenizer
     from rlhf_pipeline.outputs import require_finished
-    from rlhf_pipeline.ppo.roles import POLICY, REWARD, build_ppo_model, check_shared_base
+    from rlhf_pipeline.ppo.roles import POLICY, build_ppo_model, check_shared_base
     from rlhf_pipeline.ppo.trainer import PPOTrainer
+    from rlhf_pipeline.reward import RewardModel
+    from rlhf_pipeline.reward_spec import build_reward, signal_role
     from rlhf_pipeline.sources import resolve_source
     from rlhf_pipeline.stages.common import (
         Loaded,
@@ -121,28 +146,48 @@ def run(recipe: Recipe) -> dict[str, Any]:
     )
 
     config = recipe.settings
+    spec = recipe.sections["reward"]
     start_training(recipe)
     rm_manifest = require_finished(config.reward_model_path, "rm", "training.reward_model_path")
     reward_spec = dataclasses.replace(recipe.model, name_or_path=config.reward_model_path)
     source, reward_source = resolve_source(recipe.model, progress=say), resolve_source(reward_spec)
     check_shared_base(source, reward_source, config.reward_model_path)
+    signal_specs = {name: dataclasses.replace(recipe.model, name_or_path=folder)
+                    for name, folder in spec.models().items()}
+    signal_sources = {name: resolve_source(signal_spec) for name, signal_spec in signal_specs.items()}
+    for name, signal_source in signal_sources.items():
+        check_shared_base(source, signal_source, spec.models()[name], spec.signal_key(name))
     # Tokenizers first: a mismatch is reported before any weights load.
     tokenizer = load_tokenizer(source, recipe.model)
     require_same_tokenizer(recipe, "training.reward_model_path", reward_source, reward_spec, tokenizer)
+    for name, signal_source in signal_sources.items():
+        require_same_tokenizer(recipe, spec.signal_key(name), signal_source, signal_specs[name], tokenizer)
     stats = rm_manifest.extra.get("reward_stats", {})
     if config.normalize_reward and not {"mean", "std"} <= stats.keys():
         raise RecipeError(recipe.path, "training.normalize_reward", f"the rm stage in {config.reward_model_path} "
                           "recorded no reward statistics to normalise with; re-run that rm stage, or set "
                           "normalize_reward: false")
     reward_stats = (stats["mean"], stats["std"]) if config.normalize_reward else None
+    # With reward signals (each normalised on its own) the critic still starts on the RM's normalised scale.
+    critic_stats = (stats["mean"], stats["std"]) if spec.given and {"mean", "std"} <= stats.keys() else reward_stats
     say(f"loading {source.origin} once: reference, policy, reward model and critic are adapters on it")
-    model = build_ppo_model(source, reward_source, recipe.model, tokenizer, reward_stats,
-                            gradient_checkpointing=activation_checkpointing_default(recipe))
+    model = build_ppo_model(source, reward_source, recipe.model, tokenizer, critic_stats,
+                            gradient_checkpointing=activation_checkpointing_default(recipe),
+                            scorers={signal_role(name): s for name, s in signal_sources.items()})
 
     datasets, data_report = load_datasets(recipe, tokenizer, prompts_only=True)
-    prompts = [encode_prompt(tokenizer, row["prompt"]) for split in datasets.values() for row in split]
+    chats = [row["prompt"] for split in datasets.values() for row in split]
+    prompts = [encode_prompt(tokenizer, chat) for chat in chats]
     say(f"ppo: {len(prompts)} prompts ({data_report.summary()})")
-    trainer = PPOTrainer(config, model, partial(model.last_scores, REWARD), tokenizer, prompts,
+    if spec.given:
+        reward_models = {name: RewardModel.from_role(model, signal_role(name), tokenizer, folder)
+                         for name, folder in spec.models().items()}
+        reward = build_reward(spec, reward_models, recipe.model)
+        say(f"ppo: reward = {', '.join(f'{name} ({s.use}, weight {s.weight:g})' for name, s in spec.by_name.items())}")
+        reward_fn = _signals_reward(reward, tokenizer, dict(zip(map(tuple, prompts), chats, strict=True)))
+    else:
+        reward_fn = partial(_rm_scores, model)
+    trainer = PPOTrainer(config, model, reward_fn, tokenizer, prompts,
                          reward_stats=reward_stats, ptx_loss=_demonstrations(recipe, tokenizer, data_report))
     final, record = train_resuming(trainer, recipe, data_report)
     history = [entry for entry in trainer.log_history if "objective/scores" in entry]
@@ -168,6 +213,33 @@ def run(recipe: Recipe) -> dict[str, Any]:
            extra={"reward_model": str(config.reward_model_path)},
            save_weights=partial(model.save_adapter, POLICY, state_dict=policy_state))
     return metrics
+
+
+def _rm_scores(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+               prompt_lengths: torch.Tensor) -> torch.Tensor:
+    """The reward model role's score of each prompt+answer row."""
+    from rlhf_pipeline.ppo.roles import REWARD
+
+    return model.last_scores(REWARD, input_ids, attention_mask)
+
+
+def _signals_reward(reward: Reward, tokenizer: Any, chats: dict[tuple[int, ...], Messages]) -> RewardFn:
+    """The recipe's reward signals on PPO's rows: reward models score the sampled ids as they are, functions and
+    judges the prompt's chat and the decoded answer; the combined reward is the score, each signal is logged."""
+    import torch
+
+    def score(input_ids: torch.Tensor, attention_mask: torch.Tensor,
+              prompt_lengths: torch.Tensor) -> dict[str, torch.Tensor]:
+        rows = [row[:length] for row, length in zip(input_ids.tolist(), attention_mask.sum(dim=1).tolist(),
+                                                     strict=True)]
+        cuts = prompt_lengths.tolist()
+        prompts = [chats[tuple(row[:cut])] for row, cut in zip(rows, cuts, strict=True)]
+        answers = [tokenizer.decode(row[cut:], skip_special_tokens=True) for row, cut in zip(rows, cuts, strict=True)]
+        signals = reward.signal_scores(prompts, answers, rows)
+        return {"score": torch.tensor(reward.combine(signals))} | {
+            name: torch.tensor(values) for name, values in signals.items()}
+
+    return score
 
 
 def _demonstrations(recipe: Recipe, tokenizer: Any, report: Any) -> Any:
@@ -198,6 +270,7 @@ STAGE = Stage(
     example="rlhf-pipeline ppo recipes/smollm2-135m/ppo.yaml training.kl_coef=0.1",
     config_class=("rlhf_pipeline.ppo.config", "PPOConfig"),
     data_formats=frozenset(FORMATS),
+    sections={"reward": RewardSpec},
     extra_checks=_check,
     run=run,
     presentation=Presentation("PPO", ppo_headline, ppo_section, summary_note=ppo_summary_note),

@@ -95,7 +95,7 @@ def target_fraction(tokenizer: PreTrainedTokenizerFast, response_length: int) ->
     """Reward: the share of response tokens that are the target letter (prompts never contain it)."""
     target = tokenizer.convert_tokens_to_ids(TARGET)
 
-    def reward_fn(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def reward_fn(input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_lengths: torch.Tensor) -> torch.Tensor:
         return ((input_ids == target) & attention_mask.bool()).sum(dim=1).float() / response_length
 
     return reward_fn
@@ -577,7 +577,7 @@ def test_answers_stop_at_the_end_of_turn_token_when_it_is_not_eos(tmp_path: Path
     shared.add_role(POLICY, config=LoraConfig(r=4, target_modules="all-linear"), trainable=True)
     shared.add_role(CRITIC, config=LoraConfig(r=4, target_modules="all-linear"), trainable=True,
                     head=torch.nn.Linear(32, 1))
-    trainer = PPOTrainer(config, shared, lambda ids, mask: torch.zeros(len(ids)), eot_tokenizer,
+    trainer = PPOTrainer(config, shared, lambda ids, mask, prompt_lengths: torch.zeros(len(ids)), eot_tokenizer,
                          [[1, 4 + i % 4] for i in range(16)])
     assert trainer.stop_token_ids == [eot_tokenizer.eos_token_id, eot]
     torch.manual_seed(2)

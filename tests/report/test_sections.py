@@ -154,3 +154,30 @@ def test_an_eval_recorded_before_several_policies_asks_to_be_run_again(tmp_path:
     assert "This eval was recorded by an earlier rlhf-pipeline" in report and "--from eval" in report
     summary = write_summary_report([folder], tmp_path / "run", "Run").read_text()
     assert "| eval | `eval` | recorded by an earlier rlhf-pipeline" in summary
+
+
+def test_a_rule_reward_model_reports_its_own_numbers(tmp_path: Path) -> None:
+    from rlhf_pipeline.metrics import load_metric
+
+    scores, labels = [2.0, 1.0, -1.0, -2.0, 0.5, -0.5], [1, 1, 0, 0, 0, 1]
+    held_out = load_metric("rule_classification").compute(scores=scores, labels=labels) | {
+        "violation_score_mean": 0.833, "kept_score_mean": -0.833, "scores": scores, "labels": labels}
+    metrics = {"objective": "classification", "eval_accuracy": held_out["accuracy"], "eval_auroc": held_out["auroc"],
+               "eval_ece": held_out["ece"], "eval_brier": held_out["brier"], "eval_base_rate": 0.5, "eval": held_out,
+               "reward_stats": {"mean": 0.1, "std": 1.5, "answers": 6}, "global_steps": 3,
+               "log_history": [{"step": 1, "loss": 0.7}, {"step": 2, "loss": 0.5}, {"step": 3, "loss": 0.4}]}
+    folder = tmp_path / "rm"
+    folder.mkdir()
+    write_json(folder / "metrics.json", metrics)
+    mark_complete(folder, StageManifest(stage="rm", fingerprint="0", base_model={"origin": "tiny"}, adapter=True,
+                                        task="reward", metrics=metrics, extra={"objective": "classification"}))
+    lines = write_stage_report(folder).read_text().splitlines()
+
+    # By hand: 4 of 6 on the right side of 0; 8 of the 9 violation/keep pairs ordered right; one answer per
+    # bin, so ECE = mean |y − σ(s)| = 2.0213 / 6; Brier = mean (y − σ(s))² = 0.948 / 6.
+    assert lines[2] == ("rule classifier: held-out accuracy 0.6667 on 6 answers (base rate 0.5), AUROC 0.8889, "
+                        "ECE 0.3369, Brier 0.158.")
+    assert "| AUROC | 0.8889 |" in lines and "| base rate (share that breaks the rule) | 0.5 |" in lines
+    assert not any("pairwise" in line or "margin" in line for line in lines)
+    check_png(folder / "rm_rule.png")
+    check_png(folder / "rm_training.png")

@@ -92,3 +92,26 @@ def sft_and_rm(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -
                                          data={"train": ["pairs"], "eval_split": 0.0, "max_length": 128}))
     rm.run(rm_recipe)
     return sft_recipe.output_dir, rm_recipe.output_dir
+
+
+def rm_with_another_tokenizer(folder: Path, base: Path) -> Path:
+    """A finished-looking rm stage whose tokenizer has one extra special token (no weights: none may load)."""
+    from transformers import AutoTokenizer
+
+    from tests.stages.test_ppo_checks import _fake_stage
+
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|reward|>"]})
+    return _fake_stage(folder, "rm", base, tokenizer)
+
+
+@pytest.fixture
+def weights_forbidden(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make loading any model's weights fail the test: what must be refused before weights load."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    def no_weights(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("weights were loaded before the check")
+
+    for model_class in (AutoModelForCausalLM, AutoModelForSequenceClassification):
+        monkeypatch.setattr(model_class, "from_pretrained", no_weights)

@@ -9,14 +9,14 @@ from typing import Any
 
 import pytest
 import yaml
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoTokenizer
 
 from rlhf_pipeline.cli import main
 from rlhf_pipeline.errors import PipelineError, RecipeError
 from rlhf_pipeline.outputs import StageManifest, mark_complete
 from rlhf_pipeline.pipeline import validate_pipeline
 from rlhf_pipeline.stages import load_recipe
-from tests.stages.conftest import preference_rows, write_card
+from tests.stages.conftest import preference_rows, rm_with_another_tokenizer, write_card
 
 LORA = {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0}
 
@@ -46,18 +46,10 @@ def _ppo_recipe(tmp_path: Path, model_dir: Path, reward_model_path: Path, name: 
 
 
 def test_tokenizer_mismatch_stops_ppo_before_weights_load(tmp_path: Path, tiny_model_dir: Path,
-                                                          monkeypatch: pytest.MonkeyPatch,
+                                                          weights_forbidden: None,
                                                           capsys: pytest.CaptureFixture[str]) -> None:
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    tokenizer.add_special_tokens({"additional_special_tokens": ["<|reward|>"]})
-    rm_dir = _fake_stage(tmp_path / "outputs" / "rm", "rm", tiny_model_dir, tokenizer)
+    rm_dir = rm_with_another_tokenizer(tmp_path / "outputs" / "rm", tiny_model_dir)
     recipe = _ppo_recipe(tmp_path, tiny_model_dir, rm_dir)
-
-    def no_weights(*args: Any, **kwargs: Any) -> Any:
-        raise AssertionError("weights were loaded before the tokenizer check")
-
-    for model_class in (AutoModelForCausalLM, AutoModelForSequenceClassification):
-        monkeypatch.setattr(model_class, "from_pretrained", no_weights)
     assert main(["ppo", str(recipe)]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: {recipe}: training.reward_model_path: the reward model at {rm_dir} uses a "

@@ -1,0 +1,209 @@
+"""Stages scoring with a reward specification: checked before weights load, every signal used and reported."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from rlhf_pipeline.cli import main
+from rlhf_pipeline.errors import RecipeError
+from rlhf_pipeline.stages import load_recipe
+from tests.stages.conftest import rm_with_another_tokenizer, write_card
+
+CAKE = "tests.stages.judges:mentions_cake"
+LETTER_E = "tests.stages.judges:letter_e_share"
+
+
+def _ppo_recipe(folder: Path, model_dir: Path, sft: Path, rm: Path, reward: dict[str, Any],
+                training: dict[str, Any] | None = None) -> Path:
+    write_card(folder, "prompts", [{"prompt": f"Tell me about topic {i}."} for i in range(8)], "prompt_only",
+               ["ppo"])
+    knobs = {"output_dir": str(folder / "outputs" / "ppo"), "seed": 0, "reward_model_path": str(rm),
+             "per_device_train_batch_size": 4, "total_episodes": 8, "response_length": 6, "num_ppo_epochs": 1,
+             "save_steps": 10, "num_sample_generations": 0, "disable_tqdm": True}
+    path = folder / "ppo.yaml"
+    path.write_text(yaml.safe_dump({
+        "stage": "ppo", "model": {"name_or_path": str(sft), "lora": {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0}},
+        "data": {"train": ["prompts"], "eval_split": 0.0, "max_length": 96},
+        "training": knobs | (training or {}), "reward": reward}))
+    return path
+
+
+@pytest.mark.parametrize(("reward", "message"), [
+    ({"signals": {"rude": {"function": "no_such_module_here:score", "use": "penalty"}}},
+     r"reward\.signals\.rude: 'no_such_module_here:score': cannot import module 'no_such_module_here'"),
+    ({"signals": {"rude": {"function": CAKE, "wieght": 2}}}, r"reward\.signals\.rude\.wieght: unknown key; did you "
+                                                             r"mean weight\?"),
+    ({"signals": {"rude": {"function": CAKE, "model": "x"}}}, r"reward\.signals\.rude\.model: give exactly one of"),
+    ({"signals": {"rude": {"function": CAKE, "use": "ban"}}}, r"reward\.signals\.rude\.use: must be one of reward, "
+                                                             r"penalty, veto"),
+    ({"signals": {"x": {"function": CAKE}}, "model": "outputs/rm"}, r"reward\.signals: give the signals, or the "
+                                                                    r"short form"),
+    ({"signals": {"warmth": {"model": "RM", "use": "penalty"}}}, r"reward\.signals\.warmth\.use: .* is a preference "
+                                                                r"reward model .* use it as `use: reward`"),
+    ({"signals": {"warmth": {"model": "UNFINISHED"}}}, r"reward\.signals\.warmth\.model: .*rm-in-progress is not a "
+                                                      r"finished rm stage"),
+])
+def test_a_reward_specification_that_cannot_work_fails_validation(
+        reward: dict[str, Any], message: str, tmp_path: Path, tiny_model_dir: Path,
+        sft_and_rm: tuple[Path, Path]) -> None:
+    sft, rm = sft_and_rm
+    unfinished = tmp_path / "rm-in-progress"
+    (unfinished / "checkpoint-4").mkdir(parents=True)
+    text = json.dumps(reward).replace('"RM"', json.dumps(str(rm))).replace('"UNFINISHED"', json.dumps(str(unfinished)))
+    path = _ppo_recipe(tmp_path, tiny_model_dir, sft, rm, json.loads(text), {"normalize_reward": False})
+    with pytest.raises(RecipeError, match=message):
+        load_recipe(path)
+
+
+def test_ppo_refuses_normalising_the_combined_reward_again(tmp_path: Path, tiny_model_dir: Path,
+                                                           sft_and_rm: tuple[Path, Path]) -> None:
+    sft, rm = sft_and_rm
+    path = _ppo_recipe(tmp_path, tiny_model_dir, sft, rm, {"signals": {"warmth": {"model": str(rm)}}},
+                       {"normalize_reward": True})
+    with pytest.raises(RecipeError, match=r"training\.normalize_reward: with a reward: section each reward-model "
+                                          r"signal is normalised by its own statistics"):
+        load_recipe(path)
+
+
+def test_a_signal_model_with_another_tokenizer_stops_ppo_before_weights_load(
+        tmp_path: Path, tiny_model_dir: Path, sft_and_rm: tuple[Path, Path], weights_forbidden: None,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    other = rm_with_another_tokenizer(tmp_path / "outputs" / "other-rm", tiny_model_dir)
+    sft, rm = sft_and_rm
+    path = _ppo_recipe(tmp_path, tiny_model_dir, sft, rm, {"signals": {"warmth": {"model": str(rm)},
+                                                                       "other": {"model": str(other)}}})
+    assert main(["ppo", str(path)]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {path}: reward.signals.other: the reward model at {other} "
+                                              "uses a different tokenizer")
+
+
+def test_ppo_scores_with_every_signal_and_logs_each(tmp_path: Path, tiny_model_dir: Path,
+                                                    sft_and_rm: tuple[Path, Path]) -> None:
+    sft, rm = sft_and_rm
+    reward = {"signals": {"warmth": {"model": str(rm)}, "e_share": {"function": LETTER_E, "weight": 2.0},
+                          "cake": {"function": CAKE, "use": "penalty", "weight": 0.5}}}
+    path = _ppo_recipe(tmp_path, tiny_model_dir, sft, rm, reward)
+    assert main(["ppo", str(path)]) == 0
+    metrics = json.loads((tmp_path / "outputs" / "ppo" / "metrics.json").read_text())
+    steps = [entry for entry in metrics["log_history"] if "objective/scores" in entry]
+    assert len(steps) == 2
+    for entry in steps:
+        assert 0 <= entry["reward/e_share"] <= 1 and 0 <= entry["reward/cake"] <= 1
+        combined = entry["reward/warmth"] + 2.0 * entry["reward/e_share"] - 0.5 * entry["reward/cake"]
+        assert entry["objective/raw_scores"] == pytest.approx(combined, abs=1e-5)
+    report = (tmp_path / "outputs" / "ppo" / "report.md").read_text()
+    assert "| reward/cake | " in report and "ppo_signals.png" in report
+    assert (tmp_path / "outputs" / "ppo" / "ppo_signals.png").read_bytes()[:4] == b"\x89PNG"
+    resolved = yaml.safe_load((tmp_path / "outputs" / "ppo" / "recipe.yaml").read_text())
+    assert resolved["reward"]["signals"]["cake"]["use"] == "penalty"
+
+
+def test_eval_reports_the_combined_reward_and_each_signal_with_its_gain(
+        tmp_path: Path, tiny_model_dir: Path, sft_and_rm: tuple[Path, Path]) -> None:
+    sft, rm = sft_and_rm
+    write_card(tmp_path, "prompts", [{"prompt": f"Tell me about topic {i}."} for i in range(12)], "prompt_only",
+               ["eval"])
+    path = tmp_path / "eval.yaml"
+    signals = {"warmth": {"model": str(rm)}, "e_share": {"function": LETTER_E, "weight": 2.0},
+               "cake": {"function": CAKE, "use": "penalty", "weight": 0.5}}
+    path.write_text(yaml.safe_dump({
+        "stage": "eval", "model": {"name_or_path": str(sft)},
+        "data": {"train": ["prompts"], "eval_split": 0.0, "max_length": 96},
+        "judge": {"type": "callable", "function": LETTER_E}, "reward": {"signals": signals},
+        "evaluation": {"output_dir": str(tmp_path / "outputs" / "eval"), "policies": {"base": str(tiny_model_dir)},
+                       "max_new_tokens": 10, "bootstrap_samples": 200}}))
+    assert main(["eval", str(path)]) == 0
+    out = tmp_path / "outputs" / "eval"
+    record = json.loads((out / "eval.json").read_text())
+    for columns in (record["per_answer"]["baseline"], record["per_answer"]["policies"]["base"]):
+        assert columns["signal/e_share"] == columns["judge"]  # the same function, as a judge and as a signal
+        combined = [w + 2.0 * e - 0.5 * c for w, e, c in zip(columns["signal/warmth"], columns["signal/e_share"],
+                                                                columns["signal/cake"], strict=True)]
+        assert columns["reward"] == pytest.approx(combined)
+    policy = record["policies"]["base"]
+    for name in ("warmth", "e_share", "cake"):
+        gain = policy[f"signal/{name}_gain"]
+        assert gain["mean"] == pytest.approx(policy[f"signal/{name}"]["mean"] - record["baseline"][f"signal/{name}"]
+                                             ["mean"])
+    assert record["signals"]["cake"] == {"use": "penalty", "weight": 0.5}
+    report = (out / "report.md").read_text()
+    assert "Reward signals (`reward:` section)" in report and "| cake | penalty (0.5) | " in report
+
+
+def test_eval_takes_either_reward_model_or_a_reward_section(tmp_path: Path, sft_and_rm: tuple[Path, Path]) -> None:
+    sft, rm = sft_and_rm
+    write_card(tmp_path, "prompts", [{"prompt": "Hi?"}], "prompt_only", ["eval"])
+    path = tmp_path / "eval.yaml"
+    path.write_text(yaml.safe_dump({
+        "stage": "eval", "model": {"name_or_path": str(sft)}, "data": {"train": ["prompts"], "eval_split": 0.0},
+        "reward": {"model": str(rm)},
+        "evaluation": {"output_dir": str(tmp_path / "out"), "policy": str(rm), "reward_model": str(rm)}}))
+    with pytest.raises(RecipeError, match=r"evaluation\.reward_model: the recipe's reward: section says what"):
+        load_recipe(path)
+
+
+def test_label_ranks_by_the_reward_section_when_given(tmp_path: Path, sft_and_rm: tuple[Path, Path]) -> None:
+    sft, _ = sft_and_rm
+    write_card(tmp_path, "prompts", [{"prompt": f"Tell me about topic {i}."} for i in range(4)], "prompt_only",
+               ["label"])
+    path = tmp_path / "label.yaml"
+    path.write_text(yaml.safe_dump({
+        "stage": "label", "model": {"name_or_path": str(sft)},
+        "data": {"train": ["prompts"], "eval_split": 0.0, "max_length": 96},
+        "reward": {"signals": {"e_share": {"function": LETTER_E}, "cake": {"function": CAKE, "use": "veto"}}},
+        "labelling": {"output_dir": str(tmp_path / "out"), "num_samples": 3, "max_new_tokens": 10,
+                      "min_gap": 0.0}}, sort_keys=False))
+    assert main(["label", str(path)]) == 0
+    ranked = [json.loads(line) for line in (tmp_path / "out" / "ranked.jsonl").read_text().splitlines()]
+    for row in ranked:
+        expected = [-3.0 if "cake" in a.lower() else a.count("e") / max(len(a), 1) for a in row["answers"]]
+        assert row["scores"] == pytest.approx(expected)
+    stage = json.loads((tmp_path / "out" / "stage.json").read_text())
+    assert stage["metrics"]["judge"] == "reward (e_share, cake)"
+
+
+def test_rule_labels_train_a_rule_rm_that_ppo_takes_as_a_penalty_only(
+        tmp_path: Path, tiny_model_dir: Path, sft_and_rm: tuple[Path, Path]) -> None:
+    sft, rm = sft_and_rm
+    write_card(tmp_path, "prompts", [{"prompt": f"Tell me about topic {i}."} for i in range(12)], "prompt_only",
+               ["label"])
+    labels = tmp_path / "outputs" / "label-rule"
+    path = tmp_path / "label.yaml"
+    path.write_text(yaml.safe_dump({
+        "stage": "label", "model": {"name_or_path": str(sft)},
+        "data": {"train": ["prompts"], "eval_split": 0.0, "max_length": 96},
+        "judge": {"type": "callable", "function": "tests.stages.judges:over_30_characters"},
+        "labelling": {"output_dir": str(labels), "writes": "classification", "num_samples": 2,
+                      "max_new_tokens": 12}}))
+    assert main(["label", str(path)]) == 0
+    rows = [json.loads(line) for line in (labels / "classified.jsonl").read_text().splitlines()]
+    assert rows and all(row["label"] == int(len(row["answer"]) > 30) for row in rows)
+    counts = json.loads((labels / "stage.json").read_text())["metrics"]["counts"]
+    assert counts["classified"] == len(rows) and counts["violations"] == sum(row["label"] for row in rows)
+    card = yaml.safe_load((labels / "data_card.yaml").read_text())
+    assert (card["format"], card["violation_when"], card["size"]["rows"]) == ("classification", True, len(rows))
+
+    rm_recipe = tmp_path / "rule-rm.yaml"
+    rm_recipe.write_text(yaml.safe_dump({
+        "stage": "rm", "model": {"name_or_path": str(sft), "lora": {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0}},
+        "data": {"train": [str(labels / "data_card.yaml")], "eval_split": 0.25, "max_length": 96},
+        "training": {"output_dir": str(tmp_path / "outputs" / "rule-rm"), "max_steps": 2,
+                     "per_device_train_batch_size": 8, "report_to": "none", "seed": 0}}))
+    assert main(["rm", str(rm_recipe)]) == 0
+    rule_rm = tmp_path / "outputs" / "rule-rm"
+    assert json.loads((rule_rm / "stage.json").read_text())["extra"]["objective"] == "classification"
+
+    with pytest.raises(RecipeError, match=r"training\.reward_model_path: a rule reward model .* cannot be PPO's "
+                                          r"reward"):
+        load_recipe(_ppo_recipe(tmp_path, tiny_model_dir, sft, rule_rm, {}))
+    with pytest.raises(RecipeError, match=r"reward\.signals\.brief\.use: .* is a rule reward model .* use it as "
+                                          r"`use: penalty` or `use: veto`"):
+        load_recipe(_ppo_recipe(tmp_path, tiny_model_dir, sft, rm, {"signals": {"brief": {"model": str(rule_rm)}}}))
+    penalised = load_recipe(_ppo_recipe(tmp_path, tiny_model_dir, sft, rm, {"signals": {
+        "warmth": {"model": str(rm)}, "brief": {"model": str(rule_rm), "use": "penalty"}}}))
+    assert penalised.sections["reward"].by_name["brief"].use == "penalty"

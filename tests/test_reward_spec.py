@@ -1,0 +1,42 @@
+"""The reward specification's combination: weighted sums, penalties and vetoes on hand-made scores."""
+
+from __future__ import annotations
+
+import pytest
+
+from rlhf_pipeline.reward_spec import Reward, RewardSignal, RewardSpec
+
+CAKE = "tests.stages.judges:mentions_cake"
+LETTER_E = "tests.stages.judges:letter_e_share"
+
+
+def _reward(signals: dict[str, RewardSignal], scores: dict[str, list[float]], veto_reward: float = -3.0) -> Reward:
+    spec = RewardSpec(signals=signals, veto_reward=veto_reward)
+    return Reward(spec, {name: (lambda p, a, s, values=values: values) for name, values in scores.items()})
+
+
+def test_signals_combine_as_weighted_sum_minus_penalties_with_vetoes_overriding() -> None:
+    reward = _reward(
+        {"warmth": RewardSignal(function=LETTER_E, weight=2.0),
+         "brevity": RewardSignal(function=LETTER_E, weight=0.5),
+         "long": RewardSignal(function=CAKE, use="penalty", weight=3.0),
+         "rude": RewardSignal(function=CAKE, use="veto", threshold=0.7)},
+        {"warmth": [1.0, -0.5, 0.25, 2.0], "brevity": [0.0, 1.0, 4.0, 2.0], "long": [0.0, 0.5, 1.0, 0.0],
+         "rude": [0.1, 0.7, 0.0, 0.71]}, veto_reward=-9.0)
+    signals = reward.signal_scores([[]] * 4, ["a"] * 4)
+    # 2·warmth + 0.5·brevity − 3·long; the last answer's rule probability 0.71 > 0.7 vetoes it (0.7 does not).
+    assert reward.combine(signals) == pytest.approx([2.0, -1.0 + 0.5 - 1.5, 0.5 + 2.0 - 3.0, -9.0])
+
+
+def test_a_rule_signal_outside_zero_one_is_refused_with_its_name() -> None:
+    reward = _reward({"rude": RewardSignal(function=CAKE, use="penalty")}, {"rude": [0.2, 1.5]})
+    with pytest.raises(ValueError, match=r"reward signal 'rude' is a penalty: .* got values outside \[0, 1\] "
+                                         r"\(e\.g\. 1\.5\)"):
+        reward.signal_scores([[]] * 2, ["a", "b"])
+
+
+def test_the_short_form_names_its_signals() -> None:
+    spec = RewardSpec(model="outputs/rm", functions=[LETTER_E, CAKE], normalize=False)
+    assert spec.names == ["reward_model", "letter_e_share", "mentions_cake"]
+    assert spec.by_name["reward_model"] == RewardSignal(model="outputs/rm", normalize=False)
+    assert spec.signal_key("mentions_cake") == "reward.functions[1]"
