@@ -259,3 +259,15 @@ def test_the_agreement_script_prints_its_numbers_as_json(tmp_path: Path, tiny_mo
     assert (numbers["pairs_in_file"], numbers["pairs"], numbers["choices"]) == (10, 6, ["A", "B"])
     assert 0.0 <= numbers["agreement"] <= 1.0 and 0.0 <= numbers["order_flip_share"] <= 1.0
     assert numbers["position_effect"] >= abs(numbers["first_position_bias"]) > 0  # mean |x| >= |mean x|
+
+
+def test_a_pointwise_llm_judge_is_a_reward_signal(tiny_model_dir: Path) -> None:
+    from rlhf_pipeline.reward_spec import RewardSignal, RewardSpec, build_reward
+
+    judge = JudgeSpec(type="llm", path=str(tiny_model_dir), mode="pointwise", max_rating=5)
+    spec = RewardSpec(signals={"rlaif": RewardSignal(judge=judge, weight=2.0)})
+    reward = build_reward(spec, {}, None)
+    prompts, answers = [_prompt("Hi")] * 2, ["Hello there!", "Go away."]
+    ratings = reward.signal_scores(prompts, answers)["rlaif"]
+    assert all(1.0 <= r <= 5.0 for r in ratings) and ratings[0] != ratings[1]
+    assert reward(prompts, answers) == pytest.approx([2.0 * r for r in ratings])
