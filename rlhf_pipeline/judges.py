@@ -7,31 +7,42 @@ judge can also be one signal of a reward (reward_spec.py).
     judge: {type: vader}
     judge: {type: reward_model, path: outputs/smollm2-135m/rm}
     judge: {type: callable, function: my_package.rules:politeness}
+    judge: {type: llm, path: embedded, mode: pairwise}    # an LLM asked a rubric question (llm_judge.py)
 """
 
 from __future__ import annotations
 
 import importlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from rlhf_pipeline.chat import Messages
+from rlhf_pipeline.llm_judge import check_settings
 
 if TYPE_CHECKING:
     from rlhf_pipeline.recipe import ModelSpec
 
 Judge = Callable[[Sequence[Messages], Sequence[str]], list[float]]
-JUDGE_TYPES = ("vader", "reward_model", "callable")
+JUDGE_TYPES = ("vader", "reward_model", "callable", "llm")
 
 
 @dataclass
 class JudgeSpec:
-    """Which judge: `vader`, a finished RM stage (`path`), or `function: module:function`."""
+    """Which judge: `vader`, a finished RM stage (`path`), `function: module:function`, or an LLM (`path`).
+
+    An `llm` judge's model is `path` (a folder, a Hub id, `embedded`, a finished stage); `mode`, `rubric`
+    (text or a .txt/.md file), `choices`, `max_rating` and `batch_size` are explained in llm_judge.py.
+    """
 
     type: str = "vader"
     path: str | None = None
     function: str | None = None
+    mode: str = "pairwise"
+    rubric: str | None = None
+    choices: list[str] = field(default_factory=lambda: ["1", "2"])
+    max_rating: int = 9
+    batch_size: int = 8
 
     def __post_init__(self) -> None:
         if self.type not in JUDGE_TYPES:
@@ -40,10 +51,18 @@ class JudgeSpec:
             raise ValueError("path: a reward_model judge needs the folder of a finished rm stage")
         if self.type == "callable" and (not self.function or ":" not in self.function):
             raise ValueError("function: a callable judge needs `module:function`")
+        if self.type == "llm":
+            if not self.path:
+                raise ValueError("path: an llm judge needs its model: a folder, a Hub id, `embedded` or a finished "
+                                 "stage's folder")
+            if self.batch_size < 1:
+                raise ValueError("batch_size: must be 1 or more")
+            check_settings(self.mode, self.rubric, self.choices, self.max_rating)
 
     @property
     def name(self) -> str:
-        return {"vader": "vader", "reward_model": f"reward_model:{self.path}"}.get(self.type, str(self.function))
+        return {"vader": "vader", "reward_model": f"reward_model:{self.path}",
+                "llm": f"llm:{self.path}:{self.mode}"}.get(self.type, str(self.function))
 
 
 def vader_judge() -> Judge:
@@ -80,4 +99,9 @@ def load_judge(spec: JudgeSpec, model_spec: ModelSpec | None = None) -> Judge:
         from rlhf_pipeline.reward import RewardModel
 
         return RewardModel.from_stage(str(spec.path), model_spec).score
+    if spec.type == "llm":
+        from rlhf_pipeline.llm_judge import LLMJudge
+
+        return LLMJudge.from_path(str(spec.path), model_spec, mode=spec.mode, rubric=spec.rubric,
+                                  choices=tuple(spec.choices), max_rating=spec.max_rating, batch_size=spec.batch_size)
     return import_function(str(spec.function))

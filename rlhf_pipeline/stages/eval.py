@@ -71,7 +71,8 @@ def _folder(name_or_path: str) -> Path:
 
 
 def _check(recipe: Recipe) -> None:
-    """The policies under test, before any weights load: one of `policy`/`policies`, usable names, no model twice."""
+    """The policies under test, before any weights load: one of `policy`/`policies`, usable names, no model twice;
+    a judge that scores single answers."""
     config: EvalConfig = recipe.settings
     section = recipe.config_section
     if config.policy is not None and config.policies is not None:
@@ -80,6 +81,10 @@ def _check(recipe: Recipe) -> None:
     if not config.compared():
         raise RecipeError(recipe.path, f"{section}.policies", "required: the policies to compare with the baseline, "
                           "as policies: {name: folder, ...} or policy: folder")
+    judge = recipe.sections["judge"]
+    if judge.type == "llm" and judge.mode == "pairwise":
+        raise RecipeError(recipe.path, "judge.mode", "a pairwise LLM judge ranks several answers to one prompt, and "
+                          "eval scores one answer per prompt and policy; use mode: pointwise")
     if recipe.sections["reward"].given:
         if config.reward_model:
             raise RecipeError(recipe.path, f"{section}.reward_model", "the recipe's reward: section says what answers "
