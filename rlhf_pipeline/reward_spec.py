@@ -134,10 +134,16 @@ def model_objective(folder: str | Path) -> str | None:
     return None if manifest is None else manifest.extra.get("objective", PAIRWISE)
 
 
-def check_reward(recipe: Recipe, spec: RewardSpec) -> None:
-    """Before any weights load: functions import, models are finished rm stages used as what they are."""
+def check_reward(recipe: Recipe, spec: RewardSpec, answers_grouped: bool = False) -> None:
+    """Before any weights load: functions import, models are finished rm stages used as what they are, and a
+    pairwise LLM judge only where the answers come in groups per prompt (`label`)."""
     for name, signal in spec.by_name.items():
         key = spec.signal_key(name)
+        if signal.judge is not None and signal.judge.type == "llm" and signal.judge.mode == "pairwise" and (
+                not answers_grouped):
+            raise RecipeError(recipe.path, f"{key}.judge.mode", f"a pairwise LLM judge compares the answers to one "
+                              f"prompt with each other, but {recipe.stage} scores each answer alone; use "
+                              "mode: pointwise")
         if signal.function is not None:
             try:
                 import_function(signal.function)

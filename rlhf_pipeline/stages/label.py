@@ -123,7 +123,7 @@ def _card(recipe: Recipe, config: LabelConfig, judge: str, counts: dict[str, int
 
 
 def _check(recipe: Recipe) -> None:
-    check_reward(recipe, recipe.sections["reward"])
+    check_reward(recipe, recipe.sections["reward"], answers_grouped=True)
 
 
 def run(recipe: Recipe) -> dict[str, Any]:

@@ -207,3 +207,19 @@ def test_rule_labels_train_a_rule_rm_that_ppo_takes_as_a_penalty_only(
     penalised = load_recipe(_ppo_recipe(tmp_path, tiny_model_dir, sft, rm, {"signals": {
         "warmth": {"model": str(rm)}, "brief": {"model": str(rule_rm), "use": "penalty"}}}))
     assert penalised.sections["reward"].by_name["brief"].use == "penalty"
+
+
+def test_a_pairwise_llm_judge_is_a_signal_only_where_answers_come_in_groups(
+        tmp_path: Path, tiny_model_dir: Path, sft_and_rm: tuple[Path, Path]) -> None:
+    sft, rm = sft_and_rm
+    judge = {"type": "llm", "path": str(tiny_model_dir), "mode": "pairwise"}
+    path = _ppo_recipe(tmp_path, tiny_model_dir, sft, rm, {"signals": {"rubric": {"judge": judge}}})
+    with pytest.raises(RecipeError, match=r"reward\.signals\.rubric\.judge\.mode: a pairwise LLM judge compares the "
+                                          r"answers to one prompt with each other, but ppo scores each answer alone"):
+        load_recipe(path)
+    write_card(tmp_path, "prompts", [{"prompt": "Hi?"}], "prompt_only", ["label"])
+    label = tmp_path / "label.yaml"
+    label.write_text(yaml.safe_dump({
+        "stage": "label", "model": {"name_or_path": str(sft)}, "data": {"train": ["prompts"], "eval_split": 0.0},
+        "reward": {"signals": {"rubric": {"judge": judge}}}, "labelling": {"output_dir": str(tmp_path / "out")}}))
+    assert load_recipe(label).sections["reward"].by_name["rubric"].judge.mode == "pairwise"
