@@ -6,7 +6,9 @@ InstructGPT's comparison data without people: the SFT policy answers each prompt
 scores every answer (or, when the recipe has a `reward:` section, its combined reward:
 reward_spec.py), and each prompt yields pairs whose judge gap is at least `min_gap` (closer pairs
 are dropped and counted). The output folder holds `preferences.jsonl`, `ranked.jsonl` and a data card
-(`data_card.yaml`) that an RM recipe names like any other dataset.
+(`data_card.yaml`) that an RM recipe names like any other dataset. With `labelling.eval_split` a seeded share of
+the prompts keeps its pairs apart, in `preferences_eval.jsonl` with its own card (`data_card_eval.yaml`): held-out
+pairs no reward model trained on (iterated RLHF measures the RM before and after its refresh on them).
 
 With `labelling.writes: classification` the judge is a rule (e.g. `rlhf_pipeline.rules:over_word_limit`, 1 =
 broken): every sampled answer becomes a classified answer (label 1 when its score is above 0.5), written to
@@ -46,6 +48,7 @@ class LabelConfig:
     min_gap: float = 0.1
     pairs: str = "best_worst"
     writes: str = "pairs"  # or "classification": each answer labelled by a rule judge (1 = broken)
+    eval_split: float = 0.0  # share of the prompts whose pairs are held out (preferences_eval.jsonl)
 
     def __post_init__(self) -> None:
         if self.writes not in ("pairs", "classification"):
@@ -59,6 +62,10 @@ class LabelConfig:
             raise ValueError("pairs: best_worst (one pair per prompt) or all (every pair over min_gap)")
         if self.min_gap < 0:
             raise ValueError("min_gap: must be zero or more")
+        if not 0 <= self.eval_split < 1:
+            raise ValueError("eval_split: a share of the prompts in [0, 1)")
+        if self.eval_split and self.writes != "pairs":
+            raise ValueError("eval_split: holds out preference pairs; set it to 0 with writes: classification")
 
 
 def select_pairs(answers: list[str], scores: list[float], min_gap: float, mode: str) -> tuple[list[dict], int]:
@@ -106,18 +113,29 @@ def _classification_card(recipe: Recipe, config: LabelConfig, judge: str, counts
     }
 
 
-def _card(recipe: Recipe, config: LabelConfig, judge: str, counts: dict[str, int]) -> dict[str, Any]:
+def held_out_prompts(count: int, share: float, seed: int) -> set[int]:
+    """Indices of the prompts whose pairs are held out: a seeded share, by prompt so no prompt is on both sides."""
+    import random
+
+    return set(random.Random(seed).sample(range(count), round(count * share))) if share else set()
+
+
+def _card(recipe: Recipe, config: LabelConfig, judge: str, counts: dict[str, int], held_out: bool = False,
+          ) -> dict[str, Any]:
+    rows = counts["held_out_pairs"] if held_out else counts["pairs"] - counts["held_out_pairs"]
+    prompts = counts["held_out_prompts"] if held_out else counts["prompts"] - counts["held_out_prompts"]
     return {
-        "name": f"{recipe.output_dir.name}_preferences",
+        "name": f"{recipe.output_dir.name}_preferences" + ("_eval" if held_out else ""),
         "description": (f"Preference pairs labelled by this pipeline: {config.num_samples} answers per prompt "
                         f"sampled from {recipe.model.name_or_path} (temperature {config.temperature}, top_p "
                         f"{config.top_p}, at most {config.max_new_tokens} new tokens), ranked by the judge "
-                        f"'{judge}', pairs with a judge gap of at least {config.min_gap} kept."),
-        "source": {"path": "preferences.jsonl"},
+                        f"'{judge}', pairs with a judge gap of at least {config.min_gap} kept"
+                        + (f"; the pairs of the {counts['held_out_prompts']} held-out prompts." if held_out else ".")),
+        "source": {"path": "preferences_eval.jsonl" if held_out else "preferences.jsonl"},
         "format": "prompt_chosen_rejected",
         "license": "same as the prompts and the sampled model",
         "stages": ["rm"],
-        "size": {"rows": counts["pairs"], "prompts": counts["prompts"]},
+        "size": {"rows": rows, "prompts": prompts},
         "known_issues": "Machine-judged: the pairs teach whatever the judge rewards, including its blind spots.",
     }
 
@@ -149,9 +167,10 @@ def run(recipe: Recipe) -> dict[str, Any]:
                              config.max_new_tokens, config.temperature, config.top_p, config.batch_size, config.seed,
                              "labelling")
     judge = load_reward(spec, recipe.model) if spec.given else load_judge(judge_spec, recipe.model)
-    ranked_rows, pair_rows, classified, too_close = [], [], [], 0
-    for prompt, answers in tqdm(list(zip(prompts, samples, strict=True)), desc="label: judging",
-                                disable=not is_main_process()):
+    held_out = held_out_prompts(len(prompts), config.eval_split, config.seed)
+    ranked_rows, pair_rows, eval_rows, classified, too_close = [], [], [], [], 0
+    for index, (prompt, answers) in enumerate(tqdm(list(zip(prompts, samples, strict=True)), desc="label: judging",
+                                                   disable=not is_main_process())):
         texts = [a.text for a in answers]
         scores = judge([prompt] * len(texts), texts)
         ranked_rows.append({"prompt": prompt, "answers": texts, "scores": scores})
@@ -160,7 +179,7 @@ def run(recipe: Recipe) -> dict[str, Any]:
             continue
         pairs, dropped = select_pairs(texts, scores, config.min_gap, config.pairs)
         too_close += dropped
-        pair_rows.extend({"prompt": prompt, **pair} for pair in pairs)
+        (eval_rows if index in held_out else pair_rows).extend({"prompt": prompt, **pair} for pair in pairs)
     counts: dict[str, Any] = {"prompts": len(prompts), "answers": len(prompts) * config.num_samples,
                               "finished_answers": sum(a.finished for answers in samples for a in answers)}
     if config.writes == "classification":
@@ -169,8 +188,10 @@ def run(recipe: Recipe) -> dict[str, Any]:
         say(f"label: {counts['violations']} of {len(classified)} answers break the rule")
         card, data_file, rows = _classification_card(recipe, config, judge_name, counts), "classified.jsonl", classified
     else:
-        counts |= {"pairs": len(pair_rows), "dropped_below_min_gap": too_close}
-        say(f"label: {counts['pairs']} pairs kept, {too_close} dropped below min_gap {config.min_gap}")
+        counts |= {"pairs": len(pair_rows) + len(eval_rows), "held_out_pairs": len(eval_rows),
+                   "held_out_prompts": len(held_out), "dropped_below_min_gap": too_close}
+        say(f"label: {counts['pairs']} pairs kept ({len(eval_rows)} of them held out), {too_close} dropped below "
+            f"min_gap {config.min_gap}")
         card, data_file, rows = _card(recipe, config, judge_name, counts), "preferences.jsonl", pair_rows
     metrics = {"counts": counts, "judge": judge_name, "writes": config.writes, "data": data_report.as_dict(),
                "mean_judge_score": sum(s for r in ranked_rows for s in r["scores"]) / max(counts["answers"], 1)}
@@ -179,6 +200,10 @@ def run(recipe: Recipe) -> dict[str, Any]:
         (folder / data_file).write_text("".join(json.dumps(r) + "\n" for r in rows))
         (folder / "ranked.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ranked_rows))
         (folder / "data_card.yaml").write_text(yaml.safe_dump(card, sort_keys=False))
+        if held_out:
+            (folder / "preferences_eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in eval_rows))
+            (folder / "data_card_eval.yaml").write_text(
+                yaml.safe_dump(_card(recipe, config, judge_name, counts, held_out=True), sort_keys=False))
 
     finish_outputs(recipe, finished_manifest(recipe, sources["policy"], metrics, adapter=False), write_files)
     return metrics
