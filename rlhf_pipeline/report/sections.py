@@ -96,7 +96,10 @@ def rm_headline(metrics: dict[str, Any]) -> str:
                 f"{_fmt(held_out.get('answers'))} answers (base rate {_fmt(metrics.get('eval_base_rate'))}), "
                 f"AUROC {_fmt(metrics.get('eval_auroc'))}, ECE {_fmt(metrics.get('eval_ece'))}, "
                 f"Brier {_fmt(metrics.get('eval_brier'))}")
-    return (f"held-out accuracy {_fmt(metrics.get('eval_accuracy'))} on {_fmt(held_out.get('pairs'))} pairs, "
+    before = metrics.get("before")
+    refreshed = f"{_fmt(before['eval_accuracy'])} before the refresh → " if before else ""
+    return (f"held-out accuracy {refreshed}{_fmt(metrics.get('eval_accuracy'))} on {_fmt(held_out.get('pairs'))} "
+            "pairs, "
             f"margin {_fmt(metrics.get('eval_mean_margin'))}, ECE {_fmt(metrics.get('eval_ece'))}, "
             f"Brier {_fmt(metrics.get('eval_brier'))}")
 

@@ -9,6 +9,10 @@ the SFT adapter on the base plus a new score head, trained with TRL's RewardTrai
 -log σ(r⁺ - r⁻ - margin)). The saved adapter and head are the whole reward model on the base, exactly as
 PPO and evaluation load it. Pairs are encoded exactly as PPO will sample them.
 
+Started from a finished pairwise rm stage instead (a refresh, as iterated RLHF does), it continues that reward
+model, adapter and score head, and first measures it on the held-out pairs: `metrics.before` is the old reward
+model's accuracy on exactly the pairs the refreshed one is measured on.
+
 With `classification` cards the same head becomes a rule reward model (DeepMind's Sparrow): trained with the
 binary cross-entropy of σ(score) against "the answer breaks the rule", so σ(score) is that probability. The
 manifest's `extra.objective` says which of the two a finished rm stage is ("pairwise" or "classification").
@@ -64,6 +68,14 @@ def _check(recipe: Recipe) -> None:
     if CLASSIFICATION in seen and recipe.config.get("center_rewards_coefficient") is not None:
         raise RecipeError(recipe.path, "training.center_rewards_coefficient", "centres pairwise rewards; a rule "
                           "reward model's score is the log-odds of a violation and takes no centring: remove the key")
+
+
+def refreshed_reward_model(adapter: str | None) -> str | None:
+    """The folder of the pairwise reward model this stage continues (its adapter and score head), if it does."""
+    from rlhf_pipeline.outputs import read_manifest
+
+    manifest = read_manifest(Path(adapter)) if adapter else None
+    return adapter if manifest and manifest.stage == "rm" and manifest.extra.get("objective") == PAIRWISE else None
 
 
 def _encode_pairs(dataset: Dataset, tokenizer: Any) -> Dataset:
@@ -221,12 +233,21 @@ def run(recipe: Recipe) -> dict[str, Any]:
         trainer = RewardTrainer(model=loaded.model, args=args, train_dataset=encoded["train"],
                                 eval_dataset=encoded.get("eval"), processing_class=loaded.tokenizer)
     match_compute_dtype(trainer.model, recipe.model)
+
+    def scorer() -> RewardModel:
+        return RewardModel(partial(sequence_scores, trainer.model.eval()), loaded.tokenizer, trainer.model.device,
+                           batch_size=args.per_device_eval_batch_size)
+
+    before = None
+    if not classifier and (start := refreshed_reward_model(loaded.source.adapter)) is not None:
+        start_held_out = pair_metrics(scorer(), encoded.get("eval", encoded["train"]))
+        before = {"reward_model": start, "eval_accuracy": start_held_out["accuracy"],
+                  "eval_mean_margin": start_held_out["mean_margin"], "pairs": start_held_out["pairs"]}
+        say(f"rm: before the refresh, {start} has held-out pairwise accuracy {before['eval_accuracy']:.3f}")
     _, record = train_resuming(trainer, recipe, data_report)
-    scorer = RewardModel(partial(sequence_scores, trainer.model.eval()), loaded.tokenizer, trainer.model.device,
-                         batch_size=args.per_device_eval_batch_size)
-    headline, held_out, stats = (_measure_answers if classifier else _measure_pairs)(scorer, encoded)
+    headline, held_out, stats = (_measure_answers if classifier else _measure_pairs)(scorer(), encoded)
     kind = CLASSIFICATION if classifier else PAIRWISE
-    metrics = {"objective": kind, **headline, "eval": held_out, "reward_stats": stats, **record}
+    metrics = {"objective": kind, **headline, "eval": held_out, "reward_stats": stats, "before": before, **record}
     finish(recipe, loaded, trainer.model, metrics, task=REWARD, extra={"reward_stats": stats, "objective": kind})
     return metrics
 
