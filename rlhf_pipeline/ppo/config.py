@@ -29,6 +29,7 @@ class PPOConfig:
 
     # Rollout
     reward_model_path: str | None = None  # a finished rm stage: the reward model and the critic's start
+    policy_init: str | None = None  # a finished policy stage the trainable policy starts from; null: the reference
     per_device_train_batch_size: int = 4
     local_rollout_forward_batch_size: int = 16  # rows per no-grad generate/forward chunk during rollout
     max_prompt_length: int | None = None  # longer prompts are dropped (and counted), never truncated

@@ -2,7 +2,8 @@
 
 - reference: the SFT stage's adapter, frozen (the bare base when the policy starts from a model without one);
 - policy: a trainable copy of that adapter (a new LoRA from the recipe when there is none), so the saved
-  policy adapter is the whole PPO model on the base;
+  policy adapter is the whole PPO model on the base; or, with `training.policy_init`, a copy of another finished
+  policy's adapter (iterated RLHF: round k's policy starts from round k−1's, the SFT adapter stays the reference);
 - reward: the rm stage's adapter with its score head, frozen;
 - critic: a trainable copy of both; its head outputs (score − mean)/std when PPO normalises rewards, so
   values start on the scale of the returns they learn.
@@ -36,25 +37,30 @@ POLICY, REFERENCE, REWARD, CRITIC = "policy", "reference", "reward", "critic"
 
 
 def check_shared_base(policy: ModelSource, reward: ModelSource, reward_path: str,
-                      key: str = "training.reward_model_path") -> None:
-    """The roles share one base, so a reward model (the recipe's `key`) must be an adapter on the policy's base."""
+                      key: str = "training.reward_model_path", what: str = "reward model") -> None:
+    """The roles share one base, so a reward model (or another role's model, the recipe's `key`) must be an
+    adapter on the policy's base."""
     if reward.adapter is None:
-        raise PipelineError(f"{key}: {reward_path} is a fully fine-tuned reward model; PPO keeps its roles as "
-                            "adapters on one base, so train the reward model with a lora section")
+        raise PipelineError(f"{key}: {reward_path} is a fully fine-tuned {what}; PPO keeps its roles as "
+                            f"adapters on one base, so train the {what} with a lora section")
     if (reward.path, reward.revision) != (policy.path, policy.revision):
-        raise PipelineError(f"{key}: the reward model at {reward_path} was trained on the base {reward.origin} "
+        raise PipelineError(f"{key}: the {what} at {reward_path} was trained on the base {reward.origin} "
                             f"({reward.path}), the policy on {policy.origin} ({policy.path}); PPO keeps all its "
-                            "roles on one base: train the reward model from the policy's SFT output")
+                            f"roles on one base: train the {what} from the policy's SFT output")
 
 
 def build_ppo_model(policy: ModelSource, reward: ModelSource, spec: ModelSpec, tokenizer: PreTrainedTokenizerBase,
                     reward_stats: tuple[float, float] | None = None, gradient_checkpointing: bool = False,
-                    scorers: dict[str, ModelSource] | None = None) -> SharedBase:
+                    scorers: dict[str, ModelSource] | None = None,
+                    policy_init: ModelSource | None = None) -> SharedBase:
     """Load the base once and put the four roles on it (see the module docstring), plus any further frozen
-    `scorers` (role name -> rm stage: the reward models of a recipe's `reward:` signals)."""
+    `scorers` (role name -> rm stage: the reward models of a recipe's `reward:` signals). The policy starts
+    from `policy_init`'s adapter when given, else from the reference's."""
     from peft import prepare_model_for_kbit_training
 
-    for adapter in (policy.adapter, reward.adapter):  # the trainable copies take the recipe's shape: check first
+    start = policy_init or policy
+    # The trainable copies take the recipe's shape: check first.
+    for adapter in (policy.adapter, start.adapter, reward.adapter):
         if adapter is not None:
             check_continued_lora(spec.lora, adapter)
     base = load_base(policy, spec, tokenizer)
@@ -64,8 +70,8 @@ def build_ppo_model(policy: ModelSource, reward: ModelSource, spec: ModelSpec, t
                                                gradient_checkpointing_kwargs={"use_reentrant": False})
     shared = SharedBase(base)
     shared.add_role(REFERENCE, policy.adapter)
-    shared.add_role(POLICY, policy.adapter, trainable=True,
-                    config=lora_config(spec, CAUSAL_LM, base, continues=policy.adapter))
+    shared.add_role(POLICY, start.adapter, trainable=True,
+                    config=lora_config(spec, CAUSAL_LM, base, continues=start.adapter))
     mean, std = reward_stats or (0.0, 1.0)
     shared.add_role(REWARD, reward.adapter, head=score_head(reward.adapter))
     shared.add_role(CRITIC, reward.adapter, trainable=True, head=score_head(reward.adapter, mean, std),

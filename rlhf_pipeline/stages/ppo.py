@@ -45,6 +45,9 @@ if TYPE_CHECKING:
     from rlhf_pipeline.reward_spec import Reward
 
 
+POLICY_STAGES = ("sft", "ppo", "dpo", "kto", "grpo", "rloo")  # stages whose output is a policy PPO can start from
+
+
 def _check(recipe: Recipe) -> None:
     if not recipe.config.get("reward_model_path"):
         raise RecipeError(recipe.path, "training.reward_model_path", "required: the output folder of a finished "
@@ -54,6 +57,10 @@ def _check(recipe: Recipe) -> None:
                           "frozen reference on one base; add a lora section")
     recipe.check_finished_stage("training.reward_model_path", recipe.config["reward_model_path"], ("rm",),
                                 "not a reward model; point it at the rm stage's output_dir")
+    if recipe.config.get("policy_init"):
+        recipe.check_finished_stage("training.policy_init", recipe.config["policy_init"], POLICY_STAGES,
+                                    "not a policy; point it at the output_dir of a policy stage "
+                                    f"({', '.join(POLICY_STAGES)})")
     if model_objective(recipe.config["reward_model_path"]) == CLASSIFICATION:
         raise RecipeError(recipe.path, "training.reward_model_path", "a rule reward model (higher = more likely to "
                           "break its rule) cannot be PPO's reward or the critic's start; give the preference RM here "
@@ -152,6 +159,10 @@ def run(recipe: Recipe) -> dict[str, Any]:
     reward_spec = dataclasses.replace(recipe.model, name_or_path=config.reward_model_path)
     source, reward_source = resolve_source(recipe.model, progress=say), resolve_source(reward_spec)
     check_shared_base(source, reward_source, config.reward_model_path)
+    start = None  # the policy the trainable copy starts from, when not the reference
+    if config.policy_init:
+        start = resolve_source(dataclasses.replace(recipe.model, name_or_path=config.policy_init))
+        check_shared_base(source, start, config.policy_init, "training.policy_init", "policy")
     signal_specs = {name: dataclasses.replace(recipe.model, name_or_path=folder)
                     for name, folder in spec.models().items()}
     signal_sources = {name: resolve_source(signal_spec) for name, signal_spec in signal_specs.items()}
@@ -173,7 +184,7 @@ def run(recipe: Recipe) -> dict[str, Any]:
     say(f"loading {source.origin} once: reference, policy, reward model and critic are adapters on it")
     model = build_ppo_model(source, reward_source, recipe.model, tokenizer, critic_stats,
                             gradient_checkpointing=activation_checkpointing_default(recipe),
-                            scorers={signal_role(name): s for name, s in signal_sources.items()})
+                            scorers={signal_role(name): s for name, s in signal_sources.items()}, policy_init=start)
 
     datasets, data_report = load_datasets(recipe, tokenizer, prompts_only=True)
     chats = [row["prompt"] for split in datasets.values() for row in split]
@@ -209,8 +220,8 @@ def run(recipe: Recipe) -> dict[str, Any]:
         say(f"ppo: stopped early at step {trainer.global_step} of {trainer.total_steps} on a health alert; the "
             "policy of that step is saved as the stage's adapter (see report.md)")
     policy_state = gathered_state_dict(model.model)  # under ZeRO-3 the whole trained tensors (every rank calls it)
-    finish(recipe, Loaded(source, tokenizer, model), model, metrics,
-           extra={"reward_model": str(config.reward_model_path)},
+    finish(recipe, Loaded(start or source, tokenizer, model), model, metrics,
+           extra={"reward_model": str(config.reward_model_path), "reference": source.adapter or source.path},
            save_weights=partial(model.save_adapter, POLICY, state_dict=policy_state))
     return metrics
 
