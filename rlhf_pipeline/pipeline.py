@@ -9,7 +9,8 @@ data card is the label stage's generated card...). Every stage recipe is validat
 runs; inputs that an earlier stage will produce are allowed to be missing at that point. A stage is
 skipped when its output holds a finished run of the same recipe whose upstream outputs are unchanged.
 Under `accelerate launch -m rlhf_pipeline run ...` every rank walks the same chain and the stages run
-collectively; ranks wait for each other between stages.
+collectively; ranks wait for each other between stages. A `rounds:` section repeats label → rm → ppo → eval
+after the stages, each round on the previous one's policy and reward model (iterated RLHF: rlhf_pipeline/rounds.py).
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rlhf_pipeline.errors import RecipeError
-from rlhf_pipeline.recipe import Recipe
+from rlhf_pipeline.errors import PipelineError, RecipeError
+from rlhf_pipeline.recipe import Recipe, override_text
+from rlhf_pipeline.rounds import RoundsSpec, check_round, expand_rounds, read_rounds, round_measures
 from rlhf_pipeline.schema import read_yaml, suggest
 from rlhf_pipeline.stages import load_recipe
 
@@ -32,22 +34,45 @@ class PipelineStep:
     stage: str
     recipe: Path
     overrides: list[str] = field(default_factory=list)
+    round: int | None = None  # the round of a pipeline's `rounds:` this stage belongs to
+    rounds: RoundsSpec | None = None
+
+    @property
+    def key(self) -> str:
+        """How results and `--from` name the step: its stage, prefixed with its round (`round-2/ppo`)."""
+        return self.stage if self.round is None else f"round-{self.round}/{self.stage}"
 
 
 def read_pipeline(path: str | Path) -> tuple[str, list[PipelineStep]]:
-    """Parse a pipeline recipe: `name`, and `stages` as a list of {stage, recipe, overrides}."""
-    from rlhf_pipeline.stages import STAGE_NAMES
-
+    """Parse a pipeline recipe: `name`, `stages` as a list of {stage, recipe, overrides}, and optional `rounds`
+    (expanded here into every round's stages)."""
     path = Path(path)
     data = read_yaml(path, what="pipeline recipe")
     for key in data:
-        if key not in ("name", "stages"):
-            raise RecipeError(path, str(key), f"unknown key{suggest(str(key), ['name', 'stages'])}")
-    if not isinstance(data.get("stages"), list) or not data["stages"]:
+        if key not in ("name", "stages", "rounds"):
+            raise RecipeError(path, str(key), f"unknown key{suggest(str(key), ['name', 'stages', 'rounds'])}")
+    rounds = data.get("rounds")
+    if rounds is not None and (not isinstance(rounds, dict) or "stages" not in rounds):
+        raise RecipeError(path, "rounds", "a mapping with count and stages (label, rm, ppo, eval), e.g. "
+                          "{count: 2, stages: [{stage: label, recipe: label.yaml}, ...]}")
+    if rounds is None and (not isinstance(data.get("stages"), list) or not data["stages"]):
         raise RecipeError(path, "stages", "list the stages, e.g. - {stage: sft, recipe: sft.yaml}")
+    steps = _read_steps(path, data["stages"], "stages") if "stages" in data else []
+    if rounds is not None:
+        templates = _read_steps(path, rounds["stages"], "rounds.stages")
+        steps += expand_rounds(read_rounds(path, rounds, templates), templates, steps)
+    return str(data.get("name", path.stem)), steps
+
+
+def _read_steps(path: Path, items: Any, where: str) -> list[PipelineStep]:
+    from rlhf_pipeline.stages import STAGE_NAMES
+
+    if not isinstance(items, list) or not items:
+        raise RecipeError(path, where, "list the stages, e.g. - {stage: sft, recipe: sft.yaml}")
     steps = []
-    for index, item in enumerate(data["stages"]):
-        where = f"stages[{index}]"
+    prefix = where
+    for index, item in enumerate(items):
+        where = f"{prefix}[{index}]"
         if not isinstance(item, dict) or set(item) - {"stage", "recipe", "overrides"} or "recipe" not in item:
             raise RecipeError(path, where, "each stage is a mapping with stage, recipe and optional overrides")
         if item.get("stage") not in STAGE_NAMES:
@@ -57,14 +82,8 @@ def read_pipeline(path: str | Path) -> tuple[str, list[PipelineStep]]:
         if not isinstance(overrides, dict):
             raise RecipeError(path, f"{where}.overrides", "a mapping of key paths to values")
         steps.append(PipelineStep(item["stage"], path.parent / item["recipe"],
-                                  [f"{key}={_yaml_scalar(value)}" for key, value in overrides.items()]))
-    return str(data.get("name", path.stem)), steps
-
-
-def _yaml_scalar(value: Any) -> str:
-    import yaml
-
-    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+                                  [f"{key}={override_text(value)}" for key, value in overrides.items()]))
+    return steps
 
 
 def validate_pipeline(path: str | Path) -> list[Recipe]:
@@ -110,7 +129,8 @@ def run_pipeline(path: str | Path, start: str | None = None, force: bool = False
     from rlhf_pipeline.stages.common import finished_run
 
     name, steps = read_pipeline(path)
-    names = [r.stage for r in validate_pipeline(path)]
+    validate_pipeline(path)
+    names = [step.key for step in steps]
     if start is not None and start not in names:
         raise RecipeError(Path(path), "--from", f"no stage '{start}' in this pipeline; stages: {', '.join(names)}")
     rerun_from = names.index(start) if start else (0 if force else len(names))
@@ -118,27 +138,51 @@ def run_pipeline(path: str | Path, start: str | None = None, force: bool = False
     output_dirs: list[Path] = []
     ran: list[bool] = []
     started = time.monotonic()
+    stop: PipelineError | None = None
     for index, step in enumerate(steps):
         recipe = load_recipe(step.recipe, step.overrides, stage=step.stage)  # upstream outputs exist now
         output_dirs.append(recipe.output_dir)
-        counter = f"[{index + 1}/{len(steps)}] {recipe.stage}"
+        counter = f"[{index + 1}/{len(steps)}] {step.key}"
         if index < rerun_from and finished_run(recipe):
             say(f"{counter}: finished earlier with this recipe and inputs; skipped")
-            results[recipe.stage] = "skipped"
+            results[step.key] = "skipped"
             ran.append(False)
-            continue
-        say(f"{counter}: running {recipe.path}")
-        results[recipe.stage] = run_stage(recipe, overwrite=True, force_unlock=force_unlock)
-        wait_for_everyone()
-        ran.append(True)
+        else:
+            say(f"{counter}: running {recipe.path}")
+            results[step.key] = run_stage(recipe, overwrite=True, force_unlock=force_unlock)
+            wait_for_everyone()
+            ran.append(True)
+        try:
+            check_round(step, recipe.output_dir)
+        except PipelineError as err:  # the round cannot go on: summarise what finished, then say why
+            stop = err
+            break
     if is_main_process():
-        from rlhf_pipeline.report import console_summary, report_dir_for, write_report_safely, write_summary_report
-
-        say(f"pipeline finished in {time.monotonic() - started:.0f} s:")
-        for line in console_summary(output_dirs, ran):
-            say(line)
-        report_dir = report_dir_for(output_dirs, Path(path).parent)
-        if report := write_report_safely(lambda folder: write_summary_report(output_dirs, folder, f"Pipeline {name}"),
-                                         report_dir):
-            say(f"pipeline report: {report}")
+        _summarise(name, path, steps, output_dirs, ran, time.monotonic() - started)
+    if stop is not None:
+        raise stop
     return results
+
+
+def _summarise(name: str, path: str | Path, steps: list[PipelineStep], output_dirs: list[Path], ran: list[bool],
+               seconds: float) -> None:
+    """The chain's console table and its summary report.md (with the rounds' measures when it has rounds)."""
+    from rlhf_pipeline.distributed import say
+    from rlhf_pipeline.report import (
+        console_rounds,
+        console_summary,
+        report_dir_for,
+        write_report_safely,
+        write_summary_report,
+    )
+
+    say(f"pipeline {'finished' if len(ran) == len(steps) else 'stopped'} in {seconds:.0f} s:")
+    for line in console_summary(output_dirs, ran):
+        say(line)
+    rounds = round_measures(steps, output_dirs)
+    for line in console_rounds(rounds):
+        say(line)
+    report_dir = report_dir_for(output_dirs, Path(path).parent)
+    if report := write_report_safely(
+            lambda folder: write_summary_report(output_dirs, folder, f"Pipeline {name}", rounds), report_dir):
+        say(f"pipeline report: {report}")

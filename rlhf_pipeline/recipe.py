@@ -280,6 +280,11 @@ def parse_override(text: str, path: Path | None = None) -> tuple[list[str], Any]
     return key.strip().split("."), parsed
 
 
+def override_text(value: Any) -> str:
+    """A value as the right-hand side of a `key=value` override (YAML flow style, read back by parse_override)."""
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+
+
 def apply_overrides(data: dict[str, Any], overrides: list[str], path: Path | None = None) -> dict[str, Any]:
     """Apply `a.b.c=value` overrides onto a recipe mapping, creating sections as needed."""
     for text in overrides:

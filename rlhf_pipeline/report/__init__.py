@@ -30,13 +30,14 @@ Where things are (each module imports only the ones listed before it):
 - `stage.py`: `write_stage_report` (a stage folder's `report.md`, as the stage's `Presentation` says),
   `headline`, `write_report_safely` (a failure only warns).
 - `summary.py`: the chain's summary (`write_summary_report` into `report_dir_for` the stage folders) and
-  the console's `console_summary`, each with every stage's wall time and peak memory.
+  the console's `console_summary`, each with every stage's wall time and peak memory; with rounds (iterated
+  RLHF), a row per round (`console_rounds` on the console) and `rounds.png`.
 - `command.py`: `rlhf-pipeline report` (`add_commands`).
 """
 
 from rlhf_pipeline.report.command import add_commands
 from rlhf_pipeline.report.stage import REPORT, headline, write_report_safely, write_stage_report
-from rlhf_pipeline.report.summary import console_summary, report_dir_for, write_summary_report
+from rlhf_pipeline.report.summary import console_rounds, console_summary, report_dir_for, write_summary_report
 
-__all__ = ["REPORT", "add_commands", "console_summary", "headline", "report_dir_for",
+__all__ = ["REPORT", "add_commands", "console_rounds", "console_summary", "headline", "report_dir_for",
            "write_report_safely", "write_stage_report", "write_summary_report"]

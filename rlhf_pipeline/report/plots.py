@@ -383,3 +383,31 @@ def plot_label(ranked: list[dict[str, Any]], pairs: list[dict[str, Any]]) -> Any
     for axis in axes:
         _grid(axis)
     return figure
+
+
+def plot_rounds(rounds: list[dict[str, Any]]) -> Any:
+    """Iterated RLHF across rounds: the RM's held-out accuracy before and after each refresh, then each round's
+    judge gain over the baseline (95% interval) and KL to it."""
+    figure, (accuracy, gain, kl) = _figure(3)
+    numbers = [row["round"] for row in rounds]
+    for key, label, color in (("rm_before", "previous RM (before refresh)", _REJECTED),
+                              ("rm_after", "refreshed RM (after)", _CHOSEN)):
+        points = [(row["round"], row[key]) for row in rounds if row.get(key) is not None]
+        if points:
+            accuracy.plot(*zip(*points, strict=True), "o-", color=color, label=label)
+            accuracy.legend(fontsize=8)
+    accuracy.axhline(0.5, color="gray", linestyle=":")
+    accuracy.set_title("RM accuracy on the new policy's held-out pairs")
+    for row in (row for row in rounds if row.get("judge_gain")):
+        gain.errorbar([row["round"]], [row["judge_gain"]["mean"]], yerr=_error(row["judge_gain"]), fmt="o",
+                      capsize=4, color=_BASELINE)
+    gain.axhline(0.0, color="gray", linestyle=":")
+    gain.set_title("Judge gain over the baseline, 95% interval")
+    for row in (row for row in rounds if row.get("kl")):
+        kl.errorbar([row["round"]], [row["kl"]["mean"]], yerr=_error(row["kl"]), fmt="o", capsize=4, color="tab:purple")
+    kl.set_title("KL(policy ‖ baseline), nats per answer")
+    for axis in (accuracy, gain, kl):
+        axis.set_xlabel("round")
+        axis.set_xticks(numbers)
+        _grid(axis)
+    return figure

@@ -1,12 +1,18 @@
-"""A chain's summary report.md in the common parent of its stage folders, and its lines for the console."""
+"""A chain's summary report.md in the common parent of its stage folders, and its lines for the console.
+
+A chain with rounds (iterated RLHF, rlhf_pipeline/rounds.py) also gets one row per round, in both, and
+`rounds.png`: the RM's held-out accuracy before and after each refresh, and each round's judge gain and KL.
+"""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from rlhf_pipeline.outputs import read_manifest, write_text_atomic
+from rlhf_pipeline.report.plots import Plots, plot_rounds
 from rlhf_pipeline.report.sections import cost_cells, read_json, table
 from rlhf_pipeline.report.stage import REPORT, headline, presentation
 
@@ -20,8 +26,46 @@ def report_dir_for(stage_dirs: Sequence[Path], fallback: Path) -> Path:
     return Path(fallback).resolve() if common == Path(common.anchor) else common
 
 
-def write_summary_report(stage_dirs: Sequence[Path], report_dir: Path, title: str) -> Path:
-    """One `report.md` over several stage folders: each stage's headline, wall time, peak memory and report link."""
+_ROUND_HEADER = ["round", "new pairs", "RM accuracy before refresh", "after", "held-out pairs",
+                 "judge gain over baseline [95% CI]", "judge", "RM reward", "KL (nats/answer)"]
+
+
+def _number(value: float | None) -> str:
+    return "—" if value is None else f"{value:.3f}"
+
+
+def _gain(block: dict[str, Any] | None) -> str:
+    return "—" if not block else f"{block['mean']:+.3f} [{block['ci95_low']:+.3f}, {block['ci95_high']:+.3f}]"
+
+
+def rounds_section(rounds: Sequence[dict[str, Any]], plots: Plots) -> list[str]:
+    """The rounds' table and plot: the RM's accuracy on the new policy's pairs before and after its refresh (the
+    previous RM, then the refreshed one, on the same held-out pairs), and the round's policy against the baseline."""
+    if not rounds:
+        return []
+    rows = [[row["round"], row.get("new_pairs"), _number(row.get("rm_before")), _number(row.get("rm_after")),
+             row.get("rm_pairs"), _gain(row.get("judge_gain")), _number(row.get("judge")), _number(row.get("reward")),
+             _number((row.get("kl") or {}).get("mean"))] for row in rounds]
+    return ["## Rounds", "", "RM accuracy: on the held-out pairs sampled from the round's starting policy, by the "
+            "previous round's reward model (before) and by the refreshed one (after). Judge, RM reward and KL: the "
+            "round's policy on the eval stage's held-out prompts; each round's RM reward is its own RM's.", "",
+            *table(_ROUND_HEADER, rows), *plots.add("rounds.png", "Across rounds", plot_rounds, list(rounds)),
+            *plots.note()]
+
+
+def console_rounds(rounds: Sequence[dict[str, Any]]) -> list[str]:
+    """The rounds' measures for the terminal, one line per round."""
+    return [f"  round {row['round']}: {row.get('new_pairs', '—')} new pairs; RM accuracy "
+            f"{_number(row.get('rm_before'))} -> {_number(row.get('rm_after'))} on {row.get('rm_pairs', '—')} "
+            f"held-out pairs; judge gain {_gain(row.get('judge_gain'))}, "
+            f"KL {_number((row.get('kl') or {}).get('mean'))}"
+            for row in rounds]
+
+
+def write_summary_report(stage_dirs: Sequence[Path], report_dir: Path, title: str,
+                         rounds: Sequence[dict[str, Any]] = ()) -> Path:
+    """One `report.md` over several stage folders: each stage's headline, wall time, peak memory and report link,
+    and the `rounds` measures (rounds.round_measures) when the chain has rounds."""
     report_dir = Path(report_dir)
     rows: list[list[str]] = []
     warnings: list[str] = []
@@ -43,6 +87,7 @@ def write_summary_report(stage_dirs: Sequence[Path], report_dir: Path, title: st
         if shown.summary_figure is not None and (folder / shown.summary_figure[0]).is_file():
             figures.append((os.path.relpath(folder / shown.summary_figure[0], report_dir), shown.summary_figure[1]))
     lines = [f"# {title}", "", *table(["stage", "folder", "headline", "wall time", "peak memory", "details"], rows)]
+    lines += rounds_section(rounds, Plots(report_dir))
     if warnings:
         lines += ["## Warnings", "", *warnings, ""]
     for path, caption in figures:
