@@ -282,7 +282,7 @@ def parse_override(text: str, path: Path | None = None) -> tuple[list[str], Any]
 
 def override_text(value: Any) -> str:
     """A value as the right-hand side of a `key=value` override (YAML flow style, read back by parse_override)."""
-    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+    return yaml.safe_dump(value, default_flow_style=True, width=2**31).strip().removesuffix("...").strip()
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str], path: Path | None = None) -> dict[str, Any]:
