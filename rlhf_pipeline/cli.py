@@ -87,10 +87,11 @@ def _validate(recipe_path: str, overrides: list[str]) -> None:
     from rlhf_pipeline.schema import read_yaml
     from rlhf_pipeline.stages import load_recipe
 
-    if "stages" in read_yaml(Path(recipe_path)):
-        from rlhf_pipeline.pipeline import validate_pipeline
+    if {"stages", "rounds"} & read_yaml(Path(recipe_path)).keys():
+        from rlhf_pipeline.pipeline import read_pipeline, validate_pipeline
 
-        names = [r.stage for r in validate_pipeline(recipe_path)]
+        validate_pipeline(recipe_path)
+        names = [step.key for step in read_pipeline(recipe_path)[1]]
         print(f"{recipe_path}: valid pipeline ({' -> '.join(names)})")
         return
     recipe = load_recipe(recipe_path, overrides)

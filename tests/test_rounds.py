@@ -296,3 +296,11 @@ def test_bad_rounds_fail_before_anything_loads(tmp_path: Path, settings: dict[st
         "stages": [{"stage": name, "recipe": f"{name}.yaml"} for name in stages]}}))
     with pytest.raises(RecipeError, match=message):
         read_pipeline(pipeline)
+
+
+def test_validate_names_every_rounds_stage(chain: Chain, capsys: pytest.CaptureFixture[str]) -> None:
+    from rlhf_pipeline.cli import main
+
+    assert main(["validate", str(chain.pipeline)]) == 0
+    keys = " -> ".join(["sft", *(f"round-{n}/{s}" for n in (1, 2) for s in ROUND_STAGES)])
+    assert capsys.readouterr().out == f"{chain.pipeline}: valid pipeline ({keys})\n"
