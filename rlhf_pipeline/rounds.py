@@ -180,6 +180,12 @@ def check_round(step: PipelineStep, output_dir: Path) -> None:
                 f"the judge's gap filter ({counts.get('dropped_below_min_gap', 0)} dropped below "
                 f"labelling.min_gap), fewer than rounds.min_new_pairs {spec.min_new_pairs}; {later}. Lower "
                 "labelling.min_gap, sample more answers or prompts, or lower rounds.min_new_pairs")
+        if not counts.get("held_out_pairs"):
+            raise PipelineError(
+                f"round {step.round}: none of the label stage's {counts.get('pairs', 0)} new pairs ({output_dir}) "
+                f"comes from one of its {counts.get('held_out_prompts', 0)} held-out prompts, so the reward model "
+                f"cannot be measured before and after its refresh; {later}. Raise rounds.held_out, or lower "
+                "labelling.min_gap")
     if step.stage == "rm" and spec.min_rm_accuracy is not None:
         accuracy = metrics.get("eval_accuracy")
         if accuracy is None or accuracy < spec.min_rm_accuracy:

@@ -304,3 +304,53 @@ def test_validate_names_every_rounds_stage(chain: Chain, capsys: pytest.CaptureF
     assert main(["validate", str(chain.pipeline)]) == 0
     keys = " -> ".join(["sft", *(f"round-{n}/{s}" for n in (1, 2) for s in ROUND_STAGES)])
     assert capsys.readouterr().out == f"{chain.pipeline}: valid pipeline ({keys})\n"
+
+
+def test_reference_previous_and_new_pairs_only_change_what_round_2_reads(chain: Chain) -> None:
+    pipeline = _write_pipeline(chain.pipeline.parent, reference="previous", rm_data="new")
+    steps = {step.key: step for step in read_pipeline(pipeline)[1]}
+    recipes = {r.output_dir: r for r in validate_pipeline(pipeline)}
+    one, two = chain.out / "round-1", chain.out / "round-2"
+    ppo = recipes[two / "ppo"]
+    assert ppo.model.name_or_path == str(one / "ppo") and ppo.config.get("policy_init") is None
+    assert recipes[one / "ppo"].model.name_or_path == str(chain.out / "sft")  # round 1: the recipe's own start
+    assert recipes[two / "rm"].data.train == [str(two / "label" / "data_card.yaml")]
+    assert recipes[two / "rm"].data.eval == [str(two / "label" / "data_card_eval.yaml")]
+    assert "labelling.eval_split=0.25" in steps["round-2/label"].overrides
+
+
+def test_rounds_after_a_whole_chain_start_from_its_policy_and_reward_model() -> None:
+    """The shipped recipe: round 1 builds on the demo chain's PPO policy and RM, and its pairs join the refresh."""
+    steps = {step.key: step for step in read_pipeline(ROOT / "recipes" / "smollm2-135m" / "iterated.yaml")[1]}
+    demo = "outputs/smollm2-135m"
+    assert f"model.name_or_path={demo}/ppo" in steps["round-1/label"].overrides
+    assert f"model.name_or_path={demo}/rm" in steps["round-1/rm"].overrides
+    assert f"training.policy_init={demo}/ppo" in steps["round-1/ppo"].overrides
+    assert (f"data.train=[{demo}/label/data_card.yaml, {demo}/round-1/label/data_card.yaml, "
+            f"{demo}/round-2/label/data_card.yaml]") in steps["round-2/rm"].overrides
+    assert f"training.policy_init={demo}/round-1/ppo" in steps["round-2/ppo"].overrides
+    assert f"evaluation.policy={demo}/round-2/ppo" in steps["round-2/eval"].overrides
+
+
+def test_policy_init_must_be_a_finished_policy(chain: Chain) -> None:
+    from rlhf_pipeline.stages import load_recipe
+
+    step = next(step for step in read_pipeline(chain.pipeline)[1] if step.key == "round-2/ppo")
+    with pytest.raises(RecipeError, match=r"training.policy_init: .*round-1/rm holds a finished 'rm' stage, not a "
+                                          r"policy; point it at the output_dir of a policy stage \(sft, ppo, dpo"):
+        load_recipe(step.recipe, [*step.overrides, f"training.policy_init={chain.out / 'round-1' / 'rm'}"])
+
+
+def test_a_round_without_held_out_pairs_stops(tmp_path: Path) -> None:
+    """The RM's before/after accuracy needs pairs from held-out prompts: a round with none cannot measure it."""
+    from rlhf_pipeline.pipeline import PipelineStep
+    from rlhf_pipeline.rounds import RoundsSpec, check_round
+
+    (tmp_path / "metrics.json").write_text(json.dumps({"counts": {"pairs": 50, "held_out_pairs": 0,
+                                                                  "held_out_prompts": 3}}))
+    step = PipelineStep("label", tmp_path / "label.yaml", round=3, rounds=RoundsSpec(count=3, min_new_pairs=10))
+    with pytest.raises(PipelineError, match=r"^round 3: none of the label stage's 50 new pairs \(.*\) comes from one "
+                                            r"of its 3 held-out prompts, so the reward model cannot be measured"):
+        check_round(step, tmp_path)
+    (tmp_path / "metrics.json").write_text(json.dumps({"counts": {"pairs": 50, "held_out_pairs": 4}}))
+    check_round(step, tmp_path)
