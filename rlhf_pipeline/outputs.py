@@ -184,6 +184,21 @@ def shown_path(path: str | Path, home: bool = True) -> str:
     return str(p)
 
 
+ROUND_PREFIX = "round-"  # iterated RLHF: round k of the stage in <parent>/<name> writes <parent>/round-k/<name>
+
+
+def round_dir(output_dir: Path, number: int) -> Path:
+    """Where round `number` of a pipeline's rounds (rlhf_pipeline/rounds.py) writes the stage of `output_dir`."""
+    return output_dir.parent / f"{ROUND_PREFIX}{number}" / output_dir.name
+
+
+def round_number(folder: Path) -> int | None:
+    """The round a stage folder belongs to (its parent is `round-<k>`), or None outside rounds."""
+    name = Path(folder).parent.name
+    number = name.removeprefix(ROUND_PREFIX)
+    return int(number) if name.startswith(ROUND_PREFIX) and number.isdigit() else None
+
+
 CHECKPOINT_STATE = "trainer_state.json"  # written last into a checkpoint, by transformers' Trainer and our PPO
 CHECKPOINT_PREFIX = "checkpoint-"
 

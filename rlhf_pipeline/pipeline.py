@@ -22,7 +22,7 @@ from typing import Any
 
 from rlhf_pipeline.errors import PipelineError, RecipeError
 from rlhf_pipeline.recipe import Recipe, override_text
-from rlhf_pipeline.rounds import RoundsSpec, check_round, expand_rounds, read_rounds, round_measures
+from rlhf_pipeline.rounds import RoundsSpec, check_round, expand_rounds, read_rounds
 from rlhf_pipeline.schema import read_yaml, suggest
 from rlhf_pipeline.stages import load_recipe
 
@@ -179,10 +179,9 @@ def _summarise(name: str, path: str | Path, steps: list[PipelineStep], output_di
     say(f"pipeline {'finished' if len(ran) == len(steps) else 'stopped'} in {seconds:.0f} s:")
     for line in console_summary(output_dirs, ran):
         say(line)
-    rounds = round_measures(steps, output_dirs)
-    for line in console_rounds(rounds):
+    for line in console_rounds(output_dirs):
         say(line)
     report_dir = report_dir_for(output_dirs, Path(path).parent)
-    if report := write_report_safely(
-            lambda folder: write_summary_report(output_dirs, folder, f"Pipeline {name}", rounds), report_dir):
+    if report := write_report_safely(lambda folder: write_summary_report(output_dirs, folder, f"Pipeline {name}"),
+                                     report_dir):
         say(f"pipeline report: {report}")

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from rlhf_pipeline.errors import PipelineError, RecipeError
+from rlhf_pipeline.outputs import round_dir
 from rlhf_pipeline.recipe import apply_overrides, override_text
 from rlhf_pipeline.schema import build_section, read_yaml
 
@@ -145,7 +146,7 @@ def expand_rounds(spec: RoundsSpec, templates: list[PipelineStep], before: list[
     outputs = [_output_dir(step) for step in templates]
     steps: list[PipelineStep] = []
     for number in range(1, spec.count + 1):
-        folders = {out.resolve(): out.parent / f"round-{number}" / out.name for out in outputs}
+        folders = {out.resolve(): round_dir(out, number) for out in outputs}
         label_dir, rm_dir, ppo_dir = (folders[out.resolve()] for out in outputs[:3])
         cards.append(str(label_dir / "data_card.yaml"))
         inputs: dict[str, dict[str, Any]] = {
@@ -205,27 +206,3 @@ def _number(value: float | None) -> str:
 def _metrics(folder: Path) -> dict[str, Any]:
     path = folder / "metrics.json"
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-
-
-def round_measures(steps: list[PipelineStep], output_dirs: list[Path]) -> list[dict[str, Any]]:
-    """One row per round that has finished stages: new pairs, the RM before/after its refresh, and the eval's
-    judge gain over the baseline (with its 95% interval), RM reward and KL of the round's policy."""
-    rows: dict[int, dict[str, Any]] = {}
-    for step, folder in zip(steps, output_dirs, strict=False):
-        if step.round is None or not (folder / "stage.json").is_file():
-            continue
-        row = rows.setdefault(step.round, {"round": step.round})
-        metrics = _metrics(folder)
-        if step.stage == "label":
-            row["new_pairs"] = metrics.get("counts", {}).get("pairs")
-        elif step.stage == "rm":
-            row["rm_before"] = (metrics.get("before") or {}).get("eval_accuracy")
-            row["rm_after"] = metrics.get("eval_accuracy")
-            row["rm_pairs"] = metrics.get("eval", {}).get("pairs")
-        elif step.stage == "ppo":
-            row["policy"] = str(folder)
-        elif step.stage == "eval" and metrics.get("policies"):
-            policy = next(iter(metrics["policies"].values()))
-            row |= {"judge_gain": policy.get("judge_gain"), "judge": policy.get("judge", {}).get("mean"),
-                    "reward": policy.get("reward", {}).get("mean"), "kl": policy.get("kl")}
-    return [rows[number] for number in sorted(rows)]

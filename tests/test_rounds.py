@@ -235,7 +235,19 @@ def test_refresh_carries_the_score_head_and_reference_sft_keeps_the_sft_log_prob
         assert not torch.allclose(reference, policy, atol=1e-3)  # round 1's PPO moved the policy
 
 
-def test_summary_has_a_row_and_a_plot_per_round(chain: Chain) -> None:
+@pytest.mark.parametrize("writer", ["run", "report command"])
+def test_summary_has_a_row_and_a_plot_per_round(chain: Chain, writer: str) -> None:
+    """The chain's summary has one row per round; `rlhf-pipeline report` on the output folder rewrites the same."""
+    from rlhf_pipeline.cli import main
+
+    if writer == "run":
+        run_pipeline(_write_pipeline(chain.pipeline.parent))
+    else:
+        written = (chain.out / "report.md").read_text()
+        (chain.out / "report.md").unlink()
+        (chain.out / "rounds.png").unlink()
+        assert main(["report", str(chain.out)]) == 0
+        assert (chain.out / "report.md").read_text().replace("Run outputs", "Pipeline tiny-rounds") == written
     report = (chain.out / "report.md").read_text()
     table = report[report.index("## Rounds"):].splitlines()
     rows = [line for line in table if line.startswith("| 1 |") or line.startswith("| 2 |")]

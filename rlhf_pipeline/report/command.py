@@ -7,15 +7,17 @@ from pathlib import Path
 from typing import Any
 
 from rlhf_pipeline.errors import PipelineError
-from rlhf_pipeline.outputs import MARKER, StageManifest, read_manifest
+from rlhf_pipeline.outputs import MARKER, ROUND_PREFIX, StageManifest, read_manifest
 from rlhf_pipeline.report.stage import write_stage_report
 from rlhf_pipeline.report.summary import write_summary_report
 
 
 def _stage_folders(folder: Path) -> list[Path]:
-    """Finished stage folders directly inside `folder`, in the order they finished."""
-    found = [(read_manifest(p), p) for p in folder.iterdir() if p.is_dir() and (p / MARKER).is_file()]
-    return [p for manifest, p in sorted(found, key=lambda item: (_finished_at(item[0]), item[1].name))]
+    """Finished stage folders directly inside `folder` or in its rounds' folders, in the order they finished."""
+    candidates = [*folder.iterdir(), *(p for rounds in folder.glob(f"{ROUND_PREFIX}*") if rounds.is_dir()
+                                       for p in rounds.iterdir())]
+    found = [(read_manifest(p), p) for p in candidates if p.is_dir() and (p / MARKER).is_file()]
+    return [p for manifest, p in sorted(found, key=lambda item: (_finished_at(item[0]), str(item[1])))]
 
 
 def _finished_at(manifest: StageManifest | None) -> str:

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from rlhf_pipeline.outputs import read_manifest, write_text_atomic
+from rlhf_pipeline.outputs import read_manifest, round_number, write_text_atomic
 from rlhf_pipeline.report.plots import Plots, plot_rounds
 from rlhf_pipeline.report.sections import cost_cells, read_json, table
 from rlhf_pipeline.report.stage import REPORT, headline, presentation
@@ -38,6 +38,28 @@ def _gain(block: dict[str, Any] | None) -> str:
     return "—" if not block else f"{block['mean']:+.3f} [{block['ci95_low']:+.3f}, {block['ci95_high']:+.3f}]"
 
 
+def round_measures(stage_dirs: Sequence[Path]) -> list[dict[str, Any]]:
+    """One row per round (stage folders inside `round-<k>`): new pairs, the RM before/after its refresh, and the
+    eval's judge gain over the baseline (with its 95% interval), judge score, RM reward and KL of the round's policy."""
+    rows: dict[int, dict[str, Any]] = {}
+    for folder in map(Path, stage_dirs):
+        manifest = read_manifest(folder)
+        if (number := round_number(folder)) is None or manifest is None:
+            continue
+        row = rows.setdefault(number, {"round": number})
+        metrics = read_json(folder / "metrics.json") or manifest.metrics
+        if manifest.stage == "label":
+            row["new_pairs"] = metrics.get("counts", {}).get("pairs")
+        elif manifest.stage == "rm":
+            row |= {"rm_before": (metrics.get("before") or {}).get("eval_accuracy"),
+                    "rm_after": metrics.get("eval_accuracy"), "rm_pairs": metrics.get("eval", {}).get("pairs")}
+        elif manifest.stage == "eval" and metrics.get("policies"):
+            policy = next(iter(metrics["policies"].values()))
+            row |= {"judge_gain": policy.get("judge_gain"), "judge": policy.get("judge", {}).get("mean"),
+                    "reward": policy.get("reward", {}).get("mean"), "kl": policy.get("kl")}
+    return [rows[number] for number in sorted(rows)]
+
+
 def rounds_section(rounds: Sequence[dict[str, Any]], plots: Plots) -> list[str]:
     """The rounds' table and plot: the RM's accuracy on the new policy's pairs before and after its refresh (the
     previous RM, then the refreshed one, on the same held-out pairs), and the round's policy against the baseline."""
@@ -53,19 +75,18 @@ def rounds_section(rounds: Sequence[dict[str, Any]], plots: Plots) -> list[str]:
             *plots.note()]
 
 
-def console_rounds(rounds: Sequence[dict[str, Any]]) -> list[str]:
+def console_rounds(stage_dirs: Sequence[Path]) -> list[str]:
     """The rounds' measures for the terminal, one line per round."""
     return [f"  round {row['round']}: {row.get('new_pairs', '—')} new pairs; RM accuracy "
             f"{_number(row.get('rm_before'))} -> {_number(row.get('rm_after'))} on {row.get('rm_pairs', '—')} "
             f"held-out pairs; judge gain {_gain(row.get('judge_gain'))}, "
             f"KL {_number((row.get('kl') or {}).get('mean'))}"
-            for row in rounds]
+            for row in round_measures(stage_dirs)]
 
 
-def write_summary_report(stage_dirs: Sequence[Path], report_dir: Path, title: str,
-                         rounds: Sequence[dict[str, Any]] = ()) -> Path:
+def write_summary_report(stage_dirs: Sequence[Path], report_dir: Path, title: str) -> Path:
     """One `report.md` over several stage folders: each stage's headline, wall time, peak memory and report link,
-    and the `rounds` measures (rounds.round_measures) when the chain has rounds."""
+    and a row per round when some are rounds' (`round_measures`)."""
     report_dir = Path(report_dir)
     rows: list[list[str]] = []
     warnings: list[str] = []
@@ -87,7 +108,7 @@ def write_summary_report(stage_dirs: Sequence[Path], report_dir: Path, title: st
         if shown.summary_figure is not None and (folder / shown.summary_figure[0]).is_file():
             figures.append((os.path.relpath(folder / shown.summary_figure[0], report_dir), shown.summary_figure[1]))
     lines = [f"# {title}", "", *table(["stage", "folder", "headline", "wall time", "peak memory", "details"], rows)]
-    lines += rounds_section(rounds, Plots(report_dir))
+    lines += rounds_section(round_measures(stage_dirs), Plots(report_dir))
     if warnings:
         lines += ["## Warnings", "", *warnings, ""]
     for path, caption in figures:
