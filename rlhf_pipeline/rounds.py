@@ -19,7 +19,8 @@ finished stages, resuming, locks, the summary) runs it. In round k:
   follows it (eval's policy and reward_model, ppo's reward_model_path, the rm's data card);
 - label samples from the previous policy and holds out `held_out` of its prompts' pairs (labelling.eval_split);
 - rm continues the previous reward model (adapter and score head) on the new pairs or on every label stage's pairs
-  so far, held out on the new held-out pairs, on which it also measures the previous RM first (rm's `before`);
+  so far (plus any other cards its recipe trains on), held out on the new held-out pairs, on which it also
+  measures the previous RM first (rm's `before`);
 - ppo uses the refreshed RM; with `reference: previous` it starts from and is anchored to the previous policy
   (`model.name_or_path`), with `reference: sft` it keeps its recipe's reference and starts the policy from the
   previous one (`training.policy_init`).
@@ -142,8 +143,12 @@ def expand_rounds(spec: RoundsSpec, templates: list[PipelineStep], before: list[
         return found[-1] if found else None
 
     policy, reward_model = last("ppo"), last("rm")
-    cards = [str(_output_dir(step) / "data_card.yaml") for step in before if step.stage == "label"]
+    cards = [str(_output_dir(step) / "data_card.yaml") for step in before
+             if step.stage == "label" and _raw(step).get("labelling", {}).get("writes", "pairs") == "pairs"]
     outputs = [_output_dir(step) for step in templates]
+    label_out = outputs[0].resolve()
+    kept = [ref for ref in _raw(templates[1]).get("data", {}).get("train", [])  # the RM's other cards stay
+            if not Path(ref).expanduser().resolve().is_relative_to(label_out)]
     steps: list[PipelineStep] = []
     for number in range(1, spec.count + 1):
         folders = {out.resolve(): round_dir(out, number) for out in outputs}
@@ -151,7 +156,7 @@ def expand_rounds(spec: RoundsSpec, templates: list[PipelineStep], before: list[
         cards.append(str(label_dir / "data_card.yaml"))
         inputs: dict[str, dict[str, Any]] = {
             "label": {"labelling.eval_split": spec.held_out} | ({"model.name_or_path": policy} if policy else {}),
-            "rm": {"data.train": cards if spec.rm_data == "accumulated" else cards[-1:],
+            "rm": {"data.train": kept + (cards if spec.rm_data == "accumulated" else cards[-1:]),
                    "data.eval": [str(label_dir / "data_card_eval.yaml")]}
                   | ({"model.name_or_path": reward_model} if reward_model else {}),
             "ppo": ({"model.name_or_path" if spec.reference == "previous" else "training.policy_init": policy}

@@ -366,3 +366,14 @@ def test_a_round_without_held_out_pairs_stops(tmp_path: Path) -> None:
         check_round(step, tmp_path)
     (tmp_path / "metrics.json").write_text(json.dumps({"counts": {"pairs": 50, "held_out_pairs": 4}}))
     check_round(step, tmp_path)
+
+
+def test_the_rm_keeps_its_recipes_other_cards(chain: Chain, tmp_path: Path) -> None:
+    stages = [{"stage": name, "recipe": str(chain.pipeline.parent / f"{name}.yaml")} for name in ROUND_STAGES]
+    stages[1]["overrides"] = {"data.train": [str(chain.out / "label" / "data_card.yaml"), "human_pairs"]}
+    pipeline = tmp_path / "pipeline.yaml"
+    pipeline.write_text(yaml.safe_dump({"rounds": {"count": 2, "stages": stages}}))
+    step = next(step for step in read_pipeline(pipeline)[1] if step.key == "round-2/rm")
+    cards = [str(chain.out / f"round-{n}" / "label" / "data_card.yaml") for n in (1, 2)]
+    assert [o for o in step.overrides if o.startswith("data.train=")][-1] == \
+        f"data.train=[human_pairs, {cards[0]}, {cards[1]}]"
