@@ -140,3 +140,16 @@ def test_probe_verdicts_become_classification_data(tmp_path: Path) -> None:
                      "annotator": "dan"}]
     card = yaml.safe_load((tmp_path / "probes" / "data_card.yaml").read_text())
     assert card["format"] == "classification" and card["size"]["per_rule"] == {"At most 5 words": 1}
+
+
+def test_a_failed_write_says_so_and_keeps_the_item(tmp_path: Path, monkeypatch) -> None:
+    session = LabelSession(write_items(tmp_path / "ranked.jsonl"), tmp_path / "human")
+    view = session.open("alice")
+
+    def disk_full(record: dict) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(session.log, "_write_line", disk_full)
+    failed = session.judge("alice", view.state, 0, [])
+    assert failed.status.startswith("Could not save this judgement ([Errno 28] No space left on device)")
+    assert failed.state == view.state and session.log.records == []
