@@ -59,6 +59,8 @@ def add_commands(subparsers: Any) -> None:
         epilog='example: rlhf-pipeline probe recipes/smollm2-135m/label.yaml --rule "Answer in at most 20 words" '
                "--out outputs/probes")
     probe.add_argument("recipe", help="a label recipe: its model is the policy, its labelling section the sampling")
+    probe.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                       help="overrides of the recipe, e.g. labelling.temperature=0.7")
     probe.add_argument("--rule", action="append", default=[], required=True, help="a rule to probe (repeatable)")
     _add_server_arguments(probe)
     probe.set_defaults(handler=_probe)
@@ -91,7 +93,7 @@ def _probe(args: argparse.Namespace) -> int:
     from rlhf_pipeline.human.sessions import ProbeSession
 
     check_port(args.host, args.port)
-    session = ProbeSession(args.out, args.rule, policy_generator(args.recipe))
+    session = ProbeSession(args.out, args.rule, policy_generator(args.recipe, args.overrides))
     return _serve(probe_page(session), args, session.log.path)
 
 

@@ -11,13 +11,13 @@ from collections.abc import Callable
 from rlhf_pipeline.errors import PipelineError
 
 
-def policy_generator(recipe_path: str) -> Callable[[str], str]:
+def policy_generator(recipe_path: str, overrides: list[str] | None = None) -> Callable[[str], str]:
     """Load the recipe's policy (checked first, before any weights) and return prompt text -> answer text."""
     from rlhf_pipeline.generation import sample_answers
     from rlhf_pipeline.stages import load_recipe
     from rlhf_pipeline.stages.common import load_frozen
 
-    recipe = load_recipe(recipe_path, [])
+    recipe = load_recipe(recipe_path, overrides or [])
     if recipe.stage != "label":
         raise PipelineError(f"{recipe_path}: a label recipe is needed (its model is the policy probed); "
                             f"this one is for '{recipe.stage}'")

@@ -21,8 +21,13 @@ DEFAULT_PORT = 7860
 
 
 def check_port(host: str, port: int) -> None:
-    """Fail with the fix when the port is taken (another page still open?) or the host is not ours."""
+    """Fail with the fix when the port is taken (another page still open?) or the host is not ours.
+
+    SO_REUSEADDR, as the server itself binds: connections of a page just stopped linger in TIME_WAIT for a
+    minute, and reopening the page on its port (to resume) must not be refused for them.
+    """
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind((host, port))
         except OSError as err:
