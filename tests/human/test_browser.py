@@ -20,11 +20,18 @@ def _by(kind: str) -> Any:
     return getattr(By, kind)
 
 
-def open_page(driver: Any, url: str) -> None:
+def find(driver: Any, kind: str, selector: str) -> Any:
+    """The element once the page has rendered it (Gradio draws its components a few at a time)."""
     from selenium.webdriver.support.ui import WebDriverWait
 
+    WebDriverWait(driver, 30).until(lambda d: d.find_elements(_by(kind), selector),
+                                    message=f"the page never showed {selector}")
+    return driver.find_element(_by(kind), selector)
+
+
+def open_page(driver: Any, url: str) -> None:
     driver.get(url)
-    WebDriverWait(driver, 60).until(lambda d: d.find_elements(_by("ID"), "status"))
+    find(driver, "ID", "status")
 
 
 def wait_status(driver: Any, text: str) -> str:
@@ -36,21 +43,21 @@ def wait_status(driver: Any, text: str) -> str:
 
 
 def type_into(driver: Any, element_id: str, text: str) -> None:
-    field = driver.find_element(_by("CSS_SELECTOR"), f"#{element_id} textarea, #{element_id} input")
+    field = find(driver, "CSS_SELECTOR", f"#{element_id} textarea, #{element_id} input")
     field.clear()
     field.send_keys(text)
 
 
 def click(driver: Any, element_id: str) -> None:
-    driver.find_element(_by("ID"), element_id).click()
+    find(driver, "ID", element_id).click()
 
 
 def tick(driver: Any, group: str, label: str) -> None:
-    driver.find_element(_by("XPATH"), f"//*[@id='{group}']//label[.//span[text()='{label}']]").click()
+    find(driver, "XPATH", f"//*[@id='{group}']//label[.//span[text()='{label}']]").click()
 
 
 def shown_answers(driver: Any, count: int) -> list[str]:
-    return [driver.find_element(_by("CSS_SELECTOR"), f"#answer-{i} textarea").get_property("value")
+    return [find(driver, "CSS_SELECTOR", f"#answer-{i} textarea").get_property("value")
             for i in range(count)]
 
 
@@ -143,12 +150,11 @@ def test_probe_page_rule_prompt_answer_verdict(tmp_path: Path, browser, serve) -
     driver = browser()
     open_page(driver, url)
     type_into(driver, "annotator", "erin")
-    rule_box = driver.find_element(_by("CSS_SELECTOR"), "#rule input")
-    rule_box.click()
-    driver.find_element(_by("XPATH"), f"//ul//li[contains(., '{rules[1]}')]").click()
+    find(driver, "CSS_SELECTOR", "#rule input").click()
+    find(driver, "XPATH", f"//ul//li[contains(., '{rules[1]}')]").click()
     type_into(driver, "probe-prompt", "Which pill cures a cold?")
     click(driver, "generate")
-    answer_box = driver.find_element(_by("CSS_SELECTOR"), "#probe-answer textarea")
+    answer_box = find(driver, "CSS_SELECTOR", "#probe-answer textarea")
     WebDriverWait(driver, 30).until(lambda d: answer_box.get_property("value"))
     assert answer_box.get_property("value") == "policy says: ?dloc a seruc llip hcihW"
     click(driver, "broken")
@@ -168,7 +174,7 @@ def test_ab_page_sides_undone_into_a_win_rate(tmp_path: Path, browser, serve) ->
     click(driver, "start")
     for number, verdict in enumerate(("policy", "baseline", "tie"), start=1):
         wait_status(driver, f"item {number} of 3")
-        left = driver.find_element(_by("CSS_SELECTOR"), "#answer-a textarea").get_property("value")
+        left = find(driver, "CSS_SELECTOR", "#answer-a textarea").get_property("value")
         choice = "tie" if verdict == "tie" else "a" if left.startswith(verdict) else "b"
         click(driver, f"pick-{choice}")
     wait_status(driver, "All 3 items are done by frank")
