@@ -67,9 +67,10 @@ def add_commands(subparsers: Any) -> None:
 
 
 def _annotate(args: argparse.Namespace) -> int:
-    from rlhf_pipeline.human.pages import label_page
+    from rlhf_pipeline.human.pages import label_page, require_gradio
     from rlhf_pipeline.human.sessions import LabelSession
 
+    require_gradio()
     check_port(args.host, args.port)
     session = LabelSession(args.items, args.out, args.seed, args.rules)
     print(f"annotate: {len(session.items)} items, {len(session.log.records)} judgements already in "
@@ -78,9 +79,10 @@ def _annotate(args: argparse.Namespace) -> int:
 
 
 def _ab_eval(args: argparse.Namespace) -> int:
-    from rlhf_pipeline.human.pages import ab_page
+    from rlhf_pipeline.human.pages import ab_page, require_gradio
     from rlhf_pipeline.human.sessions import ABSession
 
+    require_gradio()
     check_port(args.host, args.port)
     session = ABSession(args.items, args.out, args.seed)
     print(f"ab-eval: {len(session.items)} prompts, {len(session.log.records)} verdicts already in {session.log.path}")
@@ -88,10 +90,11 @@ def _ab_eval(args: argparse.Namespace) -> int:
 
 
 def _probe(args: argparse.Namespace) -> int:
-    from rlhf_pipeline.human.pages import probe_page
+    from rlhf_pipeline.human.pages import probe_page, require_gradio
     from rlhf_pipeline.human.policy import policy_generator
     from rlhf_pipeline.human.sessions import ProbeSession
 
+    require_gradio()
     check_port(args.host, args.port)
     session = ProbeSession(args.out, args.rule, policy_generator(args.recipe, args.overrides))
     return _serve(probe_page(session), args, session.log.path)

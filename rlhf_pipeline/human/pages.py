@@ -24,10 +24,19 @@ _HELP = {
 }
 
 
-def _blocks(title: str) -> gr.Blocks:
-    import gradio as gr
+def require_gradio() -> Any:
+    """Gradio, or the one line saying how to install it (it is an optional extra)."""
+    try:
+        import gradio
+    except ImportError as err:
+        from rlhf_pipeline.errors import PipelineError
 
-    return gr.Blocks(title=title, analytics_enabled=False)
+        raise PipelineError("the human-feedback pages need gradio: pip install 'rlhf-pipeline[human]'") from err
+    return gradio
+
+
+def _blocks(title: str) -> gr.Blocks:
+    return require_gradio().Blocks(title=title, analytics_enabled=False)
 
 
 def _choice_names(count: int) -> list[str]:
@@ -36,8 +45,7 @@ def _choice_names(count: int) -> list[str]:
 
 def label_page(session: LabelSession) -> gr.Blocks:
     """Prompt, K answer boxes, a best-answer radio, rule-break checkboxes, Submit and Skip."""
-    import gradio as gr
-
+    gr = require_gradio()
     slots = session.max_answers
     rules = f" ({session.rules})" if session.rules else ""
     with _blocks("Label answers") as page:
@@ -77,7 +85,7 @@ def label_page(session: LabelSession) -> gr.Blocks:
 
 def ab_page(session: ABSession) -> gr.Blocks:
     """Prompt, answers A and B side by side, and A / B / Tie / Skip buttons."""
-    import gradio as gr
+    gr = require_gradio()
 
     with _blocks("Blind A/B evaluation") as page:
         gr.Markdown(f"## Which answer is better?\n{_HELP['ab']}")
@@ -109,9 +117,9 @@ def ab_page(session: ABSession) -> gr.Blocks:
 
 def probe_page(session: ProbeSession) -> gr.Blocks:
     """Rule picker, prompt box, Generate, the policy's answer, and Broken / Kept buttons."""
-    import gradio as gr
-
     from rlhf_pipeline.errors import PipelineError
+
+    gr = require_gradio()
 
     with _blocks("Probe the policy") as page:
         gr.Markdown(f"## Can you make the policy break a rule?\n{_HELP['probe']}")

@@ -1,10 +1,12 @@
 """The commands: a busy port, a foreign output file and a dying server each get one clear line, and nothing
-judged is lost; the label stage's own output is what `annotate` reads; `probe` answers live with the policy."""
+judged is lost; without gradio, one line saying how to install it; the label stage's own output is what
+`annotate` reads; `probe` answers live with the policy."""
 
 from __future__ import annotations
 
 import json
 import socket
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,6 +21,7 @@ from tests.stages.conftest import write_card
 
 
 def test_a_port_in_use_is_named_with_the_fix_before_anything_is_written(tmp_path: Path, capsys) -> None:
+    pytest.importorskip("gradio")
     items = write_items(tmp_path / "ranked.jsonl")
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
@@ -31,6 +34,7 @@ def test_a_port_in_use_is_named_with_the_fix_before_anything_is_written(tmp_path
 
 
 def test_a_foreign_output_file_is_refused_and_left_alone(tmp_path: Path, capsys) -> None:
+    pytest.importorskip("gradio")
     items = write_items(tmp_path / "ranked.jsonl")
     (tmp_path / "human").mkdir()
     (tmp_path / "human" / LOG_NAME).write_text("my own notes\n")
@@ -39,6 +43,14 @@ def test_a_foreign_output_file_is_refused_and_left_alone(tmp_path: Path, capsys)
     assert f"{tmp_path / 'human' / LOG_NAME}: not a judgement log of rlhf-pipeline" in err
     assert "choose another --out folder" in err
     assert (tmp_path / "human" / LOG_NAME).read_text() == "my own notes\n"
+
+
+def test_without_gradio_one_line_says_how_to_install_it(tmp_path: Path, capsys, monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "gradio", None)  # `import gradio` now raises ImportError
+    items = write_items(tmp_path / "ranked.jsonl")
+    assert main(["annotate", str(items), "--out", str(tmp_path / "human"), "--port", "0"]) == 2
+    assert "the human-feedback pages need gradio: pip install 'rlhf-pipeline[human]'" in capsys.readouterr().err
+    assert not (tmp_path / "human").exists()
 
 
 def test_a_dying_server_says_where_the_saved_judgements_are(tmp_path: Path, capsys, monkeypatch) -> None:
