@@ -1,7 +1,7 @@
 """Human feedback: web pages where people label answers, judge two systems blind, and probe the policy.
 
     rlhf-pipeline annotate outputs/smollm2-135m/label/ranked.jsonl --out outputs/smollm2-135m/human-label
-    rlhf-pipeline ab-eval answers.jsonl --out outputs/smollm2-135m/human-ab
+    rlhf-pipeline ab-eval outputs/smollm2-135m/eval --out outputs/smollm2-135m/human-ab
     rlhf-pipeline probe recipes/smollm2-135m/label.yaml --rule "At most 20 words" --out outputs/probes
 
 The label stage samples K answers per prompt (and its machine judge ranks them); `annotate` shows each
@@ -47,8 +47,11 @@ def add_commands(subparsers: Any) -> None:
         "ab-eval", help="blind A/B evaluation: people pick the better of two systems' answers",
         description="Serve a page showing the policy's and the baseline's answers to each prompt, sides randomised; "
                     "people pick A, B or tie. --out/summary.json holds the policy's win rate with its 95% interval.",
-        epilog="example: rlhf-pipeline ab-eval answers.jsonl --out outputs/human-ab")
-    ab.add_argument("items", type=Path, help="JSONL with prompt, policy and baseline per row")
+        epilog="example: rlhf-pipeline ab-eval outputs/smollm2-135m/eval --out outputs/human-ab")
+    ab.add_argument("items", type=Path, help="an eval stage's folder (its examples: run eval with "
+                                             "evaluation.num_examples=N to keep N prompts), or a JSONL with prompt, "
+                                             "policy and baseline per row")
+    ab.add_argument("--policy", help="which of the eval stage's policies faces the baseline (when it has several)")
     ab.add_argument("--seed", type=int, default=0, help="seed of the sides")
     _add_server_arguments(ab)
     ab.set_defaults(handler=_ab_eval)
@@ -84,7 +87,7 @@ def _ab_eval(args: argparse.Namespace) -> int:
 
     require_gradio()
     check_port(args.host, args.port)
-    session = ABSession(args.items, args.out, args.seed)
+    session = ABSession(args.items, args.out, args.seed, args.policy)
     print(f"ab-eval: {len(session.items)} prompts, {len(session.log.records)} verdicts already in {session.log.path}")
     return _serve(ab_page(session), args, session.log.path)
 

@@ -156,14 +156,14 @@ def ab_outcome(record: dict[str, Any]) -> float:
     return {"policy": 1.0, "baseline": -1.0, "tie": 0.0}[record["verdict"]]
 
 
-def write_ab_results(folder: Path, records: list[dict[str, Any]]) -> dict[str, Any]:
+def write_ab_results(folder: Path, records: list[dict[str, Any]], policy: str) -> dict[str, Any]:
     """summary.json: the policy's win rate over the baseline with its bootstrap 95% interval, and agreement."""
     judged = [r for r in records if r["verdict"] != "skip"]
     counts = _counts(records)
     picks: dict[str, dict[int, str]] = collections.defaultdict(dict)
     for record in judged:
         picks[record["annotator"]][record["item"]] = record["verdict"]
-    summary: dict[str, Any] = {"counts": counts, "agreement": agreement_report(picks)}
+    summary: dict[str, Any] = {"policy": policy, "counts": counts, "agreement": agreement_report(picks)}
     if judged:
         outcomes = [ab_outcome(r) for r in judged]
         summary["win_rate"] = _win_rate_metric().compute(policy_scores=outcomes, baseline_scores=[0.0] * len(judged))

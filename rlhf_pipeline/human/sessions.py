@@ -165,15 +165,21 @@ class ABSession(_Session):
 
     task = "ab"
 
-    def __init__(self, items_path: Path, out_dir: Path, seed: int = 0) -> None:
-        items = read_items(items_path, {"prompt": (str, list), "policy": str, "baseline": str})
+    def __init__(self, items_path: Path, out_dir: Path, seed: int = 0, policy: str | None = None) -> None:
+        self.policy = "policy"
+        if items_path.is_dir() or items_path.suffix == ".json":
+            items_path = items_path / "eval.json" if items_path.is_dir() else items_path
+            self.policy, items = eval_items(items_path, policy)
+            self.task = f"ab:{self.policy}"  # a log of one policy's verdicts is never continued with another's
+        else:
+            items = read_items(items_path, {"prompt": (str, list), "policy": str, "baseline": str})
         super().__init__(items_path, items, out_dir, seed)
 
     def answers_of(self, item: dict[str, Any]) -> list[str]:
         return [item["policy"], item["baseline"]]
 
     def write_results(self) -> dict[str, Any]:
-        return write_ab_results(self.out_dir, self.log.records)
+        return write_ab_results(self.out_dir, self.log.records, self.policy)
 
     def judge(self, name: str, state: dict[str, Any] | None, choice: str) -> View:
         """`choice`: "A" (left), "B" (right), "tie" or "skip"; stored as policy / baseline / tie / skip."""
@@ -183,6 +189,23 @@ class ABSession(_Session):
         sides = ("policy", "baseline")
         left, right = sides[state["order"][0]], sides[state["order"][1]]
         return self.record(state, {"verdict": {"A": left, "B": right}.get(choice, choice), "left": left})
+
+
+def eval_items(path: Path, policy: str | None) -> tuple[str, list[dict[str, Any]]]:
+    """A/B items from an eval stage's eval.json: its examples (set `evaluation.num_examples` to the number of
+    prompts to keep them all), one policy's answer against the baseline's per prompt."""
+    if not path.is_file():
+        raise PipelineError(f"{path}: no such file (give an eval stage's folder, its eval.json, or a JSONL)")
+    examples = json.loads(path.read_text(encoding="utf-8")).get("examples") or []
+    names = sorted({name for example in examples for name in example.get("policies", {})})
+    if policy is None and len(names) == 1:
+        policy = names[0]
+    if policy not in names:
+        raise PipelineError(f"{path}: choose the policy to compare with --policy: one of {', '.join(names) or 'none'}"
+                            if names else f"{path}: no examples with policy answers; re-run eval with "
+                            "evaluation.num_examples set to the number of prompts")
+    return policy, [{"prompt": e["prompt"], "policy": e["policies"][policy], "baseline": e["baseline"]}
+                    for e in examples]
 
 
 class ProbeSession:

@@ -131,6 +131,20 @@ def test_ab_verdicts_become_a_win_rate_with_its_interval(tmp_path: Path) -> None
     assert summary["win_rate"]["win_rate_ci95_low"] <= 0.75 <= summary["win_rate"]["win_rate_ci95_high"]
 
 
+def test_ab_items_come_from_an_eval_stage_one_policy_per_log(tmp_path: Path) -> None:
+    examples = [{"prompt": f"Q{i}?", "baseline": f"base {i}", "policies": {"ppo": f"ppo {i}", "dpo": f"dpo {i}"}}
+                for i in range(3)]
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval" / "eval.json").write_text(json.dumps({"examples": examples}))
+    with pytest.raises(PipelineError, match="choose the policy to compare with --policy: one of dpo, ppo"):
+        ABSession(tmp_path / "eval", tmp_path / "ab")
+    session = ABSession(tmp_path / "eval", tmp_path / "ab", policy="dpo")
+    assert sorted(session.open("gus").answers) == ["base 0", "dpo 0"]
+    assert json.loads((tmp_path / "ab" / "summary.json").read_text())["policy"] == "dpo"
+    with pytest.raises(PipelineError, match="holds 'ab:dpo' judgements"):
+        ABSession(tmp_path / "eval", tmp_path / "ab", policy="ppo")
+
+
 def test_probe_verdicts_become_classification_data(tmp_path: Path) -> None:
     session = ProbeSession(tmp_path / "probes", ["At most 5 words"], lambda text: f"echo {text}")
     assert session.verdict("dan", "At most 5 words", "Say a lot", "", True).startswith("Pick a rule")
