@@ -11,7 +11,7 @@ INSTALLED := $(VENV)/.installed
 export HF_HUB_DISABLE_TELEMETRY := 1
 export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/torch_extensions
 
-.PHONY: install demo test lint clean
+.PHONY: install browser demo test lint clean
 
 install: $(INSTALLED)
 
@@ -25,7 +25,17 @@ $(INSTALLED): pyproject.toml
 demo: $(INSTALLED)
 	$(PY) -m rlhf_pipeline run recipes/smollm2-135m/pipeline.yaml
 
-test: $(INSTALLED)
+# The human-feedback pages are tested in a real headless browser: Debian's chromium and its driver, installed
+# here when missing and apt-get is ours to use (CI runs as root); elsewhere those tests are skipped, and said so.
+BROWSER_PACKAGES := chromium chromium-driver
+
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	  { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && apt-get update -q && \
+	    apt-get install -y -q --no-install-recommends $(BROWSER_PACKAGES); } || \
+	  echo "note: no chromium/chromedriver (apt-get install $(BROWSER_PACKAGES)): the browser tests will be skipped"
+
+test: $(INSTALLED) browser
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest -q
 
 lint: $(INSTALLED)

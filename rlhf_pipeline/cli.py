@@ -23,7 +23,7 @@ from rlhf_pipeline.stopping import Stopped, stop_signals_handled
 # Modules that add tool commands (push, merge, report, estimate...): each defines
 # `add_commands(subparsers)` and gives every command a `handler(args) -> int` via set_defaults.
 _TOOL_MODULES: tuple[str, ...] = ("rlhf_pipeline.hub", "rlhf_pipeline.merge", "rlhf_pipeline.report",
-                                   "rlhf_pipeline.launch", "rlhf_pipeline.estimate")
+                                   "rlhf_pipeline.launch", "rlhf_pipeline.estimate", "rlhf_pipeline.human")
 _OVERRIDES_HELP = "overrides of any recipe key, e.g. training.learning_rate=1e-4 model.lora.r=8"
 
 
