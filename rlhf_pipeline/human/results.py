@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import collections
 import json
-import os
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 from rlhf_pipeline.human.agreement import agreement_report
+from rlhf_pipeline.outputs import write_jsonl, write_text_atomic
 
 
 def prompt_text(prompt: Any) -> str:
@@ -23,16 +23,6 @@ def prompt_text(prompt: Any) -> str:
         users = [turn["content"] for turn in prompt if turn.get("role") == "user"]
         return users[-1] if users else ""
     return str(prompt)
-
-
-def _write(path: Path, text: str) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(text, encoding="utf-8")
-    os.replace(temporary, path)
-
-
-def _jsonl(rows: list[dict[str, Any]]) -> str:
-    return "".join(json.dumps(row) + "\n" for row in rows)
 
 
 def preference_rows(items: list[dict[str, Any]], records: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -135,12 +125,12 @@ def write_label_results(folder: Path, items_path: Path, items: list[dict[str, An
         "size": {"rows": len(classified), "prompts": counts["items_judged"]},
         "known_issues": "An unflagged answer is one the annotator saw and did not flag, not one checked for each rule.",
     }
-    _write(folder / "preferences.jsonl", _jsonl(pairs))
-    _write(folder / "data_card.yaml", yaml.safe_dump(card, sort_keys=False))
-    _write(folder / "classified.jsonl", _jsonl(classified))
-    _write(folder / "classification_card.yaml", yaml.safe_dump(classification_card, sort_keys=False))
+    write_jsonl(folder / "preferences.jsonl", pairs)
+    write_text_atomic(folder / "data_card.yaml", yaml.safe_dump(card, sort_keys=False))
+    write_jsonl(folder / "classified.jsonl", classified)
+    write_text_atomic(folder / "classification_card.yaml", yaml.safe_dump(classification_card, sort_keys=False))
     summary = {"counts": counts, "agreement": agreement}
-    _write(folder / "summary.json", json.dumps(summary, indent=2))
+    write_text_atomic(folder / "summary.json", json.dumps(summary, indent=2))
     return summary
 
 
@@ -168,7 +158,7 @@ def write_ab_results(folder: Path, records: list[dict[str, Any]], policy: str) -
         outcomes = [ab_outcome(r) for r in judged]
         summary["win_rate"] = _win_rate_metric().compute(policy_scores=outcomes, baseline_scores=[0.0] * len(judged))
         summary["left_side"] = dict(collections.Counter(r["left"] for r in judged))
-    _write(folder / "summary.json", json.dumps(summary, indent=2))
+    write_text_atomic(folder / "summary.json", json.dumps(summary, indent=2))
     return summary
 
 
@@ -192,6 +182,6 @@ def write_probe_results(folder: Path, records: list[dict[str, Any]]) -> dict[str
         "size": {"rows": len(rows), "prompts": len(rows), "per_rule": dict(sorted(rules.items()))},
         "known_issues": "Prompts were written to provoke breaks: the violation rate is not the policy's usual rate.",
     }
-    _write(folder / "classified.jsonl", _jsonl(rows))
-    _write(folder / "data_card.yaml", yaml.safe_dump(card, sort_keys=False))
+    write_jsonl(folder / "classified.jsonl", rows)
+    write_text_atomic(folder / "data_card.yaml", yaml.safe_dump(card, sort_keys=False))
     return {"counts": _counts(records) | {"broken": sum(r["label"] for r in rows)}}

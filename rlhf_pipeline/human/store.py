@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from rlhf_pipeline.errors import PipelineError
+from rlhf_pipeline.outputs import write_jsonl
 
 LOG_NAME = "judgements.jsonl"
 _KIND = "rlhf_pipeline.human_judgements"
@@ -73,9 +74,7 @@ class JudgementLog:
 
     def _rewrite(self) -> None:
         """Drop a torn last line (a crash mid-write), so the next judgement starts on a line of its own."""
-        temporary = self.path.with_suffix(".tmp")
-        temporary.write_text("".join(json.dumps(r) + "\n" for r in [self.header, *self.records]), encoding="utf-8")
-        os.replace(temporary, self.path)
+        write_jsonl(self.path, [self.header, *self.records])
 
     def _write_line(self, record: dict[str, Any]) -> None:
         with self.path.open("a", encoding="utf-8") as handle:

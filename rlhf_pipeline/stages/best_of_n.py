@@ -20,7 +20,6 @@ as in Llama 2. Writes `best_of_n.json` (per-n summaries and every sampled answer
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 from rlhf_pipeline.data.formats import FORMATS
 from rlhf_pipeline.errors import RecipeError
 from rlhf_pipeline.judges import JudgeSpec
+from rlhf_pipeline.outputs import write_json, write_jsonl
 from rlhf_pipeline.report.sections import best_of_n_headline, best_of_n_section
 from rlhf_pipeline.reward_spec import RewardSpec, check_reward
 from rlhf_pipeline.stages import MemoryModel, Presentation, Stage
@@ -211,7 +211,6 @@ def run(recipe: Recipe) -> dict[str, Any]:
     from rlhf_pipeline.distributed import say
     from rlhf_pipeline.generation import sample_answers
     from rlhf_pipeline.judges import load_judge
-    from rlhf_pipeline.outputs import write_json
     from rlhf_pipeline.reward_spec import load_reward
     from rlhf_pipeline.stages.common import finish_outputs, finished_manifest, load_frozen
 
@@ -252,7 +251,7 @@ def run(recipe: Recipe) -> dict[str, Any]:
     def write_files(folder: Path) -> None:
         write_json(folder / "best_of_n.json", report | {"examples": examples, "per_prompt": answers})
         if config.write_sft_card:
-            (folder / "demonstrations.jsonl").write_text("".join(json.dumps(r) + "\n" for r in demonstrations))
+            write_jsonl(folder / "demonstrations.jsonl", demonstrations)
             (folder / "data_card.yaml").write_text(yaml.safe_dump(_card(recipe, config, counts), sort_keys=False))
 
     finish_outputs(recipe, finished_manifest(recipe, sources[POLICY], report, adapter=False), write_files)

@@ -18,7 +18,6 @@ broken): every sampled answer becomes a classified answer (label 1 when its scor
 from __future__ import annotations
 
 import itertools
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 from rlhf_pipeline.data.formats import FORMATS
 from rlhf_pipeline.errors import PipelineError
 from rlhf_pipeline.judges import JudgeSpec
+from rlhf_pipeline.outputs import write_jsonl
 from rlhf_pipeline.report.sections import label_headline, label_section
 from rlhf_pipeline.reward_spec import RewardSpec, check_reward
 from rlhf_pipeline.stages import MemoryModel, Presentation, Stage
@@ -197,11 +197,11 @@ def run(recipe: Recipe) -> dict[str, Any]:
                "mean_judge_score": sum(s for r in ranked_rows for s in r["scores"]) / max(counts["answers"], 1)}
 
     def write_files(folder: Path) -> None:
-        (folder / data_file).write_text("".join(json.dumps(r) + "\n" for r in rows))
-        (folder / "ranked.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ranked_rows))
+        write_jsonl(folder / data_file, rows)
+        write_jsonl(folder / "ranked.jsonl", ranked_rows)
         (folder / "data_card.yaml").write_text(yaml.safe_dump(card, sort_keys=False))
         if held_out:
-            (folder / "preferences_eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in eval_rows))
+            write_jsonl(folder / "preferences_eval.jsonl", eval_rows)
             (folder / "data_card_eval.yaml").write_text(
                 yaml.safe_dump(_card(recipe, config, judge_name, counts, held_out=True), sort_keys=False))
 
