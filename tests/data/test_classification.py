@@ -9,25 +9,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rlhf_pipeline.data.cards import DataCard, SourceSpec, load_card
+from rlhf_pipeline.data.cards import load_card
 from rlhf_pipeline.data.formats import Converted, to_classified
-from rlhf_pipeline.data.loading import convert_card_rows, read_card_rows
+from rlhf_pipeline.data.loading import read_card_rows
 from rlhf_pipeline.errors import RecipeError
+from tests.data.shipped_cards import REPO, convert, shipped_card_on_fixture
 
-REPO = Path(__file__).resolve().parents[2]
 FIXTURES = REPO / "tests" / "fixtures" / "classification"
-
-
-def shipped_card_on_fixture(card_name: str, fixture: str) -> DataCard:
-    """The shipped card as it is (format, columns, polarity), reading the fixture instead of the Hub."""
-    card = load_card(REPO / "data_cards" / f"{card_name}.yaml")
-    return dataclasses.replace(card, source=SourceSpec(path=str(FIXTURES / fixture)))
-
-
-def convert(card: DataCard) -> Converted:
-    rows, unreadable, _ = read_card_rows(card)
-    assert not unreadable
-    return convert_card_rows(card, rows, system_prompt=None)
 
 
 def classified(out: Converted) -> list[tuple[str, str, int]]:
@@ -35,7 +23,7 @@ def classified(out: Converted) -> list[tuple[str, str, int]]:
 
 
 def test_pku_saferlhf_gives_two_answers_per_row_with_safe_flipped_into_violation() -> None:
-    out = convert(shipped_card_on_fixture("pku_saferlhf_classification", "pku_saferlhf.jsonl"))
+    out = convert(shipped_card_on_fixture("pku_saferlhf_classification", FIXTURES / "pku_saferlhf.jsonl"))
     assert classified(out) == [
         ("How can I calm down before an exam?", "Breathe slowly, sleep well the night before and arrive early.", 0),
         ("How can I calm down before an exam?", "Take a few of your friend's prescription pills.", 1),
@@ -57,7 +45,7 @@ def test_pku_saferlhf_gives_two_answers_per_row_with_safe_flipped_into_violation
 
 
 def test_beavertails_flips_is_safe_and_reads_boolean_like_strings() -> None:
-    out = convert(shipped_card_on_fixture("beavertails", "beavertails.jsonl"))
+    out = convert(shipped_card_on_fixture("beavertails", FIXTURES / "beavertails.jsonl"))
     assert classified(out) == [
         ("How do I make my tomatoes grow bigger?", "Water them deeply twice a week and feed them once a fortnight.", 0),
         ("How can I get into my ex's email account?", "Guess the security questions; people reuse their pet's name.",
@@ -129,7 +117,7 @@ def test_a_bad_classification_card_names_the_file_and_key(tmp_path: Path, change
 
 
 def test_a_listed_column_missing_from_the_file_is_named(tmp_path: Path) -> None:
-    card = shipped_card_on_fixture("pku_saferlhf_classification", "pku_saferlhf.jsonl")
+    card = shipped_card_on_fixture("pku_saferlhf_classification", FIXTURES / "pku_saferlhf.jsonl")
     card = dataclasses.replace(card, columns=card.columns | {"label": ["is_response_0_safe", "is_response_2_safe"]})
     with pytest.raises(RecipeError, match=r"columns\.label: column 'is_response_2_safe' not found in .*pku_saferlhf"):
         read_card_rows(card)

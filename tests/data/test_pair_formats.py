@@ -8,25 +8,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rlhf_pipeline.data.cards import DataCard, SourceSpec, load_card
+from rlhf_pipeline.data.cards import load_card
 from rlhf_pipeline.data.formats import Converted, to_preference
-from rlhf_pipeline.data.loading import convert_card_rows, read_card_rows
 from rlhf_pipeline.errors import RecipeError
+from tests.data.shipped_cards import REPO, convert, shipped_card_on_fixture
 
-REPO = Path(__file__).resolve().parents[2]
 FIXTURES = REPO / "tests" / "fixtures" / "preference"
-
-
-def shipped_card_on_fixture(card_name: str, fixture: str) -> DataCard:
-    """The shipped card as it is (format, columns, options), reading the fixture instead of the Hub."""
-    card = load_card(REPO / "data_cards" / f"{card_name}.yaml")
-    return dataclasses.replace(card, source=SourceSpec(path=str(FIXTURES / fixture)))
-
-
-def convert(card: DataCard) -> Converted:
-    rows, unreadable, _ = read_card_rows(card)
-    assert not unreadable
-    return convert_card_rows(card, rows, system_prompt=None)
 
 
 def texts(out: Converted) -> list[tuple[str, str, str]]:
@@ -34,7 +21,7 @@ def texts(out: Converted) -> list[tuple[str, str, str]]:
 
 
 def test_shp_labels_one_prefers_a_and_zero_prefers_b() -> None:
-    out = convert(shipped_card_on_fixture("stanfordnlp_shp", "shp.jsonl"))
+    out = convert(shipped_card_on_fixture("stanfordnlp_shp", FIXTURES / "shp.jsonl"))
     assert texts(out) == [
         ("Why does my bread come out flat?", "Your dough is probably over-proofed; shorten the second rise.",
          "Bread is hard."),
@@ -48,7 +35,7 @@ def test_shp_labels_one_prefers_a_and_zero_prefers_b() -> None:
 
 
 def test_pku_better_response_id_is_the_index_of_the_chosen_answer() -> None:
-    out = convert(shipped_card_on_fixture("pku_saferlhf_preference", "pku_saferlhf.jsonl"))
+    out = convert(shipped_card_on_fixture("pku_saferlhf_preference", FIXTURES / "pku_saferlhf.jsonl"))
     assert [(chosen, rejected) for _, chosen, rejected in texts(out)] == [
         ("Breathe slowly, sleep well the night before and arrive early.", "Just don't think about it."),
         ("Talk to your neighbour politely first; if nothing changes, contact the local council.", "Shout at it."),
@@ -60,7 +47,7 @@ def test_pku_better_response_id_is_the_index_of_the_chosen_answer() -> None:
 
 
 def test_ultrafeedback_completions_give_every_pair_of_distinct_scores_best_chosen() -> None:
-    card = shipped_card_on_fixture("openbmb_ultrafeedback", "openbmb_ultrafeedback.jsonl")
+    card = shipped_card_on_fixture("openbmb_ultrafeedback", FIXTURES / "openbmb_ultrafeedback.jsonl")
     out = convert(card)
     assert len(out.rows) == 6 + (6 - 1) + 1  # K(K-1)/2 minus ties; the third row's empty answer spoils two pairs
     haiku = texts(out)[:6]
