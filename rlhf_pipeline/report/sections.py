@@ -188,11 +188,8 @@ def _data_rows(metrics: dict[str, Any]) -> list[list[Any]]:
     dropped = ", ".join(f"{reason} {count}" for reason, count in (data.get("rows_dropped") or {}).items()) or "none"
     sides = "; ".join(f"{name} {part['rows']} rows of {part['prompts']} prompts"
                       for name, part in (data.get("splits") or {}).items())
-    overlap = data.get("eval_prompts_in_train")
     return [["data rows kept / read", f"{data.get('rows_kept')} / {data.get('rows_read')}"],
-            ["rows dropped", dropped],
-            *([["splits (held out by prompt)", sides]] if sides else []),
-            *([["eval prompts also in training", overlap]] if overlap is not None else [])]
+            ["rows dropped", dropped], *([["splits (held out by prompt)", sides]] if sides else [])]
 
 
 def sft_section(folder: Path, metrics: dict[str, Any], plots: Plots) -> list[str]:
