@@ -199,6 +199,10 @@ def check_command(words: list[str], where: object) -> None:
             assert "=" in word or word in targets, f"{where}: make {word}: no such target in the Makefile"
     elif name in ("python", "python3") and rest[:2] == ["-m", "rlhf_pipeline"]:
         check_cli(rest[2:], where)
+    elif name in ("python", "python3") and rest[:1] == ["-m"]:
+        assert importlib.util.find_spec(rest[1]), f"{where}: python -m {rest[1]}: no such module"
+    elif name in ("python", "python3") and rest[:1] == ["-c"]:
+        compile(rest[1], str(where), "exec")
     elif name in ("python", "python3"):
         check_path(rest[0], where)
         options = script_options(REPO / rest[0])
