@@ -299,6 +299,22 @@ def test_repository_paths_in_backquotes_exist(page: str) -> None:
             assert (REPO / span).exists() or (REPO / "rlhf_pipeline" / span).exists(), f"{page}: `{span}` is missing"
 
 
+def test_the_architecture_table_has_a_row_for_every_module() -> None:
+    """docs/ARCHITECTURE.md says each module's layer and concern: a new module needs its row (a folder's row,
+    `report/`, or a pattern, `stages/<name>.py`, covers several)."""
+    text = (REPO / "docs" / "ARCHITECTURE.md").read_text(encoding="utf-8")
+    rows = [line.split("|")[2] for line in text.splitlines() if re.match(r"\| \d \|", line)]
+    named = [span for row in rows for span in re.findall(r"`([^`]+)`", row)]
+    patterns = []
+    for span in named:
+        pattern = re.escape(span).replace(re.escape("<name>"), r"\w+")
+        patterns.append(re.compile(pattern if span.endswith(".py") else pattern + ".*"))
+    package = REPO / "rlhf_pipeline"
+    modules = [path.relative_to(package).as_posix() for path in package.rglob("*.py")
+               if path.name not in ("__init__.py", "__main__.py") or path.parent.name == "stages"]
+    assert [module for module in modules if not any(p.fullmatch(module) for p in patterns)] == []
+
+
 RECIPE_FOLDERS = sorted({path.parent for path in (REPO / "recipes").glob("*/*.yaml")})
 
 
