@@ -11,7 +11,7 @@ INSTALLED := $(VENV)/.installed
 export HF_HUB_DISABLE_TELEMETRY := 1
 export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/torch_extensions
 
-.PHONY: install browser demo test lint clean
+.PHONY: install browser demo test lint docs clean
 
 install: $(INSTALLED)
 
@@ -41,5 +41,10 @@ test: $(INSTALLED) browser
 lint: $(INSTALLED)
 	$(VENV)/bin/ruff check .
 
+# The documentation site (mkdocs.yml): README, guides and recipe READMEs into site/, offline; any broken link,
+# missing heading or page left out of the nav fails the build.
+docs: $(INSTALLED)
+	$(VENV)/bin/mkdocs build --strict
+
 clean:
-	rm -rf outputs .pytest_cache .ruff_cache
+	rm -rf outputs site .pytest_cache .ruff_cache
