@@ -81,6 +81,30 @@ def test_agreement_between_annotators_and_with_the_judge(tmp_path: Path) -> None
     assert "alice vs bob" in card["description"] and "machine judge" in card["description"]
 
 
+def test_every_annotator_is_compared_with_the_judge_whatever_their_name(tmp_path: Path) -> None:
+    # "mike" and "zoe" sort after "judge": a pair looked up as "<name> vs judge" in a sorted report missed both.
+    items = write_items(tmp_path / "ranked.jsonl", count=4, judge_picks=[2, 0, 1, 2])
+    session = LabelSession(items, tmp_path / "human")
+    for name, picks in (("mike", [2, 0, 0, 1]), ("zoe", [2, 1, 1])):
+        for original in picks:
+            view = session.open(name)
+            session.judge(name, view.state, view.state["order"].index(original), [])
+    agreement = json.loads((tmp_path / "human" / "summary.json").read_text())["agreement"]
+    versus_judge = agreement["humans_vs_judge"]
+    assert set(versus_judge) == {"mike", "zoe"}
+    # mike [2 0 0 1] vs judge [2 0 1 2]: p_o 2/4; his picks 2:1 0:2 1:1, the judge's 2:2 0:1 1:1 ->
+    # p_e (1·2 + 2·1 + 1·1)/16 = 5/16; kappa (1/2 − 5/16)/(1 − 5/16) = 3/11.
+    assert versus_judge["mike"] == {"items": 4, "agreement": 0.5, "cohen_kappa": pytest.approx(3 / 11)}
+    # zoe [2 1 1] vs judge [2 0 1] on her 3 items: p_o 2/3; p_e (1·1 + 2·1)/9 = 1/3; kappa (2/3 − 1/3)/(2/3) = 1/2.
+    assert versus_judge["zoe"] == {"items": 3, "agreement": pytest.approx(2 / 3), "cohen_kappa": pytest.approx(0.5)}
+    # mike [2 0 0] vs zoe [2 1 1]: p_o 1/3; p_e 1/9; kappa (1/3 − 1/9)/(8/9) = 1/4.
+    assert agreement["annotators"]["pairs"] == {"mike vs zoe": {"items": 3, "agreement": pytest.approx(1 / 3),
+                                                                "cohen_kappa": pytest.approx(0.25)}}
+    card = yaml.safe_load((tmp_path / "human" / "data_card.yaml").read_text())
+    assert "mike vs the machine judge 0.27 on 4 items" in card["description"]
+    assert "zoe vs the machine judge 0.50 on 3 items" in card["description"]
+
+
 def test_empty_name_records_nothing(tmp_path: Path) -> None:
     session = LabelSession(write_items(tmp_path / "ranked.jsonl"), tmp_path / "human")
     state = session.open("alice").state
