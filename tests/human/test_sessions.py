@@ -10,7 +10,14 @@ import yaml
 
 from rlhf_pipeline.errors import PipelineError
 from rlhf_pipeline.human.agreement import cohen_kappa, fleiss_kappa
-from rlhf_pipeline.human.sessions import NO_NAME, ABSession, LabelSession, ProbeSession
+from rlhf_pipeline.human.sessions import (
+    NO_ANSWER,
+    NO_NAME,
+    PROMPT_CHANGED,
+    ABSession,
+    LabelSession,
+    ProbeSession,
+)
 from rlhf_pipeline.human.store import LOG_NAME
 from tests.human.items import answer, write_ab_items, write_items
 
@@ -171,13 +178,53 @@ def test_ab_items_come_from_an_eval_stage_one_policy_per_log(tmp_path: Path) -> 
 
 def test_probe_verdicts_become_classification_data(tmp_path: Path) -> None:
     session = ProbeSession(tmp_path / "probes", ["At most 5 words"], lambda text: f"echo {text}")
-    assert session.verdict("dan", "At most 5 words", "Say a lot", "", True).startswith("Pick a rule")
-    assert session.verdict("dan", "At most 5 words", "Say a lot", session.answer("Say a lot"), True).startswith("Saved")
+    view = session.answer("Say a lot")
+    assert view.answers == ["echo Say a lot"] and view.state["prompt"] == "Say a lot"
+    assert session.verdict("dan", "At most 5 words", "Say a lot", view.state, True).startswith("Saved")
     rows = lines(tmp_path / "probes" / "classified.jsonl")
     assert rows == [{"prompt": "Say a lot", "answer": "echo Say a lot", "label": 1, "rule": "At most 5 words",
                      "annotator": "dan"}]
     card = yaml.safe_load((tmp_path / "probes" / "data_card.yaml").read_text())
     assert card["format"] == "classification" and card["size"]["per_rule"] == {"At most 5 words": 1}
+
+
+def test_a_probe_verdict_needs_the_policys_answer_to_the_prompt_shown(tmp_path: Path) -> None:
+    asked: list[str] = []
+
+    def generate(text: str) -> str:
+        asked.append(text)
+        return f"answer {len(asked)} to {text}"
+
+    rule = "At most 5 words"
+    session = ProbeSession(tmp_path / "probes", [rule], generate)
+    assert session.answer("   ").status == "Write a prompt first." and session.answer("  ").state is None
+    assert asked == []  # nothing was generated for an empty prompt
+    assert session.verdict("dan", rule, "Say a lot", None, True) == NO_ANSWER
+    first = session.answer("Say a lot").state
+    # The prompt box was edited after the answer came: the answer shown is not the policy's answer to it.
+    assert session.verdict("dan", rule, "Say a little", first, True) == PROMPT_CHANGED
+    assert session.verdict("dan", "Some other rule", "Say a lot", first, True).startswith("Pick one of the rules")
+    assert session.log.records == [] and lines(tmp_path / "probes" / "classified.jsonl") == []
+
+    second = session.answer("Say a little").state  # a fresh answer for the edited prompt
+    assert session.verdict("dan", rule, "Say a little", second, False).startswith("Saved: rule kept. 1 verdicts")
+    rows = lines(tmp_path / "probes" / "classified.jsonl")
+    assert [(r["prompt"], r["answer"], r["label"]) for r in rows] == [("Say a little", "answer 2 to Say a little", 0)]
+
+
+def test_a_repeated_probe_verdict_adds_no_row(tmp_path: Path) -> None:
+    rule = "At most 5 words"
+    session = ProbeSession(tmp_path / "probes", [rule], lambda text: f"echo {text}")
+    state = session.answer("Say a lot").state
+    assert session.verdict("dan", rule, "Say a lot", state, True).startswith("Saved: rule broken. 1 verdicts")
+    for broken in (True, False):  # a double click, then the other button: the same answer, judged once
+        assert session.verdict("dan", rule, "Say a lot", state, broken) == (
+            "Not saved: this answer already has its verdict (rule broken, by dan). Press Generate, or write a new "
+            "prompt, to judge another answer.")
+    assert len(lines(tmp_path / "probes" / "classified.jsonl")) == 1 and len(session.log.records) == 1
+    again = session.answer("Say a lot").state  # the same prompt asked again is another answer, judged on its own
+    assert again["answer_id"] != state["answer_id"]
+    assert session.verdict("dan", rule, "Say a lot", again, False).startswith("Saved: rule kept. 2 verdicts")
 
 
 def test_a_failed_write_says_so_and_keeps_the_item(tmp_path: Path, monkeypatch) -> None:
