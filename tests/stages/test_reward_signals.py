@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import yaml
 
@@ -163,8 +164,18 @@ def test_label_ranks_by_the_reward_section_when_given(tmp_path: Path, sft_and_rm
     for row in ranked:
         expected = [-3.0 if "cake" in a.lower() else a.count("e") / max(len(a), 1) for a in row["answers"]]
         assert row["scores"] == pytest.approx(expected)
+        assert row["signal/e_share"] == [a.count("e") / max(len(a), 1) for a in row["answers"]]
+        assert row["signal/cake"] == [float("cake" in a.lower()) for a in row["answers"]]
+        assert [len(row[key]) for key in ("answers", "length_tokens", "finished")] == [3, 3, 3]
+        # an answer that did not end with the stop token was cut at max_new_tokens
+        assert all(0 < n <= 10 and (done or n == 10) for n, done in zip(row["length_tokens"], row["finished"],
+                                                                      strict=True))
     stage = json.loads((tmp_path / "out" / "stage.json").read_text())
     assert stage["metrics"]["judge"] == "reward (e_share, cake)"
+    assert stage["metrics"]["counts"]["finished_answers"] == sum(sum(row["finished"]) for row in ranked)
+    assert stage["metrics"]["mean_judge_score"] == pytest.approx(np.mean([row["scores"] for row in ranked]))
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "Every sampled answer: [`ranked.jsonl`](ranked.jsonl), one row per prompt" in report
 
 
 def test_rule_labels_train_a_rule_rm_that_ppo_takes_as_a_penalty_only(
