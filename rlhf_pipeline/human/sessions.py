@@ -24,6 +24,7 @@ from rlhf_pipeline.human.results import (
     write_probe_results,
 )
 from rlhf_pipeline.human.store import LOG_NAME, JudgementLog, file_digest, shown_order
+from rlhf_pipeline.outputs import ANSWERS
 
 NO_NAME = "Enter your name first: each judgement is stored under it, so several people can label the same items."
 NO_ANSWER = ("Not saved: generate the policy's answer to your prompt first; a verdict is recorded only on an answer "
@@ -172,8 +173,9 @@ class ABSession(_Session):
 
     def __init__(self, items_path: Path, out_dir: Path, seed: int = 0, policy: str | None = None) -> None:
         self.policy = "policy"
-        if items_path.is_dir() or items_path.suffix == ".json":
-            items_path = items_path / "eval.json" if items_path.is_dir() else items_path
+        if items_path.is_dir():  # an eval stage: every prompt's answers, or an older eval's examples
+            items_path = items_path / (ANSWERS if (items_path / ANSWERS).is_file() else "eval.json")
+        if items_path.suffix == ".json" or items_path.name == ANSWERS:
             self.policy, items = eval_items(items_path, policy)
             self.task = f"ab:{self.policy}"  # a log of one policy's verdicts is never continued with another's
         else:
@@ -197,18 +199,24 @@ class ABSession(_Session):
 
 
 def eval_items(path: Path, policy: str | None) -> tuple[str, list[dict[str, Any]]]:
-    """A/B items from an eval stage's eval.json: its examples (set `evaluation.num_examples` to the number of
-    prompts to keep them all), one policy's answer against the baseline's per prompt."""
+    """A/B items from an eval stage: one policy's answer against the baseline's for every prompt of its
+    answers.jsonl, or for the examples an eval.json keeps (an eval written before answers.jsonl existed)."""
     if not path.is_file():
-        raise PipelineError(f"{path}: no such file (give an eval stage's folder, its eval.json, or a JSONL)")
-    examples = json.loads(path.read_text(encoding="utf-8")).get("examples") or []
+        raise PipelineError(f"{path}: no such file (give an eval stage's folder, its answers.jsonl or eval.json, "
+                            "or a JSONL with prompt, policy and baseline per row)")
+    if path.suffix == ".json":
+        examples = json.loads(path.read_text(encoding="utf-8")).get("examples") or []
+    else:
+        examples = [{"prompt": row["prompt"], "baseline": row["baseline"]["answer"],
+                     "policies": {name: answer["answer"] for name, answer in row["policies"].items()}}
+                    for row in read_items(path, {"prompt": (str, list), "baseline": dict, "policies": dict})]
     names = sorted({name for example in examples for name in example.get("policies", {})})
     if policy is None and len(names) == 1:
         policy = names[0]
     if policy not in names:
         raise PipelineError(f"{path}: choose the policy to compare with --policy: one of {', '.join(names) or 'none'}"
-                            if names else f"{path}: no examples with policy answers; re-run eval with "
-                            "evaluation.num_examples set to the number of prompts")
+                            if names else f"{path}: no examples with policy answers; re-run the eval stage, which "
+                            "writes every prompt's answers to answers.jsonl")
     return policy, [{"prompt": e["prompt"], "policy": e["policies"][policy], "baseline": e["baseline"]}
                     for e in examples]
 

@@ -176,6 +176,21 @@ def test_ab_items_come_from_an_eval_stage_one_policy_per_log(tmp_path: Path) -> 
         ABSession(tmp_path / "eval", tmp_path / "ab", policy="ppo")
 
 
+def test_ab_items_are_every_prompt_of_an_eval_stages_answers_file(tmp_path: Path) -> None:
+    rows = [{"prompt": [{"role": "user", "content": f"Q{i}?"}], "baseline": {"answer": f"base {i}", "judge": 0.1},
+             "policies": {"ppo": {"answer": f"ppo {i}", "kl": 0.2}, "dpo": {"answer": f"dpo {i}", "kl": 0.3}}}
+            for i in range(9)]
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval" / "eval.json").write_text(json.dumps({"examples": []}))  # it keeps a few examples at most
+    (tmp_path / "eval" / "answers.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    session = ABSession(tmp_path / "eval", tmp_path / "ab", policy="dpo")
+    assert [(item["policy"], item["baseline"]) for item in session.items] == [(f"dpo {i}", f"base {i}")
+                                                                              for i in range(9)]
+    view = session.open("gus")
+    assert view.prompt == "Q0?" and sorted(view.answers) == ["base 0", "dpo 0"]
+    assert session.log.header["items"] == str((tmp_path / "eval" / "answers.jsonl").resolve())
+
+
 def test_probe_verdicts_become_classification_data(tmp_path: Path) -> None:
     session = ProbeSession(tmp_path / "probes", ["At most 5 words"], lambda text: f"echo {text}")
     view = session.answer("Say a lot")

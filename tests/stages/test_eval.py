@@ -15,6 +15,7 @@ import yaml
 from rlhf_pipeline.cli import main
 from rlhf_pipeline.errors import RecipeError
 from rlhf_pipeline.generation import Sample
+from rlhf_pipeline.human.sessions import ABSession
 from rlhf_pipeline.stages import load_recipe
 from rlhf_pipeline.stages.eval import answer_traits
 from tests.stages.answers import assert_eval_summaries_match_answers, read_answers
@@ -132,6 +133,8 @@ def test_two_policies_against_one_baseline(tmp_path: Path, tiny_model_dir: Path,
             assert answer["judge"] == letter_e_share([], [answer["answer"]])[0]
             assert 0 < answer["length_tokens"] <= 12 and (answer["finished"] or answer["length_tokens"] == 12)
         assert row["policies"]["same"]["answer"] == row["baseline"]["answer"]
+    blind = ABSession(out, tmp_path / "human-ab", policy="base")  # people can judge every prompt's answers
+    assert [item["policy"] for item in blind.items] == [row["policies"]["base"]["answer"] for row in rows]
 
     report = (out / "report.md").read_text()
     assert "Every sampled answer: [`answers.jsonl`](answers.jsonl), one row per prompt" in report
