@@ -225,8 +225,7 @@ def label_section(folder: Path, metrics: dict[str, Any], plots: Plots) -> list[s
         lines += ["## Example pairs", "", *table(["chosen", "rejected", "judge gap"],
                                                  [[_short(p["chosen"], 120), _short(p["rejected"], 120),
                                                    p.get("judge_gap")] for p in pairs[:5]])]
-    return [*lines, "The pairs are in `preferences.jsonl`, described by `data_card.yaml`; every scored answer is "
-            "in `ranked.jsonl`.", ""]
+    return [*lines, "The pairs are in `preferences.jsonl`, described by `data_card.yaml`.", ""]
 
 
 def rm_section(folder: Path, metrics: dict[str, Any], plots: Plots) -> list[str]:

@@ -28,11 +28,13 @@ from rlhf_pipeline.errors import PipelineError
 from rlhf_pipeline.judges import JudgeSpec
 from rlhf_pipeline.outputs import write_jsonl
 from rlhf_pipeline.report.sections import label_headline, label_section
-from rlhf_pipeline.reward_spec import RewardSpec, check_reward
+from rlhf_pipeline.reward_spec import RewardSpec, check_reward, signal_columns
 from rlhf_pipeline.stages import MemoryModel, Presentation, Stage
 
 if TYPE_CHECKING:
     from rlhf_pipeline.recipe import Recipe
+
+RANKED = "ranked.jsonl"  # every sampled answer with its scores, what `annotate` shows people
 
 
 @dataclass
@@ -186,9 +188,13 @@ def run(recipe: Recipe) -> dict[str, Any]:
     for index, (prompt, answers) in enumerate(tqdm(list(zip(prompts, samples, strict=True)), desc="label: judging",
                                                    disable=not is_main_process())):
         texts = [a.text for a in answers]
-        scores = judge([prompt] * len(texts), texts)
+        signals = judge.signal_scores([prompt] * len(texts), texts) if spec.given else {}
+        scores = judge.combine(signals) if spec.given else judge([prompt] * len(texts), texts)
         check_scores(scores, judge_name, prompt)
-        ranked_rows.append({"prompt": prompt, "answers": texts, "scores": scores})
+        ranked_rows.append({"prompt": prompt, "answers": texts, "scores": scores}
+                           | signal_columns(signals)
+                           | {"length_tokens": [len(a.answer_ids) for a in answers],
+                              "finished": [a.finished for a in answers]})
         if config.writes == "classification":
             classified.extend(classify(prompt, texts, scores, judge_name))
             continue
@@ -213,7 +219,7 @@ def run(recipe: Recipe) -> dict[str, Any]:
 
     def write_files(folder: Path) -> None:
         write_jsonl(folder / data_file, rows)
-        write_jsonl(folder / "ranked.jsonl", ranked_rows)
+        write_jsonl(folder / RANKED, ranked_rows)
         (folder / "data_card.yaml").write_text(yaml.safe_dump(card, sort_keys=False))
         if held_out:
             write_jsonl(folder / "preferences_eval.jsonl", eval_rows)
@@ -234,6 +240,9 @@ STAGE = Stage(
     sections={"judge": JudgeSpec, "reward": RewardSpec},
     extra_checks=_check,
     run=run,
-    presentation=Presentation("AI-feedback labelling", label_headline, label_section),
+    presentation=Presentation("AI-feedback labelling", label_headline, label_section,
+                              answers=(RANKED, "one row per prompt: its sampled answers with their scores (and each "
+                                       "reward signal's), length in tokens and whether they ended with the stop "
+                                       "token")),
     memory=MemoryModel(kind="sample"),
 )
