@@ -63,8 +63,8 @@ PROBES = Path(__file__).resolve().parent / "gpu_probes.py"
 WHOLE_RUN_SECONDS = 480
 STARTUP_SECONDS = 15  # this script's own start-up and its machine probe, within the 480
 MARKER = ".gpu-check"  # a work folder with this file is ours to empty at the next run
-FSDP_ON_CPU = ("no GPU: accelerate selects FSDP on GPUs only (on a CPU it runs plain DDP); tests/test_fsdp.py "
-               "emulates FSDP2 on two CPU processes")
+FSDP_ON_CPU = ("no GPU: accelerate selects FSDP on GPUs only (on a CPU it runs plain DDP); "
+               "tests/test_distributed.py runs FSDP2 on two CPU processes")
 
 
 class PathFailed(Exception):
@@ -80,7 +80,7 @@ class Context:
     model: str | None
     gpus: int
     peak_flops: float | None = None
-    device_name: str = "cpu"
+    max_length: int | None = None
 
     def folder(self, path: str) -> Path:
         return self.work / path
@@ -123,27 +123,28 @@ LAUNCHES = {  # path prefix -> (GPU profile, CPU profile, what the ranks must re
 def stage_overrides(ctx: Context, stage: str, chain: str, out: Path, processes: int = 1) -> list[str]:
     """Short runs of the demo recipes: the outputs of `chain` (lora, qlora) feed the later stages.
 
-    On a CPU the rows may be twice as long (the tests' tiny model tokenizes the demo text into about twice
-    SmolLM2's tokens) and evaluation samples 8 short answers.
+    On a CPU evaluation samples 8 short answers. `--max-length` sets every stage's data.max_length (the tests'
+    tiny model tokenizes the demo text into about twice SmolLM2's tokens).
     """
     sft, rm, ppo = (ctx.folder(f"{chain}-{name}") for name in ("sft", "rm", "ppo"))
-    cpu = ["data.max_length=256"] if ctx.cpu else []
+    length = [f"data.max_length={ctx.max_length}"] if ctx.max_length else []
     if stage == "sft":
         model = [f"model.name_or_path={ctx.model}"] if ctx.model else []
         return [*model, f"training.output_dir={out}", f"training.max_steps={ctx.steps(20, 3)}", "data.eval_split=0.0",
-                *cpu]
+                *length]
     if stage == "rm":
         return [f"model.name_or_path={sft}", f"training.output_dir={out}", "data.train=[demo_preferences_warm]",
                 f"data.max_samples={ctx.steps(192, 32)}", "data.eval_split=0.25",
-                f"training.max_steps={ctx.steps(16, 2)}", *cpu]
+                f"training.max_steps={ctx.steps(16, 2)}", *length]
     if stage == "ppo":
         episodes = 16 * ctx.steps(2, 1) * processes  # the recipe answers 16 prompts per process and step
         return [f"model.name_or_path={sft}", f"training.reward_model_path={rm}", f"training.output_dir={out}",
                 f"training.total_episodes={episodes}", f"training.save_steps={ctx.steps(2, 1)}",
-                "training.num_sample_generations=0", *cpu]
-    cpu += ["data.max_samples=8", "evaluation.max_new_tokens=8"] if ctx.cpu else []
+                "training.num_sample_generations=0", *length]
+    cpu = ["data.max_samples=8", "evaluation.max_new_tokens=8"] if ctx.cpu else []
     return [f"model.name_or_path={sft}", f"evaluation.policy={ppo}", f"evaluation.reward_model={rm}",
-            f"evaluation.output_dir={out}", "evaluation.batch_size=64", "evaluation.bootstrap_samples=200", *cpu]
+            f"evaluation.output_dir={out}", "evaluation.batch_size=64", "evaluation.bootstrap_samples=200", *length,
+            *cpu]
 
 
 def stage_plan(stage: str, chain: str, launch: str | None = None) -> Callable[[Context], Plan]:
@@ -195,18 +196,18 @@ def collect_stage(ctx: Context, stage: str, out: Path, expected: tuple[str, int 
         tokens, seconds = final.get("num_tokens"), final.get("train_runtime")
         if tokens and seconds:
             rate = tokens / seconds
-            flops = mfu.training_flops_per_token(config, context=manifest_max_length(out), logits=stage == "sft")
+            flops = mfu.training_flops_per_token(config, context=recipe_max_length(out), logits=stage == "sft")
             row |= {"tokens_per_second": round(rate, 1), "mfu": mfu.mfu(rate, flops, ctx.peak_flops, gpus)}
     if stage == "ppo" and (out / "ppo_timing.json").is_file():
         timing = json.loads((out / "ppo_timing.json").read_text(encoding="utf-8"))
-        row |= ppo_row(ctx, config, timing["steps"], manifest_max_length(out))
+        row |= ppo_row(ctx, config, timing["steps"], recipe_max_length(out))
     if stage == "eval":
         policies = json.loads((out / "eval.json").read_text(encoding="utf-8"))["policies"]
         row["kl_per_answer"] = {name: result["kl"]["mean"] for name, result in policies.items()}
     return row
 
 
-def manifest_max_length(out: Path) -> int:
+def recipe_max_length(out: Path) -> int:
     """The stage's `data.max_length` (its longest sequence), read from the resolved recipe it saved."""
     import yaml
 
@@ -260,7 +261,8 @@ def read_probe(out: Path, keys: tuple[str, ...]) -> dict[str, Any]:
     if not out.is_file():
         raise PathFailed(f"exited 0 but wrote no {out}")
     result = json.loads(out.read_text(encoding="utf-8"))
-    row = {"peak_gpu_gib": result.get("peak_gpu_gib"), "tokens_per_second": result.get("tokens_per_second")}
+    row = {"peak_gpu_gib": result.get("peak_gpu_gib"), "peak_rss_gib": result.get("peak_rss_gib"),
+           "tokens_per_second": result.get("tokens_per_second")}
     return row | {"details": {key: result[key] for key in keys if key in result}}
 
 
@@ -314,8 +316,9 @@ class Outcome:
 
 def first_error_line(log: str) -> str:
     """The line that says what went wrong: our CLI's `error:` line or a rank's failure, else the exception line
-    of the first traceback, else the last line."""
-    lines = [line.rstrip() for line in log.splitlines() if line.strip()]
+    of the first traceback (torchrun's `[rankN]: ` prefixes removed), else the last line."""
+    lines = [re.sub(r"^\[rank\d+\]: ?", "", line.rstrip()) for line in log.splitlines() if line.strip()]
+    lines = [line for line in lines if line.strip()]
     for line in lines:
         if line.startswith("error: ") or re.match(r"rank \d+ of \d+ failed: ", line):
             return line
@@ -447,20 +450,22 @@ def run_checks(ctx: Context, checks: tuple[Check, ...], only: set[str] | None, t
                      "wall_seconds": None if outcome.wall_seconds is None else round(outcome.wall_seconds, 1),
                      "budget_seconds": check.budget, "timeout_seconds": round(timeout, 1),
                      "log": str(ctx.work / "logs" / f"{check.name}.log") if outcome.wall_seconds is not None else None,
-                     **{key: None for key in ("peak_gpu_gib", "tokens_per_second", "mfu")}, **outcome.row})
+                     **dict.fromkeys(("peak_gpu_gib", "peak_rss_gib", "tokens_per_second", "mfu")), **outcome.row})
     return rows
 
 
-def table(rows: list[dict[str, Any]]) -> str:
-    """The printed summary: one line per path, the PPO step's breakdown below."""
+def table(rows: list[dict[str, Any]], cpu: bool = False) -> str:
+    """The printed summary: one line per path (peak GPU memory, or on a CPU peak RSS), the PPO steps below."""
     def number(value: Any, form: str) -> str:
         return "—" if value is None else format(value, form)
 
-    lines = [f"{'path':<15} {'result':<62} {'wall s':>7} {'budget':>6} {'GPU GiB':>8} {'tok/s':>8} {'MFU':>6}"]
+    memory = "peak_rss_gib" if cpu else "peak_gpu_gib"
+    lines = [f"{'path':<15} {'result':<62} {'wall s':>7} {'budget':>6} {'RSS GiB' if cpu else 'GPU GiB':>8} "
+             f"{'tok/s':>8} {'MFU':>6}"]
     for row in rows:
         result = row["status"] + (f": {row['detail']}" if row["detail"] else "")
         lines.append(f"{row['path']:<15} {result[:62]:<62} {number(row['wall_seconds'], '.1f'):>7} "
-                     f"{row['budget_seconds']:>6} {number(row['peak_gpu_gib'], '.2f'):>8} "
+                     f"{row['budget_seconds']:>6} {number(row.get(memory), '.2f'):>8} "
                      f"{number(row['tokens_per_second'], '.0f'):>8} {number(row['mfu'], '.1%'):>6}")
     for row in rows:
         if "ppo_step" in row:
@@ -505,6 +510,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpus", type=int, default=1, help="processes for the DeepSpeed and FSDP paths")
     parser.add_argument("--model", help="the SFT paths' base instead of the embedded SmolLM2-135M (tests: a tiny "
                                         "model folder)")
+    parser.add_argument("--max-length", type=int, help="every stage's data.max_length (default: the recipes' 128)")
     parser.add_argument("--only", help="comma-separated paths to run (the others are listed as not selected)")
     parser.add_argument("--demo", action="store_true",
                         help="also run the whole demo chain, timed (beyond the 8 minutes)")
@@ -533,7 +539,7 @@ def main(argv: list[str] | None = None) -> int:
     prepare_work(args.work)
     device = "cpu" if args.cpu else info["gpus"][0]
     peak = args.peak_tflops * 1e12 if args.peak_tflops else (None if args.cpu else mfu.peak_bf16_flops(device))
-    ctx = Context(args.work.resolve(), args.cpu, args.model, args.gpus, peak, device)
+    ctx = Context(args.work.resolve(), args.cpu, args.model, args.gpus, peak, args.max_length)
     scale = args.timeout_scale or (6.0 if args.cpu else 1.0)
     mode = "CPU equivalents" if args.cpu else f"{args.gpus} process(es) for the distributed paths"
     print(f"gpu_check: {len(checks)} paths on {device} ({mode}); budgets total {sum(c.budget for c in CHECKS)} s; "
@@ -545,7 +551,7 @@ def main(argv: list[str] | None = None) -> int:
               "budget_seconds": sum(c.budget for c in CHECKS),
               "wall_seconds": round(time.monotonic() - started, 1), "paths": rows}
     (ctx.work / "gpu_check.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    print("\n" + table(rows))
+    print("\n" + table(rows, args.cpu))
     failed = [row["path"] for row in rows if row["status"] == "failed"]
     print(f"\n{len(rows) - len(failed)} of {len(rows)} paths passed or were skipped; "
           + (f"FAILED: {', '.join(failed)}" if failed else "none failed")

@@ -39,7 +39,9 @@ COSINE_AT_LEAST = 0.999  # 4-bit LoRA gradients vs the dequantised copy's (tests
 
 
 def write(out: Path, result: dict[str, Any]) -> None:
+    """The probe's result, with this process's peak resident memory so far."""
     out.parent.mkdir(parents=True, exist_ok=True)
+    result = result | {"peak_rss_gib": round(common.status("VmHWM") / 2**30, 3)}
     out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
 
 

@@ -9,6 +9,7 @@ The pieces the numbers come from (FLOPs per token, the GPU peak table, the error
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 import time
@@ -30,7 +31,8 @@ GPU_ONLY = {check.name for check in gpu_check.CHECKS if check.gpu_only}
 
 def run_check(work: Path, model: Path, *flags: str, timeout: float) -> tuple[subprocess.CompletedProcess[str],
                                                                               dict[str, Any]]:
-    done = subprocess.run([sys.executable, str(SCRIPT), "--cpu", "--model", str(model), "--work", str(work), *flags],
+    done = subprocess.run([sys.executable, str(SCRIPT), "--cpu", "--model", str(model), "--max-length", "256",
+                           "--work", str(work), *flags],
                           capture_output=True, text=True, cwd=REPO, timeout=timeout,
                           env={**gpu_check.child_env(cpu=True), "OMP_NUM_THREADS": "1"})
     report = json.loads((work / "gpu_check.json").read_text())
@@ -80,8 +82,8 @@ def test_a_failing_and_a_hanging_path_are_reported_and_the_others_still_run(tmp_
 
 @pytest.mark.slow
 def test_every_path_with_a_cpu_equivalent_passes(tmp_path: Path, tiny_model_dir: Path) -> None:
-    started = time.monotonic()
-    done, report = run_check(tmp_path / "work", tiny_model_dir, timeout=3600)
+    started = time.monotonic()  # generous timeouts: the first DeepSpeed run builds its CPU comm op (~1 min alone)
+    done, report = run_check(tmp_path / "work", tiny_model_dir, "--timeout-scale", "20", timeout=3600)
     rows = rows_by_path(report)
     assert done.returncode == 0, done.stdout + done.stderr
     for path, row in rows.items():
@@ -96,12 +98,13 @@ def test_every_path_with_a_cpu_equivalent_passes(tmp_path: Path, tiny_model_dir:
     step = rows["lora-ppo"]["ppo_step"]
     assert set(step["parts"]) == set(gpu_check.common.PPO_PARTS)
     assert sum(step["parts"].values()) == pytest.approx(step["seconds"], rel=0.05)
-    assert rows["lora-eval"]["kl_per_answer"]["policy"] >= 0
+    assert math.isfinite(rows["lora-eval"]["kl_per_answer"]["policy"])  # a sampled estimate: may dip below 0
     print(f"gpu_check --cpu, every path: {time.monotonic() - started:.0f} s\n{done.stdout}")
 
 
 def test_the_budgets_keep_a_full_gpu_run_within_eight_minutes() -> None:
-    assert sum(check.budget for check in gpu_check.CHECKS) + gpu_check.STARTUP_SECONDS <= 480
+    assert gpu_check.WHOLE_RUN_SECONDS == 8 * 60
+    assert sum(check.budget for check in gpu_check.CHECKS) + gpu_check.STARTUP_SECONDS <= gpu_check.WHOLE_RUN_SECONDS
     seen: list[str] = []
     for check in gpu_check.CHECKS:  # every path after the ones it needs, each name once
         assert check.name not in seen and set(check.needs) <= set(seen), check.name
@@ -115,6 +118,8 @@ def test_the_budgets_keep_a_full_gpu_run_within_eight_minutes() -> None:
     ("Traceback (most recent call last):\n  File \"a.py\", line 1, in <module>\n    f()\nKeyError: 'x'\n\n"
      "During handling of the above exception, another exception occurred:\n\nTraceback (most recent call last):\n"
      "  File \"a.py\", line 3\nRuntimeError: second\n", "KeyError: 'x'"),
+    ("[rank0]: Traceback (most recent call last):\n[rank0]:   File \"x.py\", line 2\n[rank0]: ValueError: bad\n"
+     "E1207 torch/distributed/elastic: failed (exitcode: 1)\n", "ValueError: bad"),
     ("just some output\nthe last line\n", "the last line"),
     ("", "(no output)"),
 ])
