@@ -88,6 +88,8 @@ def test_every_path_with_a_cpu_equivalent_passes(tmp_path: Path, tiny_model_dir:
     assert done.returncode == 0, done.stdout + done.stderr
     for path, row in rows.items():
         assert row["status"] == ("skipped" if path in GPU_ONLY else "passed"), (path, row["detail"])
+    assert rows["fsdp-ppo"]["detail"].startswith("refused as designed: error: ")
+    assert "this launch uses FSDP, which the ppo stage does not support" in rows["fsdp-ppo"]["detail"]
     for path in ("zero2-sft", "zero2-ppo"):
         assert rows[path]["launch"] == "DEEPSPEED ZeRO-2 ×1"
     for path in ("zero3-sft", "zero3-ppo"):
