@@ -2,22 +2,25 @@
 # `make test`. Each creates .venv and installs what it needs first.
 #
 # CPU-only machines get the CPU build of torch (TORCH_SPEC); on a GPU machine keep your CUDA torch:
-# `make TORCH_SPEC=torch` or install torch in .venv yourself before the first make.
+# `make TORCH_SPEC=torch` (PyPI's CUDA build, the newest torch in pyproject.toml's range; docs/gpu.md) or install
+# torch in .venv yourself before the first make. Then `make gpu-check` proves the GPU paths in under 8 minutes.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
+# pyproject.toml's torch range, so `TORCH_SPEC=torch` cannot install a torch that the next step replaces
+TORCH_RANGE := $(shell sed -n 's/^ *"\(torch[<>=!~][^"]*\)".*/\1/p' pyproject.toml)
 INSTALLED := $(VENV)/.installed
 export HF_HUB_DISABLE_TELEMETRY := 1
 export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/torch_extensions
 
-.PHONY: install browser demo test lint docs clean
+.PHONY: install browser demo test gpu-check lint docs clean
 
 install: $(INSTALLED)
 
 $(INSTALLED): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet "$(TORCH_SPEC)" "$(TORCH_RANGE)"
 	$(PY) -m pip install --quiet -e ".[dev,demo]"
 	$(PY) -c "from rlhf_pipeline.stages import cache_config_fields; cache_config_fields()"  # validate stays < 1 s
 	touch $(INSTALLED)
@@ -37,6 +40,11 @@ browser:
 
 test: $(INSTALLED) browser
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest -q
+
+# Every GPU path (bf16 and QLoRA chains, DeepSpeed ZeRO-2/3, FSDP, sampling speed) in short runs with their own
+# timeouts, ≤ 8 minutes on one H100: benchmarks/gpu_check.py. More: make gpu-check GPU_CHECK_ARGS="--demo --gpus 8"
+gpu-check: $(INSTALLED)
+	$(PY) benchmarks/gpu_check.py $(GPU_CHECK_ARGS)
 
 lint: $(INSTALLED)
 	$(VENV)/bin/ruff check .

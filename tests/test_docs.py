@@ -35,7 +35,8 @@ from rlhf_pipeline.stages import STAGE_NAMES, load_recipe
 REPO = Path(__file__).resolve().parents[1]
 README_MAX_LINES = 300
 SHELL = {"bash", "sh", "shell", "console"}
-NOT_CHECKED = {"export", "set", "wait", "pip", "cd", "git", "hf"}  # the shell's and other tools' own commands
+# the shell's and other tools' commands
+NOT_CHECKED = {"export", "set", "wait", "pip", "cd", "git", "hf", "nvidia-smi"}
 SEPARATORS = {"&&", "||", ";", "|", "&"}
 VARIABLE = "0"  # what a $VARIABLE is parsed as: accelerate reads some of its options as numbers
 COMMAND = r"(?:rlhf-pipeline|make|accelerate launch|python) "

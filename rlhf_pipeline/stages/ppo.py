@@ -85,16 +85,23 @@ PPO_LAUNCH_HINT = ("launch PPO with accelerate_configs/multi_gpu.yaml (DDP), dee
                    "deepspeed_zero3_cpu.yaml on a machine without GPUs)")
 
 
+# What PPO would need under FSDP2 (found by running it, with the refusal lifted, under accelerate's FSDP2 on two CPU
+# processes; see docs/gpu.md, "FSDP"): it then trains, but unsharded, a full copy per process, as DDP would.
+FSDP_MISSING = ("the four roles' shared base prepared by accelerate together with the optimizer, as FSDP2 requires "
+                "(prepared alone, as now, it is silently left unsharded, a whole copy per process), with its decoder "
+                "blocks named for wrapping; every shard gathered for each rollout's generate(), as "
+                "ppo/sharding.py does for ZeRO-3; FSDP's own gradient reduction in place of PPO's per-step "
+                "all-reduce; and checkpoints that gather and re-shard the adapters, value head and optimizer state")
+
+
 def check_launch(recipe: Recipe, launch: Launch) -> None:
     """PPO under this launch: DDP or DeepSpeed (not FSDP), and batches that fill every process.
 
     Under ZeRO-3 the trainer gathers the sharded parameters once per generate call (ppo/sharding.py).
     """
     if launch.fsdp:
-        raise PipelineError(f"{recipe.path}: this launch uses FSDP, which shards every parameter over the "
-                            "processes; PPO gathers sharded parameters for generate() only under DeepSpeed "
-                            "ZeRO-3 (accelerate runs FSDP on GPUs only, so PPO under FSDP is untested); "
-                            f"{PPO_LAUNCH_HINT}")
+        raise PipelineError(f"{recipe.path}: this launch uses FSDP, which the ppo stage does not support; it lacks "
+                            f"{FSDP_MISSING}; {PPO_LAUNCH_HINT}")
     config = recipe.settings
     per_process = config.rollout_batch_size
     global_batch = per_process * launch.world_size
