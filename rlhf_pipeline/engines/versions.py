@@ -146,7 +146,12 @@ class VersionedEngine(ABC):
 
     def generate(self, prompt_ids: Sequence[Sequence[int]], num_samples: int, settings: SamplingSettings,
                  progress: Any = None) -> list[list[Completion]]:
-        """`num_samples` completions per prompt from the loaded version (seeded per prompt: settings.seed + index)."""
+        """`num_samples` completions per prompt from the loaded version.
+
+        Drawn from the engine's own generator (seeded once when it starts): vLLM 0.32's CPU build fails on
+        per-request seeds once a prompt's prefill is split over steps, so answers repeat only for the same
+        sequence of calls, and a resumed PPO run samples anew (Hugging Face's answers follow torch's seed).
+        """
         if self.loaded is None:
             raise RuntimeError("no policy version loaded: call use(shared, role, version) first")
         self.stats.start()

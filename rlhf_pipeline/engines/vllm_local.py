@@ -85,8 +85,7 @@ class ColocatedVLLM(VersionedEngine):
                settings: SamplingSettings) -> list[list[Completion]]:
         from vllm import SamplingParams, TokensPrompt
 
-        fields = sampling_fields(settings, num_samples) | {"detokenize": False}
-        params = [SamplingParams(**fields, seed=settings.seed + index) for index in range(len(prompt_ids))]
+        params = SamplingParams(**sampling_fields(settings, num_samples), detokenize=False)
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids], params,
                                     use_tqdm=False, lora_request=self.lora_request)
         return [completions_of(output) for output in outputs]

@@ -69,13 +69,20 @@ def server_command(python: str, base_dir: Path, tokenizer_dir: Path, port: int,
     return command
 
 
+def first_error(log: Path | None) -> str:
+    """The first traceback in a server's log (what went wrong before the errors it caused), for an error message."""
+    text = log.read_text(errors="replace") if log is not None and log.is_file() else ""
+    start = text.find("Traceback")
+    return f"\nthe server's log ({log}):\n{text[start : start + 3000] if start >= 0 else text[-3000:]}" if text else ""
+
+
 def wait_until_ready(url: str, timeout: float, process: subprocess.Popen | None, log: Path | None) -> None:
     """Poll `/health` until the server answers; fail with its log's tail if it exits or the time runs out."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process is not None and process.poll() is not None:
-            tail = log.read_text(errors="replace")[-3000:] if log and log.is_file() else ""
-            raise PipelineError(f"the vLLM server exited with code {process.returncode} while starting:\n{tail}")
+            raise PipelineError(f"the vLLM server exited with code {process.returncode} while starting"
+                                f"{first_error(log)}")
         try:
             with urllib.request.urlopen(f"{url}/health", timeout=5):
                 return
@@ -95,12 +102,14 @@ class ServerVLLM(VersionedEngine):
         super().__init__(spec, sync, scratch)
         base_dir = self.prepare(shared, base_path)
         self.process: subprocess.Popen | None = None
+        self.log: Path | None = None
         self.lora_name: str | None = None
         started = time.perf_counter()
         if spec.server_url:
             self.url, log = spec.server_url.rstrip("/"), None
         else:
             port, log = free_port(), self.scratch / "server.log"
+            self.log = log
             self.url = f"http://127.0.0.1:{port}"
             command = server_command(spec.server_python or sys.executable, base_dir, local_folder(base_path), port,
                                      engine_arguments(spec, sync, lora_rank))
@@ -127,19 +136,21 @@ class ServerVLLM(VersionedEngine):
         if previous is not None and previous.lora_name is not None:
             request_json(f"{self.url}/v1/unload_lora_adapter", {"lora_name": previous.lora_name})
 
-    def _complete(self, prompt: list[int], num_samples: int, settings: SamplingSettings, seed: int) -> list[Completion]:
+    def _complete(self, prompt: list[int], num_samples: int, settings: SamplingSettings) -> list[Completion]:
         answer = request_json(f"{self.url}/v1/completions", {
             "model": self.lora_name or self.served, "prompt": prompt, **sampling_fields(settings, num_samples),
-            "seed": seed, "return_token_ids": True})
+            "return_token_ids": True})
         choices = sorted(answer["choices"], key=lambda choice: choice["index"])
         return [Completion(list(choice["token_ids"]), (choice.get("logprobs") or {}).get("token_logprobs"))
                 for choice in choices]
 
     def sample(self, prompt_ids: list[list[int]], num_samples: int,
                settings: SamplingSettings) -> list[list[Completion]]:
-        with ThreadPoolExecutor(max_workers=min(CONCURRENT_REQUESTS, max(len(prompt_ids), 1))) as pool:
-            return list(pool.map(lambda item: self._complete(item[1], num_samples, settings, settings.seed + item[0]),
-                                 enumerate(prompt_ids)))
+        try:
+            with ThreadPoolExecutor(max_workers=min(CONCURRENT_REQUESTS, max(len(prompt_ids), 1))) as pool:
+                return list(pool.map(lambda prompt: self._complete(prompt, num_samples, settings), prompt_ids))
+        except PipelineError as err:
+            raise PipelineError(f"{err}{first_error(self.log)}") from None
 
     def close(self) -> None:
         """Stop a server this engine started (its whole process group); a user's server is left running."""

@@ -231,14 +231,13 @@ class PPOTrainer:
     def _generate(self, prompts: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The policy's answers as right-padded ids (and the engine's log-probs of them, when it gives them).
 
-        The engine is handed this step's policy first (a vLLM engine syncs only then); its per-request seeds are
-        drawn from torch's generator, so a resumed run samples what the uninterrupted one did.
+        The engine is handed this step's policy first (a vLLM engine syncs only then). Hugging Face samples from
+        torch's generator, which checkpoints restore, so a resumed run samples what the uninterrupted one did.
         """
         syncs_before = self.engine.stats.sync_seconds
         self.engine.use(self.shared, POLICY, self.global_step)
         self.last_sync_seconds = self.engine.stats.sync_seconds - syncs_before
-        seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
-        settings = SamplingSettings(self.config.response_length, self.config.temperature, 1.0, seed,
+        settings = SamplingSettings(self.config.response_length, self.config.temperature, 1.0, self.config.seed,
                                     tuple(self.stop_token_ids))
         with sharding.whole_parameters(self.model):  # ZeRO-3: gathered once for all chunks, not per token
             completions = [group[0] for group in self.engine.generate(prompts, 1, settings)]

@@ -152,14 +152,12 @@ def _rollout_engine(recipe: Recipe, loaded: Any, args: Any) -> Iterator[Any]:
     view.roles["policy"] = "default"
     with sampling_engine(generation, view, loaded.tokenizer, args.per_device_train_batch_size,
                          loaded.source.path) as engine:
-        import torch
-
         def rollout(prompts: list[Any], trainer: Any) -> dict[str, list[Any]]:
-            """One answer per prompt row (TRL repeats each prompt num_generations times), seeded from torch."""
+            """One answer per prompt row (TRL repeats each prompt num_generations times)."""
             engine.use(view, "policy", trainer.state.global_step)
             ids = [encode_prompt(loaded.tokenizer, prompt) for prompt in prompts]
-            settings = SamplingSettings(args.max_completion_length, args.temperature, args.top_p,
-                                        int(torch.randint(0, 2**31 - 1, (1,)).item()), stop_ids(loaded.tokenizer))
+            settings = SamplingSettings(args.max_completion_length, args.temperature, args.top_p, args.seed,
+                                        stop_ids(loaded.tokenizer))
             completions = [group[0] for group in engine.generate(ids, 1, settings)]
             record_sampling(engine.stats.as_dict())
             return {"prompt_ids": ids, "completion_ids": [c.token_ids for c in completions],
