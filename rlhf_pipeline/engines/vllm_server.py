@@ -11,6 +11,7 @@ runs elsewhere must see the same paths (a shared file system).
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import signal
@@ -116,6 +117,7 @@ class ServerVLLM(VersionedEngine):
             with log.open("w") as out:
                 self.process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
                                                 env={**os.environ, **engine_environment(spec)})
+            atexit.register(self.close)  # its own session outlives this process: stopped however this one ends
         try:
             wait_until_ready(self.url, spec.startup_timeout, self.process, log)
         except BaseException:

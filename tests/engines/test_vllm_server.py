@@ -105,3 +105,21 @@ def test_a_ppo_run_syncs_its_policy_versions_to_a_users_server(user_server: str,
         assert greedy(engine, shared, POLICY, tokenizer, version=trainer.global_step) == after
     finally:
         engine.close()
+
+
+def test_grpo_samples_each_step_through_the_engine(user_server: str, tmp_path: Path, engine_model_dir: Path) -> None:
+    from rlhf_pipeline.pipeline import run_stage
+    from rlhf_pipeline.stages import load_recipe
+    from tests.stages.conftest import write_recipe
+    from tests.stages.test_policy_training import ONLINE
+
+    write_label_recipe(tmp_path, engine_model_dir, [chat[0]["content"] for chat in PROMPTS[:8]])  # its prompt card
+    path = write_recipe(tmp_path, engine_model_dir, "grpo", ["prompts"], {"max_steps": 2, **ONLINE},
+                        data={"train": ["prompts"], "eval_split": 0.0, "max_length": 96},
+                        reward={"functions": ["tests.stages.judges:letter_e_share"]},
+                        generation=generation(server_url=user_server))
+    metrics = run_stage(load_recipe(path), overwrite=False)
+    assert 0 <= metrics["final"]["rewards/letter_e_share/mean"] <= 1
+    manifest = json.loads((tmp_path / "outputs" / "grpo" / "stage.json").read_text())
+    sampling = manifest["metrics"]["resources"]["sampling"]
+    assert sampling["engine"] == "vllm" and sampling["syncs"] == 2  # the adapter of step 0, then of step 1
