@@ -321,6 +321,24 @@ def read_score_head(adapter_dir: str | Path) -> torch.Tensor:
     return weight[0]
 
 
+def prepare_base(base: PreTrainedModel, spec: ModelSpec, gradient_checkpointing: bool) -> PreTrainedModel:
+    """A loaded base ready for adapters to train on: k-bit preparation when it is quantized, and activation
+    checkpointing when asked, whatever its precision.
+
+    Checkpointing is non-reentrant and said so explicitly: PEFT's k-bit preparation otherwise enables it with
+    empty kwargs, so torch warns on every checkpointed layer call (and plans to make it an error).
+    """
+    from peft import prepare_model_for_kbit_training
+
+    if spec.quantization.enabled:
+        keep_4bit_gradients_exact(base)
+        return prepare_model_for_kbit_training(base, use_gradient_checkpointing=gradient_checkpointing,
+                                               gradient_checkpointing_kwargs={"use_reentrant": False})
+    if gradient_checkpointing:
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    return base
+
+
 def trainable_model(base: PreTrainedModel, spec: ModelSpec, task: str = CAUSAL_LM, continues: str | None = None,
                     gradient_checkpointing: bool = False) -> PeftModel | PreTrainedModel:
     """The stage's trainable weights on a loaded base: a copy of the adapter in the `continues` folder (the
@@ -328,17 +346,12 @@ def trainable_model(base: PreTrainedModel, spec: ModelSpec, task: str = CAUSAL_L
 
     Continuing the adapter the stage starts from (rather than stacking a new one on it) makes this stage's
     adapter a complete model on the base: `PeftModel.from_pretrained(base, folder)` alone loads it.
-    k-bit preparation is told `use_reentrant=False` explicitly: PEFT otherwise enables checkpointing with
-    empty kwargs, so torch warns on every checkpointed layer call (and plans to make it an error).
     """
-    from peft import get_peft_model, prepare_model_for_kbit_training
+    from peft import get_peft_model
 
     if spec.lora is None:  # full fine-tuning (never on a quantized base: the recipe check refuses it)
         return base if continues is None else merged_model(base, continues)
-    if spec.quantization.enabled:
-        keep_4bit_gradients_exact(base)
-        base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=gradient_checkpointing,
-                                               gradient_checkpointing_kwargs={"use_reentrant": False})
+    base = prepare_base(base, spec, gradient_checkpointing)
     model = get_peft_model(base, lora_config(spec, task, base, continues=continues))
     if continues is not None:
         load_adapter_weights(model, continues)

@@ -20,7 +20,11 @@ finished stages, resuming, locks, the summary) runs it. In round k:
 - label samples from the previous policy and holds out `held_out` of its prompts' pairs (labelling.eval_split);
 - rm continues the previous reward model (adapter and score head) on the new pairs or on every label stage's pairs
   so far (plus any other cards its recipe trains on), held out on the new held-out pairs, on which it also
-  measures the previous RM first (rm's `before`);
+  measures the previous RM first (rm's `before`). Every round holds out the same prompts (same prompt set and
+  seed), and the refresh drops from its training cards any pair on a held-out prompt (`data.eval_overlap: drop`:
+  a label stage before the rounds held out none), so no refreshed RM trains on a held-out prompt. The RM the
+  rounds start from may have (the demo's trained on every prompt but its own eval split): round 1's `before`
+  is measured on prompts it may have seen, with other answers;
 - ppo uses the refreshed RM; with `reference: previous` it starts from and is anchored to the previous policy
   (`model.name_or_path`), with `reference: sft` it keeps its recipe's reference and starts the policy from the
   previous one (`training.policy_init`).
@@ -157,7 +161,7 @@ def expand_rounds(spec: RoundsSpec, templates: list[PipelineStep], before: list[
         inputs: dict[str, dict[str, Any]] = {
             "label": {"labelling.eval_split": spec.held_out} | ({"model.name_or_path": policy} if policy else {}),
             "rm": {"data.train": kept + (cards if spec.rm_data == "accumulated" else cards[-1:]),
-                   "data.eval": [str(label_dir / "data_card_eval.yaml")]}
+                   "data.eval": [str(label_dir / "data_card_eval.yaml")], "data.eval_overlap": "drop"}
                   | ({"model.name_or_path": reward_model} if reward_model else {}),
             "ppo": ({"model.name_or_path" if spec.reference == "previous" else "training.policy_init": policy}
                     if policy else {}),

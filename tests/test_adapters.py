@@ -225,6 +225,18 @@ def test_ppo_holds_one_copy_of_the_base(chain: Chain) -> None:
         CRITIC, POLICY]
 
 
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_ppo_checkpoints_activations_of_a_full_precision_base_when_asked(chain: Chain, checkpointing: bool) -> None:
+    """Activation checkpointing reaches PPO's base whatever its precision (k-bit preparation turned it on only for
+    quantized bases)."""
+    spec = dataclasses.replace(_spec(chain.sft, quantized=False), lora=dataclasses.replace(
+        ModelSpec(name_or_path="x").lora, **LORA))
+    source, reward_source = resolve_source(spec), resolve_source(_spec(chain.rm, quantized=False))
+    model = build_ppo_model(source, reward_source, spec, load_tokenizer(source, spec),
+                            gradient_checkpointing=checkpointing)
+    assert model.model.get_base_model().is_activation_checkpointing == checkpointing
+
+
 def test_4bit_lora_gradients_match_a_dequantised_fp32_model(chain: Chain) -> None:
     """bitsandbytes repacks 4-bit weights for a bf16 kernel on its first no-grad eval forward (on CPUs with
     AVX512-BF16); the training paths switch that off, so LoRA gradients stay those of the dequantised model."""

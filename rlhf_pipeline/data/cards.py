@@ -32,7 +32,8 @@ class DataSpec:
     system_prompt: str | None = None
     min_valid_fraction: float = 0.5
     seed: int = 42
-    unpair: bool = False  # KTO: each preference pair becomes its chosen (desirable) and rejected (undesirable) answer
+    unpair: bool = False  # KTO: preference pairs become answers labelled desirable or undesirable (formats.unpair)
+    eval_overlap: str = "warn"  # eval cards' prompts that training also has: warn, drop (from training) or error
 
     def __post_init__(self) -> None:
         if not self.train:
@@ -45,6 +46,9 @@ class DataSpec:
             raise ValueError("max_samples: must be at least 1 (or null for all rows)")
         if not 0 < self.min_valid_fraction <= 1:
             raise ValueError("min_valid_fraction: must be in (0, 1]")
+        if self.eval_overlap not in ("warn", "drop", "error"):
+            raise ValueError("eval_overlap: warn (train on them anyway, counted in the data report), drop (remove "
+                             "them from training) or error")
 
 
 @dataclass

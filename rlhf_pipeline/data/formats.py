@@ -14,7 +14,7 @@ model's own chat template):
 - Preference: ``{"prompt": [...], "chosen": [assistant], "rejected": [assistant]}`` plus an optional
   float ``"margin"`` that the reward trainer adds to the pairwise loss.
 - Labelled answers: ``{"prompt": [...], "completion": [assistant], "label": bool}``: one answer marked
-  desirable (True) or undesirable (False), what KTO trains on; a preference pair unpairs into two of them.
+  desirable (True) or undesirable (False), what KTO trains on; preference pairs unpair into them (`unpair`).
 - Classified answers: ``{"prompt": [...], "completion": [assistant], "label": 1 | 0}``: 1 when the answer
   breaks a rule, what a rule reward model (Sparrow) learns to predict. Datasets that label the other way
   (``is_safe``) are flipped here, by the card's ``violation_when``.
@@ -28,6 +28,8 @@ labelled pairs, nested completions) in `pairs`.
 from __future__ import annotations
 
 import collections
+import json
+import math
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -168,10 +170,31 @@ def to_classified(rows: Iterable[Mapping], violation_when: bool, fmt: str = "cla
     return _convert_all(rows, _pick(converters, fmt, "classification"), _system_adder(system_prompt))
 
 
-def unpair(pair: Row) -> list[Row]:
-    """A canonical pair as two labelled answers: the chosen one desirable, the rejected one undesirable."""
-    return [{"prompt": pair["prompt"], "completion": pair["chosen"], "label": True},
-            {"prompt": pair["prompt"], "completion": pair["rejected"], "label": False}]
+AMBIGUOUS_ANSWER = "chosen_and_rejected"  # the drop reason of an answer `unpair` cannot label
+
+
+def unpair(pairs: list[Row]) -> tuple[list[tuple[int, Row]], list[int]]:
+    """Preference pairs as labelled single answers (KTO): each distinct (prompt, answer) once, with one label.
+
+    An answer chosen in some pair and rejected in none is desirable; rejected and never chosen, undesirable. A
+    ranking's middle answer is both (chosen over a worse one, rejected for a better one): it has no consistent
+    label and is dropped. With one pair per prompt (best against worst) every pair gives its two answers.
+    Returns each labelled answer with the index of the first pair it is in, and, for every dropped answer, the
+    index of the first pair it is in.
+    """
+    first_pair: dict[tuple[str, str], int] = {}
+    roles: dict[tuple[str, str], set[bool]] = {}
+    answers: dict[tuple[str, str], Row] = {}
+    for index, pair in enumerate(pairs):
+        prompt = json.dumps(pair["prompt"], sort_keys=True)
+        for side, desirable in (("chosen", True), ("rejected", False)):
+            key = (prompt, pair[side][-1]["content"].strip())
+            first_pair.setdefault(key, index)
+            roles.setdefault(key, set()).add(desirable)
+            answers.setdefault(key, {"prompt": pair["prompt"], "completion": pair[side]})
+    labelled = [(first_pair[key], answers[key] | {"label": next(iter(labels))})
+                for key, labels in roles.items() if len(labels) == 1]
+    return labelled, [first_pair[key] for key, labels in roles.items() if len(labels) == 2]
 
 
 def to_prompts(
@@ -269,6 +292,8 @@ def _with_margin(pair: Row, row: Mapping, margin_key: str) -> Row:
     margin = required_field(row, margin_key)
     if isinstance(margin, bool) or not isinstance(margin, (int, float)):
         raise UnusableRow("wrong_type")
+    if not math.isfinite(margin):
+        raise UnusableRow("non_finite_score")
     return {**pair, "margin": float(margin)}
 
 

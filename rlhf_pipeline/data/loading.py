@@ -31,12 +31,15 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class DataReport:
-    """Rows read, kept and dropped (by reason, with the first few row numbers) for every card."""
+    """Rows read, kept and dropped (by reason, with the first few row numbers) for every card, and the prompts and
+    rows each split got."""
 
     read: int = 0
     kept: int = 0
     dropped: collections.Counter[str] = field(default_factory=collections.Counter)
     examples: dict[str, list[str]] = field(default_factory=dict)
+    splits: dict[str, dict[str, int]] = field(default_factory=dict)  # split -> {"rows", "prompts"}
+    eval_prompts_in_train: int | None = None  # given eval cards only: their prompts that training also has
 
     def add(self, card: DataCard, read: int, kept: int, dropped: collections.Counter[str],
             where: dict[str, list[Any]]) -> None:
@@ -46,17 +49,25 @@ class DataReport:
         for reason, rows in where.items():
             self.examples.setdefault(reason, []).extend(f"{card.name}:{row}" for row in rows[:5])
 
+    def count_split(self, name: str, rows: list[dict[str, Any]]) -> None:
+        self.splits[name] = {"rows": len(rows), "prompts": len({prompt_key(row) for row in rows})}
+
     def summary(self) -> str:
         reasons = ", ".join(f"{reason} {count} (e.g. {', '.join(self.examples.get(reason, [])[:3])})"
                             for reason, count in self.dropped.most_common())
         # a ranking row gives several pairs, and a pair split for KTO two answers: more examples than rows
         kept = f"{self.kept} of {self.read} rows kept" if self.kept <= self.read else \
             f"{self.kept} examples from {self.read} rows"
-        return kept + (f"; dropped: {reasons}" if reasons else "")
+        sides = "; ".join(f"{name} {part['rows']} rows of {part['prompts']} prompts"
+                          for name, part in self.splits.items())
+        overlap = (f"; {self.eval_prompts_in_train} eval prompts also in train"
+                   if self.eval_prompts_in_train else "")
+        return kept + (f"; dropped: {reasons}" if reasons else "") + (f"; {sides}" if sides else "") + overlap
 
     def as_dict(self) -> dict[str, Any]:
         return {"rows_read": self.read, "rows_kept": self.kept, "rows_dropped": dict(self.dropped),
-                "first_dropped": {reason: rows[:_FIRST_BAD] for reason, rows in self.examples.items()}}
+                "first_dropped": {reason: rows[:_FIRST_BAD] for reason, rows in self.examples.items()},
+                "splits": self.splits, "eval_prompts_in_train": self.eval_prompts_in_train}
 
 
 _FIRST_BAD = 5  # row numbers kept per reason: enough to find the pattern, never the whole file
@@ -186,28 +197,36 @@ def convert_card_rows(card: DataCard, rows: list[dict[str, Any]], system_prompt:
     return formats.to_prompts(rows, card.format, system_prompt=system_prompt)
 
 
+def prompt_key(row: dict[str, Any]) -> str:
+    """What makes two rows "the same prompt": the whole conversation they answer, system turn included."""
+    return json.dumps(row["prompt"], sort_keys=True)
+
+
 def _convert_rows(card: DataCard, rows: list[dict[str, Any]], labels: list[str], data: DataSpec,
                   prompts_only: bool, dropped: collections.Counter[str],
                   where: Where) -> list[tuple[str, dict[str, Any]]]:
     """Canonical rows, each with the line or row it came from, so every later drop names it too.
 
     Rows are converted one at a time for that; stages that sample answers keep only the distinct prompts,
-    and with `data.unpair` a pair becomes its two answers labelled desirable and undesirable (KTO).
+    and with `data.unpair` the card's pairs become labelled single answers (KTO; `formats.unpair`).
     """
     out: list[tuple[str, dict[str, Any]]] = []
-    unpair = data.unpair and card.format in formats.PREFERENCE_FORMATS
     for label, row in zip(labels, rows, strict=True):
         converted = convert_card_rows(card, [row], data.system_prompt)
         for reason, count in converted.dropped.items():
             dropped[reason] += count
             _note(where, reason, label)
-        for canonical in converted.rows:
-            out.extend((label, answer) for answer in (formats.unpair(canonical) if unpair else [canonical]))
+        out.extend((label, canonical) for canonical in converted.rows)
+    if data.unpair and card.format in formats.PREFERENCE_FORMATS:
+        answers, ambiguous = formats.unpair([canonical for _, canonical in out])
+        for index in ambiguous:
+            dropped[formats.AMBIGUOUS_ANSWER] += 1
+            _note(where, formats.AMBIGUOUS_ANSWER, out[index][0])
+        out = [(out[index][0], answer) for index, answer in answers]
     if prompts_only:
         distinct: dict[str, tuple[str, dict[str, Any]]] = {}
         for label, canonical in out:
-            distinct.setdefault(json.dumps(canonical["prompt"], sort_keys=True),
-                                (label, {"prompt": canonical["prompt"]}))
+            distinct.setdefault(prompt_key(canonical), (label, {"prompt": canonical["prompt"]}))
         out = list(distinct.values())
     return out
 
@@ -261,9 +280,78 @@ def cards_of(recipe: Recipe, split: str) -> list[DataCard]:
     return list(found.values())
 
 
+def _prompt_groups(rows: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """The rows gathered by prompt, groups in the order their prompts first appear."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault(prompt_key(row), []).append(row)
+    return list(groups.values())
+
+
+def split_by_prompt(rows: list[dict[str, Any]], share: float,
+                    seed: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Hold out a seeded `share` of the distinct prompts, each with all its rows: no eval prompt is trained on.
+
+    The prompts are permuted as `datasets.Dataset.train_test_split` permutes rows, so a card whose prompts are
+    all distinct splits exactly as a row split with the same seed would.
+    """
+    from datasets import Dataset
+
+    groups = _prompt_groups(rows)
+    parts = Dataset.from_dict({"group": range(len(groups))}).train_test_split(test_size=share, seed=seed)
+    return ([row for group in parts["train"]["group"] for row in groups[group]],
+            [row for group in parts["test"]["group"] for row in groups[group]])
+
+
+def sample_prompts(rows: list[dict[str, Any]], max_rows: int, seed: int) -> list[dict[str, Any]]:
+    """At most `max_rows` rows, taken by whole prompts in a seeded order (a prompt's rows are never cut in
+    half); with distinct prompts, the rows `Dataset.shuffle(seed)` puts first."""
+    from datasets import Dataset
+
+    groups = _prompt_groups(rows)
+    kept: list[dict[str, Any]] = []
+    for group in Dataset.from_dict({"group": range(len(groups))}).shuffle(seed=seed)["group"]:
+        if len(kept) + len(groups[group]) <= max_rows:
+            kept.extend(groups[group])
+    return kept
+
+
+MIN_PROMPTS_TO_SPLIT = 4  # fewer distinct prompts than this and an eval_split would leave training nearly empty
+
+
+def _held_out(recipe: Recipe, train: list[dict[str, Any]], evaluation: list[dict[str, Any]],
+              report: DataReport) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Train and eval rows with no prompt on both sides: carved by prompt from train, or given by eval cards (whose
+    prompts that training shares are counted, and kept, dropped from training or refused by `data.eval_overlap`)."""
+    data = recipe.data
+    if not evaluation:
+        prompts = len(_prompt_groups(train))
+        if data.eval_split == 0:
+            return train, []
+        if prompts < MIN_PROMPTS_TO_SPLIT:
+            logger.warning("data: eval_split %s ignored: only %d distinct prompts to split", data.eval_split,
+                           prompts)
+            return train, []
+        return split_by_prompt(train, data.eval_split, data.seed)
+    held_out = {prompt_key(row) for row in evaluation}
+    shared = held_out & {prompt_key(row) for row in train}
+    report.eval_prompts_in_train = len(shared)
+    if shared and data.eval_overlap == "error":
+        raise RecipeError(recipe.path, "data.eval", f"{len(shared)} of the {len(held_out)} eval prompts also occur "
+                          "in the train cards; remove them from one side, or set data.eval_overlap: drop (train "
+                          "without them) or warn")
+    if shared and data.eval_overlap == "drop":
+        return [row for row in train if prompt_key(row) not in shared], evaluation
+    if shared:
+        logger.warning("data: %d of the %d eval prompts also occur in training (data.eval_overlap: drop removes "
+                       "them from training, error refuses)", len(shared), len(held_out))
+    return train, evaluation
+
+
 def load_datasets(recipe: Recipe, tokenizer: PreTrainedTokenizerBase,
                   prompts_only: bool = False) -> tuple[DatasetDict, DataReport]:
-    """Train and eval datasets for a stage; an eval split is carved from train when no eval card is given.
+    """Train and eval datasets for a stage; an eval split is carved from train, by prompt, when no eval card is
+    given.
 
     `prompts_only` is for stages that sample their own answers (label, PPO, eval): any card format works
     and only its distinct prompts are kept.
@@ -273,22 +361,21 @@ def load_datasets(recipe: Recipe, tokenizer: PreTrainedTokenizerBase,
     report = DataReport()
     train = load_rows(recipe, "train", tokenizer, report, prompts_only)
     evaluation = load_rows(recipe, "eval", tokenizer, report, prompts_only) if recipe.data.eval else []
-    logger.info("data: %s", report.summary())
     if report.read and report.kept / report.read < recipe.data.min_valid_fraction:
         raise PipelineError(f"{recipe.path}: data: only {report.summary()}, below "
                             f"data.min_valid_fraction={recipe.data.min_valid_fraction}; fix the rows named "
                             "above or lower the threshold")
     if not train:
         raise PipelineError(f"{recipe.path}: data.train: no usable rows ({report.summary()})")
-    dataset = Dataset.from_list(train)
-    if not evaluation and recipe.data.eval_split > 0 and len(dataset) >= 4:
-        parts = dataset.train_test_split(test_size=recipe.data.eval_split, seed=recipe.data.seed)
-        dataset, eval_dataset = parts["train"], parts["test"]
-    else:
-        eval_dataset = Dataset.from_list(evaluation) if evaluation else None
+    train, evaluation = _held_out(recipe, train, evaluation, report)
     if recipe.data.max_samples:
-        dataset = dataset.shuffle(seed=recipe.data.seed).select(range(min(recipe.data.max_samples,
-                                                                            len(dataset))))
-    splits = {"train": dataset} | ({"eval": eval_dataset} if eval_dataset is not None else {})
+        train = sample_prompts(train, recipe.data.max_samples, recipe.data.seed)
+        if not train:
+            raise RecipeError(recipe.path, "data.max_samples", f"{recipe.data.max_samples} rows is fewer than any "
+                              "one prompt has, and prompts are taken whole; raise it")
+    report.count_split("train", train)
+    if evaluation:
+        report.count_split("eval", evaluation)
+    logger.info("data: %s", report.summary())
+    splits = {"train": Dataset.from_list(train)} | ({"eval": Dataset.from_list(evaluation)} if evaluation else {})
     return DatasetDict(splits), report
-

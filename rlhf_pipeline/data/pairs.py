@@ -8,6 +8,7 @@ are a scored ranking stored as a list of records. Pure Python, like `formats`, w
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -36,6 +37,8 @@ def _ranked_answers(row: Mapping) -> tuple[list[Any], list[float] | None]:
         raise UnusableRow("wrong_type")
     if any(isinstance(s, bool) or not isinstance(s, (int, float)) for s in scores):
         raise UnusableRow("wrong_type")
+    if not all(math.isfinite(s) for s in scores):  # a NaN orders nothing and would give NaN margins
+        raise UnusableRow("non_finite_score")
     if len(answers) != len(scores):
         raise UnusableRow("malformed_ranking")
     order = sorted(range(len(answers)), key=lambda i: -scores[i])  # stable: equal scores keep row order

@@ -22,9 +22,9 @@ from rlhf_pipeline.errors import PipelineError
 from rlhf_pipeline.models import (
     CAUSAL_LM,
     check_continued_lora,
-    keep_4bit_gradients_exact,
     load_base,
     lora_config,
+    prepare_base,
 )
 from rlhf_pipeline.sources import ModelSource
 
@@ -56,18 +56,12 @@ def build_ppo_model(policy: ModelSource, reward: ModelSource, spec: ModelSpec, t
     """Load the base once and put the four roles on it (see the module docstring), plus any further frozen
     `scorers` (role name -> rm stage: the reward models of a recipe's `reward:` signals). The policy starts
     from `policy_init`'s adapter when given, else from the reference's."""
-    from peft import prepare_model_for_kbit_training
-
     start = policy_init or policy
     # The trainable copies take the recipe's shape: check first.
     for adapter in (policy.adapter, start.adapter, reward.adapter):
         if adapter is not None:
             check_continued_lora(spec.lora, adapter)
-    base = load_base(policy, spec, tokenizer)
-    if spec.quantization.enabled:
-        keep_4bit_gradients_exact(base)
-        base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=gradient_checkpointing,
-                                               gradient_checkpointing_kwargs={"use_reentrant": False})
+    base = prepare_base(load_base(policy, spec, tokenizer), spec, gradient_checkpointing)
     shared = SharedBase(base)
     shared.add_role(REFERENCE, policy.adapter)
     shared.add_role(POLICY, start.adapter, trainable=True,

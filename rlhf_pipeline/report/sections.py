@@ -186,8 +186,10 @@ def _data_rows(metrics: dict[str, Any]) -> list[list[Any]]:
     if not data:
         return []
     dropped = ", ".join(f"{reason} {count}" for reason, count in (data.get("rows_dropped") or {}).items()) or "none"
+    sides = "; ".join(f"{name} {part['rows']} rows of {part['prompts']} prompts"
+                      for name, part in (data.get("splits") or {}).items())
     return [["data rows kept / read", f"{data.get('rows_kept')} / {data.get('rows_read')}"],
-            ["rows dropped", dropped]]
+            ["rows dropped", dropped], *([["splits (held out by prompt)", sides]] if sides else [])]
 
 
 def sft_section(folder: Path, metrics: dict[str, Any], plots: Plots) -> list[str]:
@@ -223,8 +225,7 @@ def label_section(folder: Path, metrics: dict[str, Any], plots: Plots) -> list[s
         lines += ["## Example pairs", "", *table(["chosen", "rejected", "judge gap"],
                                                  [[_short(p["chosen"], 120), _short(p["rejected"], 120),
                                                    p.get("judge_gap")] for p in pairs[:5]])]
-    return [*lines, "The pairs are in `preferences.jsonl`, described by `data_card.yaml`; every scored answer is "
-            "in `ranked.jsonl`.", ""]
+    return [*lines, "The pairs are in `preferences.jsonl`, described by `data_card.yaml`.", ""]
 
 
 def rm_section(folder: Path, metrics: dict[str, Any], plots: Plots) -> list[str]:

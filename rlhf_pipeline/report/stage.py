@@ -45,11 +45,20 @@ def write_stage_report(output_dir: str | Path) -> Path:
              f"{shown.headline(metrics)}.", "",
              f"Finished {manifest.finished_at}; base model `{manifest.base_model.get('origin')}`"
              + (f", starting from {' → '.join(earlier)}" if earlier else "")
-             + ". Numbers: `metrics.json`; recipe: `recipe.yaml`.", "", *sampling_lines(metrics), *section,
+             + ". Numbers: `metrics.json`; recipe: `recipe.yaml`.", "", *sampling_lines(metrics),
+             *_answers_link(folder, shown), *section,
              *plots.note()]
     path = folder / REPORT
     write_text_atomic(path, "\n".join(lines).rstrip() + "\n")
     return path
+
+
+def _answers_link(folder: Path, shown: Presentation) -> list[str]:
+    """The line linking the stage's file of every sampled answer, when it wrote one."""
+    if shown.answers is None or not (folder / shown.answers[0]).is_file():
+        return []
+    name, holds = shown.answers
+    return [f"Every sampled answer: [`{name}`]({name}), {holds}.", ""]
 
 
 def sampling_lines(metrics: dict) -> list[str]:

@@ -14,8 +14,9 @@ and `expected_best_of_n` averages the best answer's score over all of them exact
 
 With `write_sft_card: true` the best answer of each prompt becomes SFT data (`demonstrations.jsonl`,
 prompt/completion, with a generated `data_card.yaml` an sft recipe names): rejection-sampling fine-tuning,
-as in Llama 2. Writes `best_of_n.json` (per-n summaries and every sampled answer with its scores);
-`report.md` and `best_of_n.png` come from `rlhf_pipeline.report`.
+as in Llama 2. Writes `best_of_n.json` (per-n summaries, examples) and `answers.jsonl` (one row per prompt: every
+sampled answer with its reward, signals, judge score, length and whether it finished, and which one the reward
+picks); `report.md` and `best_of_n.png` come from `rlhf_pipeline.report`.
 """
 
 from __future__ import annotations
@@ -30,11 +31,10 @@ from rlhf_pipeline.data.formats import FORMATS
 from rlhf_pipeline.engines.spec import GenerationSpec, check_generation
 from rlhf_pipeline.errors import RecipeError
 from rlhf_pipeline.judges import JudgeSpec
-from rlhf_pipeline.outputs import write_json, write_jsonl
+from rlhf_pipeline.outputs import ANSWERS, write_json, write_jsonl
 from rlhf_pipeline.report.sections import best_of_n_headline, best_of_n_section
-from rlhf_pipeline.reward_spec import RewardSpec, check_reward
+from rlhf_pipeline.reward_spec import RewardSpec, check_reward, signal_columns
 from rlhf_pipeline.stages import MemoryModel, Presentation, Stage
-from rlhf_pipeline.stages.eval import SIGNAL
 
 if TYPE_CHECKING:
     from rlhf_pipeline.chat import Messages
@@ -134,8 +134,7 @@ def _check(recipe: Recipe) -> None:
 def score_columns(samples: list[list[Sample]], judge: list[float], reward: list[float],
                   signals: dict[str, list[float]]) -> list[dict[str, list[float]]]:
     """Per prompt, one list per scored column (judge, reward, each signal when several, length in tokens)."""
-    columns = {"judge": judge, "reward": reward, **({f"{SIGNAL}{k}": v for k, v in signals.items()}
-                                                    if len(signals) > 1 else {})}
+    columns = {"judge": judge, "reward": reward, **(signal_columns(signals) if len(signals) > 1 else {})}
     width = len(samples[0])
     return [{name: values[i * width : (i + 1) * width] for name, values in columns.items()}
             | {"length_tokens": [float(len(s.answer_ids)) for s in group]}
@@ -254,7 +253,8 @@ def run(recipe: Recipe) -> dict[str, Any]:
                 for row in answers[: config.num_examples]]
 
     def write_files(folder: Path) -> None:
-        write_json(folder / "best_of_n.json", report | {"examples": examples, "per_prompt": answers})
+        write_json(folder / "best_of_n.json", report | {"examples": examples})
+        write_jsonl(folder / ANSWERS, answers)
         if config.write_sft_card:
             write_jsonl(folder / "demonstrations.jsonl", demonstrations)
             (folder / "data_card.yaml").write_text(yaml.safe_dump(_card(recipe, config, counts), sort_keys=False))
@@ -275,6 +275,9 @@ STAGE = Stage(
     extra_checks=_check,
     run=run,
     presentation=Presentation("Best-of-n reranking", best_of_n_headline, best_of_n_section,
-                              summary_figure=("best_of_n.png", "Judge score and reward of best-of-n vs its KL bound")),
+                              summary_figure=("best_of_n.png", "Judge score and reward of best-of-n vs its KL bound"),
+                              answers=(ANSWERS, "one row per prompt: its n_max answers with their reward (and each "
+                                       "signal's score), judge score, length and whether they ended with the stop "
+                                       "token, and the index of the one the reward picks")),
     memory=MemoryModel(kind="sample"),
 )

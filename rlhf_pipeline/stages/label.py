@@ -18,6 +18,7 @@ broken): every sampled answer becomes a classified answer (label 1 when its scor
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,11 +29,13 @@ from rlhf_pipeline.errors import PipelineError
 from rlhf_pipeline.judges import JudgeSpec
 from rlhf_pipeline.outputs import write_jsonl
 from rlhf_pipeline.report.sections import label_headline, label_section
-from rlhf_pipeline.reward_spec import RewardSpec, check_reward
+from rlhf_pipeline.reward_spec import RewardSpec, check_reward, signal_columns
 from rlhf_pipeline.stages import MemoryModel, Presentation, Stage
 
 if TYPE_CHECKING:
     from rlhf_pipeline.recipe import Recipe
+
+RANKED = "ranked.jsonl"  # every sampled answer with its scores, what `annotate` shows people
 
 
 @dataclass
@@ -72,8 +75,9 @@ class LabelConfig:
 def select_pairs(answers: list[str], scores: list[float], min_gap: float, mode: str) -> tuple[list[dict], int]:
     """Ordered (chosen, rejected) pairs from K scored answers, and how many fell below the gap.
 
-    Empty answers never enter a pair: the RM would drop such rows anyway, and counting them here keeps
-    the generated card's size honest.
+    A pair needs a strictly positive gap: with `min_gap: 0` any gap above zero makes a pair, and two answers
+    the judge scores exactly alike (VADER gives many neutral answers 0.0) never do. Empty answers never enter
+    a pair: the RM would drop such rows anyway, and counting them here keeps the generated card's size honest.
     """
     ranked = sorted(((s, a) for s, a in zip(scores, answers, strict=True) if a.strip()), key=lambda item: -item[0])
     if len(ranked) < 2:
@@ -81,11 +85,20 @@ def select_pairs(answers: list[str], scores: list[float], min_gap: float, mode: 
     candidates = [(ranked[0], ranked[-1])] if mode == "best_worst" else list(itertools.combinations(ranked, 2))
     pairs, too_close = [], 0
     for (high, chosen), (low, rejected) in candidates:
-        if high - low < min_gap or chosen == rejected:
+        if high - low <= 0 or high - low < min_gap or chosen == rejected:
             too_close += 1
             continue
         pairs.append({"chosen": chosen, "rejected": rejected, "judge_gap": high - low})
     return pairs, too_close
+
+
+def check_scores(scores: list[float], judge: str, prompt: Any) -> None:
+    """A judge's NaN or infinite score would order answers at random and poison the pairs: refuse it."""
+    bad = [score for score in scores if not math.isfinite(score)]
+    if bad:
+        raise PipelineError(f"label: the judge '{judge}' returned {bad[0]} for an answer to the prompt {prompt!r} "
+                            f"(scores {scores}); a judge must return finite numbers: fix it (e.g. a reward function "
+                            "that divides by zero, a rating it could not parse)")
 
 
 def classify(prompt: Any, answers: list[str], scores: list[float], judge: str) -> list[dict[str, Any]]:
@@ -115,7 +128,10 @@ def _classification_card(recipe: Recipe, config: LabelConfig, judge: str, counts
 
 
 def held_out_prompts(count: int, share: float, seed: int) -> set[int]:
-    """Indices of the prompts whose pairs are held out: a seeded share, by prompt so no prompt is on both sides."""
+    """Indices of the prompts whose pairs are held out: a seeded share, by prompt so no prompt is on both sides.
+
+    The same prompts, count, share and seed hold out the same prompts, so every round of iterated RLHF holds out
+    one set; a refreshed RM drops those prompts' pairs from every other card it trains on (rounds.py)."""
     import random
 
     return set(random.Random(seed).sample(range(count), round(count * share))) if share else set()
@@ -176,8 +192,13 @@ def run(recipe: Recipe) -> dict[str, Any]:
     for index, (prompt, answers) in enumerate(tqdm(list(zip(prompts, samples, strict=True)), desc="label: judging",
                                                    disable=not is_main_process())):
         texts = [a.text for a in answers]
-        scores = judge([prompt] * len(texts), texts)
-        ranked_rows.append({"prompt": prompt, "answers": texts, "scores": scores})
+        signals = judge.signal_scores([prompt] * len(texts), texts) if spec.given else {}
+        scores = judge.combine(signals) if spec.given else judge([prompt] * len(texts), texts)
+        check_scores(scores, judge_name, prompt)
+        ranked_rows.append({"prompt": prompt, "answers": texts, "scores": scores}
+                           | signal_columns(signals)
+                           | {"length_tokens": [len(a.answer_ids) for a in answers],
+                              "finished": [a.finished for a in answers]})
         if config.writes == "classification":
             classified.extend(classify(prompt, texts, scores, judge_name))
             continue
@@ -202,7 +223,7 @@ def run(recipe: Recipe) -> dict[str, Any]:
 
     def write_files(folder: Path) -> None:
         write_jsonl(folder / data_file, rows)
-        write_jsonl(folder / "ranked.jsonl", ranked_rows)
+        write_jsonl(folder / RANKED, ranked_rows)
         (folder / "data_card.yaml").write_text(yaml.safe_dump(card, sort_keys=False))
         if held_out:
             write_jsonl(folder / "preferences_eval.jsonl", eval_rows)
@@ -223,6 +244,9 @@ STAGE = Stage(
     sections={"judge": JudgeSpec, "reward": RewardSpec, "generation": GenerationSpec},
     extra_checks=_check,
     run=run,
-    presentation=Presentation("AI-feedback labelling", label_headline, label_section),
+    presentation=Presentation("AI-feedback labelling", label_headline, label_section,
+                              answers=(RANKED, "one row per prompt: its sampled answers with their scores (and each "
+                                       "reward signal's), length in tokens and whether they ended with the stop "
+                                       "token")),
     memory=MemoryModel(kind="sample"),
 )

@@ -124,11 +124,12 @@ def check_launch(recipe: Recipe, launch: Launch) -> None:
 
 
 def count_prompt_rows(recipe: Recipe) -> int | None:
-    """Rows in the recipe's local JSON/JSONL cards (an upper bound on its prompts); None if not cheap to know."""
+    """Rows in the recipe's local JSON/JSONL train cards (an upper bound on the prompts PPO trains on); None if not
+    cheap to know."""
     from rlhf_pipeline.data.loading import cards_of, read_card_rows
 
     total = 0
-    for card in cards_of(recipe, "train") + cards_of(recipe, "eval"):
+    for card in cards_of(recipe, "train"):
         path = card.local_path()
         if path is None or path.suffix not in (".json", ".jsonl"):
             return None
@@ -197,9 +198,9 @@ def run(recipe: Recipe) -> dict[str, Any]:
                             scorers={signal_role(name): s for name, s in signal_sources.items()}, policy_init=start)
 
     datasets, data_report = load_datasets(recipe, tokenizer, prompts_only=True)
-    chats = [row["prompt"] for split in datasets.values() for row in split]
+    chats = [row["prompt"] for row in datasets["train"]]  # eval prompts (data.eval, data.eval_split) stay unseen
     prompts = [encode_prompt(tokenizer, chat) for chat in chats]
-    say(f"ppo: {len(prompts)} prompts ({data_report.summary()})")
+    say(f"ppo: {len(prompts)} prompts to train on ({data_report.summary()})")
     if spec.given:
         reward_models = {name: RewardModel.from_role(model, signal_role(name), tokenizer, folder)
                          for name, folder in spec.models().items()}

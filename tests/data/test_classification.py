@@ -144,5 +144,6 @@ def test_a_recipe_loads_two_answers_per_row_and_names_the_lines_of_the_drops(tmp
     assert report.as_dict() == {"rows_read": 6, "rows_kept": 9,
                                 "rows_dropped": {"empty_answer": 1, "bad_label": 1, "missing_field": 1},
                                 "first_dropped": {reason: [f"pku_saferlhf_classification:line {line}"] for reason, line
-                                                  in (("empty_answer", 4), ("bad_label", 5), ("missing_field", 6))}}
+                                                  in (("empty_answer", 4), ("bad_label", 5), ("missing_field", 6))},
+                                "splits": {"train": {"rows": 9, "prompts": 6}}, "eval_prompts_in_train": None}
     assert report.summary().startswith("9 examples from 6 rows; dropped: ")

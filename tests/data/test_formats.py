@@ -276,6 +276,19 @@ def test_ranking_bad_rows() -> None:
     assert out.first_bad_rows["empty_answer"] == [3]
 
 
+def test_a_non_finite_score_drops_its_row_by_name() -> None:
+    """Scores (3, NaN, 8) once gave "A(3) > C(8)" with margin -5 and two NaN margins: the row orders nothing."""
+    rows = [{"prompt": "Q", "answers": ["A", "B", "C"], "scores": [3, float("nan"), 8]},
+            {"prompt": "Q", "answers": ["A", "B"], "scores": [float("inf"), 1]},
+            {"prompt": "Q", "answers": ["A", "B", "C"], "scores": [3, 5, 8]}]
+    out = to_preference(rows, "ranking", margin_key="scores")
+    assert [(*answers(pair), pair["margin"]) for pair in out.rows] == [("C", "B", 3.0), ("C", "A", 5.0),
+                                                                      ("B", "A", 2.0)]
+    assert out.dropped == {"non_finite_score": 2} and out.first_bad_rows == {"non_finite_score": [0, 1]}
+    margins = [{"prompt": "Q", "chosen": "a", "rejected": "b", "margin": float("nan")}]
+    assert to_preference(margins, "prompt_chosen_rejected", margin_key="margin").dropped == {"non_finite_score": 1}
+
+
 def test_margin_column() -> None:
     out = to_preference(read_jsonl("with_margin.jsonl"), "prompt_chosen_rejected", margin_key="margin")
     assert [pair["margin"] for pair in out.rows] == [2.5, 1.0, 3.0]
@@ -312,8 +325,34 @@ def test_labelled_answers_accept_the_usual_label_spellings_and_count_the_rest() 
 def test_a_pair_unpairs_into_a_desirable_and_an_undesirable_answer() -> None:
     row = {"prompt": "Hi", "chosen": "Hello!", "rejected": "Go away."}
     pair = to_preference([row], "prompt_chosen_rejected").rows[0]
-    assert unpair(pair) == [{"prompt": [user("Hi")], "completion": [assistant("Hello!")], "label": True},
-                            {"prompt": [user("Hi")], "completion": [assistant("Go away.")], "label": False}]
+    assert unpair([pair]) == ([(0, {"prompt": [user("Hi")], "completion": [assistant("Hello!")], "label": True}),
+                               (0, {"prompt": [user("Hi")], "completion": [assistant("Go away.")], "label": False})],
+                              [])
+
+
+def test_best_worst_pairs_unpair_as_each_pair_on_its_own() -> None:
+    """One pair per prompt: every answer once, in pair order, chosen desirable and rejected undesirable."""
+    rows = [{"prompt": f"Q{i}", "chosen": f"good {i}", "rejected": f"bad {i}"} for i in range(3)]
+    labelled, ambiguous = unpair(to_preference(rows, "prompt_chosen_rejected").rows)
+    assert [(index, row["prompt"][0]["content"], row["completion"][0]["content"], row["label"])
+            for index, row in labelled] == [(0, "Q0", "good 0", True), (0, "Q0", "bad 0", False),
+                                            (1, "Q1", "good 1", True), (1, "Q1", "bad 1", False),
+                                            (2, "Q2", "good 2", True), (2, "Q2", "bad 2", False)]
+    assert ambiguous == []
+
+
+def test_ranked_pairs_unpair_into_each_answer_once_with_one_label() -> None:
+    """Scores A .9, B .5, C -.1, D -.8 with min_gap .5 give the pairs A>C, A>D, B>C, B>D, C>D (as the label stage
+    writes them): C is chosen once and rejected twice, so it has no consistent label and is dropped; A and B are
+    desirable, D undesirable, each once although they stand in two or three pairs."""
+    pairs = [("A", "C"), ("A", "D"), ("B", "C"), ("B", "D"), ("C", "D")]
+    rows = [{"prompt": "Q", "chosen": chosen, "rejected": rejected} for chosen, rejected in pairs]
+    rows.append({"prompt": "Other", "chosen": "C", "rejected": "A"})  # the same texts under another prompt
+    labelled, ambiguous = unpair(to_preference(rows, "prompt_chosen_rejected").rows)
+    assert [(row["prompt"][0]["content"], row["completion"][0]["content"], row["label"]) for _, row in labelled] == [
+        ("Q", "A", True), ("Q", "D", False), ("Q", "B", True), ("Other", "C", True), ("Other", "A", False)]
+    assert [index for index, _ in labelled] == [0, 1, 2, 5, 5]
+    assert ambiguous == [0]  # C, first seen in pair 0
 
 
 # --------------------------------------------------------------------------- prompt sets and registry

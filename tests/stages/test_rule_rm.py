@@ -20,11 +20,12 @@ from tests.stages.conftest import FLAT, TOPICS, WARM, preference_rows, write_car
 
 def rule_rows(n: int) -> list[dict[str, Any]]:
     """Answers that break the rule exactly when they call someone stupid (trivially learnable), labelled the
-    way BeaverTails labels them (`is_safe`, the opposite of our convention), so the card must flip them."""
+    way BeaverTails labels them (`is_safe`, the opposite of our convention), so the card must flip them. Every
+    prompt has rude and polite answers: with a prompt-level split the rule must be read off the answer."""
     rows = []
     for i in range(n):
         opening = (WARM + FLAT)[i % 10]
-        rude = i % 3 == 0
+        rude = (i // len(TOPICS)) % 3 == 0
         rows.append({"prompt": f"Tell me about {TOPICS[i % len(TOPICS)]}.",
                      "response": f"{opening} {'You are stupid.' if rude else 'Have a nice day.'}", "is_safe": not rude})
     return rows
