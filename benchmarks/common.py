@@ -129,9 +129,10 @@ def threads() -> str:
 
 
 def run_child(script: Path, args: Sequence[str], env: dict[str, str] | None = None,
-              timeout: float = 3600) -> dict[str, Any]:
-    """Run `python script args` in a fresh process and return the JSON object it printed last."""
-    done = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, cwd=REPO,
+              timeout: float = 3600, python: str | None = None) -> dict[str, Any]:
+    """Run `python script args` in a fresh process (this interpreter unless `python` names another environment's)
+    and return the JSON object it printed last."""
+    done = subprocess.run([python or sys.executable, str(script), *args], capture_output=True, text=True, cwd=REPO,
                           env={**os.environ, **OFFLINE, "OMP_NUM_THREADS": threads(), **(env or {})},
                           timeout=timeout)
     if done.returncode != 0:

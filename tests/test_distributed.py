@@ -230,7 +230,9 @@ def ppo_recipe(work: Path, name: str, ddp_runs: dict[str, Path], **extra: Any) -
 
 
 def ppo_steps(metrics: dict[str, Any]) -> list[dict[str, Any]]:
-    return [entry for entry in metrics["log_history"] if "objective/scores" in entry]
+    """The logged PPO steps without their time/* seconds (wall clock: never equal between two runs)."""
+    return [{key: value for key, value in entry.items() if not key.startswith("time/")}
+            for entry in metrics["log_history"] if "objective/scores" in entry]
 
 
 def test_ppo_ddp(work: Path, tiny_model_dir: Path, ddp_runs: dict[str, Path]) -> None:

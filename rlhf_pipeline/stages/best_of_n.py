@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rlhf_pipeline.data.formats import FORMATS
+from rlhf_pipeline.engines.spec import GenerationSpec, check_generation
 from rlhf_pipeline.errors import RecipeError
 from rlhf_pipeline.judges import JudgeSpec
 from rlhf_pipeline.outputs import ANSWERS, write_json, write_jsonl
@@ -127,6 +128,7 @@ def _check(recipe: Recipe) -> None:
         raise RecipeError(recipe.path, "reward", "required: what best-of-n maximises, as model: RM_FOLDER (the short "
                           "form; functions: [module:function] too) or signals: {name: {model: RM_FOLDER}, ...}")
     check_reward(recipe, spec)
+    check_generation(recipe)
 
 
 def score_columns(samples: list[list[Sample]], judge: list[float], reward: list[float],
@@ -208,7 +210,7 @@ def run(recipe: Recipe) -> dict[str, Any]:
 
     from rlhf_pipeline.data.loading import load_datasets
     from rlhf_pipeline.distributed import say
-    from rlhf_pipeline.generation import sample_answers
+    from rlhf_pipeline.generation import sample_answers, sampling_engine
     from rlhf_pipeline.judges import load_judge
     from rlhf_pipeline.reward_spec import load_reward
     from rlhf_pipeline.stages.common import finish_outputs, finished_manifest, load_frozen
@@ -218,8 +220,11 @@ def run(recipe: Recipe) -> dict[str, Any]:
     datasets, data_report = load_datasets(recipe, tokenizer, prompts_only=True)
     prompts = [row["prompt"] for split in datasets.values() for row in split]
     say(f"best-of-n: {len(prompts)} prompts x {config.n_max} answers")
-    samples = sample_answers(models[POLICY].use(POLICY), tokenizer, prompts, config.n_max, config.max_new_tokens,
-                             config.temperature, config.top_p, config.batch_size, config.seed, "best-of-n: sampling")
+    with sampling_engine(recipe.sections["generation"], models[POLICY], tokenizer, config.batch_size,
+                         sources[POLICY].path) as engine:
+        engine.use(models[POLICY], POLICY)
+        samples = sample_answers(engine, tokenizer, prompts, config.n_max, config.max_new_tokens, config.temperature,
+                                 config.top_p, config.seed, "best-of-n: sampling")
     del models  # the reward loads its own frozen models: free the policy's first
     gc.collect()
     flat_prompts = [prompt for prompt in prompts for _ in range(config.n_max)]
@@ -266,7 +271,7 @@ STAGE = Stage(
     config_class=("rlhf_pipeline.stages.best_of_n", "BestOfNConfig"),
     config_section="best_of_n",
     data_formats=frozenset(FORMATS),
-    sections={"judge": JudgeSpec, "reward": RewardSpec},
+    sections={"judge": JudgeSpec, "reward": RewardSpec, "generation": GenerationSpec},
     extra_checks=_check,
     run=run,
     presentation=Presentation("Best-of-n reranking", best_of_n_headline, best_of_n_section,

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rlhf_pipeline.data.formats import FORMATS
+from rlhf_pipeline.engines.spec import GenerationSpec, check_generation
 from rlhf_pipeline.errors import RecipeError
 from rlhf_pipeline.judges import JudgeSpec
 from rlhf_pipeline.outputs import ANSWERS, read_manifest
@@ -102,6 +103,7 @@ def _check(recipe: Recipe) -> None:
         if (other := seen.setdefault(_folder(folder), key)) != key:
             raise RecipeError(recipe.path, key, f"{folder} is already compared as {other}; each policy must be a "
                               "folder of its own, neither the baseline's nor another policy's")
+    check_generation(recipe)
 
 
 def answer_logprob(model: PreTrainedModel, samples: list[Sample], temperature: float,
@@ -188,7 +190,7 @@ def run(recipe: Recipe) -> dict[str, Any]:
     """Sample the baseline and every policy on the held-out prompts, score them, and write the comparison."""
     from rlhf_pipeline.data.loading import load_datasets
     from rlhf_pipeline.distributed import say
-    from rlhf_pipeline.generation import sample_answers
+    from rlhf_pipeline.generation import sample_answers, sampling_engine
     from rlhf_pipeline.judges import load_judge
     from rlhf_pipeline.outputs import write_json, write_jsonl
     from rlhf_pipeline.reward import RewardModel
@@ -205,11 +207,15 @@ def run(recipe: Recipe) -> dict[str, Any]:
     sources, tokenizer, models = load_frozen(recipe, names, scorers=frozenset(names) - {BASELINE, *policies})
     datasets, _ = load_datasets(recipe, tokenizer, prompts_only=True)
     prompts = [row["prompt"] for split in datasets.values() for row in split]
-    settings = (1, config.max_new_tokens, config.temperature, config.top_p, config.batch_size, config.seed)
+    settings = (1, config.max_new_tokens, config.temperature, config.top_p, config.seed)
     roles = [BASELINE, *policies]
-    samples = {role: [s[0] for s in sample_answers(models[role].use(role), tokenizer, prompts, *settings,
-                                                   f"eval: sampling ({role})")]
-               for role in roles}
+    samples = {}
+    with sampling_engine(recipe.sections["generation"], models[BASELINE], tokenizer, config.batch_size,
+                         sources[BASELINE].path) as engine:
+        for role in roles:  # every role is on the baseline's base (load_frozen refuses other tokenizers)
+            engine.use(models[role], role)
+            samples[role] = [s[0] for s in sample_answers(engine, tokenizer, prompts, *settings,
+                                                          f"eval: sampling ({role})")]
     kl = {name: [p - b for p, b in zip(
         answer_logprob(models[name].use(name), samples[name], config.temperature, f"eval: log π ({name})"),
         answer_logprob(models[BASELINE].use(BASELINE), samples[name], config.temperature,
@@ -261,7 +267,7 @@ STAGE = Stage(
     config_class=("rlhf_pipeline.stages.eval", "EvalConfig"),
     config_section="evaluation",
     data_formats=frozenset(FORMATS),
-    sections={"judge": JudgeSpec, "reward": RewardSpec},
+    sections={"judge": JudgeSpec, "reward": RewardSpec, "generation": GenerationSpec},
     extra_checks=_check,
     run=run,
     presentation=Presentation("Evaluation: policies vs baseline", eval_headline, eval_section,

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rlhf_pipeline.data.formats import FORMATS
+from rlhf_pipeline.engines.spec import GenerationSpec, check_generation
 from rlhf_pipeline.errors import PipelineError
 from rlhf_pipeline.judges import JudgeSpec
 from rlhf_pipeline.outputs import write_jsonl
@@ -158,6 +159,7 @@ def _card(recipe: Recipe, config: LabelConfig, judge: str, counts: dict[str, int
 
 def _check(recipe: Recipe) -> None:
     check_reward(recipe, recipe.sections["reward"], answers_grouped=True)
+    check_generation(recipe)
 
 
 def run(recipe: Recipe) -> dict[str, Any]:
@@ -167,7 +169,7 @@ def run(recipe: Recipe) -> dict[str, Any]:
 
     from rlhf_pipeline.data.loading import load_datasets
     from rlhf_pipeline.distributed import is_main_process, say
-    from rlhf_pipeline.generation import sample_answers
+    from rlhf_pipeline.generation import sample_answers, sampling_engine
     from rlhf_pipeline.judges import load_judge
     from rlhf_pipeline.reward_spec import load_reward
     from rlhf_pipeline.stages.common import finish_outputs, finished_manifest, load_frozen
@@ -179,9 +181,11 @@ def run(recipe: Recipe) -> dict[str, Any]:
     datasets, data_report = load_datasets(recipe, tokenizer, prompts_only=True)
     prompts = [row["prompt"] for split in datasets.values() for row in split]
     say(f"label: {len(prompts)} prompts x {config.num_samples} answers, judge {judge_name}")
-    samples = sample_answers(models["policy"].use("policy"), tokenizer, prompts, config.num_samples,
-                             config.max_new_tokens, config.temperature, config.top_p, config.batch_size, config.seed,
-                             "labelling")
+    with sampling_engine(recipe.sections["generation"], models["policy"], tokenizer, config.batch_size,
+                         sources["policy"].path) as engine:
+        engine.use(models["policy"], "policy")
+        samples = sample_answers(engine, tokenizer, prompts, config.num_samples, config.max_new_tokens,
+                                 config.temperature, config.top_p, config.seed, "labelling")
     judge = load_reward(spec, recipe.model) if spec.given else load_judge(judge_spec, recipe.model)
     held_out = held_out_prompts(len(prompts), config.eval_split, config.seed)
     ranked_rows, pair_rows, eval_rows, classified, too_close = [], [], [], [], 0
@@ -237,7 +241,7 @@ STAGE = Stage(
     config_class=("rlhf_pipeline.stages.label", "LabelConfig"),
     config_section="labelling",
     data_formats=frozenset(FORMATS),
-    sections={"judge": JudgeSpec, "reward": RewardSpec},
+    sections={"judge": JudgeSpec, "reward": RewardSpec, "generation": GenerationSpec},
     extra_checks=_check,
     run=run,
     presentation=Presentation("AI-feedback labelling", label_headline, label_section,

@@ -15,6 +15,10 @@ Sparrow) the answers are scored by its signals instead: each reward model is one
 same base, each signal is logged as `reward/<name>`, and the critic still starts from
 `training.reward_model_path`.
 
+The rollouts are sampled by the recipe's `generation:` engine (Hugging Face `generate` on the policy role, or vLLM
+holding each step's policy as merged weights or an adapter: generation.py, docs/vllm.md); PPO's log-probs always
+come from its own forward, and the engine's are only compared with them (`training.max_logprob_gap`).
+
 Health monitors (`training.max_kl`, `min_entropy`, `max_length_drift`, `max_missing_eos_fraction`,
 `max_reward_jump`; ppo/monitors.py) warn while training. With `early_stop_on_alert: true` the trainer saves
 `checkpoint-N` at the alert and stops, and the stage still finishes, so the work is kept: the policy of
@@ -29,6 +33,7 @@ import math
 from typing import TYPE_CHECKING, Any
 
 from rlhf_pipeline.data.formats import FORMATS, SFT_FORMATS
+from rlhf_pipeline.engines.spec import GenerationSpec, check_generation
 from rlhf_pipeline.errors import PipelineError, RecipeError
 from rlhf_pipeline.report.sections import ppo_headline, ppo_section, ppo_summary_note
 from rlhf_pipeline.reward import CLASSIFICATION
@@ -78,6 +83,7 @@ def _check(recipe: Recipe) -> None:
     if recipe.data.ptx and not recipe.config.get("ptx_coef"):
         raise RecipeError(recipe.path, "training.ptx_coef", "data.ptx lists demonstrations but ptx_coef is 0, so they "
                           "would not be used; set it > 0 (InstructGPT mixed them in), or remove data.ptx")
+    check_generation(recipe)
 
 
 PPO_LAUNCH_HINT = ("launch PPO with accelerate_configs/multi_gpu.yaml (DDP), deepspeed_zero2.yaml or "
@@ -102,6 +108,9 @@ def check_launch(recipe: Recipe, launch: Launch) -> None:
     if launch.fsdp:
         raise PipelineError(f"{recipe.path}: this launch uses FSDP, which the ppo stage does not support; it lacks "
                             f"{FSDP_MISSING}; {PPO_LAUNCH_HINT}")
+    if recipe.sections["generation"].uses_vllm and launch.world_size > 1:
+        raise RecipeError(recipe.path, "generation.engine", f"PPO samples with vLLM in one process only (this launch "
+                          f"has {launch.world_size}); launch one process, or set generation.engine: hf")
     config = recipe.settings
     per_process = config.rollout_batch_size
     global_batch = per_process * launch.world_size
@@ -143,6 +152,7 @@ def run(recipe: Recipe) -> dict[str, Any]:
     from rlhf_pipeline.chat import encode_prompt
     from rlhf_pipeline.data.loading import load_datasets
     from rlhf_pipeline.distributed import say
+    from rlhf_pipeline.generation import sampling_engine
     from rlhf_pipeline.models import load_tokenizer
     from rlhf_pipeline.outputs import require_finished
     from rlhf_pipeline.ppo.roles import POLICY, build_ppo_model, check_shared_base
@@ -206,9 +216,11 @@ def run(recipe: Recipe) -> dict[str, Any]:
         reward_fn = _signals_reward(reward, tokenizer, dict(zip(map(tuple, prompts), chats, strict=True)))
     else:
         reward_fn = partial(_rm_scores, model)
-    trainer = PPOTrainer(config, model, reward_fn, tokenizer, prompts,
-                         reward_stats=reward_stats, ptx_loss=_demonstrations(recipe, tokenizer, data_report))
-    final, record = train_resuming(trainer, recipe, data_report)
+    with sampling_engine(recipe.sections["generation"], model, tokenizer, config.local_rollout_forward_batch_size,
+                         source.path) as engine:
+        trainer = PPOTrainer(config, model, reward_fn, tokenizer, prompts, reward_stats=reward_stats,
+                             ptx_loss=_demonstrations(recipe, tokenizer, data_report), engine=engine)
+        final, record = train_resuming(trainer, recipe, data_report)
     history = [entry for entry in trainer.log_history if "objective/scores" in entry]
     alerts = [entry for entry in trainer.log_history if "alerts" in entry]
     metrics = {
@@ -289,7 +301,7 @@ STAGE = Stage(
     example="rlhf-pipeline ppo recipes/smollm2-135m/ppo.yaml training.kl_coef=0.1",
     config_class=("rlhf_pipeline.ppo.config", "PPOConfig"),
     data_formats=frozenset(FORMATS),
-    sections={"reward": RewardSpec},
+    sections={"reward": RewardSpec, "generation": GenerationSpec},
     extra_checks=_check,
     run=run,
     presentation=Presentation("PPO", ppo_headline, ppo_section, summary_note=ppo_summary_note),
