@@ -81,7 +81,8 @@ def test_distinct_2_and_stop_share_of_a_models_answers_leave_the_stop_token_out(
 
 def _run_sft(tmp_path: Path, make_recipe: RecipeFactory) -> Path:
     write_card(tmp_path, "chat", sft_rows(16), "messages", ["sft"])
-    assert main(["sft", str(make_recipe("sft", ["chat"], {"max_steps": 3, "learning_rate": 3e-2}))]) == 0
+    assert main(["sft", str(make_recipe("sft", ["chat"], {"max_steps": 3, "learning_rate": 3e-2},
+                                        data={"train": ["chat"], "eval_split": 0.0, "max_length": 128}))]) == 0
     return tmp_path / "outputs" / "sft"
 
 
