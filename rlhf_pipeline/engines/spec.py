@@ -39,7 +39,7 @@ class GenerationSpec:
     engine: str = "hf"
     sync: str = "auto"
     mode: str = "colocated"
-    dtype: str = "auto"  # the engine's weights: auto = bfloat16 where the device computes it fast, else float32
+    dtype: str = "auto"  # the engine's weights: auto = the trainer's compute dtype (float32 on CPU, bf16 on GPUs)
     server_url: str | None = None
     server_python: str | None = None
     kv_cache_gib: int = 2  # CPU: the KV cache size in GiB (VLLM_CPU_KVCACHE_SPACE, a whole number)
