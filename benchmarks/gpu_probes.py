@@ -81,26 +81,35 @@ class Engine:
     sample: Callable[[Path, list[Any], int, int], tuple[list[Any], float]]
 
 
-def _sample_hf(policy: Path, prompts: list[Any], batch: int, new_tokens: int) -> tuple[list[Any], float]:
-    """transformers' generate with the policy's adapter on its base, loaded the way label and eval load it."""
-    from rlhf_pipeline.adapters import load_frozen_roles
-    from rlhf_pipeline.generation import sample_answers
-    from rlhf_pipeline.models import load_tokenizer
-    from rlhf_pipeline.recipe import ModelSpec
-    from rlhf_pipeline.sources import resolve_source
+def _sampler(generation: dict[str, str]) -> Callable[[Path, list[Any], int, int], tuple[list[Any], float]]:
+    """Sampling through `generation.sampling_engine` with a recipe's `generation:` section, the policy's adapter
+    on its base loaded the way label and eval load it; a short warm-up first (kernels, allocator, vLLM's start)."""
 
-    spec = ModelSpec(name_or_path=str(policy))
-    source = resolve_source(spec)
-    tokenizer = load_tokenizer(source, spec)
-    model = load_frozen_roles({"policy": source}, spec, tokenizer)["policy"].use("policy")
-    sample_answers(model, tokenizer, prompts, max_new_tokens=4, batch_size=batch)  # warm-up: kernels, allocator
-    started = common.cuda_wall_clock()
-    samples = sample_answers(model, tokenizer, prompts, max_new_tokens=new_tokens, temperature=0.7, batch_size=batch)
-    return samples, common.cuda_wall_clock() - started
+    def sample(policy: Path, prompts: list[Any], batch: int, new_tokens: int) -> tuple[list[Any], float]:
+        from rlhf_pipeline.adapters import load_frozen_roles
+        from rlhf_pipeline.engines.spec import GenerationSpec
+        from rlhf_pipeline.generation import sample_answers, sampling_engine
+        from rlhf_pipeline.models import load_tokenizer
+        from rlhf_pipeline.recipe import ModelSpec
+        from rlhf_pipeline.sources import resolve_source
+
+        spec = ModelSpec(name_or_path=str(policy))
+        source = resolve_source(spec)
+        tokenizer = load_tokenizer(source, spec)
+        shared = load_frozen_roles({"policy": source}, spec, tokenizer)["policy"]
+        with sampling_engine(GenerationSpec(**generation), shared, tokenizer, batch, source.path) as engine:
+            engine.use(shared, "policy")
+            sample_answers(engine, tokenizer, prompts, max_new_tokens=4)
+            started = common.cuda_wall_clock()
+            samples = sample_answers(engine, tokenizer, prompts, max_new_tokens=new_tokens, temperature=0.7)
+            return samples, common.cuda_wall_clock() - started
+
+    return sample
 
 
-# One entry per engine; the vllm engine (issue 31) adds e.g. `"vllm": Engine("vllm", 40, _sample_vllm)`.
-ENGINES: dict[str, Engine] = {"hf": Engine("transformers", 25, _sample_hf)}
+# One entry per engine: each is a `generate-<name>` path of gpu_check.py, skipped while its package is missing.
+ENGINES: dict[str, Engine] = {"hf": Engine("transformers", 20, _sampler({"engine": "hf"})),
+                              "vllm": Engine("vllm", 40, _sampler({"engine": "vllm"}))}
 
 
 def generate(engine: str, policy: Path, out: Path, prompts: int, batch: int, new_tokens: int) -> int:
