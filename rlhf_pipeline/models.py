@@ -335,7 +335,10 @@ def prepare_base(base: PreTrainedModel, spec: ModelSpec, gradient_checkpointing:
         return prepare_model_for_kbit_training(base, use_gradient_checkpointing=gradient_checkpointing,
                                                gradient_checkpointing_kwargs={"use_reentrant": False})
     if gradient_checkpointing:
-        base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(base, "activation_checkpointing_enable"):
+            base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:  # transformers < 5.20, as vLLM's CPU build pins it
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return base
 
 

@@ -173,8 +173,18 @@ def trainer_config(config_class: type, recipe: Recipe, **stage_values: Any) -> A
     values.update(recipe.config)
     checkpointing = activation_checkpointing_default(recipe)
     values.pop("gradient_checkpointing", None)
-    values["activation_checkpointing"] = checkpointing
+    values.pop("activation_checkpointing", None)
+    values[checkpointing_field(config_class)] = checkpointing
     return config_class(**values)
+
+
+def checkpointing_field(config_class: type) -> str:
+    """transformers 5.20 renamed `gradient_checkpointing` to `activation_checkpointing`; vLLM's CPU build pins
+    transformers below it, so the stages run in .venv-vllm too (recipes may use either name)."""
+    import dataclasses
+
+    names = {field.name for field in dataclasses.fields(config_class)}
+    return "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
 
 
 def launch_facts(accelerator: Any) -> dict[str, Any]:
