@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from rlhf_pipeline.data import formats
 from rlhf_pipeline.data.cards import DataCard, DataSpec
 from rlhf_pipeline.errors import PipelineError, RecipeError
+from rlhf_pipeline.steps import join_steps
 
 if TYPE_CHECKING:
     from datasets import DatasetDict
@@ -168,6 +169,9 @@ _REQUIRED = {
     "prompt_only": {"prompt"},
     "prompt_completion_label": {"prompt", "completion", "label"},
     "classification": {"prompt", "answer", "label"},
+    "stepwise": {"prompt", "steps", "labels"},
+    "prm800k": {"question", "label"},
+    "math_shepherd": {"input", "label"},
 }
 
 
@@ -183,6 +187,8 @@ def convert_card_rows(card: DataCard, rows: list[dict[str, Any]], system_prompt:
         return formats.to_labelled(rows, card.format, system_prompt=system_prompt)
     if card.format in formats.CLASSIFICATION_FORMATS:
         return formats.to_classified(rows, bool(card.violation_when), card.format, system_prompt=system_prompt)
+    if card.format in formats.STEPWISE_FORMATS:
+        return formats.to_stepwise(rows, card.format, card.good_ratings, system_prompt=system_prompt)
     return formats.to_prompts(rows, card.format, system_prompt=system_prompt)
 
 
@@ -191,8 +197,9 @@ def _convert_rows(card: DataCard, rows: list[dict[str, Any]], labels: list[str],
                   where: Where) -> list[tuple[str, dict[str, Any]]]:
     """Canonical rows, each with the line or row it came from, so every later drop names it too.
 
-    Rows are converted one at a time for that; stages that sample answers keep only the distinct prompts,
-    and with `data.unpair` a pair becomes its two answers labelled desirable and undesirable (KTO).
+    Rows are converted one at a time for that; stages that sample answers keep only the distinct prompts (and
+    their references, the right answers an outcome check needs), and with `data.unpair` a pair becomes its two
+    answers labelled desirable and undesirable (KTO).
     """
     out: list[tuple[str, dict[str, Any]]] = []
     unpair = data.unpair and card.format in formats.PREFERENCE_FORMATS
@@ -206,16 +213,23 @@ def _convert_rows(card: DataCard, rows: list[dict[str, Any]], labels: list[str],
     if prompts_only:
         distinct: dict[str, tuple[str, dict[str, Any]]] = {}
         for label, canonical in out:
-            distinct.setdefault(json.dumps(canonical["prompt"], sort_keys=True),
-                                (label, {"prompt": canonical["prompt"]}))
+            distinct.setdefault(prompt_key(canonical["prompt"]),
+                                (label, {key: canonical[key] for key in ("prompt", "reference") if key in canonical}))
         out = list(distinct.values())
     return out
+
+
+def prompt_key(prompt: list[dict[str, str]]) -> str:
+    """One string per distinct chat prompt: what distinct prompts and their right answers are looked up by."""
+    return json.dumps(prompt, sort_keys=True)
 
 
 def _token_length(tokenizer: PreTrainedTokenizerBase) -> Callable[[dict[str, Any]], int]:
     """Length of a canonical row once rendered with the chat template (longest answer for pairs)."""
     def length(row: dict[str, Any]) -> int:
         answers = [row[k] for k in ("completion", "chosen", "rejected") if k in row] or [[]]
+        if "steps" in row:
+            answers = [[{"role": "assistant", "content": join_steps(row["steps"])}]]
         # return_dict=False: a BatchEncoding's len() is its number of keys (2), which filtered nothing
         return max(len(tokenizer.apply_chat_template(row["prompt"] + answer, tokenize=True, return_dict=False,
                                                      add_generation_prompt=not answer)) for answer in answers)
@@ -292,3 +306,20 @@ def load_datasets(recipe: Recipe, tokenizer: PreTrainedTokenizerBase,
     splits = {"train": dataset} | ({"eval": eval_dataset} if eval_dataset is not None else {})
     return DatasetDict(splits), report
 
+
+
+def answer_key(recipe: Recipe) -> dict[str, str]:
+    """The right answer of every prompt of the recipe's cards that carries one (a `reference` column), by
+    `prompt_key`: what outcome checks (tasks/answers.py) compare answers with. Read without a tokenizer, so
+    it is known before any weights load; prompts get the recipe's system prompt as the stage's rows do. Only
+    prompt sets carry references."""
+    key: dict[str, str] = {}
+    for split in ("train", "eval"):
+        for card in cards_of(recipe, split):
+            if card.format not in formats.PROMPT_FORMATS:
+                continue
+            rows, _, _ = read_card_rows(card)
+            for row in convert_card_rows(card, rows, recipe.data.system_prompt).rows:
+                if "reference" in row:
+                    key.setdefault(prompt_key(row["prompt"]), row["reference"])
+    return key
