@@ -36,15 +36,22 @@ def cut_at_stop(tokens: Sequence[int], stop_ids: set[int]) -> tuple[list[int], b
 
 def sample_answers(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[Messages],
                    num_samples: int = 1, max_new_tokens: int = 48, temperature: float = 1.0, top_p: float = 1.0,
-                   batch_size: int = 16, seed: int = 0, description: str = "sampling") -> list[list[Sample]]:
-    """`num_samples` answers for each prompt (greedy when temperature is 0), with a progress bar."""
+                   batch_size: int = 16, seed: int = 0, description: str = "sampling",
+                   answer_prefixes: Sequence[str] | None = None) -> list[list[Sample]]:
+    """`num_samples` answers for each prompt (greedy when temperature is 0), with a progress bar.
+
+    With `answer_prefixes` (one per prompt) each answer continues its prompt's prefix, as Math-Shepherd's rollouts
+    continue a solution's first steps: the prefix is part of the prompt ids, the sample holds the continuation only.
+    """
     import torch
     from tqdm.auto import tqdm
 
     from rlhf_pipeline.distributed import is_main_process
 
     stop_ids = {end_of_turn_id(tokenizer), tokenizer.eos_token_id}
-    encoded = [encode_prompt(tokenizer, p) for p in prompts for _ in range(num_samples)]
+    prefixes = answer_prefixes if answer_prefixes is not None else [""] * len(prompts)
+    encoded = [encode_prompt(tokenizer, p) + tokenizer(prefix, add_special_tokens=False)["input_ids"]
+               for p, prefix in zip(prompts, prefixes, strict=True) for _ in range(num_samples)]
     device = next(model.parameters()).device
     generator_seed = torch.random.initial_seed()
     torch.manual_seed(seed)

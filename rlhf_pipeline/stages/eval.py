@@ -172,13 +172,13 @@ def made_by(name_or_path: str) -> dict[str, Any]:
 
 def run(recipe: Recipe) -> dict[str, Any]:
     """Sample the baseline and every policy on the held-out prompts, score them, and write the comparison."""
-    from rlhf_pipeline.data.loading import load_datasets
+    from rlhf_pipeline.data.loading import answer_key, load_datasets
     from rlhf_pipeline.distributed import say
     from rlhf_pipeline.generation import sample_answers
     from rlhf_pipeline.judges import load_judge
     from rlhf_pipeline.outputs import write_json
     from rlhf_pipeline.reward import RewardModel
-    from rlhf_pipeline.reward_spec import build_reward, signal_role
+    from rlhf_pipeline.reward_spec import build_reward, reward_models_from_roles, signal_role
     from rlhf_pipeline.stages.common import finish_outputs, finished_manifest, load_frozen
 
     config: EvalConfig = recipe.settings
@@ -202,7 +202,8 @@ def run(recipe: Recipe) -> dict[str, Any]:
                        f"eval: log π_baseline ({name})"), strict=True)]
           for name in policies}
     say("eval: scoring")
-    judge = load_judge(recipe.sections["judge"], recipe.model)
+    answers_known = answer_key(recipe)
+    judge = load_judge(recipe.sections["judge"], recipe.model, answers_known)
     texts = {role: [s.text for s in group] for role, group in samples.items()}
     columns: dict[str, dict[str, list[float]]] = {
         role: {"judge": judge(prompts, texts[role]), "length_tokens": [len(s.answer_ids) for s in samples[role]]}
@@ -213,9 +214,7 @@ def run(recipe: Recipe) -> dict[str, Any]:
         for role in roles:
             columns[role]["reward"] = scorer.score(prompts, texts[role], f"eval: RM scores ({role})")
     if spec.given:
-        reward = build_reward(spec, {name: RewardModel.from_role(models[signal_role(name)], signal_role(name),
-                                                                 tokenizer, folder)
-                                     for name, folder in spec.models().items()}, recipe.model)
+        reward = build_reward(spec, reward_models_from_roles(spec, models, tokenizer), recipe.model, answers_known)
         for role in roles:
             signals = reward.signal_scores(prompts, texts[role])
             columns[role] |= {"reward": reward.combine(signals)} | {

@@ -3,7 +3,8 @@
     python -m rlhf_pipeline.tasks.arithmetic data/arithmetic --seed 0    # rewrites the shipped files
 
 "Tom has 23 apples. He buys 48 more. Then he gives away 17. How many apples does Tom have now?" is solved
-one step per line, each step `a op b = c`, then a last line "The answer is N.":
+one step per line, each step `a op b = c`, then a last line "The answer is N." (2 or 3 operations, a start up
+to 50, amounts up to 30):
 
     23 + 48 = 71
     71 - 17 = 54
@@ -80,19 +81,23 @@ class Problem:
         return join_steps(self.steps())
 
 
-def make_problem(rng: random.Random, max_number: int = 99) -> Problem:
-    """A problem of 2–4 operations on two-digit numbers whose running total never drops below 1."""
+def make_problem(rng: random.Random, max_start: int = 50, max_amount: int = 30) -> Problem:
+    """A problem of 2 or 3 operations on numbers up to two digits whose running total never drops below 1.
+
+    Sized for SmolLM2-135M after SFT (held-out accuracy well above 0 and well below 1); 2-4 operations on numbers
+    up to 99 left it at 20% greedy, too little for RL to build on in the demo's budget.
+    """
     name, pronoun = rng.choice(NAMES)
-    start = total = rng.randint(10, max_number)
+    start = total = rng.randint(10, max_start)
     operations, wordings = [], []
-    for _ in range(rng.randint(2, 4)):
+    for _ in range(rng.randint(2, 3)):
         if total > 11 and rng.random() < 0.5:
-            amount = rng.randint(2, min(total - 1, max_number))
+            amount = rng.randint(2, min(total - 1, max_amount))
             operations.append(("-", amount))
             wordings.append(rng.choice(LOSSES))
             total -= amount
         else:
-            amount = rng.randint(2, max_number)
+            amount = rng.randint(2, max_amount)
             operations.append(("+", amount))
             wordings.append(rng.choice(GAINS))
             total += amount

@@ -46,7 +46,7 @@ def _ppo_recipe(folder: Path, model_dir: Path, sft: Path, rm: Path, reward: dict
     ({"signals": {"warmth": {"model": "RM", "use": "penalty"}}}, r"reward\.signals\.warmth\.use: .* is a preference "
                                                                 r"reward model .* use it as `use: reward`"),
     ({"signals": {"warmth": {"model": "UNFINISHED"}}}, r"reward\.signals\.warmth\.model: .*rm-in-progress is not a "
-                                                      r"finished rm stage"),
+                                                      r"finished rm or prm stage"),
 ])
 def test_a_reward_specification_that_cannot_work_fails_validation(
         reward: dict[str, Any], message: str, tmp_path: Path, tiny_model_dir: Path,
