@@ -56,6 +56,8 @@ def test_the_prm_learns_a_trivial_step_rule_on_held_out_problems(make_recipe, tm
     assert manifest.stage == "prm" and manifest.task == "reward" and manifest.extra == {"objective": "process"}
     report = (recipe.output_dir / "report.md").read_text()
     assert "held-out step accuracy" in report and "first-error accuracy" in report
+    card = (recipe.output_dir / "README.md").read_text()
+    assert "process-reward-model" in card and "P(step right)" in card
 
     # Read back as every stage reads it: the same P(right) per step as the stage measured on its held-out rows.
     from rlhf_pipeline.process_reward import ProcessRewardModel, aggregate
@@ -68,6 +70,15 @@ def test_the_prm_learns_a_trivial_step_rule_on_held_out_problems(make_recipe, tm
     assert [len(p) for p in read] == [len(row["steps"]) for row in rows]
     for mine, theirs in zip(read, measured, strict=True):
         assert mine == pytest.approx(theirs, abs=1e-4)
+    # The model card's snippet reads the same numbers with plain transformers + peft.
+    from tests.hub_stages import code_block
+
+    namespace: dict = {}
+    exec(compile(code_block(card, "python"), "model-card-snippet", "exec"), namespace)
+    problem = [{"role": "user", "content": namespace["problem"]}]
+    assert namespace["probabilities"] == pytest.approx(scorer.step_probabilities([problem], [namespace["answer"]])[0],
+                                                       abs=1e-4)
+    assert len(namespace["probabilities"]) == 3
     wrong = next(p for p, row in zip(read, rows, strict=True) if not all(row["labels"]))
     assert aggregate(wrong, "min") == min(wrong) < 0.5 and aggregate(wrong, "last") == wrong[-1]
     assert aggregate(wrong, "product") == pytest.approx(math.prod(wrong))
