@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -66,6 +66,7 @@ class ProcessRewardModel:
     tokenizer: PreTrainedTokenizerBase
     device: Any = "cpu"
     batch_size: int = 16
+    _last: tuple[Any, StepScores] | None = field(default=None, repr=False)  # signals under other aggregations reuse it
 
     @classmethod
     def from_role(cls, shared: SharedBase, role: str, tokenizer: PreTrainedTokenizerBase,
@@ -87,9 +88,13 @@ class ProcessRewardModel:
         return cls.from_role(shared, "prm", tokenizer, output_dir)
 
     def step_scores(self, sequences: Sequence[Sequence[int]], prompt_lengths: Sequence[int]) -> StepScores:
-        """For each prompt+answer sequence: where its steps end (positions in the answer) and each step's P(right)."""
+        """For each prompt+answer sequence: where its steps end (positions in the answer) and each step's P(right).
+        The same sequences asked again (the PRM as several signals, one per aggregation) are not scored again."""
         import torch
 
+        key = (tuple(map(tuple, sequences)), tuple(prompt_lengths))
+        if self._last is not None and self._last[0] == key:
+            return self._last[1]
         out: StepScores = []
         with torch.no_grad():
             for start in range(0, len(sequences), self.batch_size):
@@ -100,6 +105,7 @@ class ProcessRewardModel:
                                                           strict=True)):
                     ends = step_end_positions(self.tokenizer, list(sequence[cut:]))
                     out.append((ends, torch.sigmoid(scores[row, [cut + end for end in ends]]).tolist()))
+        self._last = (key, out)
         return out
 
     def encode(self, prompts: Sequence[Messages], answers: Sequence[str]) -> tuple[list[list[int]], list[int]]:

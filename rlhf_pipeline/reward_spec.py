@@ -139,6 +139,16 @@ class RewardSpec:
         """Signal name -> folder of every reward-model signal."""
         return {name: signal.model for name, signal in self.by_name.items() if signal.model is not None}
 
+    def role_of(self, name: str) -> str:
+        """The role (adapter) a reward-model signal is scored by on a shared base: signals naming one folder share
+        it, so a model is loaded once (and a PRM read under three aggregations is scored once)."""
+        folders = self.models()
+        return signal_role(next(other for other, folder in folders.items() if folder == folders[name]))
+
+    def model_roles(self) -> dict[str, str]:
+        """Role -> folder of every distinct reward model the signals name."""
+        return {self.role_of(name): folder for name, folder in self.models().items()}
+
     def signal_key(self, name: str) -> str:
         """Where a signal sits in the recipe, for error messages (the short form's keys when it was used)."""
         signal = self.by_name[name]
@@ -325,16 +335,15 @@ def build_reward(spec: RewardSpec, reward_models: Scorers, model_spec: ModelSpec
 
 def reward_models_from_roles(spec: RewardSpec, roles: Mapping[str, SharedBase],
                              tokenizer: PreTrainedTokenizerBase) -> dict[str, RewardModel | ProcessRewardModel]:
-    """Each reward-model signal's scorer from its loaded role (`signal_role(name)`): a process reward model for a
-    prm stage, else a RewardModel with its rm stage's statistics."""
+    """Each reward-model signal's scorer from its loaded role (`spec.role_of(name)`): a process reward model for a
+    prm stage, else a RewardModel with its rm stage's statistics; signals sharing a role share the scorer."""
     from rlhf_pipeline.reward import RewardModel
 
-    models: dict[str, RewardModel | ProcessRewardModel] = {}
-    for name, folder in spec.models().items():
-        role = signal_role(name)
+    by_role: dict[str, RewardModel | ProcessRewardModel] = {}
+    for role, folder in spec.model_roles().items():
         kind = ProcessRewardModel if model_objective(folder) == PROCESS else RewardModel
-        models[name] = kind.from_role(roles[role], role, tokenizer, folder)
-    return models
+        by_role[role] = kind.from_role(roles[role], role, tokenizer, folder)
+    return {name: by_role[spec.role_of(name)] for name in spec.models()}
 
 
 def signal_role(name: str) -> str:
@@ -362,8 +371,8 @@ def load_reward(spec: RewardSpec, model_spec: ModelSpec, answer_key: AnswerKey |
             if not same_tokenizer(tokenizer, load_tokenizer(sources[name], specs[name])):
                 raise PipelineError(f"reward.signals.{name}: {folders[name]} uses a different tokenizer than "
                                     f"{folders[first]}; train every reward model from the same SFT output")
-        roles = load_frozen_roles({signal_role(n): s for n, s in sources.items()}, model_spec, tokenizer,
-                                  frozenset(signal_role(n) for n in sources))
+        unique = {spec.role_of(name): source for name, source in sources.items()}
+        roles = load_frozen_roles(unique, model_spec, tokenizer, frozenset(unique))
         reward_models = reward_models_from_roles(spec, roles, tokenizer)
     return build_reward(spec, reward_models, model_spec, answer_key)
 

@@ -40,3 +40,13 @@ def test_the_short_form_names_its_signals() -> None:
     assert spec.names == ["reward_model", "letter_e_share", "mentions_cake"]
     assert spec.by_name["reward_model"] == RewardSignal(model="outputs/rm", normalize=False)
     assert spec.signal_key("mentions_cake") == "reward.functions[1]"
+
+
+def test_signals_naming_one_model_share_its_role() -> None:
+    """A PRM read under several aggregations is loaded, and scored, once."""
+    spec = RewardSpec(signals={"p_min": RewardSignal(model="out/prm", aggregate="min"),
+                               "p_last": RewardSignal(model="out/prm", aggregate="last", weight=0.0),
+                               "orm": RewardSignal(model="out/orm", use="penalty"),
+                               "e": RewardSignal(function=LETTER_E)})
+    assert [spec.role_of(name) for name in ("p_min", "p_last", "orm")] == ["signal_p_min", "signal_p_min", "signal_orm"]
+    assert spec.model_roles() == {"signal_p_min": "out/prm", "signal_orm": "out/orm"}

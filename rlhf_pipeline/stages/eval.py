@@ -178,7 +178,7 @@ def run(recipe: Recipe) -> dict[str, Any]:
     from rlhf_pipeline.judges import load_judge
     from rlhf_pipeline.outputs import write_json
     from rlhf_pipeline.reward import RewardModel
-    from rlhf_pipeline.reward_spec import build_reward, reward_models_from_roles, signal_role
+    from rlhf_pipeline.reward_spec import build_reward, reward_models_from_roles
     from rlhf_pipeline.stages.common import finish_outputs, finished_manifest, load_frozen
 
     config: EvalConfig = recipe.settings
@@ -187,7 +187,7 @@ def run(recipe: Recipe) -> dict[str, Any]:
     names = {BASELINE: recipe.model.name_or_path, **policies}
     if config.reward_model:
         names[REWARD] = config.reward_model
-    names |= {signal_role(name): folder for name, folder in spec.models().items()}
+    names |= spec.model_roles()
     sources, tokenizer, models = load_frozen(recipe, names, scorers=frozenset(names) - {BASELINE, *policies})
     datasets, _ = load_datasets(recipe, tokenizer, prompts_only=True)
     prompts = [row["prompt"] for split in datasets.values() for row in split]

@@ -147,7 +147,7 @@ def run(recipe: Recipe) -> dict[str, Any]:
     from rlhf_pipeline.outputs import require_finished
     from rlhf_pipeline.ppo.roles import POLICY, build_ppo_model, check_shared_base
     from rlhf_pipeline.ppo.trainer import PPOTrainer
-    from rlhf_pipeline.reward_spec import build_reward, reward_models_from_roles, signal_role
+    from rlhf_pipeline.reward_spec import build_reward, reward_models_from_roles
     from rlhf_pipeline.sources import resolve_source
     from rlhf_pipeline.stages.common import (
         Loaded,
@@ -191,14 +191,14 @@ def run(recipe: Recipe) -> dict[str, Any]:
     say(f"loading {source.origin} once: reference, policy, reward model and critic are adapters on it")
     model = build_ppo_model(source, reward_source, recipe.model, tokenizer, critic_stats,
                             gradient_checkpointing=activation_checkpointing_default(recipe),
-                            scorers={signal_role(name): s for name, s in signal_sources.items()}, policy_init=start)
+                            scorers={spec.role_of(name): s for name, s in signal_sources.items()}, policy_init=start)
 
     datasets, data_report = load_datasets(recipe, tokenizer, prompts_only=True)
     chats = [row["prompt"] for split in datasets.values() for row in split]
     prompts = [encode_prompt(tokenizer, chat) for chat in chats]
     say(f"ppo: {len(prompts)} prompts ({data_report.summary()})")
     if spec.given:
-        reward_models = reward_models_from_roles(spec, dict.fromkeys(map(signal_role, spec.models()), model), tokenizer)
+        reward_models = reward_models_from_roles(spec, dict.fromkeys(spec.model_roles(), model), tokenizer)
         reward = build_reward(spec, reward_models, recipe.model, answer_key(recipe))
         say(f"ppo: reward = {', '.join(f'{name} ({s.use}, weight {s.weight:g})' for name, s in spec.by_name.items())}")
         dense = {name: (reward_models[name], signal.weight) for name, signal in spec.by_name.items()

@@ -68,13 +68,13 @@ def test_majority_vote_is_the_mean_over_every_subset(seed: int) -> None:
 
 def test_best_of_n_reranks_by_each_signal_by_majority_vote_and_by_the_oracle(
         tmp_path: Path, sft_and_rm: tuple[Path, Path], trained_prm: Path) -> None:
-    write_card(tmp_path, "prompts", [{"prompt": f"Tell me about topic {i}."} for i in range(6)], "prompt_only",
-               ["best-of-n"])
+    write_card(tmp_path, "prompts", [{"prompt": f"Topic {i}."} for i in range(6)], "prompt_only", ["best-of-n"])
     path = tmp_path / "best-of-n.yaml"
     path.write_text(yaml.safe_dump({
         "stage": "best-of-n", "model": {"name_or_path": str(sft_and_rm[0])},
         "data": {"train": ["prompts"], "eval_split": 0.0, "max_length": 96},
         "reward": {"signals": {"process": {"model": str(trained_prm), "aggregate": "min"},
+                               "process_last": {"model": str(trained_prm), "aggregate": "last", "weight": 0.0},
                                "long": {"function": "tests.stages.judges:over_30_characters", "use": "penalty",
                                         "weight": 0.0}}},
         "judge": {"type": "callable", "function": "tests.stages.judges:letter_e_share"},
@@ -83,7 +83,7 @@ def test_best_of_n_reranks_by_each_signal_by_majority_vote_and_by_the_oracle(
     assert main(["best-of-n", str(path)]) == 0
     record = json.loads((tmp_path / "out" / "best_of_n.json").read_text())
     rankers, per_prompt = record["rankers"], record["per_prompt"]
-    assert sorted(rankers) == ["long", "majority", "oracle", "process", "reward"]
+    assert sorted(rankers) == ["long", "majority", "oracle", "process", "process_last", "reward"]
     for name, rows in rankers.items():
         assert [row["n"] for row in rows] == [1, 2, 4]
         assert rows[0]["judge"]["mean"] == pytest.approx(record["by_n"][0]["judge"]["mean"])  # best of 1: any pick
@@ -95,6 +95,15 @@ def test_best_of_n_reranks_by_each_signal_by_majority_vote_and_by_the_oracle(
         assert rankers["long"][i]["judge"]["mean"] == pytest.approx(sum(shorter) / len(shorter))  # a penalty: lower
         assert rankers["oracle"][i]["judge"]["mean"] >= max(r[i]["judge"]["mean"] for r in rankers.values()) - 1e-12
     assert all(0 < p <= 1 for row in per_prompt for p in row["signal/process"])  # min of the steps' P(right)
+    from rlhf_pipeline.process_reward import ProcessRewardModel  # the same PRM, read once for both aggregations
+
+    chats = [[{"role": "user", "content": f"Topic {i}."}] for i in range(6)]
+    probabilities = ProcessRewardModel.from_stage(trained_prm).step_probabilities(
+        [chat for chat in chats for _ in range(4)], [a for row in per_prompt for a in row["answers"]])
+    flat = [(row["signal/process"][k], row["signal/process_last"][k]) for row in per_prompt for k in range(4)]
+    for (least, last), steps in zip(flat, probabilities, strict=True):
+        assert least == pytest.approx(min(steps or [0.0]), abs=1e-5) and last == pytest.approx((steps or [0.0])[-1],
+                                                                                               abs=1e-5)
     report = (tmp_path / "out" / "report.md").read_text()
     assert "Rerankers on the same samples" in report and "best_of_n_rankers.png" in report
 
