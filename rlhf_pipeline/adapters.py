@@ -24,6 +24,7 @@ from rlhf_pipeline.models import (
     CAUSAL_LM,
     HEAD_NAMES,
     REWARD,
+    SCORER_STAGES,
     load_adapter_weights,
     load_base,
     process_device,
@@ -205,7 +206,7 @@ def load_frozen_roles(sources: dict[str, ModelSource], spec: ModelSpec, tokenize
                       scorers: frozenset[str] = frozenset()) -> dict[str, SharedBase]:
     """Each named source as a frozen role, one base in memory per distinct base; roles in `scorers` get a head.
 
-    A scorer is a finished rm stage: its adapter on the base and its score head, or (a fully fine-tuned
+    A scorer is a finished rm (or prm) stage: its adapter on the base and its score head, or (a fully fine-tuned
     reward model) its own weights with their head. Every scorer is checked before any weights load. Bases go
     to this process's device (a 4-bit or 8-bit one is placed there as it loads).
     """
@@ -229,8 +230,26 @@ def load_frozen_roles(sources: dict[str, ModelSource], spec: ModelSpec, tokenize
     return out
 
 
+def load_scorer_stage(output_dir: str | Path, model_spec: ModelSpec | None,
+                      role: str) -> tuple[SharedBase, PreTrainedTokenizerBase]:
+    """A finished rm or prm stage alone, as a frozen scorer role on its base (with the recipe's model settings,
+    4-bit and so on, when given), and its tokenizer."""
+    import dataclasses
+
+    from rlhf_pipeline.models import load_tokenizer
+    from rlhf_pipeline.recipe import ModelSpec
+    from rlhf_pipeline.sources import resolve_source
+
+    spec = (dataclasses.replace(model_spec, name_or_path=str(output_dir)) if model_spec is not None
+            else ModelSpec(name_or_path=str(output_dir)))
+    source = resolve_source(spec)
+    tokenizer = load_tokenizer(source, spec)
+    return load_frozen_roles({role: source}, spec, tokenizer, scorers=frozenset({role}))[role], tokenizer
+
+
 def _require_reward_stage(source: ModelSource) -> None:
     folder = source.lineage[-1] if source.lineage else source.path
     manifest = read_manifest(Path(folder))
-    if manifest is None or manifest.stage != "rm":
-        raise PipelineError(f"{folder}: not a finished rm stage, so it has no score head to score with")
+    if manifest is None or manifest.stage not in SCORER_STAGES:
+        raise PipelineError(f"{folder}: not a finished {' or '.join(SCORER_STAGES)} stage, so it has no score head "
+                            "to score with")

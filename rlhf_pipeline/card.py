@@ -207,7 +207,9 @@ def _loading_snippet(manifest: StageManifest, repo: str, revision: str | None, f
                   "model.config.pad_token_id = tokenizer.pad_token_id",
                   f"model = PeftModel.from_pretrained(model, ADAPTER{repo_kw}).eval()"]
     lines.append("")
-    if reward:
+    if manifest.extra.get("objective") == "process":
+        lines += _process_snippet(_end_of_turn_token(folder))
+    elif reward:
         lines += ["# Scored the way the pipeline scores: prompt up to the assistant turn, answer, end-of-turn.",
                   f"END_OF_TURN = {_end_of_turn_token(folder)!r}",
                   'prompt = [{"role": "user", "content": "Describe a rainy Monday."}]',
@@ -225,6 +227,28 @@ def _loading_snippet(manifest: StageManifest, repo: str, revision: str | None, f
                   "output = model.generate(**inputs, max_new_tokens=64, do_sample=False)",
                   'print(tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))']
     return "\n".join(lines)
+
+
+def _process_snippet(end_of_turn: str) -> list[str]:
+    """A process reward model's use: σ(score) at the token that ends each step (a line break; the last step's is
+    the end-of-turn token), read from the head's output at every token."""
+    return ["# A process reward model: P(step right) = σ(score) at the token that ends each step.",
+            f"END_OF_TURN = {end_of_turn!r}",
+            'problem = "Tom has 23 apples. He buys 18 more. Then he gives away 17. How many apples does Tom have now?"',
+            'answer = "23 + 18 = 41\\n41 - 17 = 24\\nThe answer is 24."',
+            'chat = [{"role": "user", "content": problem}]',
+            "prompt_ids = tokenizer.apply_chat_template(chat, add_generation_prompt=True, return_dict=True)",
+            'prompt_ids = prompt_ids["input_ids"]',
+            "ids, start = list(prompt_ids), len(prompt_ids)",
+            'ids += tokenizer(answer, add_special_tokens=False)["input_ids"]',
+            "ids.append(tokenizer.convert_tokens_to_ids(END_OF_TURN))",
+            "caught = {}",
+            "model.score.register_forward_hook(lambda module, args, output: caught.update(scores=output))",
+            "with torch.no_grad():",
+            "    model(input_ids=torch.tensor([ids]))",
+            'ends = [i for i in range(start, len(ids) - 1) if "\\n" in tokenizer.decode([ids[i]])] + [len(ids) - 1]',
+            'probabilities = [torch.sigmoid(caught["scores"][0, i, 0]).item() for i in ends]',
+            'print("P(step right):", [round(p, 3) for p in probabilities])']
 
 
 def _data_entry(summary: _DataSummary) -> dict[str, str]:

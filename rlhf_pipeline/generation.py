@@ -95,11 +95,14 @@ def sampling_engine(spec: GenerationSpec, shared: SharedBase, tokenizer: PreTrai
 
 def sample_answers(engine: Engine, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[Messages],
                    num_samples: int = 1, max_new_tokens: int = 48, temperature: float = 1.0, top_p: float = 1.0,
-                   seed: int = 0, description: str = "sampling") -> list[list[Sample]]:
+                   seed: int = 0, description: str = "sampling",
+                   answer_prefixes: Sequence[str] | None = None) -> list[list[Sample]]:
     """`num_samples` answers for each prompt (greedy when temperature is 0) from the engine's current policy.
 
     The same seed gives the same answers from the same engine; torch's global generator is seeded for the call
-    (Hugging Face draws from it) and restored after it.
+    (Hugging Face draws from it) and restored after it. With `answer_prefixes` (one per prompt) each answer
+    continues its prompt's prefix, as Math-Shepherd's rollouts continue a solution's first steps: the prefix is
+    part of the prompt ids, the sample holds the continuation only.
     """
     import torch
     from tqdm.auto import tqdm
@@ -107,7 +110,9 @@ def sample_answers(engine: Engine, tokenizer: PreTrainedTokenizerBase, prompts: 
     from rlhf_pipeline.distributed import is_main_process
 
     stops = stop_ids(tokenizer)
-    encoded = [encode_prompt(tokenizer, prompt) for prompt in prompts]
+    prefixes = answer_prefixes if answer_prefixes is not None else [""] * len(prompts)
+    encoded = [encode_prompt(tokenizer, prompt) + tokenizer(prefix, add_special_tokens=False)["input_ids"]
+               for prompt, prefix in zip(prompts, prefixes, strict=True)]
     settings = SamplingSettings(max_new_tokens, temperature, top_p, seed, stops)
     generator_seed = torch.random.initial_seed()
     torch.manual_seed(seed)

@@ -8,22 +8,30 @@ judge can also be one signal of a reward (reward_spec.py).
     judge: {type: reward_model, path: outputs/smollm2-135m/rm}
     judge: {type: callable, function: my_package.rules:politeness}
     judge: {type: llm, path: embedded, mode: pairwise}    # an LLM asked a rubric question (llm_judge.py)
+    judge: {type: callable, function: rlhf_pipeline.tasks.answers:outcome}   # accuracy against the right answers
+
+A function with a `references` parameter is called with each prompt's right answer too, looked up in the
+stage's answer key (data/loading.py:answer_key, from the cards' `reference` column).
 """
 
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable, Sequence
+import inspect
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from rlhf_pipeline.chat import Messages
+from rlhf_pipeline.data.loading import prompt_key
+from rlhf_pipeline.errors import PipelineError
 from rlhf_pipeline.llm_judge import check_settings
 
 if TYPE_CHECKING:
     from rlhf_pipeline.recipe import ModelSpec
 
 Judge = Callable[[Sequence[Messages], Sequence[str]], list[float]]
+AnswerKey = Mapping[str, str]  # prompt_key(prompt) -> the prompt's right answer (a card's `reference`)
 JUDGE_TYPES = ("vader", "reward_model", "callable", "llm")
 
 
@@ -91,8 +99,37 @@ def import_function(reference: str) -> Callable[..., list[float]]:
     return function
 
 
-def load_judge(spec: JudgeSpec, model_spec: ModelSpec | None = None) -> Judge:
-    """Build the judge a recipe names; a reward-model judge loads with the recipe's model settings (4-bit...)."""
+def takes_references(function: Callable[..., object]) -> bool:
+    """Whether a function checks answers against the right ones (it has a `references` parameter)."""
+    try:
+        return "references" in inspect.signature(function).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def checking_references(function: Callable[..., list[float]], answer_key: AnswerKey | None, name: str) -> Judge:
+    """A function as a judge: one with a `references` parameter gets each prompt's right answer from `answer_key`."""
+    if not takes_references(function):
+        return function
+
+    def judge(prompts: Sequence[Messages], answers: Sequence[str]) -> list[float]:
+        references = []
+        for prompt in prompts:
+            reference = (answer_key or {}).get(prompt_key(prompt))
+            if reference is None:
+                shown = prompt[-1]["content"] if prompt else ""
+                raise PipelineError(f"'{name}' checks each answer against its prompt's right answer, and the prompt "
+                                    f"{shown[:80]!r} has none: give the stage's prompt cards a `reference` column "
+                                    "(the right answer, or a worked solution ending in it)")
+            references.append(reference)
+        return function(prompts, answers, references=references)
+
+    return judge
+
+
+def load_judge(spec: JudgeSpec, model_spec: ModelSpec | None = None, answer_key: AnswerKey | None = None) -> Judge:
+    """Build the judge a recipe names; a reward-model judge loads with the recipe's model settings (4-bit...);
+    a function that checks against the right answers reads them from `answer_key`."""
     if spec.type == "vader":
         return vader_judge()
     if spec.type == "reward_model":
@@ -104,4 +141,4 @@ def load_judge(spec: JudgeSpec, model_spec: ModelSpec | None = None) -> Judge:
 
         return LLMJudge.from_path(str(spec.path), model_spec, mode=spec.mode, rubric=spec.rubric,
                                   choices=tuple(spec.choices), max_rating=spec.max_rating, batch_size=spec.batch_size)
-    return import_function(str(spec.function))
+    return checking_references(import_function(str(spec.function)), answer_key, str(spec.function))

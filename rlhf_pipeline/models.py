@@ -302,6 +302,7 @@ def load_adapter_weights(model: PeftModel, adapter_dir: str | Path, adapter_name
 
 
 HEAD_NAMES = ("score", "classifier")  # what PEFT keeps whole beside a reward model's LoRA
+SCORER_STAGES = ("rm", "prm")  # stages whose output is a score head on the base: a reward model, a process RM
 
 
 def _is_head_key(key: str) -> bool:

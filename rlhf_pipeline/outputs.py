@@ -143,14 +143,18 @@ def read_manifest(output_dir: Path) -> StageManifest | None:
     return StageManifest(**record)
 
 
-def require_finished(output_dir: Path, stage: str, key: str) -> StageManifest:
-    """A finished stage's manifest, or an error naming the recipe key that points at it."""
+def require_finished(output_dir: Path, stage: str | tuple[str, ...], key: str) -> StageManifest:
+    """A finished stage's manifest (of `stage`, or of one of several), or an error naming the recipe key that
+    points at it."""
+    stages = (stage,) if isinstance(stage, str) else stage
+    wanted = " or ".join(stages)
     manifest = read_manifest(output_dir)
     if manifest is None:
-        raise PipelineError(f"{key}: {output_dir} is not a finished {stage} stage (no {MARKER}); "
-                            f"run the {stage} stage first, or let it finish")
-    if manifest.stage != stage:
-        raise PipelineError(f"{key}: {output_dir} holds a finished '{manifest.stage}' stage, not '{stage}'")
+        raise PipelineError(f"{key}: {output_dir} is not a finished {wanted} stage (no {MARKER}); "
+                            f"run the {wanted} stage first, or let it finish")
+    if manifest.stage not in stages:
+        raise PipelineError(f"{key}: {output_dir} holds a finished '{manifest.stage}' stage, not "
+                            f"{' or '.join(repr(s) for s in stages)}")
     return manifest
 
 

@@ -51,18 +51,9 @@ class RewardModel:
     @classmethod
     def from_stage(cls, output_dir: str | Path, model_spec: ModelSpec | None = None) -> RewardModel:
         """A finished rm stage as PPO holds it: its adapter on the base (never merged) and its score head."""
-        import dataclasses
+        from rlhf_pipeline.adapters import load_scorer_stage
 
-        from rlhf_pipeline.adapters import load_frozen_roles
-        from rlhf_pipeline.models import load_tokenizer
-        from rlhf_pipeline.recipe import ModelSpec
-        from rlhf_pipeline.sources import resolve_source
-
-        spec = (dataclasses.replace(model_spec, name_or_path=str(output_dir)) if model_spec is not None
-                else ModelSpec(name_or_path=str(output_dir)))
-        source = resolve_source(spec)
-        tokenizer = load_tokenizer(source, spec)
-        shared = load_frozen_roles({"reward": source}, spec, tokenizer, scorers=frozenset({"reward"}))["reward"]
+        shared, tokenizer = load_scorer_stage(output_dir, model_spec, "reward")
         return cls.from_role(shared, "reward", tokenizer, output_dir)
 
     @classmethod

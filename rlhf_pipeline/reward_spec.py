@@ -9,6 +9,15 @@ preference reward model with rule reward models.
         sentiment: {judge: {type: vader}, weight: 0.5}              # any judge (judges.py)
       veto_reward: -3.0
 
+A process reward model (a finished prm stage) is a signal too, with `aggregate` saying how its steps' P(right)
+make one reward: `min`, `product` or `last` (process_reward.py); `dense` (PPO only) gives PPO a reward at the
+end of every step instead, log P(right), beside the other signals' reward at the end of the answer:
+
+        process: {model: outputs/smollm2-135m-arithmetic/prm, aggregate: min}
+
+A function with a `references` parameter (tasks/answers.py:outcome) is also given each prompt's right answer,
+from the `reference` column of the stage's cards (data/loading.py:answer_key).
+
 An answer's reward is Σ weight·score over the `use: reward` signals, minus Σ weight·p over the `use: penalty`
 ones, where p in [0, 1] is the probability (or 0/1 verdict) that the answer breaks the signal's rule; an answer
 that a `use: veto` signal flags (p > its threshold) gets `veto_reward` instead, whatever else it scored. A
@@ -32,13 +41,20 @@ from typing import TYPE_CHECKING, Any
 
 from rlhf_pipeline.chat import Messages
 from rlhf_pipeline.errors import RecipeError
-from rlhf_pipeline.judges import JudgeSpec, import_function
+from rlhf_pipeline.judges import AnswerKey, JudgeSpec, checking_references, import_function, takes_references
+from rlhf_pipeline.models import SCORER_STAGES
 from rlhf_pipeline.outputs import read_manifest
+from rlhf_pipeline.process_reward import AGGREGATIONS, DENSE, PROCESS, ProcessRewardModel, aggregate
 from rlhf_pipeline.reward import CLASSIFICATION, PAIRWISE
 
 if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from rlhf_pipeline.adapters import SharedBase
     from rlhf_pipeline.recipe import ModelSpec, Recipe
     from rlhf_pipeline.reward import RewardModel
+
+    Scorers = Mapping[str, RewardModel | ProcessRewardModel]
 
 USES = ("reward", "penalty", "veto")
 SIGNAL = "signal/"  # the column prefix of a signal's per-answer scores (eval.json and the answers files)
@@ -61,6 +77,7 @@ class RewardSignal:
     use: str = "reward"
     normalize: bool = True  # a preference RM: (score - mean)/std of its training answers' scores
     threshold: float = 0.5  # a veto flags the answers whose probability of breaking the rule is above this
+    aggregate: str | None = None  # a process reward model: min, product, last, or dense (PPO: a reward per step)
 
     def __post_init__(self) -> None:
         if sum(source is not None for source in (self.model, self.function, self.judge)) != 1:
@@ -74,6 +91,10 @@ class RewardSignal:
             raise ValueError("weight: must be zero or more; a signal that lowers the reward is `use: penalty`")
         if not 0 < self.threshold < 1:
             raise ValueError("threshold: a probability strictly between 0 and 1")
+        if self.aggregate is not None and (self.model is None or self.aggregate not in (*AGGREGATIONS, DENSE)):
+            raise ValueError(f"aggregate: how a process reward model's steps make one reward, one of "
+                             f"{', '.join(AGGREGATIONS)} or {DENSE} (PPO), for a `model` signal; got "
+                             f"{self.aggregate!r}")
 
 
 @dataclass
@@ -119,6 +140,16 @@ class RewardSpec:
         """Signal name -> folder of every reward-model signal."""
         return {name: signal.model for name, signal in self.by_name.items() if signal.model is not None}
 
+    def role_of(self, name: str) -> str:
+        """The role (adapter) a reward-model signal is scored by on a shared base: signals naming one folder share
+        it, so a model is loaded once (and a PRM read under three aggregations is scored once)."""
+        folders = self.models()
+        return signal_role(next(other for other, folder in folders.items() if folder == folders[name]))
+
+    def model_roles(self) -> dict[str, str]:
+        """Role -> folder of every distinct reward model the signals name."""
+        return {self.role_of(name): folder for name, folder in self.models().items()}
+
     def signal_key(self, name: str) -> str:
         """Where a signal sits in the recipe, for error messages (the short form's keys when it was used)."""
         signal = self.by_name[name]
@@ -130,14 +161,18 @@ class RewardSpec:
 
 
 def model_objective(folder: str | Path) -> str | None:
-    """What a finished rm stage learnt: "pairwise" (preferences) or "classification" (a rule); None if unfinished."""
+    """What a finished rm or prm stage learnt: "pairwise" (preferences), "classification" (a rule) or "process"
+    (a prm's step scores); None if unfinished."""
     manifest = read_manifest(Path(folder))
-    return None if manifest is None else manifest.extra.get("objective", PAIRWISE)
+    if manifest is None:
+        return None
+    return PROCESS if manifest.stage == "prm" else manifest.extra.get("objective", PAIRWISE)
 
 
 def check_reward(recipe: Recipe, spec: RewardSpec, answers_grouped: bool = False) -> None:
     """Before any weights load: functions import, models are finished rm stages used as what they are, and a
     pairwise LLM judge only where the answers come in groups per prompt (`label`)."""
+    _check_references(recipe, spec)
     for name, signal in spec.by_name.items():
         key = spec.signal_key(name)
         if signal.judge is not None and signal.judge.type == "llm" and signal.judge.mode == "pairwise" and (
@@ -153,9 +188,10 @@ def check_reward(recipe: Recipe, spec: RewardSpec, answers_grouped: bool = False
                                   "with (prompts, answers) and returning a float per answer") from None
         if signal.model is not None:
             model_key = key if key == "reward.model" else f"{key}.model"
-            recipe.check_finished_stage(model_key, signal.model, ("rm",),
-                                        "not a reward model; point it at an rm stage's output_dir")
+            recipe.check_finished_stage(model_key, signal.model, SCORER_STAGES,
+                                        "not a reward model; point it at an rm (or prm) stage's output_dir")
             objective = model_objective(signal.model)  # unknown while an earlier pipeline stage has yet to write it
+            _check_process_signal(recipe, key, signal, objective)
             rule = objective == CLASSIFICATION
             if rule and signal.use not in RULE_USES:
                 raise RecipeError(recipe.path, f"{key}.use", f"{signal.model} is a rule reward model (the "
@@ -164,6 +200,48 @@ def check_reward(recipe: Recipe, spec: RewardSpec, answers_grouped: bool = False
                 raise RecipeError(recipe.path, f"{key}.use", f"{signal.model} is a preference reward model (a score, "
                                   "not a probability); use it as `use: reward`, or train a rule RM on a "
                                   "classification card for a penalty or veto")
+
+
+def _check_process_signal(recipe: Recipe, key: str, signal: RewardSignal, objective: str | None) -> None:
+    """A process reward model needs an aggregation (dense only in PPO, as a reward); nothing else takes one."""
+    if objective == PROCESS and signal.aggregate is None:
+        raise RecipeError(recipe.path, f"{key}.aggregate", f"{signal.model} is a process reward model (a score per "
+                          f"step): say how its steps make one reward, one of {', '.join(AGGREGATIONS)} (or {DENSE} in "
+                          "ppo: a reward at the end of every step)")
+    if objective not in (PROCESS, None) and signal.aggregate is not None:
+        raise RecipeError(recipe.path, f"{key}.aggregate", f"{signal.model} scores whole answers, not steps; remove "
+                          "aggregate (it is for a prm stage's output)")
+    if signal.aggregate is not None and signal.use != "reward":
+        raise RecipeError(recipe.path, f"{key}.use", "a process reward model's P(right) is a reward: use: reward")
+    if signal.aggregate == DENSE and recipe.stage != "ppo":
+        raise RecipeError(recipe.path, f"{key}.aggregate", f"dense rewards (one per step) are PPO's; {recipe.stage} "
+                          f"scores whole answers: use one of {', '.join(AGGREGATIONS)}")
+
+
+def _check_references(recipe: Recipe, spec: RewardSpec) -> None:
+    """A function that checks answers against the right ones needs cards that carry them (a `reference` column)."""
+    from rlhf_pipeline.data.loading import answer_key
+
+    needing = [name for name, signal in spec.by_name.items()
+               if signal.function is not None and _importable(signal.function)
+               and takes_references(import_function(signal.function))]
+    # Cards an earlier stage writes (pending) and Hub cards are read when the stage runs, which refuses a prompt
+    # without a reference then.
+    listed = len(recipe.data.train) + len(recipe.data.eval) + len(recipe.data.ptx)
+    if not needing or len(recipe.cards) < listed or any(card.source.path is None for card in recipe.cards):
+        return
+    if not answer_key(recipe):
+        raise RecipeError(recipe.path, spec.signal_key(needing[0]), f"{spec.by_name[needing[0]].function} checks "
+                          "answers against each prompt's right answer, and no card of data.train or data.eval gives "
+                          "one: list prompt cards with a `reference` column (format prompt_only)")
+
+
+def _importable(reference: str) -> bool:
+    try:
+        import_function(reference)
+    except ValueError:
+        return False  # check_reward says what is wrong with it
+    return True
 
 
 @dataclass
@@ -188,12 +266,13 @@ class Reward:
         return scores
 
     def combine(self, scores: Mapping[str, Sequence[float]]) -> list[float]:
-        """Weighted sum of the reward signals minus the weighted penalties; vetoed answers get `veto_reward`."""
+        """Weighted sum of the reward signals minus the weighted penalties; vetoed answers get `veto_reward`.
+        Dense signals are left out: PPO adds their rewards step by step."""
         rows = len(next(iter(scores.values()))) if scores else 0
         totals = [0.0] * rows
         for name, signal in self.spec.by_name.items():
             sign = {"reward": 1.0, "penalty": -1.0}.get(signal.use)
-            if sign is not None:
+            if sign is not None and signal.aggregate != DENSE:  # a dense signal's reward comes per step (PPO)
                 totals = [t + sign * signal.weight * v for t, v in zip(totals, scores[name], strict=True)]
         for name, signal in self.spec.by_name.items():
             if signal.use == "veto":
@@ -210,8 +289,11 @@ def signal_columns(signals: Mapping[str, Sequence[float]]) -> dict[str, Sequence
     return {f"{SIGNAL}{name}": values for name, values in signals.items()}
 
 
-def model_scorer(rm: RewardModel, signal: RewardSignal) -> Scorer:
-    """A reward model as a signal: sigmoid(score) for a rule RM, else its score, normalised unless told not to."""
+def model_scorer(rm: RewardModel | ProcessRewardModel, signal: RewardSignal) -> Scorer:
+    """A reward model as a signal: sigmoid(score) for a rule RM, else its score, normalised unless told not to;
+    a process reward model's steps' P(right), aggregated as the signal says."""
+    if isinstance(rm, ProcessRewardModel):
+        return _process_scorer(rm, str(signal.aggregate))
     mean, std = (rm.mean, rm.std) if signal.normalize else (0.0, 1.0)
     rule = rm.objective == CLASSIFICATION
 
@@ -223,6 +305,18 @@ def model_scorer(rm: RewardModel, signal: RewardSignal) -> Scorer:
     return score
 
 
+def _process_scorer(prm: ProcessRewardModel, how: str) -> Scorer:
+    def score(prompts: Sequence[Messages], answers: Sequence[str],
+              sequences: Sequence[Sequence[int]] | None = None) -> list[float]:
+        if sequences is None:
+            sequences, cuts = prm.encode(prompts, answers)
+        else:  # sampled ids: their prompt part is the chat-encoded prompt, as every stage encodes it
+            cuts = prm.prompt_lengths(prompts)
+        return [aggregate(probabilities, how) for _, probabilities in prm.step_scores(sequences, cuts)]
+
+    return score
+
+
 def _text_scorer(judge: Callable[[Sequence[Messages], Sequence[str]], Sequence[float]]) -> Scorer:
     def score(prompts: Sequence[Messages], answers: Sequence[str], sequences: Any = None) -> list[float]:
         return [float(v) for v in judge(prompts, answers)]
@@ -230,8 +324,10 @@ def _text_scorer(judge: Callable[[Sequence[Messages], Sequence[str]], Sequence[f
     return score
 
 
-def build_reward(spec: RewardSpec, reward_models: Mapping[str, RewardModel], model_spec: ModelSpec | None) -> Reward:
-    """The spec's Reward from its loaded reward models (signal name -> RewardModel); functions and judges here."""
+def build_reward(spec: RewardSpec, reward_models: Scorers, model_spec: ModelSpec | None,
+                 answer_key: AnswerKey | None = None) -> Reward:
+    """The spec's Reward from its loaded reward models (signal name -> RewardModel or ProcessRewardModel);
+    functions and judges here, given the prompts' right answers (`answer_key`) when they check against them."""
     from rlhf_pipeline.judges import load_judge
 
     scorers: dict[str, Scorer] = {}
@@ -239,10 +335,24 @@ def build_reward(spec: RewardSpec, reward_models: Mapping[str, RewardModel], mod
         if signal.model is not None:
             scorers[name] = model_scorer(reward_models[name], signal)
         elif signal.function is not None:
-            scorers[name] = _text_scorer(import_function(signal.function))
+            function = import_function(signal.function)
+            scorers[name] = _text_scorer(checking_references(function, answer_key, signal.function))
         else:
-            scorers[name] = _text_scorer(load_judge(signal.judge, model_spec))  # type: ignore[arg-type]
+            scorers[name] = _text_scorer(load_judge(signal.judge, model_spec, answer_key))  # type: ignore[arg-type]
     return Reward(spec, scorers)
+
+
+def reward_models_from_roles(spec: RewardSpec, roles: Mapping[str, SharedBase],
+                             tokenizer: PreTrainedTokenizerBase) -> dict[str, RewardModel | ProcessRewardModel]:
+    """Each reward-model signal's scorer from its loaded role (`spec.role_of(name)`): a process reward model for a
+    prm stage, else a RewardModel with its rm stage's statistics; signals sharing a role share the scorer."""
+    from rlhf_pipeline.reward import RewardModel
+
+    by_role: dict[str, RewardModel | ProcessRewardModel] = {}
+    for role, folder in spec.model_roles().items():
+        kind = ProcessRewardModel if model_objective(folder) == PROCESS else RewardModel
+        by_role[role] = kind.from_role(roles[role], role, tokenizer, folder)
+    return {name: by_role[spec.role_of(name)] for name in spec.models()}
 
 
 def signal_role(name: str) -> str:
@@ -250,17 +360,17 @@ def signal_role(name: str) -> str:
     return f"signal_{name}"
 
 
-def load_reward(spec: RewardSpec, model_spec: ModelSpec) -> Reward:
-    """The spec's Reward with its reward models loaded as frozen roles on one base (4-bit if the recipe says)."""
+def load_reward(spec: RewardSpec, model_spec: ModelSpec, answer_key: AnswerKey | None = None) -> Reward:
+    """The spec's Reward with its reward models loaded as frozen roles on one base (4-bit if the recipe says);
+    `answer_key`: the prompts' right answers, for the functions that check against them."""
     import dataclasses
 
     from rlhf_pipeline.adapters import load_frozen_roles
     from rlhf_pipeline.errors import PipelineError
     from rlhf_pipeline.models import load_tokenizer, same_tokenizer
-    from rlhf_pipeline.reward import RewardModel
     from rlhf_pipeline.sources import resolve_source
 
-    reward_models: dict[str, RewardModel] = {}
+    reward_models: dict[str, RewardModel | ProcessRewardModel] = {}
     if folders := spec.models():
         specs = {name: dataclasses.replace(model_spec, name_or_path=folder) for name, folder in folders.items()}
         sources = {name: resolve_source(s) for name, s in specs.items()}
@@ -270,11 +380,10 @@ def load_reward(spec: RewardSpec, model_spec: ModelSpec) -> Reward:
             if not same_tokenizer(tokenizer, load_tokenizer(sources[name], specs[name])):
                 raise PipelineError(f"reward.signals.{name}: {folders[name]} uses a different tokenizer than "
                                     f"{folders[first]}; train every reward model from the same SFT output")
-        roles = load_frozen_roles({signal_role(n): s for n, s in sources.items()}, model_spec, tokenizer,
-                                  frozenset(signal_role(n) for n in sources))
-        reward_models = {name: RewardModel.from_role(roles[signal_role(name)], signal_role(name), tokenizer, folder)
-                         for name, folder in folders.items()}
-    return build_reward(spec, reward_models, model_spec)
+        unique = {spec.role_of(name): source for name, source in sources.items()}
+        roles = load_frozen_roles(unique, model_spec, tokenizer, frozenset(unique))
+        reward_models = reward_models_from_roles(spec, roles, tokenizer)
+    return build_reward(spec, reward_models, model_spec, answer_key)
 
 
 RewardFunction = Callable[..., list[float]]  # TRL's reward function: (prompts, completions, **columns) -> floats

@@ -271,7 +271,7 @@ def test_a_reward_role_on_a_base_without_an_rm_stage_is_refused(chain: Chain) ->
     from rlhf_pipeline.errors import PipelineError
 
     spec = _spec(chain.sft, quantized=False)
-    with pytest.raises(PipelineError, match="not a finished rm stage"):
+    with pytest.raises(PipelineError, match="not a finished rm or prm stage"):
         load_frozen_roles({"reward": resolve_source(spec)}, spec, load_tokenizer(resolve_source(spec), spec),
                           scorers=frozenset({"reward"}))
 

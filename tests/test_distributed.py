@@ -29,7 +29,7 @@ from safetensors.torch import load_file
 
 from rlhf_pipeline.outputs import last_checkpoint
 from tests.launch_probe import PROBE_IDS, logits_path
-from tests.stages.conftest import preference_rows, sft_rows, write_card
+from tests.stages.conftest import preference_rows, sft_rows, stepwise_rows, write_card
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = REPO / "accelerate_configs"
@@ -91,6 +91,7 @@ def work(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path
     root = tmp_path_factory.mktemp("distributed")
     write_card(root, "chat", sft_rows(48), "messages", ["sft"])
     write_card(root, "pairs", preference_rows(48), "prompt_chosen_rejected", ["rm"])
+    write_card(root, "steps", stepwise_rows(48), "stepwise", ["prm"])
     write_card(root, "prompts", [{"prompt": f"Say something about topic {i}."} for i in range(24)], "prompt_only",
                ["ppo"])
     (root / "model").symlink_to(tiny_model_dir)
@@ -99,7 +100,7 @@ def work(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path
 
 def write_recipe(work: Path, name: str, stage_name: str, training: dict[str, Any] | None = None,
                  eval_split: float = 0.25) -> Path:
-    cards = {"sft": ["chat"], "rm": ["pairs"], "ppo": ["prompts"]}[stage_name]
+    cards = {"sft": ["chat"], "rm": ["pairs"], "prm": ["steps"], "ppo": ["prompts"]}[stage_name]
     settings = {"output_dir": str(work / "out" / name), "max_steps": 3, "per_device_train_batch_size": PER_DEVICE,
                 "gradient_accumulation_steps": ACCUMULATION, "per_device_eval_batch_size": 8,
                 "learning_rate": 5e-3, "logging_steps": 1, "save_steps": 50, "eval_strategy": "no", "seed": 0,
@@ -220,6 +221,20 @@ def test_rm_ddp(work: Path, tiny_model_dir: Path, ddp_runs: dict[str, Path]) -> 
     ddp_runs["rm"] = out
 
 
+def test_prm_ddp(work: Path, tiny_model_dir: Path, ddp_runs: dict[str, Path]) -> None:
+    recipe = write_recipe(work, "prm-ddp", "prm")
+    output = succeeded(launch("prm ddp", CONFIGS / "cpu_multi_process.yaml", stage("prm", recipe)))
+    out = work / "out" / "prm-ddp"
+    metrics = metrics_of(out)
+    assert_two_ranks(metrics, "MULTI_CPU")
+    assert metrics["global_batch_size"] == PER_DEVICE * ACCUMULATION * 2 and metrics["global_steps"] == 3
+    assert len(re.findall(r"^prm: finished; outputs in ", output, flags=re.MULTILINE)) == 1
+    assert metrics["eval"]["solutions"] == 12 and 0 <= metrics["eval_step_accuracy"] <= 1  # a quarter held out
+    weights = assert_adapter_trained(out)
+    assert any("score" in key for key in weights)  # the trained head travels with the adapter
+    ddp_runs["prm"] = out
+
+
 def ppo_recipe(work: Path, name: str, ddp_runs: dict[str, Path], **extra: Any) -> Path:
     """Two PPO steps of 8 prompts (2 per micro-batch x 2 accumulated x 2 processes) against the DDP reward model."""
     return write_recipe(work, name, "ppo", {
@@ -293,7 +308,7 @@ def _check_sharded_run(work: Path, tiny_model_dir: Path, name: str, stage_name: 
     if stage_name in ddp_runs:  # same seed, same global batch: ZeRO and FSDP must train exactly as DDP did
         ddp = metrics_of(ddp_runs[stage_name])
         assert train_losses(metrics) == pytest.approx(train_losses(ddp), abs=1e-4)
-        final = "eval_loss" if stage_name == "sft" else "eval_mean_margin"
+        final = {"sft": "eval_loss", "rm": "eval_mean_margin", "prm": "eval_step_accuracy"}[stage_name]
         assert metrics[final] == pytest.approx(ddp[final], abs=1e-4)
     assert_two_ranks(metrics, distributed_type, zero_stage)
     assert metrics["global_batch_size"] == PER_DEVICE * ACCUMULATION * 2
@@ -308,7 +323,7 @@ def _check_sharded_run(work: Path, tiny_model_dir: Path, name: str, stage_name: 
     assert not torch.allclose(saved, logits(base), atol=1e-4)
 
 
-@pytest.mark.parametrize(("stage_name", "zero_stage"), [("sft", 2), ("rm", 2), ("sft", 3)])
+@pytest.mark.parametrize(("stage_name", "zero_stage"), [("sft", 2), ("rm", 2), ("prm", 2), ("sft", 3)])
 def test_deepspeed_trains_like_ddp_and_saves_the_trained_adapter(work: Path, tiny_model_dir: Path,
                                                                  ddp_runs: dict[str, Path], stage_name: str,
                                                                  zero_stage: int) -> None:

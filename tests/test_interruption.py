@@ -27,7 +27,7 @@ from rlhf_pipeline.errors import PipelineError
 from rlhf_pipeline.locks import LOCK_FILE
 from rlhf_pipeline.outputs import CHECKPOINT_STATE, MARKER, last_checkpoint, read_manifest
 from rlhf_pipeline.stages import load_recipe
-from tests.stages.conftest import preference_rows, sft_rows, write_card
+from tests.stages.conftest import preference_rows, sft_rows, stepwise_rows, write_card
 
 LORA = {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0}
 STEPS = 12
@@ -38,8 +38,8 @@ TRAINER = {"per_device_train_batch_size": 2, "per_device_eval_batch_size": 8, "l
 
 def _recipe(folder: Path, model_dir: Path, stage: str, sections: dict[str, Any] | None = None,
             **training: Any) -> Path:
-    cards = {"sft": "chat", "rm": "pairs", "ppo": "prompts", "dpo": "pairs", "kto": "pairs", "grpo": "prompts",
-             "rloo": "prompts"}
+    cards = {"sft": "chat", "rm": "pairs", "prm": "steps", "ppo": "prompts", "dpo": "pairs", "kto": "pairs",
+             "grpo": "prompts", "rloo": "prompts"}
     recipe = {"stage": stage, "model": {"name_or_path": str(model_dir), "lora": LORA},
               "data": {"train": [cards[stage]], "eval_split": 0.0, "max_length": 96, "unpair": stage == "kto"},
               "training": {"output_dir": str(folder / "outputs" / stage)} | training} | (sections or {})
@@ -53,6 +53,9 @@ def _stage_recipe(stage: str, folder: Path, model_dir: Path, request: pytest.Fix
     if stage == "sft":
         write_card(folder, "chat", sft_rows(32), "messages", ["sft"])
         return _recipe(folder, model_dir, "sft", max_steps=STEPS, **TRAINER)
+    if stage == "prm":
+        write_card(folder, "steps", stepwise_rows(32), "stepwise", ["prm"])
+        return _recipe(folder, model_dir, "prm", max_steps=STEPS, **TRAINER)
     if stage in ("rm", "dpo", "kto"):
         write_card(folder, "pairs", preference_rows(32), "prompt_chosen_rejected", ["rm", "dpo", "kto"])
         return _recipe(folder, model_dir, stage, max_steps=STEPS, **TRAINER)
@@ -159,7 +162,7 @@ def _trained_steps(metrics: dict[str, Any]) -> list[int]:
     return [entry["step"] for entry in metrics["log_history"] if "loss" in entry or "objective/scores" in entry]
 
 
-@pytest.mark.parametrize("stage", ["sft", "rm", "ppo", "dpo", "kto", "grpo", "rloo"])
+@pytest.mark.parametrize("stage", ["sft", "rm", "prm", "ppo", "dpo", "kto", "grpo", "rloo"])
 def test_sigterm_saves_the_current_step_and_the_rerun_resumes_there(stage: str, tmp_path: Path,
                                                                      tiny_model_dir: Path,
                                                                      request: pytest.FixtureRequest,

@@ -56,6 +56,7 @@ NONSENSE_CONFIG: dict[str, list[tuple[str, Any]]] = {
     "sft": [("learning_rate", -1e-4), ("learning_rate", 0), ("learning_rate", math.nan),
             ("learning_rate", math.inf), ("num_train_epochs", -1), ("save_steps", 0), ("output_dir", "")],
     "rm": [("learning_rate", -3e-4), ("per_device_train_batch_size", 0), ("learning_rate", math.nan)],
+    "prm": [("learning_rate", -1e-3), ("num_train_epochs", -1), ("per_device_train_batch_size", 0)],
     "ppo": [("response_length", 0), ("learning_rate", -1.0), ("kl_estimator", "k9"), ("cliprange", 2.0),
             ("reward_model_path", None), ("num_ppo_epochs", 0)],
     "label": [("num_samples", 1), ("pairs", "some"), ("min_gap", -1.0)],
@@ -72,8 +73,10 @@ def _absolute_recipe(path: Path, tmp: Path) -> dict[str, Any]:
     """A shipped recipe whose data cards resolve from anywhere and whose outputs go to `tmp`."""
     data = yaml.safe_load(path.read_text())
     cards = REPO / "data_cards"
-    data["data"]["train"] = [str(cards / ("demo_preferences_warm" if "/" in ref else ref)) + ".yaml"
-                             for ref in data["data"]["train"]]
+    stand_in = "math_shepherd" if data["stage"] == "prm" else "demo_preferences_warm"  # a shipped card of its kind
+    for split in ("train", "eval"):
+        data["data"][split] = [str(cards / (stand_in if "/" in ref else ref)) + ".yaml"
+                               for ref in data["data"].get(split, [])]
     section = get_stage(data["stage"]).config_section
     data[section]["output_dir"] = str(tmp / "outputs" / data["stage"])
     for key in ("reward_model_path", "policy", "reward_model"):

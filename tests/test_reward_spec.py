@@ -58,3 +58,13 @@ def test_a_reward_model_signal_is_its_score_normalised_by_its_stages_statistics(
     rule = SimpleNamespace(mean=2.0, std=4.0, objective=CLASSIFICATION, score=lambda p, a: [0.0, math.log(3.0)])
     assert model_scorer(rule, RewardSignal(model="rule", use="penalty"))([[]] * 2, ["a", "b"]) == pytest.approx(
         [0.5, 0.75])
+
+
+def test_signals_naming_one_model_share_its_role() -> None:
+    """A PRM read under several aggregations is loaded, and scored, once."""
+    spec = RewardSpec(signals={"p_min": RewardSignal(model="out/prm", aggregate="min"),
+                               "p_last": RewardSignal(model="out/prm", aggregate="last", weight=0.0),
+                               "orm": RewardSignal(model="out/orm", use="penalty"),
+                               "e": RewardSignal(function=LETTER_E)})
+    assert [spec.role_of(name) for name in ("p_min", "p_last", "orm")] == ["signal_p_min", "signal_p_min", "signal_orm"]
+    assert spec.model_roles() == {"signal_p_min": "out/prm", "signal_orm": "out/orm"}

@@ -15,6 +15,7 @@ import yaml
 
 from rlhf_pipeline.data.formats import FORMATS
 from rlhf_pipeline.data.pairs import PAIR_LABELS
+from rlhf_pipeline.data.steps import PRM800K_RATINGS
 from rlhf_pipeline.errors import RecipeError
 from rlhf_pipeline.schema import build_section, read_yaml, suggest
 
@@ -91,6 +92,8 @@ class DataCard:
     completion_score_key: str = "overall_score"
     # classification: the label value meaning the answer breaks the rule (false for an `is_safe` column)
     violation_when: bool | None = None
+    # prm800k: the step ratings (-1 bad, 0 neutral, 1 good) that count as a good step
+    good_ratings: list[int] | None = None
     file: Path = field(default=Path(), metadata={"internal": True})
 
     def __post_init__(self) -> None:
@@ -111,6 +114,13 @@ class DataCard:
                              "(label true = safe, as in an is_safe column)")
         if not classified and self.violation_when is not None:
             raise ValueError("violation_when: only classification cards take it; remove the key")
+        rated = self.format == "prm800k"
+        if rated and (not self.good_ratings or not set(self.good_ratings) <= set(PRM800K_RATINGS)):
+            raise ValueError(f"good_ratings: prm800k cards must say which step ratings count as good, a list "
+                             f"from {list(PRM800K_RATINGS)} (e.g. [1], or [0, 1] to count neutral steps as good); "
+                             f"got {self.good_ratings}")
+        if not rated and self.good_ratings is not None:
+            raise ValueError("good_ratings: only prm800k cards take it; remove the key")
         self._check_columns()
 
     def _check_columns(self) -> None:

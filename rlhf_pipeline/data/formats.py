@@ -18,7 +18,10 @@ model's own chat template):
 - Classified answers: ``{"prompt": [...], "completion": [assistant], "label": 1 | 0}``: 1 when the answer
   breaks a rule, what a rule reward model (Sparrow) learns to predict. Datasets that label the other way
   (``is_safe``) are flipped here, by the card's ``violation_when``.
-- Prompt sets: ``{"prompt": [...]}`` for PPO, labelling and evaluation.
+- Prompt sets: ``{"prompt": [...]}`` for PPO, labelling and evaluation, with ``"reference"`` (the right answer,
+  or a worked solution ending in it) when the card has one: what an outcome check compares answers with.
+- Stepwise solutions: ``{"prompt": [...], "steps": [str, ...], "labels": [float, ...]}``, each step labelled
+  good (1.0), bad (0.0) or softly, what a process reward model trains on (converters in `steps`).
 
 Pure Python on purpose: no torch or datasets import, so it is cheap to import and to test.
 The row-level helpers live in `rows`; the converters that order or expand answers (rankings,
@@ -51,6 +54,7 @@ from rlhf_pipeline.data.rows import (
     shared_prompt,
     split_at_last_answer,
 )
+from rlhf_pipeline.data.steps import math_shepherd_row, prm800k_rows, stepwise_row
 
 RowConverter = Callable[[Mapping], "list[Row | UnusableRow]"]  # one input row -> its outputs or drop reasons
 Finisher = Callable[[Row, Mapping], Row]  # applied to every kept output, with the input row it came from
@@ -62,7 +66,9 @@ SCORED_FORMATS = {"ranking", "nested_completions"}  # margins come from score ga
 LABELLED_FORMATS = {"prompt_completion_label"}
 CLASSIFICATION_FORMATS = {"classification"}
 PROMPT_FORMATS = {"prompt_only"}
-FORMATS = SFT_FORMATS | PREFERENCE_FORMATS | LABELLED_FORMATS | CLASSIFICATION_FORMATS | PROMPT_FORMATS
+STEPWISE_FORMATS = {"stepwise", "prm800k", "math_shepherd"}
+FORMATS = (SFT_FORMATS | PREFERENCE_FORMATS | LABELLED_FORMATS | CLASSIFICATION_FORMATS | PROMPT_FORMATS
+           | STEPWISE_FORMATS)
 
 # Canonical column names each format understands, so a data card's `columns:` mapping can be checked
 # before any data is read. Not all are required: ranking rows use either `ranked` or `answers`+`scores`.
@@ -77,7 +83,10 @@ CANONICAL_COLUMNS: dict[str, frozenset[str]] = {
     "nested_completions": frozenset({"prompt", "completions"}),
     "prompt_completion_label": frozenset({"prompt", "completion", "label"}),
     "classification": frozenset({"prompt", "answer", "label"}),
-    "prompt_only": frozenset({"prompt"}),
+    "prompt_only": frozenset({"prompt", "reference"}),
+    "stepwise": frozenset({"prompt", "steps", "labels"}),
+    "prm800k": frozenset({"question", "label"}),
+    "math_shepherd": frozenset({"input", "label"}),
 }
 
 MAX_BAD_ROWS_KEPT = 5
@@ -203,6 +212,19 @@ def to_prompts(
     """Rows of a prompt set -> `{"prompt": [messages]}` rows ready for generation (PPO, label, eval)."""
     converters: dict[str, RowConverter] = {"prompt_only": _prompt_row}
     return _convert_all(rows, _pick(converters, fmt, "prompt"), _system_adder(system_prompt))
+
+
+def to_stepwise(rows: Iterable[Mapping], fmt: str, good_ratings: list[int] | None = None,
+                system_prompt: str | None = None) -> Converted:
+    """Rows of a stepwise format -> canonical stepwise rows; `good_ratings` are PRM800K's ratings that mean good."""
+    if fmt == "prm800k" and not good_ratings:
+        raise ValueError("prm800k needs good_ratings: the step ratings (-1, 0, 1) that count as good")
+    converters: dict[str, RowConverter] = {
+        "stepwise": stepwise_row,
+        "prm800k": lambda row: prm800k_rows(row, good_ratings or []),
+        "math_shepherd": math_shepherd_row,
+    }
+    return _convert_all(rows, _pick(converters, fmt, "stepwise"), _system_adder(system_prompt))
 
 
 # --------------------------------------------------------------------------- the shared loop
@@ -394,8 +416,11 @@ def _classified(row: Mapping, answer_raw: Any, label: Any, violation_when: bool)
 
 
 def _prompt_row(row: Mapping) -> list[Row]:
-    """A prompt the policy answers next, so it must not end on an assistant turn."""
+    """A prompt the policy answers next, so it must not end on an assistant turn; its reference, if any."""
     prompt = require_prompt(parse_prompt(required_field(row, "prompt")))
     if prompt[-1]["role"] == "assistant":
         raise UnusableRow("ends_with_answer")
-    return [{"prompt": prompt}]
+    reference = row.get("reference")
+    if reference is not None and (isinstance(reference, bool) or not isinstance(reference, (str, int, float))):
+        raise UnusableRow("wrong_type")
+    return [{"prompt": prompt} | ({"reference": str(reference)} if reference is not None else {})]

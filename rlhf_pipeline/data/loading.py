@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from rlhf_pipeline.data import formats
 from rlhf_pipeline.data.cards import DataCard, DataSpec
 from rlhf_pipeline.errors import PipelineError, RecipeError
+from rlhf_pipeline.steps import join_steps
 
 if TYPE_CHECKING:
     from datasets import DatasetDict
@@ -50,7 +51,7 @@ class DataReport:
             self.examples.setdefault(reason, []).extend(f"{card.name}:{row}" for row in rows[:5])
 
     def count_split(self, name: str, rows: list[dict[str, Any]]) -> None:
-        self.splits[name] = {"rows": len(rows), "prompts": len({prompt_key(row) for row in rows})}
+        self.splits[name] = {"rows": len(rows), "prompts": len({prompt_key(row["prompt"]) for row in rows})}
 
     def summary(self) -> str:
         reasons = ", ".join(f"{reason} {count} (e.g. {', '.join(self.examples.get(reason, [])[:3])})"
@@ -179,6 +180,9 @@ _REQUIRED = {
     "prompt_only": {"prompt"},
     "prompt_completion_label": {"prompt", "completion", "label"},
     "classification": {"prompt", "answer", "label"},
+    "stepwise": {"prompt", "steps", "labels"},
+    "prm800k": {"question", "label"},
+    "math_shepherd": {"input", "label"},
 }
 
 
@@ -194,12 +198,9 @@ def convert_card_rows(card: DataCard, rows: list[dict[str, Any]], system_prompt:
         return formats.to_labelled(rows, card.format, system_prompt=system_prompt)
     if card.format in formats.CLASSIFICATION_FORMATS:
         return formats.to_classified(rows, bool(card.violation_when), card.format, system_prompt=system_prompt)
+    if card.format in formats.STEPWISE_FORMATS:
+        return formats.to_stepwise(rows, card.format, card.good_ratings, system_prompt=system_prompt)
     return formats.to_prompts(rows, card.format, system_prompt=system_prompt)
-
-
-def prompt_key(row: dict[str, Any]) -> str:
-    """What makes two rows "the same prompt": the whole conversation they answer, system turn included."""
-    return json.dumps(row["prompt"], sort_keys=True)
 
 
 def _convert_rows(card: DataCard, rows: list[dict[str, Any]], labels: list[str], data: DataSpec,
@@ -207,8 +208,9 @@ def _convert_rows(card: DataCard, rows: list[dict[str, Any]], labels: list[str],
                   where: Where) -> list[tuple[str, dict[str, Any]]]:
     """Canonical rows, each with the line or row it came from, so every later drop names it too.
 
-    Rows are converted one at a time for that; stages that sample answers keep only the distinct prompts,
-    and with `data.unpair` the card's pairs become labelled single answers (KTO; `formats.unpair`).
+    Rows are converted one at a time for that; stages that sample answers keep only the distinct prompts (and
+    their references, the right answers an outcome check needs), and with `data.unpair` the card's pairs become
+    labelled single answers (KTO; `formats.unpair`).
     """
     out: list[tuple[str, dict[str, Any]]] = []
     for label, row in zip(labels, rows, strict=True):
@@ -226,15 +228,24 @@ def _convert_rows(card: DataCard, rows: list[dict[str, Any]], labels: list[str],
     if prompts_only:
         distinct: dict[str, tuple[str, dict[str, Any]]] = {}
         for label, canonical in out:
-            distinct.setdefault(prompt_key(canonical), (label, {"prompt": canonical["prompt"]}))
+            distinct.setdefault(prompt_key(canonical["prompt"]),
+                                (label, {key: canonical[key] for key in ("prompt", "reference") if key in canonical}))
         out = list(distinct.values())
     return out
+
+
+def prompt_key(prompt: list[dict[str, str]]) -> str:
+    """One string per distinct chat prompt, the whole conversation answered (system turn included): what makes
+    two rows "the same prompt" for held-out splits and distinct prompts, and what right answers are looked up by."""
+    return json.dumps(prompt, sort_keys=True)
 
 
 def _token_length(tokenizer: PreTrainedTokenizerBase) -> Callable[[dict[str, Any]], int]:
     """Length of a canonical row once rendered with the chat template (longest answer for pairs)."""
     def length(row: dict[str, Any]) -> int:
         answers = [row[k] for k in ("completion", "chosen", "rejected") if k in row] or [[]]
+        if "steps" in row:
+            answers = [[{"role": "assistant", "content": join_steps(row["steps"])}]]
         # return_dict=False: a BatchEncoding's len() is its number of keys (2), which filtered nothing
         return max(len(tokenizer.apply_chat_template(row["prompt"] + answer, tokenize=True, return_dict=False,
                                                      add_generation_prompt=not answer)) for answer in answers)
@@ -284,7 +295,7 @@ def _prompt_groups(rows: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
     """The rows gathered by prompt, groups in the order their prompts first appear."""
     groups: dict[str, list[dict[str, Any]]] = {}
     for row in rows:
-        groups.setdefault(prompt_key(row), []).append(row)
+        groups.setdefault(prompt_key(row["prompt"]), []).append(row)
     return list(groups.values())
 
 
@@ -333,15 +344,15 @@ def _held_out(recipe: Recipe, train: list[dict[str, Any]], evaluation: list[dict
                            prompts)
             return train, []
         return split_by_prompt(train, data.eval_split, data.seed)
-    held_out = {prompt_key(row) for row in evaluation}
-    shared = held_out & {prompt_key(row) for row in train}
+    held_out = {prompt_key(row["prompt"]) for row in evaluation}
+    shared = held_out & {prompt_key(row["prompt"]) for row in train}
     report.eval_prompts_in_train = len(shared)
     if shared and data.eval_overlap == "error":
         raise RecipeError(recipe.path, "data.eval", f"{len(shared)} of the {len(held_out)} eval prompts also occur "
                           "in the train cards; remove them from one side, or set data.eval_overlap: drop (train "
                           "without them) or warn")
     if shared and data.eval_overlap == "drop":
-        return [row for row in train if prompt_key(row) not in shared], evaluation
+        return [row for row in train if prompt_key(row["prompt"]) not in shared], evaluation
     if shared:
         logger.warning("data: %d of the %d eval prompts also occur in training (data.eval_overlap: drop removes "
                        "them from training, error refuses)", len(shared), len(held_out))
@@ -379,3 +390,20 @@ def load_datasets(recipe: Recipe, tokenizer: PreTrainedTokenizerBase,
     logger.info("data: %s", report.summary())
     splits = {"train": Dataset.from_list(train)} | ({"eval": Dataset.from_list(evaluation)} if evaluation else {})
     return DatasetDict(splits), report
+
+
+def answer_key(recipe: Recipe) -> dict[str, str]:
+    """The right answer of every prompt of the recipe's cards that carries one (a `reference` column), by
+    `prompt_key`: what outcome checks (tasks/answers.py) compare answers with. Read without a tokenizer, so
+    it is known before any weights load; prompts get the recipe's system prompt as the stage's rows do. Only
+    prompt sets carry references."""
+    key: dict[str, str] = {}
+    for split in ("train", "eval"):
+        for card in cards_of(recipe, split):
+            if card.format not in formats.PROMPT_FORMATS:
+                continue
+            rows, _, _ = read_card_rows(card)
+            for row in convert_card_rows(card, rows, recipe.data.system_prompt).rows:
+                if "reference" in row:
+                    key.setdefault(prompt_key(row["prompt"]), row["reference"])
+    return key

@@ -22,6 +22,7 @@ from rlhf_pipeline.ppo.formulas import SumOverProcesses, explained_variance
 from rlhf_pipeline.ppo.roles import CRITIC
 
 logger = logging.getLogger(__name__)
+STEP_REWARDS = "step_rewards"  # a reward function's per-token rewards at step ends (a process reward model's)
 
 
 @dataclass
@@ -162,25 +163,34 @@ def stop_token_ids(config: PPOConfig, tokenizer: Any) -> list[int]:
 
 def score_responses(reward_fn: Any, queries: torch.Tensor, query_mask: torch.Tensor, responses: torch.Tensor,
                     response_mask: torch.Tensor, pad_id: int,
-                    chunk_size: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                    chunk_size: int) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor | None]:
     """The reward function on right-padded prompt+response rows, built from lengths, never from `!= pad`.
 
     `reward_fn(input_ids, attention_mask, prompt_lengths)` returns one score per row, or a mapping with the
-    scores under "score" and each reward signal's values under its name (logged as `reward/<name>`).
+    scores under "score", each reward signal's values under its name (logged as `reward/<name>`) and, from a
+    process reward model, "step_rewards": [rows, response tokens] rewards on the tokens that end steps, returned
+    padded to the responses' width (None without them).
     """
     rows = [torch.cat([q[m.bool()], r[rm]])
             for q, m, r, rm in zip(queries, query_mask, responses, response_mask, strict=True)]
     ids, mask = (t.to(queries.device) for t in pad_batch(rows, pad_id, "right"))
     prompt_lengths = query_mask.sum(dim=1)
     parts: dict[str, list[torch.Tensor]] = defaultdict(list)
+    step_parts: list[torch.Tensor] = []
+    width = responses.shape[1]
     for part in chunks(len(rows), chunk_size):
         out = reward_fn(ids[part], mask[part], prompt_lengths[part])
         for name, values in (out.items() if isinstance(out, Mapping) else [("score", out)]):
-            parts[name].append(torch.as_tensor(values).reshape(-1).float())
+            if name == STEP_REWARDS:
+                values = torch.as_tensor(values).float()
+                step_parts.append(torch.nn.functional.pad(values, (0, width - values.shape[1])))
+            else:
+                parts[name].append(torch.as_tensor(values).reshape(-1).float())
     scores = torch.cat(parts.pop("score"))
     if scores.shape != (len(rows),):
         raise ValueError(f"reward_fn must return one score per row, got shape {tuple(scores.shape)}")
-    return scores.to(queries.device), {name: torch.cat(v).to(queries.device) for name, v in parts.items()}
+    step_rewards = torch.cat(step_parts).to(queries.device) if step_parts else None
+    return scores.to(queries.device), {name: torch.cat(v).to(queries.device) for name, v in parts.items()}, step_rewards
 
 
 def truncate_after_stop(responses: torch.Tensor, stop_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -4,7 +4,7 @@
 never influence a result, whatever values they hold. References: Schulman et al. 2017 (PPO, clipped
 surrogate), Schulman et al. 2016 (GAE), Ouyang et al. 2022 (per-token KL penalty, reward at the last
 token), Schulman 2020 "Approximating KL divergence" (k1/k3 estimators), Zheng et al. 2023 (the Fudan
-"Secrets of RLHF" write-up: value clipping, whitening).
+"Secrets of RLHF" write-up: value clipping, whitening), Wang et al. 2024 (Math-Shepherd: a reward per step).
 """
 
 from __future__ import annotations
@@ -89,6 +89,15 @@ def token_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl
     rewards = torch.where(mask.bool(), -kl_coef * kl, torch.zeros_like(kl))
     last = mask.long().sum(dim=1).clamp(min=1) - 1
     return rewards.scatter_add(1, last[:, None], scores[:, None].to(rewards.dtype))
+
+
+def dense_token_rewards(scores: torch.Tensor, step_rewards: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor,
+                        kl_coef: float) -> torch.Tensor:
+    """Per-token reward with a process reward model (Math-Shepherd's step-by-step PPO): InstructGPT's −β·KL on every
+    token and the answer's score on its last valid token (`token_rewards`), plus each step's reward on the token
+    that ends the step (`step_rewards`: zero on every other token; padding never counts)."""
+    steps = torch.where(mask.bool(), step_rewards.to(kl.dtype), torch.zeros_like(kl))
+    return token_rewards(scores, kl, mask, kl_coef) + steps
 
 
 def gae_advantages_and_returns(

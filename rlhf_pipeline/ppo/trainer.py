@@ -4,8 +4,9 @@ One PPO step, as in InstructGPT and the Fudan "Secrets of RLHF" write-up:
 
 1. **Rollout** (no gradients): sample a response per prompt from π at `temperature`; cut it after the
    first stop token; compute log π, log π_ref, the critic's values and the reward of prompt + response.
-2. **Rewards and advantages**: r_t = −β·KL_t on every token plus the score on the last one; GAE(γ,λ);
-   advantages whitened over the valid tokens.
+2. **Rewards and advantages**: r_t = −β·KL_t on every token plus the score on the last one (and, from a
+   process reward model, each step's reward on the token that ends it); GAE(γ,λ); advantages whitened over
+   the valid tokens.
 3. **Optimisation**: `num_ppo_epochs` passes over the rollout in `num_mini_batches` shuffled
    minibatches, each one AdamW step on clipped-surrogate + vf_coef·clipped-value loss.
 
@@ -59,6 +60,7 @@ from rlhf_pipeline.ppo.experience import (
 )
 from rlhf_pipeline.ppo.formulas import (
     adaptive_kl_coef,
+    dense_token_rewards,
     gae_advantages_and_returns,
     kl_penalty,
     masked_whiten,
@@ -209,11 +211,13 @@ class PPOTrainer:
             differences = (engine_logprobs.to(device) - logprobs).abs() * response_mask
             gap = differences.sum() / response_mask.sum().clamp(min=1)
 
-        raw_scores, signals = score_responses(self.reward_fn, queries, query_mask, responses, response_mask,
-                                     self.tokenizer.pad_token_id, cfg.local_rollout_forward_batch_size)
+        raw_scores, signals, step_rewards = score_responses(
+            self.reward_fn, queries, query_mask, responses, response_mask, self.tokenizer.pad_token_id,
+            cfg.local_rollout_forward_batch_size)
         scores = shape_scores(raw_scores, has_stop, cfg, self.reward_stats)
         kl = kl_penalty(logprobs, ref_logprobs, cfg.kl_estimator).masked_fill(~response_mask, 0.0)
-        rewards = token_rewards(scores, kl, response_mask, self.kl_coef)
+        rewards = (token_rewards(scores, kl, response_mask, self.kl_coef) if step_rewards is None
+                   else dense_token_rewards(scores, step_rewards, kl, response_mask, self.kl_coef))
         total = self.sum_over_processes  # every process's statistics: the update does not depend on the launch
         if cfg.whiten_rewards:
             rewards = masked_whiten(rewards, response_mask, shift_mean=False, sum_over_processes=total)

@@ -365,6 +365,25 @@ def plot_best_of_n(rows: list[dict[str, Any]], judge: str) -> Any:
     return figure
 
 
+def plot_rankers(rankers: dict[str, list[dict[str, Any]]], judge: str) -> Any:
+    """The judge score of the answer each reranker picks, against n (log scale), with 95% intervals."""
+    if not rankers:
+        return None
+    figure, axes = _figure(1, columns=1, height=4.2)
+    for name, rows in rankers.items():
+        means = [row["judge"]["mean"] for row in rows]
+        errors = [[m - row["judge"]["ci95_low"] for m, row in zip(means, rows, strict=True)],
+                  [row["judge"]["ci95_high"] - m for m, row in zip(means, rows, strict=True)]]
+        axes[0].errorbar([row["n"] for row in rows], means, yerr=errors, fmt="o-", capsize=3, label=name)
+    axes[0].set_xscale("log", base=2)
+    axes[0].set_xlabel("n (answers sampled per prompt)")
+    axes[0].set_ylabel(f"judge ({judge}) of the picked answer")
+    axes[0].set_title("Best of n per reranker, 95% intervals")
+    axes[0].legend(fontsize=8)
+    _grid(axes[0])
+    return figure
+
+
 def plot_label(ranked: list[dict[str, Any]], pairs: list[dict[str, Any]]) -> Any:
     scores = [s for row in ranked for s in row.get("scores", [])]
     if not scores:

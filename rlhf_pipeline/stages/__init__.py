@@ -39,6 +39,7 @@ _STAGE_MODULES = {
     "sft": "rlhf_pipeline.stages.sft",
     "label": "rlhf_pipeline.stages.label",
     "rm": "rlhf_pipeline.stages.rm",
+    "prm": "rlhf_pipeline.stages.prm",
     "ppo": "rlhf_pipeline.stages.ppo",
     "dpo": "rlhf_pipeline.stages.dpo",
     "kto": "rlhf_pipeline.stages.kto",

@@ -12,6 +12,13 @@ paired gain over n = 1, beside the analytic KL of best-of-n to the policy.
 Best of n < n_max is not read off the first n samples: every n-subset of the n_max samples is a draw of n,
 and `expected_best_of_n` averages the best answer's score over all of them exactly (see there).
 
+Rerankers on the same samples, for tasks with right answers (Lightman et al. 2023 compare them so):
+`rank_each_signal: true` also ranks by each reward signal alone (a process reward model under each
+aggregation, an outcome RM...); `majority_vote: module:function` (the final answer of an answer, e.g.
+rlhf_pipeline.tasks.answers:final_answer) picks the most frequent final answer among the n (self-consistency,
+Wang et al. 2023; ties shared); `oracle: true` ranks by the judge itself (pass@n for a right/wrong judge).
+Each is reported per n with the judge's value of its pick, and their paired differences at n_max.
+
 With `write_sft_card: true` the best answer of each prompt becomes SFT data (`demonstrations.jsonl`,
 prompt/completion, with a generated `data_card.yaml` an sft recipe names): rejection-sampling fine-tuning,
 as in Llama 2. Writes `best_of_n.json` (per-n summaries, examples) and `answers.jsonl` (one row per prompt: every
@@ -21,8 +28,10 @@ picks); `report.md` and `best_of_n.png` come from `rlhf_pipeline.report`.
 
 from __future__ import annotations
 
+import itertools
 import math
-from collections.abc import Sequence
+import random
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -32,8 +41,9 @@ from rlhf_pipeline.engines.spec import GenerationSpec, check_generation
 from rlhf_pipeline.errors import RecipeError
 from rlhf_pipeline.judges import JudgeSpec
 from rlhf_pipeline.outputs import ANSWERS, write_json, write_jsonl
-from rlhf_pipeline.report.sections import best_of_n_headline, best_of_n_section
-from rlhf_pipeline.reward_spec import RewardSpec, check_reward, signal_columns
+from rlhf_pipeline.report.process import rankers_section
+from rlhf_pipeline.report.sections import best_of_n_headline
+from rlhf_pipeline.reward_spec import SIGNAL, RewardSpec, check_reward, signal_columns
 from rlhf_pipeline.stages import MemoryModel, Presentation, Stage
 
 if TYPE_CHECKING:
@@ -59,6 +69,10 @@ class BestOfNConfig:
     bootstrap_samples: int = 2000
     num_examples: int = 6
     write_sft_card: bool = False
+    rank_each_signal: bool = False  # also best-of-n by each reward signal alone, on the same samples
+    majority_vote: str | None = None  # module:function giving an answer's final answer: majority voting as a ranker
+    oracle: bool = False  # also best-of-n by the judge itself: the ceiling of any ranker on these samples
+    vote_subsets: int = 2000  # majority vote over n-subsets: exact up to this many subsets, else this many at random
 
     def __post_init__(self) -> None:
         if self.n_max < 1:
@@ -121,14 +135,88 @@ def kl_best_of_n(n: int) -> float:
     return math.log(n) - (n - 1) / n
 
 
+def expected_majority(finals: Sequence[str | None], values: Sequence[float], n: int, subsets: int,
+                      rng: random.Random) -> float:
+    """E[value of the majority-vote pick among n of the answers]: the most frequent final answer in the subset (ties
+    split evenly), valued as the mean value of the subset's answers with it; a subset where no answer states a
+    final answer picks at random. Exact over all n-subsets when there are at most `subsets`, else over that many
+    drawn at random."""
+    size = len(finals)
+    if math.comb(size, n) <= subsets:
+        drawn: Iterable[Sequence[int]] = itertools.combinations(range(size), n)
+    else:
+        drawn = [rng.sample(range(size), n) for _ in range(subsets)]
+    total, count = 0.0, 0
+    for subset in drawn:
+        groups: dict[str, list[float]] = {}
+        for index in subset:
+            if finals[index] is not None:
+                groups.setdefault(finals[index], []).append(values[index])  # type: ignore[arg-type]
+        if groups:
+            top = max(map(len, groups.values()))
+            winners = [group for group in groups.values() if len(group) == top]
+            total += sum(sum(group) / len(group) for group in winners) / len(winners)
+        else:
+            total += sum(values[index] for index in subset) / n
+        count += 1
+    return total / count
+
+
+def rerankers(per_prompt: list[dict[str, list[float]]], finals: list[list[str | None]] | None,
+              spec: RewardSpec, config: BestOfNConfig) -> dict[str, list[dict[str, Any]]]:
+    """Per reranker and n: the judge's value of its pick (`sequence_summary`), and at n_max its paired difference
+    with every other reranker (`win_rate`)."""
+    from rlhf_pipeline.metrics import load_metric
+
+    rankings: dict[str, list[list[float]]] = {}  # name -> per prompt, the scores it ranks by
+    if config.rank_each_signal:
+        for name, signal in spec.by_name.items():
+            column = f"{SIGNAL}{name}" if len(spec.by_name) > 1 else "reward"
+            sign = 1.0 if signal.use == "reward" else -1.0  # a penalty or veto signal: lower is better
+            rankings[name] = [[sign * v for v in scores[column]] for scores in per_prompt]
+        if len(spec.by_name) > 1:
+            rankings["reward"] = [scores["reward"] for scores in per_prompt]
+    if config.oracle:
+        rankings["oracle"] = [scores["judge"] for scores in per_prompt]
+    picks = {name: {n: [expected_best_of_n(ranking, scores["judge"], n)
+                        for ranking, scores in zip(ranks, per_prompt, strict=True)] for n in config.n_values}
+             for name, ranks in rankings.items()}
+    if finals is not None:
+        rng = random.Random(config.seed)
+        picks["majority"] = {n: [expected_majority(answers, scores["judge"], n, config.vote_subsets, rng)
+                                 for answers, scores in zip(finals, per_prompt, strict=True)]
+                             for n in config.n_values}
+    summary, win_rate = load_metric("sequence_summary"), load_metric("win_rate")
+    settings = {"bootstrap_samples": config.bootstrap_samples, "seed": config.seed}
+    n_max = config.n_values[-1]
+    out = {}
+    for name, by_n in picks.items():
+        out[name] = [{"n": n, "judge": summary.compute(values=values, **settings)} for n, values in by_n.items()]
+        gains = {other: win_rate.compute(policy_scores=by_n[n_max], baseline_scores=picks[other][n_max], **settings)
+                 for other in picks if other != name}
+        out[name][-1]["gain_over"] = {other: {"mean": g["mean_gain"], "ci95_low": g["gain_ci95_low"],
+                                              "ci95_high": g["gain_ci95_high"], "win_rate": g["win_rate"]}
+                                      for other, g in gains.items()}
+    return out
+
+
 def _check(recipe: Recipe) -> None:
-    """Before any weights load: a reward to rank by, whose signals can be called (reward_spec.check_reward)."""
+    """Before any weights load: a reward to rank by, whose signals can be called (reward_spec.check_reward), and a
+    final-answer function for majority voting that imports."""
+    from rlhf_pipeline.judges import import_function
+
     spec: RewardSpec = recipe.sections["reward"]
     if not spec.given:
         raise RecipeError(recipe.path, "reward", "required: what best-of-n maximises, as model: RM_FOLDER (the short "
                           "form; functions: [module:function] too) or signals: {name: {model: RM_FOLDER}, ...}")
     check_reward(recipe, spec)
     check_generation(recipe)
+    if recipe.settings.majority_vote:
+        try:
+            import_function(recipe.settings.majority_vote)
+        except ValueError as error:
+            raise RecipeError(recipe.path, "best_of_n.majority_vote", f"{error}; it is `module:function`, called "
+                              "with an answer's text and returning its final answer (or None)") from None
 
 
 def score_columns(samples: list[list[Sample]], judge: list[float], reward: list[float],
@@ -208,10 +296,10 @@ def run(recipe: Recipe) -> dict[str, Any]:
 
     import yaml
 
-    from rlhf_pipeline.data.loading import load_datasets
+    from rlhf_pipeline.data.loading import answer_key, load_datasets
     from rlhf_pipeline.distributed import say
     from rlhf_pipeline.generation import sample_answers, sampling_engine
-    from rlhf_pipeline.judges import load_judge
+    from rlhf_pipeline.judges import import_function, load_judge
     from rlhf_pipeline.reward_spec import load_reward
     from rlhf_pipeline.stages.common import finish_outputs, finished_manifest, load_frozen
 
@@ -231,16 +319,23 @@ def run(recipe: Recipe) -> dict[str, Any]:
     texts = [sample.text for group in samples for sample in group]
     say("best-of-n: scoring")
     reward_spec: RewardSpec = recipe.sections["reward"]
-    reward = load_reward(reward_spec, recipe.model)
+    answers_known = answer_key(recipe)
+    reward = load_reward(reward_spec, recipe.model, answers_known)
     signals = reward.signal_scores(flat_prompts, texts)
     rewards = reward.combine(signals)
-    judge = load_judge(recipe.sections["judge"], recipe.model)(flat_prompts, texts)
+    judge = load_judge(recipe.sections["judge"], recipe.model, answers_known)(flat_prompts, texts)
     per_prompt = score_columns(samples, judge, rewards, signals)
     by_n = summarize(per_prompt, config)
+    finals = None
+    if config.majority_vote:
+        final_answer = import_function(config.majority_vote)
+        finals = [[final_answer(sample.text) for sample in group] for group in samples]
     report = {"prompts": len(prompts), "n_max": config.n_max, "judge": recipe.sections["judge"].name,
               "reward": reward_spec.names, "policy": recipe.model.name_or_path, "by_n": by_n,
               "finished_fraction": sum(s.finished for group in samples for s in group) / len(texts),
               "data": data_report.as_dict()}
+    if config.rank_each_signal or config.majority_vote or config.oracle:
+        report["rankers"] = rerankers(per_prompt, finals, reward_spec, config)
     say(f"best-of-n: {best_of_n_headline(report)}")
     demonstrations, counts = kept_answers(prompts, samples, per_prompt) if config.write_sft_card else ([], {})
     if config.write_sft_card:
@@ -274,7 +369,7 @@ STAGE = Stage(
     sections={"judge": JudgeSpec, "reward": RewardSpec, "generation": GenerationSpec},
     extra_checks=_check,
     run=run,
-    presentation=Presentation("Best-of-n reranking", best_of_n_headline, best_of_n_section,
+    presentation=Presentation("Best-of-n reranking", best_of_n_headline, rankers_section,
                               summary_figure=("best_of_n.png", "Judge score and reward of best-of-n vs its KL bound"),
                               answers=(ANSWERS, "one row per prompt: its n_max answers with their reward (and each "
                                        "signal's score), judge score, length and whether they ended with the stop "

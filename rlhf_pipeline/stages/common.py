@@ -364,6 +364,20 @@ def _stop_when_signalled(trainer: Any) -> None:
     trainer.add_callback(_StopWhenSignalled())
 
 
+def own_loss_trainer(trainer_class: type, loaded: Loaded, args: Any, encoded: dict[str, Any],
+                     collate: Callable[[list[dict[str, Any]]], dict[str, Any]]) -> Any:
+    """A transformers Trainer subclass with a loss of its own (`compute_loss`) on pre-encoded splits: dropout off
+    when the config says so (RewardConfig's disable_dropout), and input gradients for checkpointing through LoRA."""
+    from trl.trainer.utils import disable_dropout_in_model
+
+    if getattr(args, "disable_dropout", False):
+        disable_dropout_in_model(loaded.model)
+    if args.gradient_checkpointing and hasattr(loaded.model, "peft_config"):
+        loaded.model.enable_input_require_grads()
+    return trainer_class(model=loaded.model, args=args, data_collator=collate, train_dataset=encoded["train"],
+                         eval_dataset=encoded.get("eval"), processing_class=loaded.tokenizer)
+
+
 def evaluate_once_before_training(trainer: Any, output_dir: Path) -> dict[str, float]:
     """The untrained model's eval metrics, kept on disk so a resumed run still reports them.
 

@@ -188,13 +188,13 @@ def answer_rows(prompts: list[Messages], texts: dict[str, list[str]], samples: d
 
 def run(recipe: Recipe) -> dict[str, Any]:
     """Sample the baseline and every policy on the held-out prompts, score them, and write the comparison."""
-    from rlhf_pipeline.data.loading import load_datasets
+    from rlhf_pipeline.data.loading import answer_key, load_datasets
     from rlhf_pipeline.distributed import say
     from rlhf_pipeline.generation import sample_answers, sampling_engine
     from rlhf_pipeline.judges import load_judge
     from rlhf_pipeline.outputs import write_json, write_jsonl
     from rlhf_pipeline.reward import RewardModel
-    from rlhf_pipeline.reward_spec import build_reward, signal_columns, signal_role
+    from rlhf_pipeline.reward_spec import build_reward, reward_models_from_roles, signal_columns
     from rlhf_pipeline.stages.common import finish_outputs, finished_manifest, load_frozen
 
     config: EvalConfig = recipe.settings
@@ -203,7 +203,7 @@ def run(recipe: Recipe) -> dict[str, Any]:
     names = {BASELINE: recipe.model.name_or_path, **policies}
     if config.reward_model:
         names[REWARD] = config.reward_model
-    names |= {signal_role(name): folder for name, folder in spec.models().items()}
+    names |= spec.model_roles()
     sources, tokenizer, models = load_frozen(recipe, names, scorers=frozenset(names) - {BASELINE, *policies})
     datasets, _ = load_datasets(recipe, tokenizer, prompts_only=True)
     prompts = [row["prompt"] for split in datasets.values() for row in split]
@@ -222,7 +222,8 @@ def run(recipe: Recipe) -> dict[str, Any]:
                        f"eval: log π_baseline ({name})"), strict=True)]
           for name in policies}
     say("eval: scoring")
-    judge = load_judge(recipe.sections["judge"], recipe.model)
+    answers_known = answer_key(recipe)
+    judge = load_judge(recipe.sections["judge"], recipe.model, answers_known)
     texts = {role: [s.text for s in group] for role, group in samples.items()}
     columns: dict[str, dict[str, list[float]]] = {
         role: {"judge": judge(prompts, texts[role]), "length_tokens": [len(s.answer_ids) for s in samples[role]]}
@@ -233,9 +234,7 @@ def run(recipe: Recipe) -> dict[str, Any]:
         for role in roles:
             columns[role]["reward"] = scorer.score(prompts, texts[role], f"eval: RM scores ({role})")
     if spec.given:
-        reward = build_reward(spec, {name: RewardModel.from_role(models[signal_role(name)], signal_role(name),
-                                                                 tokenizer, folder)
-                                     for name, folder in spec.models().items()}, recipe.model)
+        reward = build_reward(spec, reward_models_from_roles(spec, models, tokenizer), recipe.model, answers_known)
         for role in roles:
             signals = reward.signal_scores(prompts, texts[role])
             columns[role] |= {"reward": reward.combine(signals)} | signal_columns(signals)

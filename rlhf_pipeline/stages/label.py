@@ -10,6 +10,10 @@ are dropped and counted). The output folder holds `preferences.jsonl`, `ranked.j
 the prompts keeps its pairs apart, in `preferences_eval.jsonl` with its own card (`data_card_eval.yaml`): held-out
 pairs no reward model trained on (iterated RLHF measures the RM before and after its refresh on them).
 
+With `labelling.writes: steps` each sampled solution is split into steps and every step labelled, by a step
+verifier or Math-Shepherd's rollouts, for a process reward model (stages/step_labelling.py); the judge (or
+`reward:`) is then the outcome check, 1 for a right final answer.
+
 With `labelling.writes: classification` the judge is a rule (e.g. `rlhf_pipeline.rules:over_word_limit`, 1 =
 broken): every sampled answer becomes a classified answer (label 1 when its score is above 0.5), written to
 `classified.jsonl` with a `classification` data card, what a rule reward model trains on (Sparrow).
@@ -19,20 +23,24 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rlhf_pipeline.data.formats import FORMATS
 from rlhf_pipeline.engines.spec import GenerationSpec, check_generation
-from rlhf_pipeline.errors import PipelineError
+from rlhf_pipeline.errors import PipelineError, RecipeError
 from rlhf_pipeline.judges import JudgeSpec
 from rlhf_pipeline.outputs import write_jsonl
-from rlhf_pipeline.report.sections import label_headline, label_section
+from rlhf_pipeline.report.process import label_report_headline, label_report_section
 from rlhf_pipeline.reward_spec import RewardSpec, check_reward, signal_columns
 from rlhf_pipeline.stages import MemoryModel, Presentation, Stage
+from rlhf_pipeline.stages.step_labelling import STEP_LABELS
 
 if TYPE_CHECKING:
+    from rlhf_pipeline.generation import Engine
     from rlhf_pipeline.recipe import Recipe
 
 RANKED = "ranked.jsonl"  # every sampled answer with its scores, what `annotate` shows people
@@ -51,13 +59,19 @@ class LabelConfig:
     seed: int = 42
     min_gap: float = 0.1
     pairs: str = "best_worst"
-    writes: str = "pairs"  # or "classification": each answer labelled by a rule judge (1 = broken)
-    eval_split: float = 0.0  # share of the prompts whose pairs are held out (preferences_eval.jsonl)
+    writes: str = "pairs"  # or "classification": each answer labelled by a rule judge (1 = broken); or "steps"
+    eval_split: float = 0.0  # share of the prompts whose pairs (or step-labelled solutions) are held out
+    step_verifier: str | None = None  # writes: steps: module:function (problem, solution, reference) -> [bool]
+    mc_rollouts: int = 0  # writes: steps: Math-Shepherd's completions per step prefix (0: none)
+    step_labels: str | None = None  # which labels the card carries: verifier, mc_hard or mc_soft (null: the first)
 
     def __post_init__(self) -> None:
-        if self.writes not in ("pairs", "classification"):
-            raise ValueError("writes: pairs (preference pairs for a reward model) or classification (answers "
-                             "labelled by a rule, for a rule reward model)")
+        if self.writes not in ("pairs", "classification", "steps"):
+            raise ValueError("writes: pairs (preference pairs for a reward model), classification (answers "
+                             "labelled by a rule, for a rule reward model) or steps (solutions with step labels, "
+                             "for a process reward model)")
+        if self.writes == "steps":
+            self._check_steps()
         if self.num_samples < 2 and self.writes == "pairs":
             raise ValueError("num_samples: need at least 2 answers per prompt to compare")
         if self.num_samples < 1:
@@ -68,8 +82,21 @@ class LabelConfig:
             raise ValueError("min_gap: must be zero or more")
         if not 0 <= self.eval_split < 1:
             raise ValueError("eval_split: a share of the prompts in [0, 1)")
-        if self.eval_split and self.writes != "pairs":
+        if self.eval_split and self.writes == "classification":
             raise ValueError("eval_split: holds out preference pairs; set it to 0 with writes: classification")
+
+    def _check_steps(self) -> None:
+        if self.mc_rollouts < 0:
+            raise ValueError("mc_rollouts: completions per step prefix, 0 or more")
+        if not self.step_verifier and not self.mc_rollouts:
+            raise ValueError("step_verifier: writes: steps labels steps with a step verifier (module:function) or "
+                             "Math-Shepherd rollouts (mc_rollouts > 0); give one or both")
+        available = [*(["verifier"] if self.step_verifier else []), *(["mc_hard", "mc_soft"] if self.mc_rollouts
+                                                                      else [])]
+        self.step_labels = self.step_labels or available[0]
+        if self.step_labels not in STEP_LABELS or self.step_labels not in available:
+            raise ValueError(f"step_labels: one of {', '.join(available)} (what this recipe computes), got "
+                             f"{self.step_labels!r}")
 
 
 def select_pairs(answers: list[str], scores: list[float], min_gap: float, mode: str) -> tuple[list[dict], int]:
@@ -158,8 +185,17 @@ def _card(recipe: Recipe, config: LabelConfig, judge: str, counts: dict[str, int
 
 
 def _check(recipe: Recipe) -> None:
+    from rlhf_pipeline.judges import import_function
+
     check_reward(recipe, recipe.sections["reward"], answers_grouped=True)
     check_generation(recipe)
+    verifier = recipe.settings.step_verifier
+    if verifier and recipe.settings.writes == "steps":
+        try:
+            import_function(verifier)
+        except ValueError as error:
+            raise RecipeError(recipe.path, "labelling.step_verifier", f"{error}; a step verifier is `module:function`, "
+                              "called with (problem, solution, reference) and returning a bool per step") from None
 
 
 def run(recipe: Recipe) -> dict[str, Any]:
@@ -167,7 +203,7 @@ def run(recipe: Recipe) -> dict[str, Any]:
     import yaml
     from tqdm.auto import tqdm
 
-    from rlhf_pipeline.data.loading import load_datasets
+    from rlhf_pipeline.data.loading import answer_key, load_datasets
     from rlhf_pipeline.distributed import is_main_process, say
     from rlhf_pipeline.generation import sample_answers, sampling_engine
     from rlhf_pipeline.judges import load_judge
@@ -181,13 +217,29 @@ def run(recipe: Recipe) -> dict[str, Any]:
     datasets, data_report = load_datasets(recipe, tokenizer, prompts_only=True)
     prompts = [row["prompt"] for split in datasets.values() for row in split]
     say(f"label: {len(prompts)} prompts x {config.num_samples} answers, judge {judge_name}")
-    with sampling_engine(recipe.sections["generation"], models["policy"], tokenizer, config.batch_size,
-                         sources["policy"].path) as engine:
-        engine.use(models["policy"], "policy")
+
+    @contextmanager
+    def policy_engine() -> Iterator[Engine]:
+        with sampling_engine(recipe.sections["generation"], models["policy"], tokenizer, config.batch_size,
+                             sources["policy"].path) as engine:
+            engine.use(models["policy"], "policy")
+            yield engine
+
+    with policy_engine() as engine:
         samples = sample_answers(engine, tokenizer, prompts, config.num_samples, config.max_new_tokens,
                                  config.temperature, config.top_p, config.seed, "labelling")
-    judge = load_reward(spec, recipe.model) if spec.given else load_judge(judge_spec, recipe.model)
+    answers_known = answer_key(recipe)
+    judge = (load_reward(spec, recipe.model, answers_known) if spec.given
+             else load_judge(judge_spec, recipe.model, answers_known))
     held_out = held_out_prompts(len(prompts), config.eval_split, config.seed)
+    if config.writes == "steps":
+        from rlhf_pipeline.stages.step_labelling import write_step_labels
+
+        metrics, write_steps = write_step_labels(recipe, config, policy_engine, tokenizer, prompts, samples, judge,
+                                                 judge_name, held_out, answers_known)
+        metrics |= {"judge": judge_name, "writes": config.writes, "data": data_report.as_dict()}
+        finish_outputs(recipe, finished_manifest(recipe, sources["policy"], metrics, adapter=False), write_steps)
+        return metrics
     ranked_rows, pair_rows, eval_rows, classified, too_close = [], [], [], [], 0
     for index, (prompt, answers) in enumerate(tqdm(list(zip(prompts, samples, strict=True)), desc="label: judging",
                                                    disable=not is_main_process())):
@@ -236,7 +288,8 @@ def run(recipe: Recipe) -> dict[str, Any]:
 
 STAGE = Stage(
     name="label",
-    summary="AI feedback: sample K answers per prompt, rank them with a judge, write preference pairs",
+    summary="AI feedback: sample K answers per prompt, rank them with a judge, write preference pairs (or rule "
+            "labels, or step labels for a process reward model)",
     example="rlhf-pipeline label recipes/smollm2-135m/label.yaml labelling.num_samples=4",
     config_class=("rlhf_pipeline.stages.label", "LabelConfig"),
     config_section="labelling",
@@ -244,7 +297,7 @@ STAGE = Stage(
     sections={"judge": JudgeSpec, "reward": RewardSpec, "generation": GenerationSpec},
     extra_checks=_check,
     run=run,
-    presentation=Presentation("AI-feedback labelling", label_headline, label_section,
+    presentation=Presentation("AI-feedback labelling", label_report_headline, label_report_section,
                               answers=(RANKED, "one row per prompt: its sampled answers with their scores (and each "
                                        "reward signal's), length in tokens and whether they ended with the stop "
                                        "token")),

@@ -182,6 +182,7 @@ def train_online(recipe: Recipe, trainer_class: type, config_class: type) -> dic
     """GRPO/RLOO: the policy samples answers to the cards' prompts, scored by the recipe's `reward:` signals."""
     import dataclasses
 
+    from rlhf_pipeline.data.loading import answer_key
     from rlhf_pipeline.models import load_tokenizer
     from rlhf_pipeline.reward_spec import load_reward, trl_reward_functions
     from rlhf_pipeline.sources import resolve_source
@@ -194,7 +195,8 @@ def train_online(recipe: Recipe, trainer_class: type, config_class: type) -> dic
         for name, folder in spec.models().items():
             scorer_spec = dataclasses.replace(recipe.model, name_or_path=folder)
             require_same_tokenizer(recipe, spec.signal_key(name), resolve_source(scorer_spec), scorer_spec, tokenizer)
-    functions, weights = trl_reward_functions(load_reward(spec, recipe.model))  # training.reward_weights wins
+    # training.reward_weights wins over the signals' weights
+    functions, weights = trl_reward_functions(load_reward(spec, recipe.model, answer_key(recipe)))
     generation = recipe.sections["generation"]
     trl_vllm = {"use_vllm": True, "vllm_mode": "colocate", "vllm_gpu_memory_utilization":
                 generation.gpu_memory_utilization} if generation.uses_vllm and recipe.stage == "rloo" else {}

@@ -35,6 +35,8 @@ from typing import TYPE_CHECKING, Any
 from rlhf_pipeline.data.formats import FORMATS, SFT_FORMATS
 from rlhf_pipeline.engines.spec import GenerationSpec, check_generation
 from rlhf_pipeline.errors import PipelineError, RecipeError
+from rlhf_pipeline.models import SCORER_STAGES
+from rlhf_pipeline.process_reward import DENSE, PROCESS
 from rlhf_pipeline.report.sections import ppo_headline, ppo_section, ppo_summary_note
 from rlhf_pipeline.reward import CLASSIFICATION
 from rlhf_pipeline.reward_spec import RewardSpec, check_reward, model_objective
@@ -46,6 +48,7 @@ if TYPE_CHECKING:
     from rlhf_pipeline.chat import Messages
     from rlhf_pipeline.distributed import Launch
     from rlhf_pipeline.ppo.trainer import RewardFn
+    from rlhf_pipeline.process_reward import ProcessRewardModel
     from rlhf_pipeline.recipe import Recipe
     from rlhf_pipeline.reward_spec import Reward
 
@@ -60,7 +63,7 @@ def _check(recipe: Recipe) -> None:
     if recipe.model.lora is None:
         raise RecipeError(recipe.path, "model.lora", "PPO trains a copy of the SFT adapter (or a new LoRA) beside the "
                           "frozen reference on one base; add a lora section")
-    recipe.check_finished_stage("training.reward_model_path", recipe.config["reward_model_path"], ("rm",),
+    recipe.check_finished_stage("training.reward_model_path", recipe.config["reward_model_path"], SCORER_STAGES,
                                 "not a reward model; point it at the rm stage's output_dir")
     if recipe.config.get("policy_init"):
         recipe.check_finished_stage("training.policy_init", recipe.config["policy_init"], POLICY_STAGES,
@@ -71,6 +74,11 @@ def _check(recipe: Recipe) -> None:
                           "break its rule) cannot be PPO's reward or the critic's start; give the preference RM here "
                           "and the rule RM as a penalty in the reward: section")
     spec = recipe.sections["reward"]
+    if model_objective(recipe.config["reward_model_path"]) == PROCESS and not spec.given:
+        raise RecipeError(recipe.path, "reward", f"{recipe.config['reward_model_path']} is a process reward model "
+                          "(a score per step): give it in a reward: section with its aggregate (dense: a reward at the "
+                          "end of every step; min, product or last: one per answer); reward_model_path then only "
+                          "starts the critic")
     if spec.given:
         check_reward(recipe, spec)
         if recipe.config.get("normalize_reward"):
@@ -150,15 +158,14 @@ def run(recipe: Recipe) -> dict[str, Any]:
     from functools import partial
 
     from rlhf_pipeline.chat import encode_prompt
-    from rlhf_pipeline.data.loading import load_datasets
+    from rlhf_pipeline.data.loading import answer_key, load_datasets
     from rlhf_pipeline.distributed import say
     from rlhf_pipeline.generation import sampling_engine
     from rlhf_pipeline.models import load_tokenizer
     from rlhf_pipeline.outputs import require_finished
     from rlhf_pipeline.ppo.roles import POLICY, build_ppo_model, check_shared_base
     from rlhf_pipeline.ppo.trainer import PPOTrainer
-    from rlhf_pipeline.reward import RewardModel
-    from rlhf_pipeline.reward_spec import build_reward, signal_role
+    from rlhf_pipeline.reward_spec import build_reward, reward_models_from_roles
     from rlhf_pipeline.sources import resolve_source
     from rlhf_pipeline.stages.common import (
         Loaded,
@@ -173,7 +180,7 @@ def run(recipe: Recipe) -> dict[str, Any]:
     config = recipe.settings
     spec = recipe.sections["reward"]
     start_training(recipe)
-    rm_manifest = require_finished(config.reward_model_path, "rm", "training.reward_model_path")
+    rm_manifest = require_finished(config.reward_model_path, SCORER_STAGES, "training.reward_model_path")
     reward_spec = dataclasses.replace(recipe.model, name_or_path=config.reward_model_path)
     source, reward_source = resolve_source(recipe.model, progress=say), resolve_source(reward_spec)
     check_shared_base(source, reward_source, config.reward_model_path)
@@ -202,18 +209,19 @@ def run(recipe: Recipe) -> dict[str, Any]:
     say(f"loading {source.origin} once: reference, policy, reward model and critic are adapters on it")
     model = build_ppo_model(source, reward_source, recipe.model, tokenizer, critic_stats,
                             gradient_checkpointing=activation_checkpointing_default(recipe),
-                            scorers={signal_role(name): s for name, s in signal_sources.items()}, policy_init=start)
+                            scorers={spec.role_of(name): s for name, s in signal_sources.items()}, policy_init=start)
 
     datasets, data_report = load_datasets(recipe, tokenizer, prompts_only=True)
     chats = [row["prompt"] for row in datasets["train"]]  # eval prompts (data.eval, data.eval_split) stay unseen
     prompts = [encode_prompt(tokenizer, chat) for chat in chats]
     say(f"ppo: {len(prompts)} prompts to train on ({data_report.summary()})")
     if spec.given:
-        reward_models = {name: RewardModel.from_role(model, signal_role(name), tokenizer, folder)
-                         for name, folder in spec.models().items()}
-        reward = build_reward(spec, reward_models, recipe.model)
+        reward_models = reward_models_from_roles(spec, dict.fromkeys(spec.model_roles(), model), tokenizer)
+        reward = build_reward(spec, reward_models, recipe.model, answer_key(recipe))
         say(f"ppo: reward = {', '.join(f'{name} ({s.use}, weight {s.weight:g})' for name, s in spec.by_name.items())}")
-        reward_fn = _signals_reward(reward, tokenizer, dict(zip(map(tuple, prompts), chats, strict=True)))
+        dense = {name: (reward_models[name], signal.weight) for name, signal in spec.by_name.items()
+                 if signal.aggregate == DENSE}
+        reward_fn = _signals_reward(reward, tokenizer, dict(zip(map(tuple, prompts), chats, strict=True)), dense)
     else:
         reward_fn = partial(_rm_scores, model)
     with sampling_engine(recipe.sections["generation"], model, tokenizer, config.local_rollout_forward_batch_size,
@@ -254,10 +262,15 @@ def _rm_scores(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor
     return model.last_scores(REWARD, input_ids, attention_mask)
 
 
-def _signals_reward(reward: Reward, tokenizer: Any, chats: dict[tuple[int, ...], Messages]) -> RewardFn:
+def _signals_reward(reward: Reward, tokenizer: Any, chats: dict[tuple[int, ...], Messages],
+                    dense: dict[str, tuple[ProcessRewardModel, float]]) -> RewardFn:
     """The recipe's reward signals on PPO's rows: reward models score the sampled ids as they are, functions and
-    judges the prompt's chat and the decoded answer; the combined reward is the score, each signal is logged."""
+    judges the prompt's chat and the decoded answer; the combined reward is the score, each signal is logged.
+    A `dense` process reward model (weight w) adds w·log P(step right) on the token that ends each step."""
     import torch
+
+    from rlhf_pipeline.ppo.experience import STEP_REWARDS
+    from rlhf_pipeline.process_reward import step_log_reward
 
     def score(input_ids: torch.Tensor, attention_mask: torch.Tensor,
               prompt_lengths: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -267,8 +280,16 @@ def _signals_reward(reward: Reward, tokenizer: Any, chats: dict[tuple[int, ...],
         prompts = [chats[tuple(row[:cut])] for row, cut in zip(rows, cuts, strict=True)]
         answers = [tokenizer.decode(row[cut:], skip_special_tokens=True) for row, cut in zip(rows, cuts, strict=True)]
         signals = reward.signal_scores(prompts, answers, rows)
-        return {"score": torch.tensor(reward.combine(signals))} | {
+        out = {"score": torch.tensor(reward.combine(signals))} | {
             name: torch.tensor(values) for name, values in signals.items()}
+        if dense:
+            steps = torch.zeros(len(rows), max(len(row) - cut for row, cut in zip(rows, cuts, strict=True)))
+            for prm, weight in dense.values():
+                for index, (ends, probabilities) in enumerate(prm.step_scores(rows, cuts)):
+                    for end, probability in zip(ends, probabilities, strict=True):
+                        steps[index, end] += weight * step_log_reward(probability)
+            out[STEP_REWARDS] = steps
+        return out
 
     return score
 

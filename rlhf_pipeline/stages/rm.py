@@ -181,10 +181,10 @@ def _classifier_trainer(loaded: Loaded, args: Any, encoded: dict[str, Dataset]) 
     """
     import torch
     from transformers import Trainer
-    from trl.trainer.utils import disable_dropout_in_model
 
     from rlhf_pipeline.chat import pad_batch
     from rlhf_pipeline.reward import sequence_scores
+    from rlhf_pipeline.stages.common import own_loss_trainer
 
     class ClassifierTrainer(Trainer):
         loss_is_scaled_for_ga = False  # a batch mean: the Trainer divides it over gradient accumulation
@@ -199,12 +199,7 @@ def _classifier_trainer(loaded: Loaded, args: Any, encoded: dict[str, Dataset]) 
         ids, mask = pad_batch([row["input_ids"] for row in rows], loaded.tokenizer.pad_token_id, "right")
         return {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([row["labels"] for row in rows])}
 
-    if args.disable_dropout:
-        disable_dropout_in_model(loaded.model)
-    if args.gradient_checkpointing and hasattr(loaded.model, "peft_config"):
-        loaded.model.enable_input_require_grads()
-    return ClassifierTrainer(model=loaded.model, args=args, data_collator=collate, train_dataset=encoded["train"],
-                             eval_dataset=encoded.get("eval"), processing_class=loaded.tokenizer)
+    return own_loss_trainer(ClassifierTrainer, loaded, args, encoded, collate)
 
 
 def run(recipe: Recipe) -> dict[str, Any]:

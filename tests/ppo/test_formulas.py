@@ -11,6 +11,7 @@ import torch
 
 from rlhf_pipeline.ppo.formulas import (
     adaptive_kl_coef,
+    dense_token_rewards,
     explained_variance,
     gae_advantages_and_returns,
     kl_penalty,
@@ -167,6 +168,28 @@ def test_token_rewards_put_the_score_on_the_last_valid_token(batch: tuple[torch.
         for t in range(5):
             expected = -0.1 * kl[row, t].item() + (scores[row].item() if t == length - 1 else 0.0)
             assert rewards[row, t].item() == pytest.approx(expected if t < length else 0.0)
+
+
+def test_dense_rewards_land_on_the_tokens_that_end_each_step(batch: tuple[torch.Tensor, torch.Tensor]) -> None:
+    """Step rewards at the step ends, −β·KL everywhere, the score at the end; returns = rewards still to come."""
+    kl, mask = batch
+    scores = torch.tensor([1.0, 0.0, -1.0, 0.5], dtype=torch.float64)
+    step_ends = {0: {1: -0.2, 4: -0.05}, 1: {0: -1.5, 2: -0.1}, 2: {0: -0.3}, 3: {3: -2.0}}  # row -> {token: reward}
+    step_rewards = torch.full_like(kl, math.nan)  # padding never counts, whatever it holds
+    for row, ends in step_ends.items():
+        step_rewards[row, : LENGTHS[row]] = 0.0
+        for t, value in ends.items():
+            step_rewards[row, t] = value
+    rewards = dense_token_rewards(scores, step_rewards, with_garbage_padding(kl, mask, math.nan), mask, kl_coef=0.1)
+    _, returns = gae_advantages_and_returns(rewards, torch.zeros_like(kl), mask, gamma=1.0, lam=1.0)
+    for row, length in enumerate(LENGTHS):
+        direct = [-0.1 * kl[row, t].item() + step_ends[row].get(t, 0.0) + (scores[row].item() if t == length - 1
+                                                                            else 0.0) for t in range(length)]
+        assert rewards[row, :length].tolist() == pytest.approx(direct)
+        assert rewards[row, length:].tolist() == [0.0] * (5 - length)
+        assert returns[row, :length].tolist() == pytest.approx([sum(direct[t:]) for t in range(length)])
+    no_steps = torch.zeros_like(kl)
+    assert torch.equal(dense_token_rewards(scores, no_steps, kl, mask, 0.1), token_rewards(scores, kl, mask, 0.1))
 
 
 def test_kl_estimators_match_their_formulas_and_the_true_kl() -> None:

@@ -33,6 +33,24 @@ def preference_rows(n: int = 64) -> list[dict[str, Any]]:
     return rows
 
 
+GOOD_STEPS = ["The sun rises.", "We bought bread.", "The train leaves."]
+WRONG_STEPS = ["It rained all day.", "My phone is low."]
+
+
+def stepwise_rows(n: int = 48, offset: int = 0, seed: int = 0) -> list[dict[str, Any]]:
+    """Solutions of 2-3 steps whose labels follow a trivial rule: a step is good exactly when it is one of GOOD_STEPS.
+    Prompts are numbered from `offset`, so two calls with distant offsets share no problem."""
+    import random
+
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        labels = [rng.random() < 0.6 for _ in range(rng.randint(2, 3))]
+        rows.append({"prompt": f"Topic {i + offset}.", "labels": labels,
+                     "steps": [rng.choice(GOOD_STEPS if good else WRONG_STEPS) for good in labels]})
+    return rows
+
+
 def write_card(folder: Path, name: str, rows: list[dict[str, Any]], fmt: str, stages: list[str]) -> Path:
     """A data file and its card in `folder/data_cards/`, where recipes in `folder` find it by name."""
     (folder / "data").mkdir(parents=True, exist_ok=True)

@@ -21,3 +21,9 @@ def answer_length(prompts: Sequence[object], answers: Sequence[str]) -> list[flo
 def over_30_characters(prompts: Sequence[object], answers: Sequence[str]) -> list[float]:
     """A rule for tests: an answer over 30 characters breaks it."""
     return [float(len(answer) > 30) for answer in answers]
+
+
+def first_word(answer: str) -> str | None:
+    """A "final answer" for majority-vote tests: an answer's first word (None for an empty answer)."""
+    words = answer.split()
+    return words[0].lower() if words else None

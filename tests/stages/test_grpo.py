@@ -47,7 +47,7 @@ def test_the_reward_model_must_be_a_finished_rm_stage(stage: str, tmp_path: Path
     sft, _ = sft_and_rm
     unfinished = tmp_path / "rm-in-progress"
     (unfinished / "checkpoint-4").mkdir(parents=True)
-    with pytest.raises(RecipeError, match=rf"reward\.model: {unfinished} is not a finished rm stage"):
+    with pytest.raises(RecipeError, match=rf"reward\.model: {unfinished} is not a finished rm or prm stage"):
         load_recipe(policy_recipe(tmp_path, tiny_model_dir, stage, sft, unfinished))
     with pytest.raises(RecipeError, match=r"reward\.model: .* holds a finished 'sft' stage, not a reward model"):
         load_recipe(policy_recipe(tmp_path, tiny_model_dir, stage, sft, sft))

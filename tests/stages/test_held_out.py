@@ -37,7 +37,7 @@ def classified_rows(prompts: int = 20) -> list[dict[str, Any]]:
 
 
 def prompts_of(rows: Any) -> list[str]:
-    return [prompt_key(row) for row in rows]
+    return [prompt_key(row["prompt"]) for row in rows]
 
 
 @pytest.fixture(scope="module")

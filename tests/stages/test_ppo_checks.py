@@ -66,7 +66,7 @@ def test_reward_model_path_must_be_a_finished_rm_stage(kind: str, tmp_path: Path
         words = "holds a finished 'sft' stage, not a reward model"
     else:
         (folder / "checkpoint-4").mkdir(parents=True)  # an rm stage that was interrupted
-        words = "is not a finished rm stage (no stage.json)"
+        words = "is not a finished rm or prm stage (no stage.json)"
     recipe = _ppo_recipe(tmp_path, tiny_model_dir, folder)
     with pytest.raises(PipelineError) as info:
         load_recipe(recipe)  # at validate time: no torch, no weights
@@ -90,7 +90,7 @@ def test_an_rm_the_pipeline_will_finish_first_is_allowed(tmp_path: Path, tiny_mo
     pipeline.write_text(yaml.safe_dump({"stages": [{"stage": "rm", "recipe": "rm.yaml"},
                                                    {"stage": "ppo", "recipe": ppo.name}]}))
     assert [r.stage for r in validate_pipeline(pipeline)] == ["rm", "ppo"]
-    with pytest.raises(RecipeError, match="is not a finished rm stage"):
+    with pytest.raises(RecipeError, match="is not a finished rm or prm stage"):
         load_recipe(ppo)  # on its own, the same recipe cannot run yet
 
 

@@ -48,7 +48,7 @@ def _ppo_recipe(folder: Path, model_dir: Path, sft: Path, rm: Path, reward: dict
     ({"signals": {"warmth": {"model": "RM", "use": "penalty"}}}, r"reward\.signals\.warmth\.use: .* is a preference "
                                                                 r"reward model .* use it as `use: reward`"),
     ({"signals": {"warmth": {"model": "UNFINISHED"}}}, r"reward\.signals\.warmth\.model: .*rm-in-progress is not a "
-                                                      r"finished rm stage"),
+                                                      r"finished rm or prm stage"),
 ])
 def test_a_reward_specification_that_cannot_work_fails_validation(
         reward: dict[str, Any], message: str, tmp_path: Path, tiny_model_dir: Path,
@@ -140,7 +140,7 @@ def test_ppo_scores_every_row_with_the_normalised_rm_and_each_signal(sft_and_rm:
     answers = ["I love cake, see?", "Eels eat eggs.", "No.", "Cake? A cake! Here, the finest cake."]
     ids, mask = pad_batch(encode_conversations(tokenizer, chats, answers), tokenizer.pad_token_id, "right")
     score = _signals_reward(load_reward(spec, model), tokenizer,
-                            {tuple(encode_prompt(tokenizer, chat)): chat for chat in chats})
+                            {tuple(encode_prompt(tokenizer, chat)): chat for chat in chats}, dense={})
     out = {name: values.tolist() for name, values in score(
         ids, mask, torch.tensor([len(encode_prompt(tokenizer, chat)) for chat in chats])).items()}
 
