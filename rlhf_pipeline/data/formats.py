@@ -63,6 +63,7 @@ LABELLED_FORMATS = {"prompt_completion_label"}
 CLASSIFICATION_FORMATS = {"classification"}
 PROMPT_FORMATS = {"prompt_only"}
 FORMATS = SFT_FORMATS | PREFERENCE_FORMATS | LABELLED_FORMATS | CLASSIFICATION_FORMATS | PROMPT_FORMATS
+EXPANDING_FORMATS = {"ranking", "nested_completions"}  # one input row gives several examples (every ordered pair)
 
 # Canonical column names each format understands, so a data card's `columns:` mapping can be checked
 # before any data is read. Not all are required: ranking rows use either `ranked` or `answers`+`scores`.
@@ -79,6 +80,26 @@ CANONICAL_COLUMNS: dict[str, frozenset[str]] = {
     "classification": frozenset({"prompt", "answer", "label"}),
     "prompt_only": frozenset({"prompt"}),
 }
+
+
+
+def output_columns(fmt: str, with_margin: bool = False) -> dict[str, str]:
+    """The canonical columns a format converts to, with their types ("messages": a list of {role, content};
+    "float" may be null: a ranked row without scores has no margin), for the tables the loader writes."""
+    answer = {"prompt": "messages", "completion": "messages"}
+    if fmt in SFT_FORMATS:
+        return answer
+    if fmt in PREFERENCE_FORMATS:
+        return {"prompt": "messages", "chosen": "messages", "rejected": "messages"} | (
+            {"margin": "float"} if with_margin else {})
+    if fmt in LABELLED_FORMATS:
+        return answer | {"label": "bool"}
+    if fmt in CLASSIFICATION_FORMATS:
+        return answer | {"label": "int"}
+    if fmt in PROMPT_FORMATS:
+        return {"prompt": "messages"}
+    raise ValueError(f"format {fmt!r}: declare its canonical columns in formats.output_columns")
+
 
 MAX_BAD_ROWS_KEPT = 5
 _HH_MARKER = re.compile(r"(?:^|\n\n)(Human|Assistant):")
