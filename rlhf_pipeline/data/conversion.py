@@ -65,14 +65,14 @@ def canonical_columns(card: DataCard, prompts_only: bool, unpaired: bool = False
     return formats.output_columns(card.format, with_margin=bool(card.margin_column))
 
 
-def table_features(columns: dict[str, str]) -> Features:
-    """The Arrow schema of a card's table: the canonical columns and the loader's own."""
+def table_features(columns: dict[str, str], helpers: bool = True) -> Features:
+    """The Arrow schema of a card's table: the canonical columns, and (`helpers`) the loader's own."""
     from datasets import Features, List, Value
 
     types = {"messages": List({"role": Value("string"), "content": Value("string")}), "float": Value("float64"),
              "bool": Value("bool"), "int": Value("int64")}
-    return Features({SOURCE_WHERE: Value("string"), DROP: Value("string"), PROMPT: Value("string"),
-                     LENGTH: Value("int64")} | {name: types[kind] for name, kind in columns.items()})
+    own = {SOURCE_WHERE: Value("string"), DROP: Value("string"), PROMPT: Value("string"), LENGTH: Value("int64")}
+    return Features((own if helpers else {}) | {name: types[kind] for name, kind in columns.items()})
 
 
 class Converter:

@@ -5,10 +5,12 @@ tokenised. Two things make it cheaper without changing a count:
 
 - a batch of rows is rendered in one call and tokenised in one call of the Rust tokenizer, which counts
   tokens without building the offsets and Python lists `apply_chat_template(tokenize=True)` returns;
-- the answers of a pair share their prompt, so the text their renderings have in common is tokenised once.
-  A rendering is cut only where an added token that strips nothing begins (the chat template's
-  `<|im_start|>`): a Hugging Face tokenizer splits its input at added tokens before normalising and
-  pre-tokenising, so the two pieces are tokenised exactly as they are inside the whole text.
+- a rendering is cut into pieces before each added token the chat template writes (`<|im_start|>`), and a
+  piece met before is not tokenised again: a pair's two conversations share their prompt's pieces, and every
+  conversation of a template that adds a default system prompt shares that one. A Hugging Face tokenizer
+  splits its input at added tokens before normalising and pre-tokenising, so a piece that starts with an
+  added token taking no whitespace or word boundary from its left is tokenised exactly as it is inside the
+  whole text, and the counts add up.
 
 A meter checks itself on its first batch against `apply_chat_template(tokenize=True)`, and measures the plain
 way for good if any count differs (a tokenizer whose added tokens behave otherwise), so the counts, and the
@@ -17,7 +19,9 @@ rows dropped as too long, are always those of the plain path.
 
 from __future__ import annotations
 
+import collections
 import logging
+import re
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -49,25 +53,15 @@ def plain_lengths(tokenizer: PreTrainedTokenizerBase, rows: list[dict[str, Any]]
     return lengths
 
 
-def _common_prefix(texts: list[str]) -> int:
-    """Length of the longest prefix all texts share (a binary search over C-speed slice comparisons)."""
-    first, low, high = texts[0], 0, min(map(len, texts))
-    while low < high:
-        middle = (low + high + 1) // 2
-        if all(text.startswith(first[:middle]) for text in texts[1:]):
-            low = middle
-        else:
-            high = middle - 1
-    return low
-
-
 class LengthMeter:
     """Counts the tokens of canonical rows in batches (picklable, so `datasets` can run it in workers)."""
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
         self.tokenizer = tokenizer
         self.backend = self._private_backend(tokenizer)
-        self.cuts = self._cut_tokens(tokenizer) if self.backend is not None else []
+        cuts = self._cut_tokens(tokenizer) if self.backend is not None else []
+        self.pieces = re.compile("(?=" + "|".join(map(re.escape, cuts)) + ")") if cuts else None
+        self.known: dict[str, int] = {}  # the last batch's repeated pieces (a default system prompt) -> tokens
         self.checked = False
 
     @staticmethod
@@ -87,11 +81,12 @@ class LengthMeter:
     @staticmethod
     def _cut_tokens(tokenizer: PreTrainedTokenizerBase) -> list[str]:
         """Added tokens a rendering may be cut before: used by the chat template, matched on the raw text, and
-        taking no whitespace or word boundary from their left."""
+        taking no whitespace or word boundary from their left (longest first, as a tokenizer matches them)."""
         rendered = tokenizer.apply_chat_template(_PROBE, tokenize=False)
-        return [token.content for token in tokenizer.added_tokens_decoder.values()
-                if token.content and token.content in rendered and not (token.lstrip or token.single_word or
-                                                                         token.normalized)]
+        return sorted((token.content for token in tokenizer.added_tokens_decoder.values()
+                       if token.content and token.content in rendered and not (token.lstrip or token.single_word or
+                                                                                token.normalized)), key=len,
+                      reverse=True)
 
     def __call__(self, rows: list[dict[str, Any]]) -> list[int]:
         if self.backend is None or not rows:
@@ -107,20 +102,17 @@ class LengthMeter:
         return lengths
 
     def _fast(self, rows: list[dict[str, Any]]) -> list[int]:
-        pieces: list[str] = []
-        plan: list[tuple[int | None, list[int]]] = []  # per row: its shared piece, and its answers' pieces
         texts = self._rendered(rows)
-        for row_texts in texts:
-            shared = self._cut(row_texts) if len(row_texts) > 1 else 0
-            head = None
-            if shared:
-                head = len(pieces)
-                pieces.append(row_texts[0][:shared])
-            plan.append((head, list(range(len(pieces), len(pieces) + len(row_texts)))))
-            pieces.extend(text[shared:] for text in row_texts)
-        counts = [len(encoding.ids) for encoding in self.backend.encode_batch_fast(pieces, add_special_tokens=False)]
-        return [(counts[head] if head is not None else 0) + max(counts[index] for index in tails)
-                for head, tails in plan]
+        split = [[[piece for piece in self.pieces.split(text) if piece] if self.pieces else [text] for text in row]
+                 for row in texts]
+        needed = collections.Counter(piece for row in split for text in row for piece in text)
+        counts = {piece: self.known[piece] for piece in needed if piece in self.known}
+        new = [piece for piece in needed if piece not in counts]
+        if new:
+            encoded = self.backend.encode_batch_fast(new, add_special_tokens=False)
+            counts.update(zip(new, (len(encoding.ids) for encoding in encoded), strict=True))
+        self.known = {piece: counts[piece] for piece, seen in needed.items() if seen > 1}  # likely to come again
+        return [max(sum(counts[piece] for piece in text) for text in row) for row in split]
 
     def _rendered(self, rows: list[dict[str, Any]]) -> list[list[str]]:
         """Each row's conversations rendered as text, in two batched calls (with answers, and prompts alone)."""
@@ -138,14 +130,3 @@ class LengthMeter:
                 for owner, text in zip(owners, rendered, strict=True):
                     texts[owner].append(text)
         return texts
-
-    def _cut(self, texts: list[str]) -> int:
-        """Where the texts of one row may be cut so that the part before is theirs in common: the last start of a
-        cut token inside their common prefix, at which every text has a cut token (0: nowhere)."""
-        common = _common_prefix(texts)
-        best = 0
-        for token in self.cuts:
-            start = texts[0].rfind(token, 0, common + len(token))
-            if best < start <= common and all(any(text.startswith(cut, start) for cut in self.cuts) for text in texts):
-                best = start
-        return best

@@ -112,7 +112,7 @@ class Renamer:
     """The card's file columns renamed to the format's canonical names (a listed column: one per answer)."""
 
     def __init__(self, card: DataCard) -> None:
-        columns = {name: card.column(name) for name in formats.CANONICAL_COLUMNS[card.format]}
+        columns = {name: card.column(name) for name in sorted(formats.CANONICAL_COLUMNS[card.format])}
         self.card = card
         self.listed = {name: column for name, column in columns.items() if isinstance(column, list)}
         self.mapping = {column: name for name, column in columns.items() if isinstance(column, str)}

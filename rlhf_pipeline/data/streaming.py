@@ -173,9 +173,8 @@ def streamed_train(recipe: Recipe, sources: list[tuple[DataCard, TrainSource]], 
     tally_key = uuid.uuid4().hex
     _TALLIES[tally_key] = Tally(report, cards)
     report.streamed = [card.name for card in cards]
-    features = table_features(canonical_columns(cards[0], prompts_only=False))
     streams = [IterableDataset.from_generator(
-        _card_rows, features=type(features)({name: features[name] for name in canonical_columns(card, False)}),
+        _card_rows, features=table_features(canonical_columns(card, prompts_only=False), helpers=False),
         gen_kwargs={"recipe": recipe, "card": card, "index": index, "tokenizer": tokenizer, "tally_key": tally_key,
                     "held_out": held_out}) for index, card in enumerate(cards)]
     if len(streams) == 1:

@@ -9,7 +9,6 @@ import pytest
 from tokenizers import AddedToken
 from transformers import AutoTokenizer
 
-from rlhf_pipeline.data import lengths
 from rlhf_pipeline.data.lengths import LengthMeter, plain_lengths
 
 
@@ -39,16 +38,26 @@ ROWS: list[dict[str, Any]] = [
 
 def test_the_meter_counts_what_apply_chat_template_counts(tokenizer: Any) -> None:
     meter = LengthMeter(tokenizer)
-    assert meter.cuts and "<|im_start|>" in meter.cuts
     assert meter(ROWS * 5) == plain_lengths(tokenizer, ROWS * 5)
     assert meter.backend is not None  # the pieces were used, and agreed on the first batch
+    assert meter(ROWS[::-1]) == plain_lengths(tokenizer, ROWS[::-1])  # with pieces known from the batch before
 
 
-def test_pairs_are_cut_before_the_answer_only(tokenizer: Any) -> None:
+def test_renderings_are_cut_before_added_tokens_and_pieces_counted_once(tokenizer: Any,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     meter = LengthMeter(tokenizer)
-    texts = meter._rendered(ROWS[:1])[0]
-    cut = meter._cut(texts)
-    assert texts[0][:cut] == texts[1][:cut] and texts[0][cut:].startswith("<|im_start|>assistant")
+    encoded: list[str] = []
+    encode = meter.backend.encode_batch_fast
+    monkeypatch.setattr(meter, "backend", type("Counting", (), {"encode_batch_fast": lambda self, pieces, **kw: (
+        encoded.extend(pieces), encode(pieces, **kw))[1]})())
+    meter(ROWS[:2])
+    system = "<|im_start|>system\nYou are a helpful assistant."
+    assert system in encoded and encoded.count(system) == 1  # every conversation's, tokenised once
+    assert "<|im_start|>user\nHow was the park?" in encoded  # the pair's prompt, once for both answers
+    assert {"<|im_start|>assistant\nLovely, the sun was out.", "<|im_start|>assistant\nFine."} <= set(encoded)
+    encoded.clear()
+    meter(ROWS[:1])
+    assert system not in encoded  # known from the batch before
 
 
 def test_a_tokenizer_whose_added_token_strips_is_never_cut_there(tiny_model_dir: Path) -> None:
@@ -59,7 +68,7 @@ def test_a_tokenizer_whose_added_token_strips_is_never_cut_there(tiny_model_dir:
     ids = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in ("a  <|im_start|>", "a<|im_start|>")]
     assert ids[0] == ids[1]  # the spaces before it are taken into the token
     meter = LengthMeter(tokenizer)
-    assert "<|im_start|>" not in meter.cuts
+    assert meter.pieces.split("x<|im_start|>y<|im_end|>z") == ["x<|im_start|>y", "<|im_end|>z"]  # not cut there
     assert meter(ROWS) == plain_lengths(tokenizer, ROWS)
 
 
@@ -69,9 +78,3 @@ def test_a_meter_that_disagrees_measures_the_plain_way(tokenizer: Any, monkeypat
     assert meter(ROWS) == plain_lengths(tokenizer, ROWS)
     assert meter.backend is None  # and for every later batch too
     assert meter(ROWS[:2]) == plain_lengths(tokenizer, ROWS[:2])
-
-
-def test_common_prefix() -> None:
-    assert lengths._common_prefix(["abcdef", "abcxyz", "abcd"]) == 3
-    assert lengths._common_prefix(["same", "same"]) == 4
-    assert lengths._common_prefix(["x", "y"]) == 0
