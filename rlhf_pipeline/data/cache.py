@@ -91,13 +91,17 @@ class CardTable:
 
 
 def processes(data: DataSpec, rows: int) -> int | None:
-    """`data.num_proc`, else one process per CPU this process may use, for cards big enough to gain from it; None
-    for one (`datasets` runs even `num_proc=1` in a worker process)."""
+    """`data.num_proc`, else one process per CPU this process may use but one, for cards big enough to gain from
+    it; None for one (`datasets` runs even `num_proc=1` in a worker process).
+
+    One CPU is left to the rest of the machine: on a 2-core machine with other work running, two workers took
+    1.8x longer than one (benchmarks/data_loading.py), as they share one core and pay for fork and merge.
+    """
     if data.num_proc is not None:
         count = data.num_proc
     else:
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        count = min(cpus, rows // ROWS_PER_PROCESS)
+        count = min(cpus - 1, rows // ROWS_PER_PROCESS)
     return count if count > 1 else None
 
 
