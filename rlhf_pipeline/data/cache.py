@@ -91,17 +91,19 @@ class CardTable:
 
 
 def processes(data: DataSpec, rows: int) -> int | None:
-    """`data.num_proc`, else one process per CPU this process may use but one, for cards big enough to gain from
-    it; None for one (`datasets` runs even `num_proc=1` in a worker process).
+    """`data.num_proc`, else one process per idle CPU, for cards big enough to gain from it; None for one
+    (`datasets` runs even `num_proc=1` in a worker process).
 
-    One CPU is left to the rest of the machine: on a 2-core machine with other work running, two workers took
-    1.8x longer than one (benchmarks/data_loading.py), as they share one core and pay for fork and merge.
+    Idle CPUs are those this process may use less the other work running (the 1-minute load average, less this
+    process): on a 2-core machine busy with other jobs two workers took 1.8x longer than one
+    (benchmarks/data_loading.py), as they share one core and still pay for starting and merging.
     """
     if data.num_proc is not None:
         count = data.num_proc
     else:
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        count = min(cpus - 1, rows // ROWS_PER_PROCESS)
+        others = max(0.0, os.getloadavg()[0] - 1) if hasattr(os, "getloadavg") else 0.0
+        count = min(round(cpus - others), rows // ROWS_PER_PROCESS)
     return count if count > 1 else None
 
 

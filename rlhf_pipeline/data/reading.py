@@ -137,7 +137,7 @@ class Renamer:
 
 
 def first_rows(card: DataCard, count: int = 100) -> list[dict[str, Any]]:
-    """The first readable rows of a card, to check its columns before the whole file is converted."""
+    """The first readable rows of a card, to check its columns before the whole card is converted or streamed."""
     if is_json_card(card):
         rows = []
         for record in json_records(str(card.local_path())):

@@ -35,7 +35,7 @@ from rlhf_pipeline.data.conversion import (
     canonical_columns,
     table_features,
 )
-from rlhf_pipeline.data.reading import is_json_card, json_records, table_dataset
+from rlhf_pipeline.data.reading import Renamer, first_rows, is_json_card, json_records, table_dataset
 from rlhf_pipeline.errors import PipelineError
 
 if TYPE_CHECKING:
@@ -168,6 +168,8 @@ def streamed_train(recipe: Recipe, sources: list[tuple[DataCard, TrainSource]], 
 
     data = recipe.data
     cards = [card for card, _ in sources]
+    for card in cards:  # a missing column fails now, not as every row dropped once training has started
+        Renamer(card).check(first_rows(card))
     if held_out:
         report.eval_prompts_in_train = 0
     tally_key = uuid.uuid4().hex

@@ -117,3 +117,10 @@ def test_what_a_stream_cannot_do_is_refused(stage: str, data: dict[str, Any], tr
     with pytest.raises(RecipeError, match=re.escape(f"{key}: ")) as info:
         load_recipe(make_recipe(stage, ["messy"], training, data={"train": ["messy"]} | STREAM | data))
     assert words in str(info.value)
+
+
+def test_a_missing_column_fails_before_training(tmp_path: Path, make_recipe: RecipeFactory, tokenizer: Any) -> None:
+    write_card(tmp_path, "messy", [{"conversation": []}] * 3, "messages", ["sft"])
+    with pytest.raises(RecipeError, match=r"columns\.messages: column 'messages' not found in .*messy\.jsonl; "
+                                          r"its columns are: conversation"):
+        load_datasets(streamed(make_recipe), tokenizer)
