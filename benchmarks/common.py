@@ -24,7 +24,8 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections import defaultdict
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -128,9 +129,10 @@ def threads() -> str:
 
 
 def run_child(script: Path, args: Sequence[str], env: dict[str, str] | None = None,
-              timeout: float = 3600) -> dict[str, Any]:
-    """Run `python script args` in a fresh process and return the JSON object it printed last."""
-    done = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, cwd=REPO,
+              timeout: float = 3600, python: str | None = None) -> dict[str, Any]:
+    """Run `python script args` in a fresh process (this interpreter unless `python` names another environment's)
+    and return the JSON object it printed last."""
+    done = subprocess.run([python or sys.executable, str(script), *args], capture_output=True, text=True, cwd=REPO,
                           env={**os.environ, **OFFLINE, "OMP_NUM_THREADS": threads(), **(env or {})},
                           timeout=timeout)
     if done.returncode != 0:
@@ -219,3 +221,94 @@ def prepare_stages(work: Path, say: Callable[[str], None] = print) -> dict[str, 
         if done.returncode != 0:
             raise RuntimeError(f"{name} stage failed:\n{done.stderr[-4000:]}")
     return {"sft": sft, "rm": rm}
+
+
+PPO_PARTS = ("generation", "policy logprobs", "reference logprobs", "value", "reward", "rollout other", "optimisation")
+
+
+class PPOStepTimer:
+    """Where each PPO step's time goes, measured by wrapping ppo/trainer.py's own code (the originals run unchanged).
+
+    `install()` wraps the trainer's `rollout` (and within it `_generate`, `response_logits` for the policy role,
+    then the reference role, `response_values` and `score_responses`) and `ppo_update` (and within it the update's
+    own `response_logits` and `response_values`). Each finished step
+    becomes a dict in `steps`: the seconds of every part of PPO_PARTS, the whole `rollout`, `optimisation
+    forwards` (the update's own policy and value passes), `answer tokens` (sampled, up to the stop token) and
+    `sequence tokens` (prompt + answer, what the update's passes process). `clock` is CPU time by default (one
+    torch thread: steady on a shared machine); on a GPU pass `cuda_wall_clock`, as kernels run asynchronously.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.process_time) -> None:
+        self.clock = clock
+        self.steps: list[dict[str, float]] = []
+        self._current: dict[str, float] = defaultdict(float)
+        self._in_rollout = False
+        self._logits_calls = 0
+
+    @contextlib.contextmanager
+    def _timed(self, part: str) -> Iterator[None]:
+        started = self.clock()
+        yield
+        self._current[part] += self.clock() - started
+
+    def _wrap(self, owner: Any, name: str, part_of: Callable[[], str]) -> None:
+        """Time calls of owner.name (a method, or a module function the trainer looks up when it calls it)."""
+        original = getattr(owner, name)
+
+        def timed_call(*args: Any, **kwargs: Any) -> Any:
+            with self._timed(part_of()):
+                return original(*args, **kwargs)
+
+        setattr(owner, name, timed_call)
+
+    def _logits_part(self) -> str:
+        """In a rollout the policy's logits come first, then the reference's, chunk by chunk."""
+        if not self._in_rollout:
+            return "optimisation forwards"
+        self._logits_calls += 1
+        return "policy logprobs" if self._logits_calls % 2 else "reference logprobs"
+
+    def install(self) -> None:
+        from rlhf_pipeline.ppo import trainer as trainer_module
+        from rlhf_pipeline.ppo import update as update_module
+        from rlhf_pipeline.ppo.trainer import PPOTrainer
+
+        timer = self
+        self._wrap(PPOTrainer, "_generate", lambda: "generation")
+        for module in (trainer_module, update_module):  # the rollout's passes, then the update's
+            self._wrap(module, "response_logits", self._logits_part)
+            self._wrap(module, "response_values", lambda: "value" if self._in_rollout else "optimisation forwards")
+        self._wrap(trainer_module, "score_responses", lambda: "reward")
+        original_rollout, original_update = PPOTrainer.rollout, PPOTrainer.ppo_update
+
+        def rollout(self: Any, prompts: Any) -> Any:
+            timer._in_rollout = True
+            started = timer.clock()
+            try:
+                result = original_rollout(self, prompts)
+            finally:
+                timer._in_rollout = False
+            timer._current["rollout"] = timer.clock() - started
+            timer._current["answer tokens"] = int(result.response_mask.sum())
+            timer._current["sequence tokens"] = int(result.attention_mask.sum())
+            return result
+
+        def ppo_update(self: Any, rollout_: Any) -> Any:
+            started = timer.clock()
+            result = original_update(self, rollout_)
+            step = dict(timer._current, optimisation=timer.clock() - started)
+            step["rollout other"] = step["rollout"] - sum(step.get(part, 0.0) for part in PPO_PARTS[:5])
+            timer.steps.append(step)
+            timer._current.clear()
+            return result
+
+        PPOTrainer.rollout, PPOTrainer.ppo_update = rollout, ppo_update
+
+
+def cuda_wall_clock() -> float:
+    """Wall time after the GPU's queued work has finished (the CPU clock alone would time kernel launches)."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter()

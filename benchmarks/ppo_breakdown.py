@@ -6,9 +6,10 @@
 The PPO stage runs the demo recipe (recipes/smollm2-135m/ppo.yaml: 16 prompts per step, 32-token answers,
 one PPO epoch of two mini-batches of 8, LoRA r=16 on policy and critic) from small finished SFT and RM stages. Timing
 wraps ppo/trainer.py's own code in the child process — `rollout` (and within it `_generate`,
-`response_logits` for the policy role, then the reference role, `response_values`, `_score`) and
-`ppo_update` — and calls the originals unchanged. Times are the child's CPU time (one torch thread, so on an
-idle core they equal wall time; on a shared machine they do not count the neighbours). The first step is
+`response_logits` for the policy role, then the reference role, `response_values`, `score_responses`) and
+`ppo_update` — and calls the originals unchanged (common.PPOStepTimer, which gpu_check.py shares). Times are
+the child's CPU time (one torch thread, so on an idle core they equal wall time; on a shared machine they do
+not count the neighbours). The first step is
 reported apart (warm-up); the rest are medians over steps and runs. Generation tokens/s counts the answer
 tokens actually sampled (up to the stop token) per CPU second of `_generate`.
 """
@@ -16,14 +17,10 @@ tokens actually sampled (up to the stop token) per CPU second of `_generate`.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import statistics
 import sys
 import tempfile
-import time
-from collections import defaultdict
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,83 +28,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common
 
 RECIPE = common.REPO / "recipes" / "smollm2-135m" / "ppo.yaml"
-PARTS = ("generation", "policy logprobs", "reference logprobs", "value", "reward", "rollout other", "optimisation")
+PARTS = common.PPO_PARTS
 
 
 def child(work: Path, steps: int) -> dict[str, Any]:
     import torch
 
-    from rlhf_pipeline.ppo import trainer as trainer_module
-    from rlhf_pipeline.ppo.trainer import PPOTrainer
     from rlhf_pipeline.stages import get_stage, load_recipe
 
     common.baseline()
-    per_step: list[dict[str, float]] = []
-    current: dict[str, float] = defaultdict(float)
-    tokens: list[int] = []
-
-    @contextlib.contextmanager
-    def timed(part: str) -> Iterator[None]:
-        started = time.process_time()
-        yield
-        current[part] += time.process_time() - started
-
-    def wrap(owner: Any, name: str, part_of: Any) -> None:
-        """Time calls of owner.name (a method, or a module function that the trainer looks up when called)."""
-        original = getattr(owner, name)
-
-        def timed_call(*args: Any, **kwargs: Any) -> Any:
-            with timed(part_of()):
-                return original(*args, **kwargs)
-
-        setattr(owner, name, timed_call)
-
-    def logits_part() -> str:
-        """In a rollout the policy's logits come first, then the reference's, chunk by chunk."""
-        nonlocal logits_calls
-        if not in_rollout:
-            return "optimisation forwards"
-        logits_calls += 1
-        return "policy logprobs" if logits_calls % 2 else "reference logprobs"
-
-    in_rollout, logits_calls = False, 0
-    wrap(PPOTrainer, "_generate", lambda: "generation")
-    wrap(trainer_module, "response_logits", logits_part)
-    wrap(trainer_module, "response_values", lambda: "value" if in_rollout else "optimisation forwards")
-    wrap(PPOTrainer, "_score", lambda: "reward")
-    original_rollout, original_update = PPOTrainer.rollout, PPOTrainer.ppo_update
-
-    def rollout(self: Any, prompts: Any) -> Any:
-        nonlocal in_rollout
-        in_rollout = True
-        started = time.process_time()
-        try:
-            result = original_rollout(self, prompts)
-        finally:
-            in_rollout = False
-        current["rollout"] = time.process_time() - started
-        tokens.append(int(result.response_mask.sum()))
-        return result
-
-    def ppo_update(self: Any, rollout_: Any) -> Any:
-        started = time.process_time()
-        result = original_update(self, rollout_)
-        current["optimisation"] = time.process_time() - started
-        per_step.append(dict(current))
-        current.clear()
-        return result
-
-    PPOTrainer.rollout, PPOTrainer.ppo_update = rollout, ppo_update
+    timer = common.PPOStepTimer()
+    timer.install()
     with tempfile.TemporaryDirectory(prefix="ppo-breakdown-") as tmp:
         recipe = load_recipe(RECIPE, [f"model.name_or_path={work / 'sft'}", f"training.reward_model_path={work / 'rm'}",
                                       f"training.output_dir={Path(tmp) / 'out'}",
                                       f"training.total_episodes={16 * steps}", "training.save_steps=1000",
                                       "training.num_sample_generations=0"])
         get_stage("ppo").run(recipe)
-    for step, count in zip(per_step, tokens, strict=True):
-        step["rollout other"] = step["rollout"] - sum(step.get(p, 0.0) for p in PARTS[:5])
-        step["answer tokens"] = count
-    return {"steps": per_step, "threads": torch.get_num_threads()}
+    return {"steps": timer.steps, "threads": torch.get_num_threads()}
 
 
 def main(argv: list[str] | None = None) -> int:

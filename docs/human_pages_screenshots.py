@@ -1,6 +1,6 @@
-"""Screenshots of the human-feedback pages for the README, from a real run on the demo's outputs.
+"""Screenshots of the human-feedback pages for docs/human-feedback.md, from a real run on the demo's outputs.
 
-    nice -n 15 .venv/bin/python docs/human_pages_screenshots.py /work/main/outputs/smollm2-135m
+    nice -n 15 .venv/bin/python docs/human_pages_screenshots.py outputs/smollm2-135m
 
 Starts `annotate` (the label stage's ranked.jsonl), `ab-eval` (the eval stage's example answers) and `probe`
 (the SFT policy, sampling live) as the user would, drives them in headless chromium (every request off this

@@ -65,7 +65,8 @@ def make_parser() -> argparse.ArgumentParser:
         epilog="example: rlhf-pipeline run recipes/smollm2-135m/pipeline.yaml --from rm",
     )
     run.add_argument("recipe", help="path to the pipeline recipe")
-    run.add_argument("--from", dest="start", choices=STAGE_NAMES, help="re-run from this stage on")
+    run.add_argument("--from", dest="start", metavar="STAGE",
+                     help="re-run from this stage of the pipeline on (e.g. rm; in a pipeline with rounds, round-2/ppo)")
     run.add_argument("--force", action="store_true", help="re-run every stage")
     _add_stop_arguments(run)
     for name in STAGE_NAMES:

@@ -26,6 +26,7 @@ from rlhf_pipeline.errors import PipelineError
 
 MARKER = "stage.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ANSWERS = "answers.jsonl"  # a sampling stage's every answer with its scores (eval, best-of-n)
 
 
 def write_text_atomic(path: Path, text: str) -> None:

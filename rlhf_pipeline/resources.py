@@ -8,7 +8,9 @@ On Linux the kernel's high-water mark of resident memory (`VmHWM`) is reset when
 to `/proc/self/clear_refs`) and read when it finishes: exact, free, and a spike of any length counts. Where
 that reset is refused, a daemon thread samples the resident size every 0.2 s instead (a spike shorter than
 that can be missed). The peak is the whole process's, so memory an earlier stage still holds counts too.
-On CUDA the peak that torch allocated on this process's device is added (`peak_cuda_gib`, else null).
+On CUDA the peak that torch allocated on this process's device is added (`peak_cuda_gib`, else null). A stage
+that samples adds `sampling`: which engine sampled, its tokens/s and what syncing policy versions cost
+(`record_sampling`, called by generation.py and PPO's rollouts).
 
 The numbers are taken when the stage builds its manifest, before its final files are written. Under
 several processes each rank measures itself and rank 0's numbers are the ones recorded. A resumed stage
@@ -87,6 +89,7 @@ class StageMeter:
         torch = sys.modules.get("torch")  # not imported yet: nothing is on a GPU, so there is no peak to reset
         if torch is not None and torch.cuda.is_initialized():
             torch.cuda.reset_peak_memory_stats()
+        self.sampling: dict[str, object] | None = None  # the sampling engine's record (record_sampling)
         self.sampler = None if kernel_peak and reset_kernel_peak() else _Sampler(sample_every)
         if self.sampler is not None:
             self.sampler.start()
@@ -96,14 +99,16 @@ class StageMeter:
             return status_bytes("VmHWM") or resident_bytes()
         return max(self.sampler.peak, resident_bytes())
 
-    def snapshot(self) -> dict[str, float | None]:
-        """`{wall_seconds, peak_rss_gib, peak_cuda_gib}` so far (peak_cuda_gib is None without CUDA)."""
+    def snapshot(self) -> dict[str, object]:
+        """`{wall_seconds, peak_rss_gib, peak_cuda_gib}` so far (peak_cuda_gib is None without CUDA), and
+        `sampling` when the stage sampled."""
         torch = sys.modules.get("torch")
         cuda = (torch.cuda.max_memory_allocated() / GIB
                 if torch is not None and torch.cuda.is_initialized() else None)
         return {"wall_seconds": round(time.monotonic() - self.started, 3),
                 "peak_rss_gib": round(self.peak_rss_bytes() / GIB, 4),
-                "peak_cuda_gib": None if cuda is None else round(cuda, 4)}
+                "peak_cuda_gib": None if cuda is None else round(cuda, 4)} | (
+                    {"sampling": self.sampling} if self.sampling is not None else {})
 
     def stop(self) -> None:
         if self.sampler is not None:
@@ -128,7 +133,14 @@ def measure_stage(sample_every: float = 0.2, kernel_peak: bool = True) -> Iterat
         meter.stop()
 
 
-def stage_resources() -> dict[str, float | None] | None:
+def record_sampling(record: dict[str, object]) -> None:
+    """Keep the sampling engine's record (engine, tokens, tokens/s, syncs) as the running stage's `sampling`."""
+    meter = _ACTIVE.get()
+    if meter is not None:
+        meter.sampling = dict(record)
+
+
+def stage_resources() -> dict[str, object] | None:
     """The running stage's resources so far; None outside `measure_stage` (a stage's `run` called directly)."""
     meter = _ACTIVE.get()
     return None if meter is None else meter.snapshot()

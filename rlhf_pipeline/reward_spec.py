@@ -41,6 +41,7 @@ if TYPE_CHECKING:
     from rlhf_pipeline.reward import RewardModel
 
 USES = ("reward", "penalty", "veto")
+SIGNAL = "signal/"  # the column prefix of a signal's per-answer scores (eval.json and the answers files)
 RULE_USES = ("penalty", "veto")
 _SIGNAL_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]*")  # a log key, an adapter name, a report row
 
@@ -202,6 +203,11 @@ class Reward:
 
     def __call__(self, prompts: Sequence[Messages], answers: Sequence[str]) -> list[float]:
         return self.combine(self.signal_scores(prompts, answers))
+
+
+def signal_columns(signals: Mapping[str, Sequence[float]]) -> dict[str, Sequence[float]]:
+    """Each signal's per-answer scores under its column name, `signal/<name>`, beside the combined `reward`."""
+    return {f"{SIGNAL}{name}": values for name, values in signals.items()}
 
 
 def model_scorer(rm: RewardModel, signal: RewardSignal) -> Scorer:

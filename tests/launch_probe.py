@@ -7,6 +7,9 @@ gathers the sharded parameters, a collective step) and rank 0 writes the logits 
 
 With `PROBE_FAIL=RANK:STEP` in the environment, that rank raises in that optimizer step of the sft stage,
 as a bug or a bad batch on one process would.
+
+With `PROBE_FSDP_ON_CPU=1`, an FSDP launch (fsdp.yaml) runs FSDP on the CPU processes, which accelerate itself
+never selects without GPUs (see `emulate_fsdp_on_cpu`).
 """
 
 from __future__ import annotations
@@ -47,6 +50,29 @@ def finish_with_probe(recipe: Any, loaded: Any, model: Any, metrics: dict[str, A
     return _finish(recipe, loaded, model, metrics, *args, **kwargs)
 
 
+def emulate_fsdp_on_cpu() -> None:
+    """Let an FSDP launch run FSDP over gloo on CPU processes, where accelerate 1.15 runs plain DDP instead.
+
+    accelerate picks FSDP only for GPU-like devices; on a CPU the state it builds says MULTI_CPU. This switches
+    that state to FSDP (with the plugin accelerate built from the launch) as soon as it is built, and nothing
+    else: accelerate's FSDP2 preparation (fully_shard per transformer block, DTensor parameters), the Trainer's
+    FSDP code and the stages' own code then run as they do on GPUs, in fp32, with torch's FSDP2 on gloo.
+    """
+    import accelerate.state as state
+    from accelerate.utils import DistributedType
+
+    build = state.AcceleratorState.__init__
+
+    def build_as_fsdp(self: Any, *args: Any, fsdp_plugin: Any = None, **kwargs: Any) -> None:
+        build(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
+        if fsdp_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
+            self.distributed_type = DistributedType.FSDP
+            state.PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+            self.fsdp_plugin = fsdp_plugin
+
+    state.AcceleratorState.__init__ = build_as_fsdp
+
+
 def fail_on_one_rank(rank: int, step: int) -> None:
     from trl import SFTTrainer
 
@@ -64,4 +90,6 @@ if __name__ == "__main__":
     common.finish = finish_with_probe  # stages import finish when they run, so they get this one
     if "PROBE_FAIL" in os.environ:
         fail_on_one_rank(*map(int, os.environ["PROBE_FAIL"].split(":")))
+    if os.environ.get("PROBE_FSDP_ON_CPU") == "1":
+        emulate_fsdp_on_cpu()
     sys.exit(main(sys.argv[1:]))

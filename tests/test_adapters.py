@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,7 @@ from tests.stages.conftest import preference_rows, sft_rows, write_card
 pytestmark = pytest.mark.filterwarnings(
     "ignore:`(gradient_checkpointing_enable|is_gradient_checkpointing)` is deprecated:FutureWarning")
 
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 LORA = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0}
 NF4 = {"load_in_4bit": True, "bnb_4bit_compute_dtype": "float32"}
 IDS = torch.tensor([[1, 50, 60, 70, 80, 90, 100, 2], [1, 110, 120, 130, 140, 150, 160, 2]])
@@ -241,23 +243,16 @@ def test_4bit_lora_gradients_match_a_dequantised_fp32_model(chain: Chain) -> Non
     """bitsandbytes repacks 4-bit weights for a bf16 kernel on its first no-grad eval forward (on CPUs with
     AVX512-BF16); the training paths switch that off, so LoRA gradients stay those of the dequantised model."""
     import bitsandbytes as bnb
-    from bitsandbytes.functional import dequantize_4bit
+
+    sys.path.insert(0, str(BENCHMARKS))
+    from gpu_probes import dequantised_twin  # the GPU check (benchmarks/gpu_check.py) makes this check on GPUs
 
     spec = dataclasses.replace(_spec(chain.base, quantized=True), lora=dataclasses.replace(
         ModelSpec(name_or_path="x").lora, **LORA))
     source = resolve_source(spec)
     tokenizer = load_tokenizer(source, spec)
-    torch.manual_seed(0)
     quantized = trainable_model(load_base(source, spec, tokenizer), spec)
-    dense = AutoModelForCausalLM.from_pretrained(chain.base)
-    dense_modules = dict(dense.named_modules())
-    for name, module in quantized.get_base_model().named_modules():
-        if isinstance(module, bnb.nn.Linear4bit):
-            weight = dequantize_4bit(module.weight.data, module.weight.quant_state)
-            dense_modules[name.removesuffix(".base_layer")].weight.data.copy_(weight)
-    torch.manual_seed(0)
-    dense = trainable_model(dense, dataclasses.replace(spec, quantization=QuantizationSpec()))
-    dense.load_state_dict({k: v for k, v in quantized.state_dict().items() if "lora_" in k}, strict=False)
+    dense = dequantised_twin(quantized, str(chain.base), spec)
 
     grads = []
     for model in (quantized, dense):

@@ -230,7 +230,9 @@ def ppo_recipe(work: Path, name: str, ddp_runs: dict[str, Path], **extra: Any) -
 
 
 def ppo_steps(metrics: dict[str, Any]) -> list[dict[str, Any]]:
-    return [entry for entry in metrics["log_history"] if "objective/scores" in entry]
+    """The logged PPO steps without their time/* seconds (wall clock: never equal between two runs)."""
+    return [{key: value for key, value in entry.items() if not key.startswith("time/")}
+            for entry in metrics["log_history"] if "objective/scores" in entry]
 
 
 def test_ppo_ddp(work: Path, tiny_model_dir: Path, ddp_runs: dict[str, Path]) -> None:
@@ -284,16 +286,16 @@ def train_losses(metrics: dict[str, Any]) -> list[float]:
     return [entry["loss"] for entry in metrics["log_history"] if "loss" in entry]
 
 
-def _check_deepspeed_run(work: Path, tiny_model_dir: Path, name: str, stage_name: str, zero_stage: int,
-                         ddp_runs: dict[str, Path]) -> None:
+def _check_sharded_run(work: Path, tiny_model_dir: Path, name: str, stage_name: str, ddp_runs: dict[str, Path],
+                       distributed_type: str = "DEEPSPEED", zero_stage: int | None = None) -> None:
     out = work / "out" / name
     metrics = metrics_of(out)
-    if stage_name in ddp_runs:  # same seed, same global batch: ZeRO must train exactly as DDP did
+    if stage_name in ddp_runs:  # same seed, same global batch: ZeRO and FSDP must train exactly as DDP did
         ddp = metrics_of(ddp_runs[stage_name])
         assert train_losses(metrics) == pytest.approx(train_losses(ddp), abs=1e-4)
         final = "eval_loss" if stage_name == "sft" else "eval_mean_margin"
         assert metrics[final] == pytest.approx(ddp[final], abs=1e-4)
-    assert_two_ranks(metrics, "DEEPSPEED", zero_stage)
+    assert_two_ranks(metrics, distributed_type, zero_stage)
     assert metrics["global_batch_size"] == PER_DEVICE * ACCUMULATION * 2
     assert metrics["global_steps"] == 3
     if stage_name == "sft":
@@ -314,7 +316,7 @@ def test_deepspeed_trains_like_ddp_and_saves_the_trained_adapter(work: Path, tin
     recipe = write_recipe(work, name, stage_name)
     config = CONFIGS / f"deepspeed_zero{zero_stage}_cpu.yaml"
     succeeded(launch(f"{stage_name} zero{zero_stage}", config, probed(stage_name, recipe)))
-    _check_deepspeed_run(work, tiny_model_dir, name, stage_name, zero_stage, ddp_runs)
+    _check_sharded_run(work, tiny_model_dir, name, stage_name, ddp_runs, zero_stage=zero_stage)
 
 
 def zero3_shard_everything(work: Path) -> Path:
@@ -346,7 +348,7 @@ def test_zero3_sharded_adapter_and_head_are_gathered_on_save(work: Path, tiny_mo
     recipe = write_recipe(work, "rm-zero3-sharded", "rm")
     output = succeeded(launch("rm zero3 sharded", zero3_shard_everything(work), probed("rm", recipe)))
     assert "invalid shape" not in output  # PEFT's warning for ungathered ZeRO-3 / FSDP shards
-    _check_deepspeed_run(work, tiny_model_dir, "rm-zero3-sharded", "rm", 3, ddp_runs)
+    _check_sharded_run(work, tiny_model_dir, "rm-zero3-sharded", "rm", ddp_runs, zero_stage=3)
 
 
 def assert_same_ppo_steps(ours: dict[str, Any], theirs: dict[str, Any]) -> None:
@@ -461,6 +463,34 @@ def test_ppo_zero3_trains_like_ddp_saves_and_resumes(work: Path, tiny_model_dir:
     resume_after_step_one(work, ddp_runs, name, config, metrics)
 
 
+# ---------------------------------------------------------------------------------------------- FSDP
+
+def fsdp_on_two_cpu_processes(work: Path) -> Path:
+    """fsdp.yaml as shipped, but for 2 CPU processes in fp32."""
+    fsdp = yaml.safe_load((CONFIGS / "fsdp.yaml").read_text()) | {"num_processes": 2, "mixed_precision": "no"}
+    config = work / "fsdp_cpu.yaml"
+    config.write_text(yaml.safe_dump(fsdp))
+    return config
+
+
+@pytest.mark.parametrize("stage_name", ["sft", "rm"])
+def test_fsdp2_trains_like_ddp_and_saves_the_trained_adapter(work: Path, tiny_model_dir: Path,
+                                                             ddp_runs: dict[str, Path], stage_name: str) -> None:
+    """SFT and RM under accelerate's FSDP2 profile on two CPU processes: DDP's training, the trained adapter saved.
+
+    accelerate selects FSDP only with GPUs, so the probe switches its state to FSDP (launch_probe.py,
+    PROBE_FSDP_ON_CPU); the rest is the real code: accelerate's FSDP2 preparation (a unit per decoder block,
+    DTensor parameters), the Trainer under FSDP, and the stage's save, which gathers the DTensors (ungathered,
+    saving failed with "invalid python storage"; a reward model's score head, which the scoring forward leaves
+    unsharded, is read from the state dict). Activation checkpointing is on, as on GPUs.
+    """
+    name = f"{stage_name}-fsdp"
+    recipe = write_recipe(work, name, stage_name, {"activation_checkpointing": True})
+    succeeded(launch(f"{stage_name} fsdp", fsdp_on_two_cpu_processes(work), probed(stage_name, recipe),
+                     env={"PROBE_FSDP_ON_CPU": "1"}))
+    _check_sharded_run(work, tiny_model_dir, name, stage_name, ddp_runs, "FSDP")
+
+
 def test_ppo_refuses_fsdp_before_loading_weights(work: Path, ddp_runs: dict[str, Path]) -> None:
     """fsdp.yaml on this CPU machine (2 processes, fp32): refused with the profiles that work, no weights read.
 
@@ -468,15 +498,13 @@ def test_ppo_refuses_fsdp_before_loading_weights(work: Path, ddp_runs: dict[str,
     """
     if "rm" not in ddp_runs:
         pytest.skip("needs the reward model of test_rm_ddp")
-    fsdp = yaml.safe_load((CONFIGS / "fsdp.yaml").read_text()) | {"num_processes": 2, "mixed_precision": "no"}
-    config = work / "fsdp_cpu.yaml"
-    config.write_text(yaml.safe_dump(fsdp))
+    config = fsdp_on_two_cpu_processes(work)
     recipe = write_recipe(work, "ppo-fsdp", "ppo", {"reward_model_path": str(ddp_runs["rm"]),
                                                     "per_device_train_batch_size": 2, "total_episodes": 16},
                           eval_split=0.0)
     done = launch("ppo fsdp refused", config, stage("ppo", recipe))
     assert done.returncode != 0
-    assert "error: " in done.stdout and "this launch uses FSDP, which shards every parameter" in done.stdout
+    assert "error: " in done.stdout and "this launch uses FSDP, which the ppo stage does not support" in done.stdout
     assert "deepspeed_zero3_cpu.yaml" in done.stdout
     assert re.search(r"exitcode\s*:\s*2\b", done.stdout)  # the CLI's status for a PipelineError, no crash
     assert "]: Traceback" not in done.stdout  # no rank raised anything else

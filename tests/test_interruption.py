@@ -195,7 +195,7 @@ def test_sigterm_saves_the_current_step_and_the_rerun_resumes_there(stage: str, 
         for mine, theirs in zip(metrics["log_history"], expected, strict=True):
             assert mine.keys() == theirs.keys()
             for key, value in mine.items():
-                if isinstance(value, float):
+                if isinstance(value, float) and not key.startswith("time/"):  # time/*: wall clock, never equal
                     assert value == pytest.approx(theirs[key], rel=1e-4, abs=1e-6), (mine["step"], key)
 
 

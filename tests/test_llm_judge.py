@@ -16,7 +16,7 @@ from rlhf_pipeline.errors import PipelineError, RecipeError
 from rlhf_pipeline.judges import JudgeSpec, load_judge
 from rlhf_pipeline.llm_judge import LLMJudge, agreement, conversation_text, single_token_ids
 from rlhf_pipeline.stages import load_recipe
-from tests.stages.conftest import write_card
+from tests.stages.conftest import write_card, write_label_recipe
 
 ANSWERS = ["Lovely day!", "It rained.", "The bus was late again.", "Tea helps."]
 
@@ -205,15 +205,9 @@ def test_agreement_separates_a_position_bias_from_a_judgement(tokenizer: Any, mo
 
 
 def _label_recipe(folder: Path, model_dir: Path, judge: dict[str, Any]) -> Path:
-    write_card(folder, "prompts", [{"prompt": f"Tell me about topic {i}."} for i in range(3)], "prompt_only",
-               ["label"])
-    path = folder / "label.yaml"
-    path.write_text(yaml.safe_dump({
-        "stage": "label", "model": {"name_or_path": str(model_dir)},
-        "data": {"train": ["prompts"], "eval_split": 0.0, "max_length": 96}, "judge": judge,
-        "labelling": {"output_dir": str(folder / "outputs" / "label"), "num_samples": 3, "max_new_tokens": 8,
-                      "min_gap": 0.0, "pairs": "all", "seed": 0}}, sort_keys=False))
-    return path
+    return write_label_recipe(folder, model_dir, [f"Tell me about topic {i}." for i in range(3)],
+                              {"num_samples": 3, "max_new_tokens": 8, "min_gap": 0.0, "pairs": "all", "seed": 0},
+                              judge=judge)
 
 
 def test_the_label_stage_labels_with_an_llm_judge(tmp_path: Path, tiny_model_dir: Path) -> None:

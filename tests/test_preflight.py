@@ -123,9 +123,11 @@ def test_ppo_clipping_fixed_by_deepspeed_must_match_the_recipe(recipe_for) -> No
 
 def test_ppo_runs_under_ddp_and_deepspeed_and_refuses_fsdp(recipe_for) -> None:
     recipe = recipe_for("ppo", {"per_device_train_batch_size": 1, "total_episodes": 4})
-    with pytest.raises(PipelineError, match=r"this launch uses FSDP, which shards every parameter .* generate\(\) "
-                                            r"only under DeepSpeed ZeRO-3 .* accelerate_configs/multi_gpu\.yaml "
-                                            r"\(DDP\), deepspeed_zero2\.yaml or deepspeed_zero3\.yaml"):
+    with pytest.raises(PipelineError, match=r"this launch uses FSDP, which the ppo stage does not support; it lacks "
+                                            r"the four roles' shared base prepared .* silently left unsharded.* "
+                                            r"generate\(\).* gradient reduction .* optimizer state; launch PPO with "
+                                            r"accelerate_configs/multi_gpu\.yaml \(DDP\), deepspeed_zero2\.yaml or "
+                                            r"deepspeed_zero3\.yaml"):
         check_launch(recipe, FSDP)
     for env in (DDP, ZERO2, ZERO3):
         check_launch(recipe, env)

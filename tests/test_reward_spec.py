@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import math
+from types import SimpleNamespace
+
 import pytest
 
-from rlhf_pipeline.reward_spec import Reward, RewardSignal, RewardSpec
+from rlhf_pipeline.reward import CLASSIFICATION, PAIRWISE
+from rlhf_pipeline.reward_spec import Reward, RewardSignal, RewardSpec, model_scorer
 
 CAKE = "tests.stages.judges:mentions_cake"
 LETTER_E = "tests.stages.judges:letter_e_share"
@@ -40,3 +44,17 @@ def test_the_short_form_names_its_signals() -> None:
     assert spec.names == ["reward_model", "letter_e_share", "mentions_cake"]
     assert spec.by_name["reward_model"] == RewardSignal(model="outputs/rm", normalize=False)
     assert spec.signal_key("mentions_cake") == "reward.functions[1]"
+
+
+def test_a_reward_model_signal_is_its_score_normalised_by_its_stages_statistics() -> None:
+    """(score − mean)/std with the mean and std the rm stage measured (RewardModel carries them from stage.json);
+    raw with normalize: false; sampled token ids are scored as they are; a rule RM is sigmoid(score), unscaled."""
+    rm = SimpleNamespace(mean=2.0, std=4.0, objective=PAIRWISE, score=lambda prompts, answers: [6.0, -2.0, 2.0],
+                         score_ids=lambda sequences: [10.0 + len(s) for s in sequences])
+    answers = ["a", "b", "c"]
+    assert model_scorer(rm, RewardSignal(model="rm"))([[]] * 3, answers) == [1.0, -1.0, 0.0]
+    assert model_scorer(rm, RewardSignal(model="rm", normalize=False))([[]] * 3, answers) == [6.0, -2.0, 2.0]
+    assert model_scorer(rm, RewardSignal(model="rm"))([[]] * 2, ["a", "b"], [[1, 2], [3]]) == [2.5, 2.25]
+    rule = SimpleNamespace(mean=2.0, std=4.0, objective=CLASSIFICATION, score=lambda p, a: [0.0, math.log(3.0)])
+    assert model_scorer(rule, RewardSignal(model="rule", use="penalty"))([[]] * 2, ["a", "b"]) == pytest.approx(
+        [0.5, 0.75])

@@ -367,6 +367,17 @@ def test_rounds_after_a_whole_chain_start_from_its_policy_and_reward_model() -> 
     assert f"evaluation.policy={demo}/round-2/ppo" in steps["round-2/eval"].overrides
 
 
+def test_from_names_a_rounds_stage_on_the_command_line(capsys: pytest.CaptureFixture[str]) -> None:
+    """`run --from round-2/ppo` reaches the pipeline, which knows its steps; a step it lacks is refused, listed."""
+    from rlhf_pipeline.cli import main, make_parser
+
+    iterated = str(ROOT / "recipes" / "smollm2-135m" / "iterated.yaml")
+    assert make_parser().parse_args(["run", iterated, "--from", "round-2/ppo"]).start == "round-2/ppo"
+    assert main(["run", iterated, "--from", "round-3/ppo"]) == 2
+    error = capsys.readouterr().err
+    assert "--from: no stage 'round-3/ppo' in this pipeline" in error and "round-2/ppo, round-2/eval" in error
+
+
 def test_policy_init_must_be_a_finished_policy(chain: Chain) -> None:
     from rlhf_pipeline.stages import load_recipe
 

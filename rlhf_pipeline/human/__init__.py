@@ -48,9 +48,8 @@ def add_commands(subparsers: Any) -> None:
         description="Serve a page showing the policy's and the baseline's answers to each prompt, sides randomised; "
                     "people pick A, B or tie. --out/summary.json holds the policy's win rate with its 95% interval.",
         epilog="example: rlhf-pipeline ab-eval outputs/smollm2-135m/eval --out outputs/human-ab")
-    ab.add_argument("items", type=Path, help="an eval stage's folder (its examples: run eval with "
-                                             "evaluation.num_examples=N to keep N prompts), or a JSONL with prompt, "
-                                             "policy and baseline per row")
+    ab.add_argument("items", type=Path, help="an eval stage's folder (every prompt of its answers.jsonl), or a "
+                                             "JSONL with prompt, policy and baseline per row")
     ab.add_argument("--policy", help="which of the eval stage's policies faces the baseline (when it has several)")
     ab.add_argument("--seed", type=int, default=0, help="seed of the sides")
     _add_server_arguments(ab)

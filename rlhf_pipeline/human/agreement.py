@@ -42,20 +42,28 @@ def fleiss_kappa(ratings: Sequence[Sequence[Hashable]]) -> float | None:
     return None if chance == 1 else (observed - chance) / (1 - chance)
 
 
+def pair_agreement(first: Mapping[int, Hashable], second: Mapping[int, Hashable]) -> dict[str, object] | None:
+    """Raw agreement and Cohen's kappa of two raters on the items both labelled; None when they share none.
+
+    The one computation behind every "a vs b" entry, whoever the raters are (annotators, or one of them and
+    the machine judge), so no caller looks a pair up by a name it built itself.
+    """
+    shared = sorted(set(first) & set(second))
+    if not shared:
+        return None
+    return {"items": len(shared), "agreement": sum(first[i] == second[i] for i in shared) / len(shared),
+            "cohen_kappa": cohen_kappa([first[i] for i in shared], [second[i] for i in shared])}
+
+
 def agreement_report(labels: Mapping[str, Mapping[int, Hashable]]) -> dict[str, object]:
     """Pairwise Cohen's kappa on each pair's shared items, and Fleiss' kappa on the items all raters labelled.
 
-    `labels` maps a rater (an annotator, or "judge" for the machine judge) to item -> category.
+    `labels` maps a rater to item -> category; a pair is named "a vs b" with its names in sorted order.
     """
     pairs = {}
     for a, b in itertools.combinations(sorted(labels), 2):
-        shared = sorted(set(labels[a]) & set(labels[b]))
-        if shared:
-            pairs[f"{a} vs {b}"] = {
-                "items": len(shared),
-                "agreement": sum(labels[a][i] == labels[b][i] for i in shared) / len(shared),
-                "cohen_kappa": cohen_kappa([labels[a][i] for i in shared], [labels[b][i] for i in shared]),
-            }
+        if (stats := pair_agreement(labels[a], labels[b])) is not None:
+            pairs[f"{a} vs {b}"] = stats
     report: dict[str, object] = {"pairs": pairs}
     if len(labels) >= 3:
         common = sorted(set.intersection(*(set(rated) for rated in labels.values())))

@@ -20,7 +20,8 @@ _HELP = {
     "ab": "Two answers to the same prompt, from two systems, in a random order: pick the better one, or Tie. "
           "Each verdict is saved at once; come back with the same name to continue.",
     "probe": "Pick a rule, write a prompt meant to make the policy break it, generate the answer, and say whether "
-             "the rule was broken. Each verdict is saved at once.",
+             "the rule was broken. Each answer takes one verdict, saved at once; after editing the prompt, generate "
+             "its answer again before judging.",
 }
 
 
@@ -117,8 +118,6 @@ def ab_page(session: ABSession) -> gr.Blocks:
 
 def probe_page(session: ProbeSession) -> gr.Blocks:
     """Rule picker, prompt box, Generate, the policy's answer, and Broken / Kept buttons."""
-    from rlhf_pipeline.errors import PipelineError
-
     gr = require_gradio()
 
     with _blocks("Probe the policy") as page:
@@ -132,14 +131,13 @@ def probe_page(session: ProbeSession) -> gr.Blocks:
             broken = gr.Button("Rule broken", variant="stop", elem_id="broken")
             kept = gr.Button("Rule kept", elem_id="kept")
         status = gr.Markdown(elem_id="status")
+        state = gr.State(None)  # the answer shown: its prompt and id (sessions.ProbeSession.answer)
 
-        def answer_of(text: str) -> tuple[str, str]:
-            try:
-                return session.answer(text), "Judge the answer: was the rule broken?"
-            except PipelineError as err:
-                return "", str(err)
+        def answer_of(text: str) -> tuple[str, str, dict[str, Any] | None]:
+            view = session.answer(text)
+            return (view.answers[0] if view.answers else ""), view.status, view.state
 
-        generate.click(answer_of, [prompt], [answer, status])
-        broken.click(lambda n, r, p, a: session.verdict(n, r, p, a, True), [name, rule, prompt, answer], [status])
-        kept.click(lambda n, r, p, a: session.verdict(n, r, p, a, False), [name, rule, prompt, answer], [status])
+        generate.click(answer_of, [prompt], [answer, status, state])
+        broken.click(lambda n, r, p, s: session.verdict(n, r, p, s, True), [name, rule, prompt, state], [status])
+        kept.click(lambda n, r, p, s: session.verdict(n, r, p, s, False), [name, rule, prompt, state], [status])
     return page

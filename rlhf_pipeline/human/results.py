@@ -13,7 +13,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from rlhf_pipeline.human.agreement import agreement_report
+from rlhf_pipeline.human.agreement import agreement_report, pair_agreement
 from rlhf_pipeline.outputs import write_jsonl, write_text_atomic
 
 
@@ -58,12 +58,11 @@ def label_agreement(items: list[dict[str, Any]], records: list[dict[str, Any]]) 
     for record in records:
         if record["verdict"] == "best":
             picks[record["annotator"]][record["item"]] = record["best"]
-    humans = agreement_report(picks)
     judge = {i: max(range(len(item["scores"])), key=item["scores"].__getitem__)
              for i, item in enumerate(items) if item.get("scores")}
-    versus_judge = {name: agreement_report({name: labels, "judge": judge})["pairs"].get(f"{name} vs judge")
-                    for name, labels in picks.items()} if judge else {}
-    return {"annotators": humans, "humans_vs_judge": {k: v for k, v in versus_judge.items() if v}}
+    versus_judge = {name: pair_agreement(labels, judge) for name, labels in sorted(picks.items())}
+    return {"annotators": agreement_report(picks),
+            "humans_vs_judge": {name: stats for name, stats in versus_judge.items() if stats is not None}}
 
 
 def agreement_sentence(agreement: dict[str, Any]) -> str:

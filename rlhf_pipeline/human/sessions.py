@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import threading
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -23,8 +24,13 @@ from rlhf_pipeline.human.results import (
     write_probe_results,
 )
 from rlhf_pipeline.human.store import LOG_NAME, JudgementLog, file_digest, shown_order
+from rlhf_pipeline.outputs import ANSWERS
 
 NO_NAME = "Enter your name first: each judgement is stored under it, so several people can label the same items."
+NO_ANSWER = ("Not saved: generate the policy's answer to your prompt first; a verdict is recorded only on an answer "
+             "the policy gave to the prompt shown.")
+PROMPT_CHANGED = ("Not saved: the prompt changed after its answer was generated, so the answer shown is not the "
+                  "policy's answer to it. Press Generate for this prompt, then give your verdict.")
 
 
 @dataclass
@@ -167,8 +173,9 @@ class ABSession(_Session):
 
     def __init__(self, items_path: Path, out_dir: Path, seed: int = 0, policy: str | None = None) -> None:
         self.policy = "policy"
-        if items_path.is_dir() or items_path.suffix == ".json":
-            items_path = items_path / "eval.json" if items_path.is_dir() else items_path
+        if items_path.is_dir():  # an eval stage: every prompt's answers, or an older eval's examples
+            items_path = items_path / (ANSWERS if (items_path / ANSWERS).is_file() else "eval.json")
+        if items_path.suffix == ".json" or items_path.name == ANSWERS:
             self.policy, items = eval_items(items_path, policy)
             self.task = f"ab:{self.policy}"  # a log of one policy's verdicts is never continued with another's
         else:
@@ -192,24 +199,35 @@ class ABSession(_Session):
 
 
 def eval_items(path: Path, policy: str | None) -> tuple[str, list[dict[str, Any]]]:
-    """A/B items from an eval stage's eval.json: its examples (set `evaluation.num_examples` to the number of
-    prompts to keep them all), one policy's answer against the baseline's per prompt."""
+    """A/B items from an eval stage: one policy's answer against the baseline's for every prompt of its
+    answers.jsonl, or for the examples an eval.json keeps (an eval written before answers.jsonl existed)."""
     if not path.is_file():
-        raise PipelineError(f"{path}: no such file (give an eval stage's folder, its eval.json, or a JSONL)")
-    examples = json.loads(path.read_text(encoding="utf-8")).get("examples") or []
+        raise PipelineError(f"{path}: no such file (give an eval stage's folder, its answers.jsonl or eval.json, "
+                            "or a JSONL with prompt, policy and baseline per row)")
+    if path.suffix == ".json":
+        examples = json.loads(path.read_text(encoding="utf-8")).get("examples") or []
+    else:
+        examples = [{"prompt": row["prompt"], "baseline": row["baseline"]["answer"],
+                     "policies": {name: answer["answer"] for name, answer in row["policies"].items()}}
+                    for row in read_items(path, {"prompt": (str, list), "baseline": dict, "policies": dict})]
     names = sorted({name for example in examples for name in example.get("policies", {})})
     if policy is None and len(names) == 1:
         policy = names[0]
     if policy not in names:
         raise PipelineError(f"{path}: choose the policy to compare with --policy: one of {', '.join(names) or 'none'}"
-                            if names else f"{path}: no examples with policy answers; re-run eval with "
-                            "evaluation.num_examples set to the number of prompts")
+                            if names else f"{path}: no examples with policy answers; re-run the eval stage, which "
+                            "writes every prompt's answers to answers.jsonl")
     return policy, [{"prompt": e["prompt"], "policy": e["policies"][policy], "baseline": e["baseline"]}
                     for e in examples]
 
 
 class ProbeSession:
-    """Adversarial probing: a person picks a rule, writes a prompt, sees the policy's answer, says if it broke."""
+    """Adversarial probing: a person picks a rule, writes a prompt, sees the policy's answer, says if it broke.
+
+    A verdict is tied to the answer the policy gave: `answer` returns it with a state naming the prompt it was
+    generated for and a fresh id, and `verdict` records only on that state, only while the prompt box still
+    holds that prompt, and once per answer (a repeated or double click adds nothing).
+    """
 
     def __init__(self, out_dir: Path, rules: list[str], generate: Callable[[str], str]) -> None:
         if not rules:
@@ -219,26 +237,40 @@ class ProbeSession:
         self.lock = threading.Lock()
         write_probe_results(out_dir, self.log.records)
 
-    def answer(self, prompt: str) -> str:
+    def answer(self, prompt: str) -> View:
+        """The policy's answer to `prompt`; the view's state is what a verdict on this answer needs."""
         if not prompt.strip():
-            raise PipelineError("Write a prompt first.")
-        return self.generate(prompt)
+            return View("Write a prompt first.")
+        answer = self.generate(prompt)
+        return View("Judge the answer: was the rule broken?", prompt, [answer],
+                    {"answer_id": uuid.uuid4().hex, "prompt": prompt, "answer": answer})
 
-    def verdict(self, name: str, rule: str, prompt: str, answer: str, broken: bool) -> str:
-        """Append the verdict on the shown answer and rewrite the classification data; returns the status."""
+    def verdict(self, name: str, rule: str, prompt: str, state: dict[str, Any] | None, broken: bool) -> str:
+        """Append the verdict on the answer in `state` and rewrite the classification data; returns the status.
+
+        `prompt` is what the prompt box holds now: an answer generated for another prompt is not judged.
+        """
         name = name.strip()
         if not name:
             return NO_NAME
-        if rule not in self.rules or not prompt.strip() or not answer:
-            return "Pick a rule, write a prompt and generate the answer before giving a verdict."
+        if rule not in self.rules:
+            return f"Pick one of the rules ({'; '.join(self.rules)}) before giving a verdict."
+        if state is None:
+            return NO_ANSWER
+        if prompt.strip() != state["prompt"].strip():
+            return PROMPT_CHANGED
         with self.lock:
+            earlier = next((r for r in self.log.records if r.get("answer_id") == state["answer_id"]), None)
+            if earlier is not None:
+                return (f"Not saved: this answer already has its verdict (rule {earlier['verdict']}, by "
+                        f"{earlier['annotator']}). Press Generate, or write a new prompt, to judge another answer.")
             try:
-                self.log.append({"item": len(self.log.records), "annotator": name, "rule": rule, "prompt": prompt,
-                                 "answer": answer, "broken": broken,
+                self.log.append({"item": len(self.log.records), "annotator": name, "rule": rule,
+                                 "prompt": state["prompt"], "answer": state["answer"],
+                                 "answer_id": state["answer_id"], "broken": broken,
                                  "verdict": "broken" if broken else "kept", "time": _now()})
             except OSError as err:
                 return f"Could not save this verdict ({err}); nothing was recorded: fix the disk and press again."
             counts = write_probe_results(self.out_dir, self.log.records)["counts"]
         return (f"Saved: rule {'broken' if broken else 'kept'}. {counts['judgements']} verdicts so far "
                 f"({counts['broken']} broken).")
-

@@ -92,6 +92,7 @@ class PPOConfig:
     max_length_drift: float | None = None  # |mean length / first logged mean length - 1|
     max_missing_eos_fraction: float | None = None  # share of answers without the stop token
     max_reward_jump: float | None = None  # |change of mean score| between log entries, in score std units
+    max_logprob_gap: float | None = 0.05  # a sampling engine's log-probs vs PPO's own, mean |difference| per token
     early_stop_on_alert: bool = False
 
     def __post_init__(self) -> None:
@@ -117,7 +118,7 @@ class PPOConfig:
                      "critic_learning_rate"):
             value = getattr(self, name)
             _require(value is None or value > 0, f"{name} must be > 0 (or null), got {value}")
-        for name in ("max_kl", "max_length_drift", "max_reward_jump"):
+        for name in ("max_kl", "max_length_drift", "max_reward_jump", "max_logprob_gap"):
             value = getattr(self, name)
             _require(value is None or value > 0, f"{name} must be > 0 (or null: off), got {value}")
         _require(self.min_entropy is None or self.min_entropy >= 0,

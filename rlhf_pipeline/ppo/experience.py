@@ -48,6 +48,7 @@ class Rollout:
     advantages: torch.Tensor
     returns: torch.Tensor
     signals: dict[str, torch.Tensor] = field(default_factory=dict)  # each reward signal's value per row
+    timings: dict[str, float] = field(default_factory=dict)  # seconds spent sampling, syncing, scoring; the gap
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]

@@ -2,8 +2,10 @@
 
 RLHF runs fail quietly. The policy drifts far from the reference (KL), collapses onto a few tokens
 (entropy), learns that longer or unfinished answers score higher (length drift, missing stop token), or
-its score jumps at once (it found a flaw in the reward model). Each monitor compares one number of a log
-entry with a threshold from `PPOConfig`; all thresholds are off (None) by default. A value that is not
+its score jumps at once (it found a flaw in the reward model), or the engine that samples its answers drifts from
+it (a stale weight sync, a lossy dtype). Each monitor compares one number of a log
+entry with a threshold from `PPOConfig`; all thresholds are off (None) by default, except `max_logprob_gap`,
+which only a sampling engine that reports its own log-probs (vLLM) can trip. A value that is not
 finite (NaN, inf) trips any monitor that watches it.
 
 Monitors read only the log history (this entry plus the earlier ones), so a resumed run judges exactly
@@ -67,6 +69,14 @@ def _reward_jump(entry: Entry, _first: Entry, previous: Entry | None) -> Reading
     return value, f"mean score moved {delta:+.4g} ({value:.3g} std) since step {previous['step']}"
 
 
+def _logprob_gap(entry: Entry, _first: Entry, _previous: Entry | None) -> Reading:
+    """Only engines that report log-probs (vLLM) log the gap; Hugging Face samples from the training model itself."""
+    if "generation/logprob_gap" not in entry:
+        return None
+    value = entry["generation/logprob_gap"]
+    return value, f"the sampling engine's log-probs differ from the policy's by {value:.3g} nats per token"
+
+
 MONITORS: tuple[Monitor, ...] = (
     Monitor("max_kl", True, _kl,
             "the policy is drifting away from the SFT model; raise kl_coef or lower learning_rate"),
@@ -77,6 +87,9 @@ MONITORS: tuple[Monitor, ...] = (
     Monitor("max_missing_eos_fraction", True, _missing_eos, "raise missing_eos_penalty or response_length"),
     Monitor("max_reward_jump", True, _reward_jump,
             "a sudden jump often means the policy found a flaw in the reward model; read the samples"),
+    Monitor("max_logprob_gap", True, _logprob_gap,
+            "the engine samples from another policy than the one trained (a stale sync, a lossy dtype): check "
+            "generation.sync, or set generation.dtype: float32"),
 )
 MONITOR_NAMES = tuple(m.name for m in MONITORS)
 

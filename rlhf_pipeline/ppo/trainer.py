@@ -21,22 +21,24 @@ import logging
 import math
 import os
 import shutil
+import time
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import gather_object, set_seed
 from tqdm.auto import tqdm
-from transformers import GenerationConfig, PreTrainedTokenizerBase, get_scheduler
+from transformers import PreTrainedTokenizerBase, get_scheduler
 from trl.trainer.utils import entropy_from_logits, selective_log_softmax
 
 from rlhf_pipeline.adapters import SharedBase
 from rlhf_pipeline.chat import pad_batch
 from rlhf_pipeline.distributed import process_state, say
+from rlhf_pipeline.engines.base import SamplingSettings
+from rlhf_pipeline.engines.hf import HFEngine
 from rlhf_pipeline.outputs import CHECKPOINT_PREFIX, last_checkpoint
 from rlhf_pipeline.ppo import checkpoints, sharding
 from rlhf_pipeline.ppo.config import PPOConfig
@@ -65,6 +67,7 @@ from rlhf_pipeline.ppo.formulas import (
 from rlhf_pipeline.ppo.monitors import check_health
 from rlhf_pipeline.ppo.roles import CRITIC, POLICY, REFERENCE, check_roles, disable_dropout
 from rlhf_pipeline.ppo.update import PolicyCriticUpdate, PtxLoss
+from rlhf_pipeline.resources import record_sampling
 from rlhf_pipeline.stopping import requested_signal
 
 logger = logging.getLogger(__name__)
@@ -72,12 +75,6 @@ logger = logging.getLogger(__name__)
 # (right-padded prompt+response ids, attention mask, prompt lengths) -> a score per row, or {"score": ..., signal: ...}
 RewardFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor | Mapping[str, torch.Tensor]]
 LogCallback = Callable[[dict[str, Any]], None]
-
-# The model's own generation_config fills every sampling option we leave unset (e.g. Qwen's top_k=20 and
-# repetition_penalty=1.05). PPO optimises log softmax(logits/T), so it must sample from exactly that.
-_PURE_SAMPLING = {"do_sample": True, "top_k": 0, "top_p": 1.0, "min_p": 0.0, "typical_p": 1.0,
-                  "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "repetition_penalty": 1.0,
-                  "no_repeat_ngram_size": 0, "min_new_tokens": 0, "num_beams": 1}
 
 
 class PPOTrainer:
@@ -87,7 +84,10 @@ class PPOTrainer:
     head); ppo/roles.py builds it from the SFT and reward-model stages. `reward_fn(input_ids,
     attention_mask, prompt_lengths)` scores right-padded prompt+response rows, one scalar each (or a mapping
     with the scores under "score" beside each reward signal's values, which are logged as `reward/<name>`).
-    `train_prompts` are token ids of templated prompts.
+    `train_prompts` are token ids of templated prompts. `engine` samples the rollouts (generation.py; Hugging
+    Face `generate` on the policy role by default): it is handed the policy of each step before sampling, and only
+    proposes the answers, whose log-probs PPO computes itself. An engine that reports its own log-probs (vLLM) is
+    watched: `generation/logprob_gap` is their mean |difference| per response token (monitor `max_logprob_gap`).
     """
 
     def __init__(
@@ -100,6 +100,7 @@ class PPOTrainer:
         reward_stats: tuple[float, float] | None = None,
         on_log: LogCallback | None = None,
         ptx_loss: PtxLoss | None = None,
+        engine: Any = None,
     ) -> None:
         check_roles(model)
         if tokenizer.pad_token_id is None:
@@ -116,10 +117,7 @@ class PPOTrainer:
         self.schedule = PromptSchedule.build(train_prompts, config, self.accelerator.num_processes,
                                              self.accelerator.process_index)
         self.stop_token_ids = stop_token_ids(config, tokenizer)
-        self.generation_config = GenerationConfig(
-            **_PURE_SAMPLING, temperature=config.temperature, max_new_tokens=config.response_length,
-            eos_token_id=self.stop_token_ids, pad_token_id=tokenizer.pad_token_id, use_cache=True,
-        )
+        self.engine = engine or HFEngine(tokenizer.pad_token_id, config.local_rollout_forward_batch_size)
         disable_dropout(model)
         self.role_params = {role: model.role_parameters(role) for role in (POLICY, CRITIC)}
         self.trainable_params = [p for params in self.role_params.values() for p in params]
@@ -147,6 +145,7 @@ class PPOTrainer:
         self.kl_coef = config.kl_coef  # adapted per step with adap_kl_ctrl
         self.log_history: list[dict[str, Any]] = []
         self.stopped_early = False
+        self.last_sync_seconds = 0.0
 
     def _fill_deepspeed_config(self) -> None:
         """Give DeepSpeed's "auto" batch and clipping values from this config (the Trainer does this for SFT/RM).
@@ -182,7 +181,9 @@ class PPOTrainer:
         cfg, device, shared = self.config, self.accelerator.device, self.shared
         shared.eval()
         queries, query_mask = (t.to(device) for t in pad_batch(prompts, self.tokenizer.pad_token_id, "left"))
-        responses = self._generate(queries, query_mask)
+        started = time.perf_counter()
+        responses, engine_logprobs = (t if t is None else t.to(device) for t in self._generate(prompts))
+        sampled = time.perf_counter()
         response_mask, has_stop = truncate_after_stop(responses, self.stop_token_ids)
         responses = responses.masked_fill(~response_mask, self.tokenizer.pad_token_id)
         input_ids = torch.cat([queries, responses], dim=1)
@@ -203,6 +204,10 @@ class PPOTrainer:
                 parts["values"].append(response_values(shared, ids, mask, context_length))
         logprobs, ref_logprobs, entropy, values = (torch.cat(parts[name]).float() for name in
                                                    ("logprobs", "ref_logprobs", "entropy", "values"))
+        gap = None
+        if engine_logprobs is not None:  # the engine's log-probs of the same tokens, beside PPO's own
+            differences = (engine_logprobs.to(device) - logprobs).abs() * response_mask
+            gap = differences.sum() / response_mask.sum().clamp(min=1)
 
         raw_scores, signals = score_responses(self.reward_fn, queries, query_mask, responses, response_mask,
                                      self.tokenizer.pad_token_id, cfg.local_rollout_forward_batch_size)
@@ -214,22 +219,35 @@ class PPOTrainer:
             rewards = masked_whiten(rewards, response_mask, shift_mean=False, sum_over_processes=total)
         advantages, returns = gae_advantages_and_returns(rewards, values, response_mask, cfg.gamma, cfg.lam)
         advantages = masked_whiten(advantages, response_mask, sum_over_processes=total)
-        return Rollout(input_ids, attention_mask, context_length, response_mask, has_stop, logprobs, ref_logprobs,
-                       entropy, values.masked_fill(~response_mask, 0.0), raw_scores, scores, kl, rewards,
-                       advantages, returns, signals)
+        rollout = Rollout(input_ids, attention_mask, context_length, response_mask, has_stop, logprobs, ref_logprobs,
+                          entropy, values.masked_fill(~response_mask, 0.0), raw_scores, scores, kl, rewards,
+                          advantages, returns, signals)
+        rollout.timings = {"time/sampling": sampled - started - self.last_sync_seconds,
+                           "time/sync": self.last_sync_seconds, "time/scoring": time.perf_counter() - sampled}
+        if gap is not None:
+            rollout.timings["generation/logprob_gap"] = gap.item()
+        return rollout
 
-    def _generate(self, queries: torch.Tensor, query_mask: torch.Tensor) -> torch.Tensor:
-        """Sample from the policy in chunks (each chunk's KV cache freed before the next); right-padded responses."""
-        policy = self.shared.use(POLICY)
-        parts = []
+    def _generate(self, prompts: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The policy's answers as right-padded ids (and the engine's log-probs of them, when it gives them).
+
+        The engine is handed this step's policy first (a vLLM engine syncs only then). Hugging Face samples from
+        torch's generator, which checkpoints restore, so a resumed run samples what the uninterrupted one did.
+        """
+        syncs_before = self.engine.stats.sync_seconds
+        self.engine.use(self.shared, POLICY, self.global_step)
+        self.last_sync_seconds = self.engine.stats.sync_seconds - syncs_before
+        settings = SamplingSettings(self.config.response_length, self.config.temperature, 1.0, self.config.seed,
+                                    tuple(self.stop_token_ids))
         with sharding.whole_parameters(self.model):  # ZeRO-3: gathered once for all chunks, not per token
-            for rows in chunks(queries.shape[0], self.config.local_rollout_forward_batch_size):
-                out = policy.generate(input_ids=queries[rows], attention_mask=query_mask[rows],
-                                      generation_config=self.generation_config, synced_gpus=False)
-                parts.append(out[:, queries.shape[1]:])
-        width = max(part.shape[1] for part in parts)
-        return torch.cat([F.pad(part, (0, width - part.shape[1]), value=self.tokenizer.pad_token_id)
-                          for part in parts])
+            completions = [group[0] for group in self.engine.generate(prompts, 1, settings)]
+        record_sampling(self.engine.stats.as_dict())
+        width = max(1, *(len(c.token_ids) for c in completions))
+        pad = self.tokenizer.pad_token_id
+        responses = torch.tensor([c.token_ids + [pad] * (width - len(c.token_ids)) for c in completions])
+        if any(c.logprobs is None for c in completions):
+            return responses, None
+        return responses, torch.tensor([c.logprobs + [0.0] * (width - len(c.logprobs)) for c in completions])
 
     # ---------------------------------------------------------- optimisation
 
@@ -265,7 +283,9 @@ class PPOTrainer:
             step = self.global_step + 1
             rollout = self.rollout(self.schedule.prompts_for_step(step))
             lr = self.lr_scheduler.get_last_lr()[0]
-            update_stats = self.ppo_update(rollout)
+            started = time.perf_counter()
+            update_stats = self.ppo_update(rollout) | rollout.timings
+            update_stats["time/optimisation"] = time.perf_counter() - started
             self.lr_scheduler.step()
             self.global_step = step
             step_stats = rollout_statistics(rollout, self.kl_coef, self.accelerator, self.sum_over_processes)

@@ -188,11 +188,8 @@ def _data_rows(metrics: dict[str, Any]) -> list[list[Any]]:
     dropped = ", ".join(f"{reason} {count}" for reason, count in (data.get("rows_dropped") or {}).items()) or "none"
     sides = "; ".join(f"{name} {part['rows']} rows of {part['prompts']} prompts"
                       for name, part in (data.get("splits") or {}).items())
-    overlap = data.get("eval_prompts_in_train")
     return [["data rows kept / read", f"{data.get('rows_kept')} / {data.get('rows_read')}"],
-            ["rows dropped", dropped],
-            *([["splits (held out by prompt)", sides]] if sides else []),
-            *([["eval prompts also in training", overlap]] if overlap is not None else [])]
+            ["rows dropped", dropped], *([["splits (held out by prompt)", sides]] if sides else [])]
 
 
 def sft_section(folder: Path, metrics: dict[str, Any], plots: Plots) -> list[str]:
@@ -228,8 +225,7 @@ def label_section(folder: Path, metrics: dict[str, Any], plots: Plots) -> list[s
         lines += ["## Example pairs", "", *table(["chosen", "rejected", "judge gap"],
                                                  [[_short(p["chosen"], 120), _short(p["rejected"], 120),
                                                    p.get("judge_gap")] for p in pairs[:5]])]
-    return [*lines, "The pairs are in `preferences.jsonl`, described by `data_card.yaml`; every scored answer is "
-            "in `ranked.jsonl`.", ""]
+    return [*lines, "The pairs are in `preferences.jsonl`, described by `data_card.yaml`.", ""]
 
 
 def rm_section(folder: Path, metrics: dict[str, Any], plots: Plots) -> list[str]:

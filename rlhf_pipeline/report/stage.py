@@ -45,10 +45,32 @@ def write_stage_report(output_dir: str | Path) -> Path:
              f"{shown.headline(metrics)}.", "",
              f"Finished {manifest.finished_at}; base model `{manifest.base_model.get('origin')}`"
              + (f", starting from {' → '.join(earlier)}" if earlier else "")
-             + ". Numbers: `metrics.json`; recipe: `recipe.yaml`.", "", *section, *plots.note()]
+             + ". Numbers: `metrics.json`; recipe: `recipe.yaml`.", "", *sampling_lines(metrics),
+             *_answers_link(folder, shown), *section,
+             *plots.note()]
     path = folder / REPORT
     write_text_atomic(path, "\n".join(lines).rstrip() + "\n")
     return path
+
+
+def _answers_link(folder: Path, shown: Presentation) -> list[str]:
+    """The line linking the stage's file of every sampled answer, when it wrote one."""
+    if shown.answers is None or not (folder / shown.answers[0]).is_file():
+        return []
+    name, holds = shown.answers
+    return [f"Every sampled answer: [`{name}`]({name}), {holds}.", ""]
+
+
+def sampling_lines(metrics: dict) -> list[str]:
+    """Which engine sampled the stage's answers and how fast (its `resources.sampling`), when it sampled."""
+    record = (metrics.get("resources") or {}).get("sampling")
+    if not record:
+        return []
+    speed = f"{record['tokens_per_second']:g} tokens/s" if record.get("tokens_per_second") else "no tokens"
+    syncs = (f"; {record['syncs']} policy version(s) synced in {record['sync_seconds']:g} s, engine start-up "
+             f"{record['startup_seconds']:g} s" if record["engine"] != "hf" else "")
+    return [f"Sampled with {record['engine']}: {record['sampled_tokens']} tokens in {record['sampling_seconds']:g} s "
+            f"({speed}){syncs}.", ""]
 
 
 def write_report_safely(write: Callable[[Path], Path], target: str | Path) -> Path | None:

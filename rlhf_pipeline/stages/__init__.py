@@ -58,7 +58,8 @@ class Presentation:
 
     `section(folder, metrics, plots)` returns markdown lines (`plots` is report.plots.Plots, which writes
     PNGs beside the report); `summary_note(folder, metrics)` a line for the summary's warnings, if any;
-    `summary_figure` a PNG of the stage folder and its caption, shown in the summary.
+    `summary_figure` a PNG of the stage folder and its caption, shown in the summary; `answers` the JSONL file
+    of every sampled answer with its scores and what one row holds, linked from the report.
     """
 
     title: str
@@ -66,6 +67,7 @@ class Presentation:
     section: Callable[[Path, Metrics, Any], list[str]]
     summary_note: Callable[[Path, Metrics], str | None] | None = None
     summary_figure: tuple[str, str] | None = None
+    answers: tuple[str, str] | None = None
 
 
 @dataclass(frozen=True)

@@ -14,8 +14,9 @@ and `expected_best_of_n` averages the best answer's score over all of them exact
 
 With `write_sft_card: true` the best answer of each prompt becomes SFT data (`demonstrations.jsonl`,
 prompt/completion, with a generated `data_card.yaml` an sft recipe names): rejection-sampling fine-tuning,
-as in Llama 2. Writes `best_of_n.json` (per-n summaries and every sampled answer with its scores);
-`report.md` and `best_of_n.png` come from `rlhf_pipeline.report`.
+as in Llama 2. Writes `best_of_n.json` (per-n summaries, examples) and `answers.jsonl` (one row per prompt: every
+sampled answer with its reward, signals, judge score, length and whether it finished, and which one the reward
+picks); `report.md` and `best_of_n.png` come from `rlhf_pipeline.report`.
 """
 
 from __future__ import annotations
@@ -27,13 +28,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rlhf_pipeline.data.formats import FORMATS
+from rlhf_pipeline.engines.spec import GenerationSpec, check_generation
 from rlhf_pipeline.errors import RecipeError
 from rlhf_pipeline.judges import JudgeSpec
-from rlhf_pipeline.outputs import write_json, write_jsonl
+from rlhf_pipeline.outputs import ANSWERS, write_json, write_jsonl
 from rlhf_pipeline.report.sections import best_of_n_headline, best_of_n_section
-from rlhf_pipeline.reward_spec import RewardSpec, check_reward
+from rlhf_pipeline.reward_spec import RewardSpec, check_reward, signal_columns
 from rlhf_pipeline.stages import MemoryModel, Presentation, Stage
-from rlhf_pipeline.stages.eval import SIGNAL
 
 if TYPE_CHECKING:
     from rlhf_pipeline.chat import Messages
@@ -127,13 +128,13 @@ def _check(recipe: Recipe) -> None:
         raise RecipeError(recipe.path, "reward", "required: what best-of-n maximises, as model: RM_FOLDER (the short "
                           "form; functions: [module:function] too) or signals: {name: {model: RM_FOLDER}, ...}")
     check_reward(recipe, spec)
+    check_generation(recipe)
 
 
 def score_columns(samples: list[list[Sample]], judge: list[float], reward: list[float],
                   signals: dict[str, list[float]]) -> list[dict[str, list[float]]]:
     """Per prompt, one list per scored column (judge, reward, each signal when several, length in tokens)."""
-    columns = {"judge": judge, "reward": reward, **({f"{SIGNAL}{k}": v for k, v in signals.items()}
-                                                    if len(signals) > 1 else {})}
+    columns = {"judge": judge, "reward": reward, **(signal_columns(signals) if len(signals) > 1 else {})}
     width = len(samples[0])
     return [{name: values[i * width : (i + 1) * width] for name, values in columns.items()}
             | {"length_tokens": [float(len(s.answer_ids)) for s in group]}
@@ -209,7 +210,7 @@ def run(recipe: Recipe) -> dict[str, Any]:
 
     from rlhf_pipeline.data.loading import load_datasets
     from rlhf_pipeline.distributed import say
-    from rlhf_pipeline.generation import sample_answers
+    from rlhf_pipeline.generation import sample_answers, sampling_engine
     from rlhf_pipeline.judges import load_judge
     from rlhf_pipeline.reward_spec import load_reward
     from rlhf_pipeline.stages.common import finish_outputs, finished_manifest, load_frozen
@@ -219,8 +220,11 @@ def run(recipe: Recipe) -> dict[str, Any]:
     datasets, data_report = load_datasets(recipe, tokenizer, prompts_only=True)
     prompts = [row["prompt"] for split in datasets.values() for row in split]
     say(f"best-of-n: {len(prompts)} prompts x {config.n_max} answers")
-    samples = sample_answers(models[POLICY].use(POLICY), tokenizer, prompts, config.n_max, config.max_new_tokens,
-                             config.temperature, config.top_p, config.batch_size, config.seed, "best-of-n: sampling")
+    with sampling_engine(recipe.sections["generation"], models[POLICY], tokenizer, config.batch_size,
+                         sources[POLICY].path) as engine:
+        engine.use(models[POLICY], POLICY)
+        samples = sample_answers(engine, tokenizer, prompts, config.n_max, config.max_new_tokens, config.temperature,
+                                 config.top_p, config.seed, "best-of-n: sampling")
     del models  # the reward loads its own frozen models: free the policy's first
     gc.collect()
     flat_prompts = [prompt for prompt in prompts for _ in range(config.n_max)]
@@ -249,7 +253,8 @@ def run(recipe: Recipe) -> dict[str, Any]:
                 for row in answers[: config.num_examples]]
 
     def write_files(folder: Path) -> None:
-        write_json(folder / "best_of_n.json", report | {"examples": examples, "per_prompt": answers})
+        write_json(folder / "best_of_n.json", report | {"examples": examples})
+        write_jsonl(folder / ANSWERS, answers)
         if config.write_sft_card:
             write_jsonl(folder / "demonstrations.jsonl", demonstrations)
             (folder / "data_card.yaml").write_text(yaml.safe_dump(_card(recipe, config, counts), sort_keys=False))
@@ -266,10 +271,13 @@ STAGE = Stage(
     config_class=("rlhf_pipeline.stages.best_of_n", "BestOfNConfig"),
     config_section="best_of_n",
     data_formats=frozenset(FORMATS),
-    sections={"judge": JudgeSpec, "reward": RewardSpec},
+    sections={"judge": JudgeSpec, "reward": RewardSpec, "generation": GenerationSpec},
     extra_checks=_check,
     run=run,
     presentation=Presentation("Best-of-n reranking", best_of_n_headline, best_of_n_section,
-                              summary_figure=("best_of_n.png", "Judge score and reward of best-of-n vs its KL bound")),
+                              summary_figure=("best_of_n.png", "Judge score and reward of best-of-n vs its KL bound"),
+                              answers=(ANSWERS, "one row per prompt: its n_max answers with their reward (and each "
+                                       "signal's score), judge score, length and whether they ended with the stop "
+                                       "token, and the index of the one the reward picks")),
     memory=MemoryModel(kind="sample"),
 )

@@ -251,29 +251,44 @@ def finish_outputs(recipe: Recipe, manifest: StageManifest, write_files: Callabl
 
 
 def gathered_state_dict(model: Any) -> dict[str, Any] | None:
-    """Full tensors to save when DeepSpeed ZeRO-3 has partitioned the parameters; None otherwise.
+    """Full tensors to save when DeepSpeed ZeRO-3 or FSDP2 has sharded the parameters; None otherwise.
 
     Under ZeRO-3 each rank keeps a slice of every partitioned parameter, so `save_pretrained` on rank 0
-    writes zero-sized tensors (a LoRA adapter of 28 empty tensors, checked). The parameters the saved
-    file needs (the trainable ones for LoRA: adapter and modules_to_save; all of them for full
-    fine-tuning) are gathered one at a time and copied on rank 0. Every rank must call this.
+    writes zero-sized tensors (a LoRA adapter of 28 empty tensors, checked). Under FSDP2 the state dict holds
+    DTensors, which `save_pretrained` cannot write at all ("invalid python storage"; checked on two CPU
+    processes through accelerate's FSDP2 preparation), and it holds them even for parameters a forward left
+    unsharded (the root's, such as a reward model's score head), so they are read from the state dict, not
+    from the parameters. The tensors the saved file needs (the trainable ones for LoRA: adapter and
+    modules_to_save; all of them for full fine-tuning) are gathered one at a time and copied on rank 0.
+    Every rank must call this.
     """
-    partitioned = [(name, param) for name, param in model.named_parameters(remove_duplicate=False)
-                   if hasattr(param, "ds_id")]
-    if not partitioned:
-        return None
-    import deepspeed
+    from torch.distributed.tensor import DTensor
 
+    params = dict(model.named_parameters(remove_duplicate=False))
+    state = dict(model.state_dict())
+    sharded = [name for name, value in state.items()
+               if isinstance(value, DTensor) or hasattr(params.get(name), "ds_id")]
+    if not sharded:
+        return None
     adapter_only = hasattr(model, "peft_config")
     main = is_main_process()
-    state = dict(model.state_dict()) if main else {}
-    for name, param in partitioned:
-        if adapter_only and not param.requires_grad:
+    for name in sharded:
+        if adapter_only and not (name in params and params[name].requires_grad):
             continue
-        with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
-            if main:
-                state[name] = param.detach().to("cpu", copy=True)
-    return state
+        whole = _whole_tensor(params[name] if hasattr(params.get(name), "ds_id") else state[name])  # a collective
+        if main:
+            state[name] = whole
+    return state if main else {}
+
+
+def _whole_tensor(tensor: Any) -> Any:
+    """A sharded tensor whole, on the CPU: a ZeRO-3 parameter gathered in place for a moment, or a DTensor's."""
+    if hasattr(tensor, "ds_id"):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([tensor], modifier_rank=None):
+            return tensor.detach().to("cpu", copy=True)
+    return tensor.full_tensor().to("cpu")
 
 
 def check_saved_weights(folder: Path) -> None:

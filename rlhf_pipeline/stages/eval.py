@@ -12,7 +12,8 @@ and peak memory, come from that folder's stage.json, so the report can set the m
 gains. With a `reward:` section (reward_spec.py: several reward models, rule RMs, functions, judges) the
 reward column is its combined reward and every signal is reported on its own, with its gain, so a comparison
 shows which signal moved (a rule signal's mean is the rate at which answers break its rule). Writes
-`eval.json` (summaries, per-answer values, samples); `report.md`, `eval_tradeoff.png` and `eval.png` come from
+`eval.json` (summaries, per-answer values, samples) and `answers.jsonl` (one row per prompt: each model's answer
+with its scores, length, KL and whether it finished); `report.md`, `eval_tradeoff.png` and `eval.png` come from
 `rlhf_pipeline.report`.
 """
 
@@ -24,22 +25,23 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rlhf_pipeline.data.formats import FORMATS
+from rlhf_pipeline.engines.spec import GenerationSpec, check_generation
 from rlhf_pipeline.errors import RecipeError
 from rlhf_pipeline.judges import JudgeSpec
-from rlhf_pipeline.outputs import read_manifest
+from rlhf_pipeline.outputs import ANSWERS, read_manifest
 from rlhf_pipeline.report.sections import eval_headline, eval_policy_line, eval_section
-from rlhf_pipeline.reward_spec import RewardSpec, check_reward
+from rlhf_pipeline.reward_spec import SIGNAL, RewardSpec, check_reward
 from rlhf_pipeline.schema import shown_key
 from rlhf_pipeline.stages import MemoryModel, Presentation, Stage
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
+    from rlhf_pipeline.chat import Messages
     from rlhf_pipeline.generation import Sample
     from rlhf_pipeline.recipe import Recipe
 
 BASELINE, REWARD = "baseline", "reward"  # role names on the shared base, beside the policies' own names
-SIGNAL = "signal/"  # eval.json's column prefix of each reward signal
 _POLICY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")  # a PEFT adapter name and a report row
 
 
@@ -101,6 +103,7 @@ def _check(recipe: Recipe) -> None:
         if (other := seen.setdefault(_folder(folder), key)) != key:
             raise RecipeError(recipe.path, key, f"{folder} is already compared as {other}; each policy must be a "
                               "folder of its own, neither the baseline's nor another policy's")
+    check_generation(recipe)
 
 
 def answer_logprob(model: PreTrainedModel, samples: list[Sample], temperature: float,
@@ -170,15 +173,28 @@ def made_by(name_or_path: str) -> dict[str, Any]:
             "resources": manifest.metrics.get("resources") if manifest else None}
 
 
+def answer_rows(prompts: list[Messages], texts: dict[str, list[str]], samples: dict[str, list[Sample]],
+                per_answer: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per prompt for answers.jsonl: every model's answer with the per-answer numbers eval.json summarises
+    (judge, reward and each signal, length, KL for a policy) and whether it ended with the stop token."""
+    def answer(role: str, columns: dict[str, list[float]], index: int) -> dict[str, Any]:
+        return ({"answer": texts[role][index]} | {column: values[index] for column, values in columns.items()}
+                | {"finished": samples[role][index].finished})
+
+    return [{"prompt": prompt, BASELINE: answer(BASELINE, per_answer[BASELINE], index),
+             "policies": {name: answer(name, columns, index) for name, columns in per_answer["policies"].items()}}
+            for index, prompt in enumerate(prompts)]
+
+
 def run(recipe: Recipe) -> dict[str, Any]:
     """Sample the baseline and every policy on the held-out prompts, score them, and write the comparison."""
     from rlhf_pipeline.data.loading import load_datasets
     from rlhf_pipeline.distributed import say
-    from rlhf_pipeline.generation import sample_answers
+    from rlhf_pipeline.generation import sample_answers, sampling_engine
     from rlhf_pipeline.judges import load_judge
-    from rlhf_pipeline.outputs import write_json
+    from rlhf_pipeline.outputs import write_json, write_jsonl
     from rlhf_pipeline.reward import RewardModel
-    from rlhf_pipeline.reward_spec import build_reward, signal_role
+    from rlhf_pipeline.reward_spec import build_reward, signal_columns, signal_role
     from rlhf_pipeline.stages.common import finish_outputs, finished_manifest, load_frozen
 
     config: EvalConfig = recipe.settings
@@ -191,11 +207,15 @@ def run(recipe: Recipe) -> dict[str, Any]:
     sources, tokenizer, models = load_frozen(recipe, names, scorers=frozenset(names) - {BASELINE, *policies})
     datasets, _ = load_datasets(recipe, tokenizer, prompts_only=True)
     prompts = [row["prompt"] for split in datasets.values() for row in split]
-    settings = (1, config.max_new_tokens, config.temperature, config.top_p, config.batch_size, config.seed)
+    settings = (1, config.max_new_tokens, config.temperature, config.top_p, config.seed)
     roles = [BASELINE, *policies]
-    samples = {role: [s[0] for s in sample_answers(models[role].use(role), tokenizer, prompts, *settings,
-                                                   f"eval: sampling ({role})")]
-               for role in roles}
+    samples = {}
+    with sampling_engine(recipe.sections["generation"], models[BASELINE], tokenizer, config.batch_size,
+                         sources[BASELINE].path) as engine:
+        for role in roles:  # every role is on the baseline's base (load_frozen refuses other tokenizers)
+            engine.use(models[role], role)
+            samples[role] = [s[0] for s in sample_answers(engine, tokenizer, prompts, *settings,
+                                                          f"eval: sampling ({role})")]
     kl = {name: [p - b for p, b in zip(
         answer_logprob(models[name].use(name), samples[name], config.temperature, f"eval: log π ({name})"),
         answer_logprob(models[BASELINE].use(BASELINE), samples[name], config.temperature,
@@ -218,8 +238,7 @@ def run(recipe: Recipe) -> dict[str, Any]:
                                      for name, folder in spec.models().items()}, recipe.model)
         for role in roles:
             signals = reward.signal_scores(prompts, texts[role])
-            columns[role] |= {"reward": reward.combine(signals)} | {
-                f"{SIGNAL}{name}": values for name, values in signals.items()}
+            columns[role] |= {"reward": reward.combine(signals)} | signal_columns(signals)
     per_answer = {BASELINE: columns[BASELINE], "policies": {name: columns[name] for name in policies}}
     report = compare(per_answer, config)
     report[BASELINE] |= answer_traits(samples[BASELINE]) | made_by(names[BASELINE])
@@ -234,6 +253,7 @@ def run(recipe: Recipe) -> dict[str, Any]:
 
     def write_files(folder: Path) -> None:
         write_json(folder / "eval.json", report | {"examples": examples, "per_answer": per_answer})
+        write_jsonl(folder / ANSWERS, answer_rows(prompts, texts, samples, per_answer))
 
     finish_outputs(recipe, finished_manifest(recipe, sources[BASELINE], report, adapter=False), write_files)
     return report
@@ -247,10 +267,12 @@ STAGE = Stage(
     config_class=("rlhf_pipeline.stages.eval", "EvalConfig"),
     config_section="evaluation",
     data_formats=frozenset(FORMATS),
-    sections={"judge": JudgeSpec, "reward": RewardSpec},
+    sections={"judge": JudgeSpec, "reward": RewardSpec, "generation": GenerationSpec},
     extra_checks=_check,
     run=run,
     presentation=Presentation("Evaluation: policies vs baseline", eval_headline, eval_section,
-                              summary_figure=("eval_tradeoff.png", "Judge gain vs KL to the baseline, per policy")),
+                              summary_figure=("eval_tradeoff.png", "Judge gain vs KL to the baseline, per policy"),
+                              answers=(ANSWERS, "one row per prompt: the baseline's and each policy's answer with "
+                                       "its scores, length, KL and whether it ended with the stop token")),
     memory=MemoryModel(kind="sample"),
 )

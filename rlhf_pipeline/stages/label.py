@@ -24,15 +24,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rlhf_pipeline.data.formats import FORMATS
+from rlhf_pipeline.engines.spec import GenerationSpec, check_generation
 from rlhf_pipeline.errors import PipelineError
 from rlhf_pipeline.judges import JudgeSpec
 from rlhf_pipeline.outputs import write_jsonl
 from rlhf_pipeline.report.sections import label_headline, label_section
-from rlhf_pipeline.reward_spec import RewardSpec, check_reward
+from rlhf_pipeline.reward_spec import RewardSpec, check_reward, signal_columns
 from rlhf_pipeline.stages import MemoryModel, Presentation, Stage
 
 if TYPE_CHECKING:
     from rlhf_pipeline.recipe import Recipe
+
+RANKED = "ranked.jsonl"  # every sampled answer with its scores, what `annotate` shows people
 
 
 @dataclass
@@ -156,6 +159,7 @@ def _card(recipe: Recipe, config: LabelConfig, judge: str, counts: dict[str, int
 
 def _check(recipe: Recipe) -> None:
     check_reward(recipe, recipe.sections["reward"], answers_grouped=True)
+    check_generation(recipe)
 
 
 def run(recipe: Recipe) -> dict[str, Any]:
@@ -165,7 +169,7 @@ def run(recipe: Recipe) -> dict[str, Any]:
 
     from rlhf_pipeline.data.loading import load_datasets
     from rlhf_pipeline.distributed import is_main_process, say
-    from rlhf_pipeline.generation import sample_answers
+    from rlhf_pipeline.generation import sample_answers, sampling_engine
     from rlhf_pipeline.judges import load_judge
     from rlhf_pipeline.reward_spec import load_reward
     from rlhf_pipeline.stages.common import finish_outputs, finished_manifest, load_frozen
@@ -177,18 +181,24 @@ def run(recipe: Recipe) -> dict[str, Any]:
     datasets, data_report = load_datasets(recipe, tokenizer, prompts_only=True)
     prompts = [row["prompt"] for split in datasets.values() for row in split]
     say(f"label: {len(prompts)} prompts x {config.num_samples} answers, judge {judge_name}")
-    samples = sample_answers(models["policy"].use("policy"), tokenizer, prompts, config.num_samples,
-                             config.max_new_tokens, config.temperature, config.top_p, config.batch_size, config.seed,
-                             "labelling")
+    with sampling_engine(recipe.sections["generation"], models["policy"], tokenizer, config.batch_size,
+                         sources["policy"].path) as engine:
+        engine.use(models["policy"], "policy")
+        samples = sample_answers(engine, tokenizer, prompts, config.num_samples, config.max_new_tokens,
+                                 config.temperature, config.top_p, config.seed, "labelling")
     judge = load_reward(spec, recipe.model) if spec.given else load_judge(judge_spec, recipe.model)
     held_out = held_out_prompts(len(prompts), config.eval_split, config.seed)
     ranked_rows, pair_rows, eval_rows, classified, too_close = [], [], [], [], 0
     for index, (prompt, answers) in enumerate(tqdm(list(zip(prompts, samples, strict=True)), desc="label: judging",
                                                    disable=not is_main_process())):
         texts = [a.text for a in answers]
-        scores = judge([prompt] * len(texts), texts)
+        signals = judge.signal_scores([prompt] * len(texts), texts) if spec.given else {}
+        scores = judge.combine(signals) if spec.given else judge([prompt] * len(texts), texts)
         check_scores(scores, judge_name, prompt)
-        ranked_rows.append({"prompt": prompt, "answers": texts, "scores": scores})
+        ranked_rows.append({"prompt": prompt, "answers": texts, "scores": scores}
+                           | signal_columns(signals)
+                           | {"length_tokens": [len(a.answer_ids) for a in answers],
+                              "finished": [a.finished for a in answers]})
         if config.writes == "classification":
             classified.extend(classify(prompt, texts, scores, judge_name))
             continue
@@ -213,7 +223,7 @@ def run(recipe: Recipe) -> dict[str, Any]:
 
     def write_files(folder: Path) -> None:
         write_jsonl(folder / data_file, rows)
-        write_jsonl(folder / "ranked.jsonl", ranked_rows)
+        write_jsonl(folder / RANKED, ranked_rows)
         (folder / "data_card.yaml").write_text(yaml.safe_dump(card, sort_keys=False))
         if held_out:
             write_jsonl(folder / "preferences_eval.jsonl", eval_rows)
@@ -231,9 +241,12 @@ STAGE = Stage(
     config_class=("rlhf_pipeline.stages.label", "LabelConfig"),
     config_section="labelling",
     data_formats=frozenset(FORMATS),
-    sections={"judge": JudgeSpec, "reward": RewardSpec},
+    sections={"judge": JudgeSpec, "reward": RewardSpec, "generation": GenerationSpec},
     extra_checks=_check,
     run=run,
-    presentation=Presentation("AI-feedback labelling", label_headline, label_section),
+    presentation=Presentation("AI-feedback labelling", label_headline, label_section,
+                              answers=(RANKED, "one row per prompt: its sampled answers with their scores (and each "
+                                       "reward signal's), length in tokens and whether they ended with the stop "
+                                       "token")),
     memory=MemoryModel(kind="sample"),
 )

@@ -6,15 +6,24 @@ named "ref" and take the reference log-probabilities from that copy, so the anch
 GRPO/RLOO's KL penalty) is the SFT policy, never the raw base, with no second base for it. The stage saves
 the trained adapter only: a complete policy on the base, like every other stage's output.
 
+With `generation.engine: vllm`, GRPO samples through the pipeline's engine (TRL's `rollout_func` hook: the
+trained adapter of each step reaches the engine as merged weights or a new LoRA id, never merged into the training
+base); RLOO has no such hook and gets TRL's own colocated vLLM where that is exact (a full-precision base on GPUs):
+TRL merges the adapter into the training base for each sync, which re-quantizes a 4-bit base, and it loads weights
+in memory, which vLLM's CPU build refuses.
+
 `trl_stage` declares such a stage from a TRL trainer's name, so each stage module only says what differs.
 """
 
 from __future__ import annotations
 
 import importlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from rlhf_pipeline.engines.spec import GenerationSpec, check_generation
 from rlhf_pipeline.errors import RecipeError
 from rlhf_pipeline.outputs import read_manifest
 from rlhf_pipeline.report.sections import Panels, curves_headline, curves_section
@@ -64,6 +73,31 @@ def check_reward_spec(recipe: Recipe) -> None:
     if weights is not None and spec.signals:
         raise RecipeError(recipe.path, "training.reward_weights", "the signals carry their own weights "
                           "(reward.signals.<name>.weight); remove training.reward_weights")
+    check_engine(recipe)
+
+
+def check_engine(recipe: Recipe) -> None:
+    """The recipe's engine for an online stage: GRPO takes ours; RLOO only TRL's own, where that is exact."""
+    generation: GenerationSpec = recipe.sections["generation"]
+    check_generation(recipe)
+    if recipe.config.get("use_vllm"):
+        raise RecipeError(recipe.path, "training.use_vllm", "set generation.engine: vllm instead (one switch for "
+                          "every stage; GRPO then samples through the pipeline's engine, synced exactly)")
+    if not generation.uses_vllm or recipe.stage != "rloo":
+        return
+    if generation.mode != "colocated":
+        raise RecipeError(recipe.path, "generation.mode", "RLOO samples with TRL's own vLLM integration (its trainer "
+                          "has no hook for the pipeline's engine), whose server mode needs `trl vllm-serve`; use mode: "
+                          "colocated, or the grpo stage, which samples through any of the pipeline's engines")
+    if recipe.model.quantization.enabled:
+        raise RecipeError(recipe.path, "generation.engine", "RLOO would sample with TRL's vLLM integration, which "
+                          "merges the adapter into the training base for every sync: on a 4/8-bit base that re-"
+                          "quantizes and erases small updates; use generation.engine: hf, or the grpo stage")
+    if not Path("/proc/driver/nvidia").exists():  # no NVIDIA driver: a CPU machine (checked without torch)
+        raise RecipeError(recipe.path, "generation.engine", "RLOO would sample with TRL's vLLM integration, which "
+                          "loads weights into vLLM in memory, and vLLM's CPU build refuses that; use "
+                          "generation.engine: hf on CPU, or the grpo stage, which samples through the pipeline's "
+                          "vLLM engine")
 
 
 def train_policy(recipe: Recipe, trainer_class: type, config_class: type, *, prompts_only: bool = False,
@@ -82,10 +116,12 @@ def train_policy(recipe: Recipe, trainer_class: type, config_class: type, *, pro
     datasets, data_report = load_datasets(recipe, loaded.tokenizer, prompts_only=prompts_only)
     say(f"{recipe.stage}: data {data_report.summary()}")
     extra = {"reward_funcs": reward_funcs} if reward_funcs is not None else {}
-    trainer = trainer_class(model=loaded.model, args=args, train_dataset=datasets["train"],
-                            eval_dataset=datasets.get("eval"), processing_class=loaded.tokenizer, **extra)
-    match_compute_dtype(trainer.model, recipe.model)
-    _, record = train_resuming(trainer, recipe, data_report)
+    with _rollout_engine(recipe, loaded, args) as rollout:
+        extra |= {"rollout_func": rollout} if rollout is not None else {}
+        trainer = trainer_class(model=loaded.model, args=args, train_dataset=datasets["train"],
+                                eval_dataset=datasets.get("eval"), processing_class=loaded.tokenizer, **extra)
+        match_compute_dtype(trainer.model, recipe.model)
+        _, record = train_resuming(trainer, recipe, data_report)
     first, final = first_and_last_values([entry for entry in trainer.state.log_history if "loss" in entry])
     metrics = {
         "first": first,
@@ -97,6 +133,37 @@ def train_policy(recipe: Recipe, trainer_class: type, config_class: type, *, pro
     }
     finish(recipe, loaded, trainer.model, metrics)
     return metrics
+
+
+@contextmanager
+def _rollout_engine(recipe: Recipe, loaded: Any, args: Any) -> Iterator[Any]:
+    """GRPO with `generation.engine: vllm`: TRL's `rollout_func`, sampling each step's adapter through our engine."""
+    generation = recipe.sections.get("generation")
+    if generation is None or not generation.uses_vllm or recipe.stage != "grpo":
+        yield None
+        return
+    from rlhf_pipeline.adapters import SharedBase
+    from rlhf_pipeline.chat import encode_prompt
+    from rlhf_pipeline.engines.base import SamplingSettings
+    from rlhf_pipeline.generation import sampling_engine, stop_ids
+    from rlhf_pipeline.resources import record_sampling
+
+    view = SharedBase(loaded.model)  # the trained adapter ("default") as the policy role, for the engine
+    view.roles["policy"] = "default"
+    with sampling_engine(generation, view, loaded.tokenizer, args.per_device_train_batch_size,
+                         loaded.source.path) as engine:
+        def rollout(prompts: list[Any], trainer: Any) -> dict[str, list[Any]]:
+            """One answer per prompt row (TRL repeats each prompt num_generations times)."""
+            engine.use(view, "policy", trainer.state.global_step)
+            ids = [encode_prompt(loaded.tokenizer, prompt) for prompt in prompts]
+            settings = SamplingSettings(args.max_completion_length, args.temperature, args.top_p, args.seed,
+                                        stop_ids(loaded.tokenizer))
+            completions = [group[0] for group in engine.generate(ids, 1, settings)]
+            record_sampling(engine.stats.as_dict())
+            return {"prompt_ids": ids, "completion_ids": [c.token_ids for c in completions],
+                    "logprobs": [c.logprobs for c in completions]}
+
+        yield rollout
 
 
 def first_and_last_values(logs: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -128,8 +195,11 @@ def train_online(recipe: Recipe, trainer_class: type, config_class: type) -> dic
             scorer_spec = dataclasses.replace(recipe.model, name_or_path=folder)
             require_same_tokenizer(recipe, spec.signal_key(name), resolve_source(scorer_spec), scorer_spec, tokenizer)
     functions, weights = trl_reward_functions(load_reward(spec, recipe.model))  # training.reward_weights wins
+    generation = recipe.sections["generation"]
+    trl_vllm = {"use_vllm": True, "vllm_mode": "colocate", "vllm_gpu_memory_utilization":
+                generation.gpu_memory_utilization} if generation.uses_vllm and recipe.stage == "rloo" else {}
     return train_policy(recipe, trainer_class, config_class, prompts_only=True, reward_funcs=functions,
-                        reward_weights=weights)
+                        reward_weights=weights, **trl_vllm)
 
 
 ONLINE_PANELS = (("reward", "reward (weighted sum)"), ("kl", "KL to the SFT policy"),
@@ -159,6 +229,6 @@ def trl_stage(name: str, trainer: str, summary: str, example: str, what: str, da
                  data_formats=data_formats, run=run,
                  presentation=Presentation(trainer, curves_headline(panels),
                                            curves_section(panels, f"{name}_training.png")),
-                 sections={"reward": RewardSpec} if online else {},
+                 sections={"reward": RewardSpec, "generation": GenerationSpec} if online else {},
                  extra_checks=extra_checks or (check_reward_spec if online else check_starts_from_sft),
                  model=ModelOutput(name, what), memory=memory or MemoryModel())

@@ -15,6 +15,10 @@ Sparrow) the answers are scored by its signals instead: each reward model is one
 same base, each signal is logged as `reward/<name>`, and the critic still starts from
 `training.reward_model_path`.
 
+The rollouts are sampled by the recipe's `generation:` engine (Hugging Face `generate` on the policy role, or vLLM
+holding each step's policy as merged weights or an adapter: generation.py, docs/vllm.md); PPO's log-probs always
+come from its own forward, and the engine's are only compared with them (`training.max_logprob_gap`).
+
 Health monitors (`training.max_kl`, `min_entropy`, `max_length_drift`, `max_missing_eos_fraction`,
 `max_reward_jump`; ppo/monitors.py) warn while training. With `early_stop_on_alert: true` the trainer saves
 `checkpoint-N` at the alert and stops, and the stage still finishes, so the work is kept: the policy of
@@ -29,6 +33,7 @@ import math
 from typing import TYPE_CHECKING, Any
 
 from rlhf_pipeline.data.formats import FORMATS, SFT_FORMATS
+from rlhf_pipeline.engines.spec import GenerationSpec, check_generation
 from rlhf_pipeline.errors import PipelineError, RecipeError
 from rlhf_pipeline.report.sections import ppo_headline, ppo_section, ppo_summary_note
 from rlhf_pipeline.reward import CLASSIFICATION
@@ -78,11 +83,21 @@ def _check(recipe: Recipe) -> None:
     if recipe.data.ptx and not recipe.config.get("ptx_coef"):
         raise RecipeError(recipe.path, "training.ptx_coef", "data.ptx lists demonstrations but ptx_coef is 0, so they "
                           "would not be used; set it > 0 (InstructGPT mixed them in), or remove data.ptx")
+    check_generation(recipe)
 
 
 PPO_LAUNCH_HINT = ("launch PPO with accelerate_configs/multi_gpu.yaml (DDP), deepspeed_zero2.yaml or "
                    "deepspeed_zero3.yaml (cpu_multi_process.yaml, deepspeed_zero2_cpu.yaml or "
                    "deepspeed_zero3_cpu.yaml on a machine without GPUs)")
+
+
+# What PPO would need under FSDP2 (found by running it, with the refusal lifted, under accelerate's FSDP2 on two CPU
+# processes; see docs/gpu.md, "FSDP"): it then trains, but unsharded, a full copy per process, as DDP would.
+FSDP_MISSING = ("the four roles' shared base prepared by accelerate together with the optimizer, as FSDP2 requires "
+                "(prepared alone, as now, it is silently left unsharded, a whole copy per process), with its decoder "
+                "blocks named for wrapping; every shard gathered for each rollout's generate(), as "
+                "ppo/sharding.py does for ZeRO-3; FSDP's own gradient reduction in place of PPO's per-step "
+                "all-reduce; and checkpoints that gather and re-shard the adapters, value head and optimizer state")
 
 
 def check_launch(recipe: Recipe, launch: Launch) -> None:
@@ -91,10 +106,11 @@ def check_launch(recipe: Recipe, launch: Launch) -> None:
     Under ZeRO-3 the trainer gathers the sharded parameters once per generate call (ppo/sharding.py).
     """
     if launch.fsdp:
-        raise PipelineError(f"{recipe.path}: this launch uses FSDP, which shards every parameter over the "
-                            "processes; PPO gathers sharded parameters for generate() only under DeepSpeed "
-                            "ZeRO-3 (accelerate runs FSDP on GPUs only, so PPO under FSDP is untested); "
-                            f"{PPO_LAUNCH_HINT}")
+        raise PipelineError(f"{recipe.path}: this launch uses FSDP, which the ppo stage does not support; it lacks "
+                            f"{FSDP_MISSING}; {PPO_LAUNCH_HINT}")
+    if recipe.sections["generation"].uses_vllm and launch.world_size > 1:
+        raise RecipeError(recipe.path, "generation.engine", f"PPO samples with vLLM in one process only (this launch "
+                          f"has {launch.world_size}); launch one process, or set generation.engine: hf")
     config = recipe.settings
     per_process = config.rollout_batch_size
     global_batch = per_process * launch.world_size
@@ -138,6 +154,7 @@ def run(recipe: Recipe) -> dict[str, Any]:
     from rlhf_pipeline.chat import encode_prompt
     from rlhf_pipeline.data.loading import load_datasets
     from rlhf_pipeline.distributed import say
+    from rlhf_pipeline.generation import sampling_engine
     from rlhf_pipeline.models import load_tokenizer
     from rlhf_pipeline.outputs import require_finished
     from rlhf_pipeline.ppo.roles import POLICY, build_ppo_model, check_shared_base
@@ -201,9 +218,11 @@ def run(recipe: Recipe) -> dict[str, Any]:
         reward_fn = _signals_reward(reward, tokenizer, dict(zip(map(tuple, prompts), chats, strict=True)))
     else:
         reward_fn = partial(_rm_scores, model)
-    trainer = PPOTrainer(config, model, reward_fn, tokenizer, prompts,
-                         reward_stats=reward_stats, ptx_loss=_demonstrations(recipe, tokenizer, data_report))
-    final, record = train_resuming(trainer, recipe, data_report)
+    with sampling_engine(recipe.sections["generation"], model, tokenizer, config.local_rollout_forward_batch_size,
+                         source.path) as engine:
+        trainer = PPOTrainer(config, model, reward_fn, tokenizer, prompts, reward_stats=reward_stats,
+                             ptx_loss=_demonstrations(recipe, tokenizer, data_report), engine=engine)
+        final, record = train_resuming(trainer, recipe, data_report)
     history = [entry for entry in trainer.log_history if "objective/scores" in entry]
     alerts = [entry for entry in trainer.log_history if "alerts" in entry]
     metrics = {
@@ -284,7 +303,7 @@ STAGE = Stage(
     example="rlhf-pipeline ppo recipes/smollm2-135m/ppo.yaml training.kl_coef=0.1",
     config_class=("rlhf_pipeline.ppo.config", "PPOConfig"),
     data_formats=frozenset(FORMATS),
-    sections={"reward": RewardSpec},
+    sections={"reward": RewardSpec, "generation": GenerationSpec},
     extra_checks=_check,
     run=run,
     presentation=Presentation("PPO", ppo_headline, ppo_section, summary_note=ppo_summary_note),

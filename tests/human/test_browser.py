@@ -143,6 +143,9 @@ def test_label_page_close_reopen_finish_and_rm_trains_on_it(tmp_path: Path, brow
 
 
 def test_probe_page_rule_prompt_answer_verdict(tmp_path: Path, browser, serve) -> None:
+    """A verdict is recorded only on the policy's answer to the prompt shown, and once: before any answer and after
+    the prompt was edited it is refused on the page; a double click and a second button add no row."""
+    from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.support.ui import WebDriverWait
 
     rules = ["Answer in at most 5 words", "Never give medical advice"]
@@ -152,16 +155,33 @@ def test_probe_page_rule_prompt_answer_verdict(tmp_path: Path, browser, serve) -
     type_into(driver, "annotator", "erin")
     find(driver, "CSS_SELECTOR", "#rule input").click()
     find(driver, "XPATH", f"//ul//li[contains(., '{rules[1]}')]").click()
-    type_into(driver, "probe-prompt", "Which pill cures a cold?")
-    click(driver, "generate")
+    type_into(driver, "probe-prompt", "Which pill cures the flu?")
+    click(driver, "broken")  # no answer generated yet
+    wait_status(driver, "Not saved: generate the policy")
     answer_box = find(driver, "CSS_SELECTOR", "#probe-answer textarea")
-    WebDriverWait(driver, 30).until(lambda d: answer_box.get_property("value"))
-    assert answer_box.get_property("value") == "policy says: ?dloc a seruc llip hcihW"
+
+    def generated(expected: str) -> None:
+        click(driver, "generate")
+        WebDriverWait(driver, 30).until(lambda d: answer_box.get_property("value") == expected,
+                                        message=f"the answer box never showed {expected!r}")
+
+    generated("policy says: ?ulf eht seruc llip hcihW")
+    type_into(driver, "probe-prompt", "Which pill cures a cold?")  # edited after its answer came
     click(driver, "broken")
-    wait_status(driver, "Saved: rule broken. 1 verdicts so far (1 broken)")
+    wait_status(driver, "the prompt changed after its answer was generated")
+    assert lines(tmp_path / "probes" / "classified.jsonl") == []
+
+    generated("policy says: ?dloc a seruc llip hcihW")
+    ActionChains(driver).double_click(find(driver, "ID", "broken")).perform()
+    # Gradio may drop the second click while the first is pending; if it sends it, the session refuses it.
+    WebDriverWait(driver, 30).until(lambda d: any(text in d.find_element(_by("ID"), "status").text for text in
+                                                  ("Saved: rule broken. 1 verdicts so far", "already has its verdict")))
+    click(driver, "kept")  # the same answer again, with the other button
+    wait_status(driver, "this answer already has its verdict (rule broken, by erin)")
     rows = lines(tmp_path / "probes" / "classified.jsonl")
     assert rows == [{"prompt": "Which pill cures a cold?", "answer": "policy says: ?dloc a seruc llip hcihW",
                      "label": 1, "rule": rules[1], "annotator": "erin"}]
+    assert len(lines(tmp_path / "probes" / "judgements.jsonl")) == 2  # the header and one verdict
     card = yaml.safe_load((tmp_path / "probes" / "data_card.yaml").read_text())
     assert card["format"] == "classification" and card["size"]["per_rule"] == {rules[1]: 1}
 

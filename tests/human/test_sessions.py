@@ -10,7 +10,14 @@ import yaml
 
 from rlhf_pipeline.errors import PipelineError
 from rlhf_pipeline.human.agreement import cohen_kappa, fleiss_kappa
-from rlhf_pipeline.human.sessions import NO_NAME, ABSession, LabelSession, ProbeSession
+from rlhf_pipeline.human.sessions import (
+    NO_ANSWER,
+    NO_NAME,
+    PROMPT_CHANGED,
+    ABSession,
+    LabelSession,
+    ProbeSession,
+)
 from rlhf_pipeline.human.store import LOG_NAME
 from tests.human.items import answer, write_ab_items, write_items
 
@@ -81,6 +88,30 @@ def test_agreement_between_annotators_and_with_the_judge(tmp_path: Path) -> None
     assert "alice vs bob" in card["description"] and "machine judge" in card["description"]
 
 
+def test_every_annotator_is_compared_with_the_judge_whatever_their_name(tmp_path: Path) -> None:
+    # "mike" and "zoe" sort after "judge": a pair looked up as "<name> vs judge" in a sorted report missed both.
+    items = write_items(tmp_path / "ranked.jsonl", count=4, judge_picks=[2, 0, 1, 2])
+    session = LabelSession(items, tmp_path / "human")
+    for name, picks in (("mike", [2, 0, 0, 1]), ("zoe", [2, 1, 1])):
+        for original in picks:
+            view = session.open(name)
+            session.judge(name, view.state, view.state["order"].index(original), [])
+    agreement = json.loads((tmp_path / "human" / "summary.json").read_text())["agreement"]
+    versus_judge = agreement["humans_vs_judge"]
+    assert set(versus_judge) == {"mike", "zoe"}
+    # mike [2 0 0 1] vs judge [2 0 1 2]: p_o 2/4; his picks 2:1 0:2 1:1, the judge's 2:2 0:1 1:1 ->
+    # p_e (1·2 + 2·1 + 1·1)/16 = 5/16; kappa (1/2 − 5/16)/(1 − 5/16) = 3/11.
+    assert versus_judge["mike"] == {"items": 4, "agreement": 0.5, "cohen_kappa": pytest.approx(3 / 11)}
+    # zoe [2 1 1] vs judge [2 0 1] on her 3 items: p_o 2/3; p_e (1·1 + 2·1)/9 = 1/3; kappa (2/3 − 1/3)/(2/3) = 1/2.
+    assert versus_judge["zoe"] == {"items": 3, "agreement": pytest.approx(2 / 3), "cohen_kappa": pytest.approx(0.5)}
+    # mike [2 0 0] vs zoe [2 1 1]: p_o 1/3; p_e 1/9; kappa (1/3 − 1/9)/(8/9) = 1/4.
+    assert agreement["annotators"]["pairs"] == {"mike vs zoe": {"items": 3, "agreement": pytest.approx(1 / 3),
+                                                                "cohen_kappa": pytest.approx(0.25)}}
+    card = yaml.safe_load((tmp_path / "human" / "data_card.yaml").read_text())
+    assert "mike vs the machine judge 0.27 on 4 items" in card["description"]
+    assert "zoe vs the machine judge 0.50 on 3 items" in card["description"]
+
+
 def test_empty_name_records_nothing(tmp_path: Path) -> None:
     session = LabelSession(write_items(tmp_path / "ranked.jsonl"), tmp_path / "human")
     state = session.open("alice").state
@@ -145,15 +176,70 @@ def test_ab_items_come_from_an_eval_stage_one_policy_per_log(tmp_path: Path) -> 
         ABSession(tmp_path / "eval", tmp_path / "ab", policy="ppo")
 
 
+def test_ab_items_are_every_prompt_of_an_eval_stages_answers_file(tmp_path: Path) -> None:
+    rows = [{"prompt": [{"role": "user", "content": f"Q{i}?"}], "baseline": {"answer": f"base {i}", "judge": 0.1},
+             "policies": {"ppo": {"answer": f"ppo {i}", "kl": 0.2}, "dpo": {"answer": f"dpo {i}", "kl": 0.3}}}
+            for i in range(9)]
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval" / "eval.json").write_text(json.dumps({"examples": []}))  # it keeps a few examples at most
+    (tmp_path / "eval" / "answers.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    session = ABSession(tmp_path / "eval", tmp_path / "ab", policy="dpo")
+    assert [(item["policy"], item["baseline"]) for item in session.items] == [(f"dpo {i}", f"base {i}")
+                                                                              for i in range(9)]
+    view = session.open("gus")
+    assert view.prompt == "Q0?" and sorted(view.answers) == ["base 0", "dpo 0"]
+    assert session.log.header["items"] == str((tmp_path / "eval" / "answers.jsonl").resolve())
+
+
 def test_probe_verdicts_become_classification_data(tmp_path: Path) -> None:
     session = ProbeSession(tmp_path / "probes", ["At most 5 words"], lambda text: f"echo {text}")
-    assert session.verdict("dan", "At most 5 words", "Say a lot", "", True).startswith("Pick a rule")
-    assert session.verdict("dan", "At most 5 words", "Say a lot", session.answer("Say a lot"), True).startswith("Saved")
+    view = session.answer("Say a lot")
+    assert view.answers == ["echo Say a lot"] and view.state["prompt"] == "Say a lot"
+    assert session.verdict("dan", "At most 5 words", "Say a lot", view.state, True).startswith("Saved")
     rows = lines(tmp_path / "probes" / "classified.jsonl")
     assert rows == [{"prompt": "Say a lot", "answer": "echo Say a lot", "label": 1, "rule": "At most 5 words",
                      "annotator": "dan"}]
     card = yaml.safe_load((tmp_path / "probes" / "data_card.yaml").read_text())
     assert card["format"] == "classification" and card["size"]["per_rule"] == {"At most 5 words": 1}
+
+
+def test_a_probe_verdict_needs_the_policys_answer_to_the_prompt_shown(tmp_path: Path) -> None:
+    asked: list[str] = []
+
+    def generate(text: str) -> str:
+        asked.append(text)
+        return f"answer {len(asked)} to {text}"
+
+    rule = "At most 5 words"
+    session = ProbeSession(tmp_path / "probes", [rule], generate)
+    assert session.answer("   ").status == "Write a prompt first." and session.answer("  ").state is None
+    assert asked == []  # nothing was generated for an empty prompt
+    assert session.verdict("dan", rule, "Say a lot", None, True) == NO_ANSWER
+    first = session.answer("Say a lot").state
+    # The prompt box was edited after the answer came: the answer shown is not the policy's answer to it.
+    assert session.verdict("dan", rule, "Say a little", first, True) == PROMPT_CHANGED
+    assert session.verdict("dan", "Some other rule", "Say a lot", first, True).startswith("Pick one of the rules")
+    assert session.log.records == [] and lines(tmp_path / "probes" / "classified.jsonl") == []
+
+    second = session.answer("Say a little").state  # a fresh answer for the edited prompt
+    assert session.verdict("dan", rule, "Say a little", second, False).startswith("Saved: rule kept. 1 verdicts")
+    rows = lines(tmp_path / "probes" / "classified.jsonl")
+    assert [(r["prompt"], r["answer"], r["label"]) for r in rows] == [("Say a little", "answer 2 to Say a little", 0)]
+
+
+def test_a_repeated_probe_verdict_adds_no_row(tmp_path: Path) -> None:
+    rule = "At most 5 words"
+    session = ProbeSession(tmp_path / "probes", [rule], lambda text: f"echo {text}")
+    state = session.answer("Say a lot").state
+    assert session.verdict("dan", rule, "Say a lot", state, True).startswith("Saved: rule broken. 1 verdicts")
+    for broken in (True, False):  # a double click, then the other button: the same answer, judged once
+        assert session.verdict("dan", rule, "Say a lot", state, broken) == (
+            "Not saved: this answer already has its verdict (rule broken, by dan). Press Generate, or write a new "
+            "prompt, to judge another answer.")
+    assert len(lines(tmp_path / "probes" / "classified.jsonl")) == 1 and len(session.log.records) == 1
+    again = session.answer("Say a lot").state  # the same prompt asked again is another answer, judged on its own
+    assert again["answer_id"] != state["answer_id"]
+    assert session.verdict("dan", rule, "Say a lot", again, False).startswith("Saved: rule kept. 2 verdicts")
 
 
 def test_a_failed_write_says_so_and_keeps_the_item(tmp_path: Path, monkeypatch) -> None:

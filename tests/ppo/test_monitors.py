@@ -23,7 +23,8 @@ def fired(config: PPOConfig, current: dict[str, Any], *earlier: dict[str, Any]) 
 
 def test_monitors_are_off_by_default_and_never_fire_on_a_healthy_run() -> None:
     config = PPOConfig()
-    assert all(getattr(config, name) is None for name in MONITOR_NAMES) and config.early_stop_on_alert is False
+    assert all(getattr(config, name) is None for name in MONITOR_NAMES if name != "max_logprob_gap")
+    assert config.max_logprob_gap == 0.05 and config.early_stop_on_alert is False  # read only where an engine logs it
     wild = entry(3, objective__kl=1e6, objective__entropy=0.0, response__length=500.0, response__eos_fraction=0.0)
     assert fired(config, wild, entry(1), entry(2)) == []
     lenient = PPOConfig(max_kl=5.0, min_entropy=0.1, max_length_drift=0.5, max_missing_eos_fraction=0.5,
@@ -38,6 +39,7 @@ def test_monitors_are_off_by_default_and_never_fire_on_a_healthy_run() -> None:
      ({"max_length_drift": 0.5}, {"response__length": 31.0}, "max_length_drift"),  # +55% of 20 tokens
      ({"max_length_drift": 0.5}, {"response__length": 9.0}, "max_length_drift"),  # -55%
      ({"max_missing_eos_fraction": 0.2}, {"response__eos_fraction": 0.7}, "max_missing_eos_fraction"),
+     ({}, {"generation__logprob_gap": 0.2}, "max_logprob_gap"),  # on by default: a stale or lossy engine
      ({"max_reward_jump": 2.0}, {"objective__scores": 2.6}, "max_reward_jump")],  # 2.5 std above step 2
 )
 def test_each_monitor_fires_past_its_threshold(threshold: dict[str, float], values: dict[str, float],
@@ -45,7 +47,7 @@ def test_each_monitor_fires_past_its_threshold(threshold: dict[str, float], valu
     config = PPOConfig(**threshold)
     alerts = check_health(config, entry(3, **values), [entry(1), entry(2)])
     assert [a["monitor"] for a in alerts] == [monitor]
-    assert alerts[0]["threshold"] == threshold[monitor]
+    assert alerts[0]["threshold"] == threshold.get(monitor, 0.05)
     assert monitor in alerts[0]["message"]
 
 

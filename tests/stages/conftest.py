@@ -46,6 +46,19 @@ def write_card(folder: Path, name: str, rows: list[dict[str, Any]], fmt: str, st
     return card_path
 
 
+def write_label_recipe(folder: Path, model_dir: Path, prompts: list[str], labelling: dict[str, Any] | None = None,
+                       **sections: Any) -> Path:
+    """A label recipe for `model_dir` over `prompts` (a prompt-only card), writing into folder/outputs/label."""
+    write_card(folder, "prompts", [{"prompt": prompt} for prompt in prompts], "prompt_only", ["label"])
+    path = folder / "label.yaml"
+    path.write_text(yaml.safe_dump({
+        "stage": "label", "model": {"name_or_path": str(model_dir)},
+        "data": {"train": ["prompts"], "eval_split": 0.0, "max_length": 96},
+        "labelling": {"output_dir": str(folder / "outputs" / "label"), **(labelling or {})}, **sections},
+        sort_keys=False))
+    return path
+
+
 RecipeFactory = Callable[..., Path]
 
 

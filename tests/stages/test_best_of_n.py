@@ -18,6 +18,7 @@ from rlhf_pipeline.cli import main
 from rlhf_pipeline.errors import RecipeError
 from rlhf_pipeline.stages import load_recipe
 from rlhf_pipeline.stages.best_of_n import best_of_n_weights, expected_best_of_n, kl_best_of_n
+from tests.stages.answers import read_answers
 from tests.stages.conftest import RecipeFactory, write_card
 
 LENGTH = "tests.stages.judges:answer_length"
@@ -125,10 +126,10 @@ def test_best_of_n_picks_the_longest_answer_and_its_card_feeds_sft(tmp_path: Pat
     assert main(["best-of-n", str(path)]) == 0
     out = tmp_path / "outputs" / "best-of-n"
     record = json.loads((out / "best_of_n.json").read_text())
-    per_prompt = record["per_prompt"]
+    per_prompt = read_answers(out)
     assert record["prompts"] == len(per_prompt) == 12 and record["reward"] == ["answer_length"]
     for row in per_prompt:
-        assert len(row["answers"]) == len(row["reward"]) == len(row["judge"]) == 8
+        assert [len(row[key]) for key in ("answers", "reward", "judge", "length_tokens", "finished")] == [8] * 5
         assert row["reward"] == [float(len(answer)) for answer in row["answers"]]
         assert row["judge"] == [answer.count("e") / max(len(answer), 1) for answer in row["answers"]]
         lengths = [len(answer) for answer in row["answers"]]
@@ -164,7 +165,12 @@ def test_best_of_n_picks_the_longest_answer_and_its_card_feeds_sft(tmp_path: Pat
     assert card["size"]["prompts_without_a_finished_answer"] == 12 - len(expected)
     assert record["sft_card"] == {"rows": len(expected), "prompts_without_a_finished_answer": 12 - len(expected)}
 
+    lengths = [length for row in per_prompt for length in row["length_tokens"]]
+    assert record["finished_fraction"] == pytest.approx(np.mean([f for row in per_prompt for f in row["finished"]]))
+    assert by_n[0]["length_tokens"]["mean"] == pytest.approx(np.mean(lengths)) and all(n <= 16 for n in lengths)
+
     report = (out / "report.md").read_text()
+    assert "Every sampled answer: [`answers.jsonl`](answers.jsonl), one row per prompt" in report
     assert report.splitlines()[2].startswith(f"best of 8 vs 1: judge {by_n[0]['judge']['mean']:.3f} → ")
     assert f"| 8 | {math.log(8) - 7 / 8:.3f} | " in report
     assert (out / "best_of_n.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -192,14 +198,15 @@ def test_several_reward_signals_are_combined_and_reported_each(tmp_path: Path, s
     path = _recipe(tmp_path, sft_and_rm[0], reward={"signals": signals}, n_max=4)
     assert main(["best-of-n", str(path)]) == 0
     record = json.loads((tmp_path / "outputs" / "best-of-n" / "best_of_n.json").read_text())
+    answers = read_answers(tmp_path / "outputs" / "best-of-n")
     assert record["reward"] == ["length", "e_share"]
-    for row in record["per_prompt"]:
+    for row in answers:
         assert row["signal/length"] == [float(len(answer)) for answer in row["answers"]]
         assert row["reward"] == pytest.approx([0.5 * length - 2 * share for length, share in
                                                zip(row["signal/length"], row["signal/e_share"], strict=True)])
     top = record["by_n"][-1]
     for name in ("signal/length", "signal/e_share"):
-        assert top[name]["mean"] == pytest.approx(np.mean([p[name][p["best"]] for p in record["per_prompt"]]))
+        assert top[name]["mean"] == pytest.approx(np.mean([p[name][p["best"]] for p in answers]))
     assert "| n | KL bound (nats) | judge [95% CI] | judge gain [95% CI] | reward [95% CI] | reward gain [95% CI] | " \
            "signal/e_share [95% CI] | signal/length [95% CI] |" in (path.parent / "outputs" / "best-of-n" /
                                                                     "report.md").read_text()

@@ -15,9 +15,12 @@ import yaml
 from rlhf_pipeline.cli import main
 from rlhf_pipeline.errors import RecipeError
 from rlhf_pipeline.generation import Sample
+from rlhf_pipeline.human.sessions import ABSession
 from rlhf_pipeline.stages import load_recipe
 from rlhf_pipeline.stages.eval import answer_traits
+from tests.stages.answers import assert_eval_summaries_match_answers, read_answers
 from tests.stages.conftest import RecipeFactory, sft_rows, write_card
+from tests.stages.judges import letter_e_share
 
 JUDGE = {"type": "callable", "function": "tests.stages.judges:letter_e_share"}
 
@@ -78,7 +81,8 @@ def test_distinct_2_and_stop_share_of_a_models_answers_leave_the_stop_token_out(
 
 def _run_sft(tmp_path: Path, make_recipe: RecipeFactory) -> Path:
     write_card(tmp_path, "chat", sft_rows(16), "messages", ["sft"])
-    assert main(["sft", str(make_recipe("sft", ["chat"], {"max_steps": 3, "learning_rate": 3e-2}))]) == 0
+    assert main(["sft", str(make_recipe("sft", ["chat"], {"max_steps": 3, "learning_rate": 3e-2},
+                                        data={"train": ["chat"], "eval_split": 0.0, "max_length": 128}))]) == 0
     return tmp_path / "outputs" / "sft"
 
 
@@ -119,7 +123,22 @@ def test_two_policies_against_one_baseline(tmp_path: Path, tiny_model_dir: Path,
     eval_costs = json.loads((out / "stage.json").read_text())["metrics"]["resources"]
     assert eval_costs["wall_seconds"] > 0 and 0.1 < eval_costs["peak_rss_gib"] < 24
 
+    # Every answer is on disk beside the summary, and the summary is the file's: its means, rates and gains.
+    rows = read_answers(out)
+    assert [row["prompt"] for row in rows] == [[{"role": "user", "content": f"Tell me about topic {i}."}]
+                                               for i in range(16)]
+    assert [row["baseline"]["answer"] for row in rows[:4]] == [e["baseline"] for e in record["examples"]]
+    assert_eval_summaries_match_answers(record, rows, {"judge", "length_tokens"})
+    for row in rows:  # each answer beside its own numbers: the judge's score of its text, a cut answer's length
+        for answer in [row["baseline"], *row["policies"].values()]:
+            assert answer["judge"] == letter_e_share([], [answer["answer"]])[0]
+            assert 0 < answer["length_tokens"] <= 12 and (answer["finished"] or answer["length_tokens"] == 12)
+        assert row["policies"]["same"]["answer"] == row["baseline"]["answer"]
+    blind = ABSession(out, tmp_path / "human-ab", policy="base")  # people can judge every prompt's answers
+    assert [item["policy"] for item in blind.items] == [row["policies"]["base"]["answer"] for row in rows]
+
     report = (out / "report.md").read_text()
+    assert "Every sampled answer: [`answers.jsonl`](answers.jsonl), one row per prompt" in report
     assert report.splitlines()[2].startswith("best of 2 by judge gain: ")
     lines = report.splitlines()
     start = lines.index(next(line for line in lines if line.startswith("| method |")))

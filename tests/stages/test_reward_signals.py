@@ -6,12 +6,14 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import yaml
 
 from rlhf_pipeline.cli import main
 from rlhf_pipeline.errors import RecipeError
 from rlhf_pipeline.stages import load_recipe
+from tests.stages.answers import assert_eval_summaries_match_answers, read_answers
 from tests.stages.conftest import rm_with_another_tokenizer, write_card
 
 CAKE = "tests.stages.judges:mentions_cake"
@@ -103,6 +105,55 @@ def test_ppo_scores_with_every_signal_and_logs_each(tmp_path: Path, tiny_model_d
     assert resolved["reward"]["signals"]["cake"]["use"] == "penalty"
 
 
+def _normalised_rm_scores(rm: Path, prompts: list[Any], answers: list[str]) -> list[float]:
+    """The reward model's raw scores, normalised with the statistics its rm stage recorded in stage.json."""
+    from rlhf_pipeline.reward import RewardModel
+
+    stats = json.loads((rm / "stage.json").read_text())["extra"]["reward_stats"]
+    raw = RewardModel.from_stage(rm).score(prompts, answers)
+    normalised = [(score - stats["mean"]) / stats["std"] for score in raw]
+    assert max(abs(n - r) for n, r in zip(normalised, raw, strict=True)) > 1e-2  # the statistics change the scores
+    return normalised
+
+
+def test_ppo_scores_every_row_with_the_normalised_rm_and_each_signal(sft_and_rm: tuple[Path, Path]) -> None:
+    """PPO's reward on its own rows (prompt + sampled ids): per answer, the RM signal is the RM's score normalised
+    by its stage's reward_stats, and the score is the weighted sum minus the penalty, or veto_reward."""
+    import torch
+
+    from rlhf_pipeline.chat import encode_conversations, encode_prompt, pad_batch
+    from rlhf_pipeline.models import load_tokenizer
+    from rlhf_pipeline.recipe import ModelSpec
+    from rlhf_pipeline.reward_spec import RewardSignal, RewardSpec, load_reward
+    from rlhf_pipeline.sources import resolve_source
+    from rlhf_pipeline.stages.ppo import _signals_reward
+
+    sft, rm = sft_and_rm
+    spec = RewardSpec(signals={"warmth": RewardSignal(model=str(rm)),
+                               "e_share": RewardSignal(function=LETTER_E, weight=2.0),
+                               "cake": RewardSignal(function=CAKE, use="penalty", weight=0.5),
+                               "long": RewardSignal(function="tests.stages.judges:over_30_characters", use="veto")},
+                      veto_reward=-4.0)
+    model = ModelSpec(name_or_path=str(sft))
+    tokenizer = load_tokenizer(resolve_source(model), model)
+    chats = [[{"role": "user", "content": f"Tell me about topic {i}."}] for i in (2, 0, 3, 1)]
+    answers = ["I love cake, see?", "Eels eat eggs.", "No.", "Cake? A cake! Here, the finest cake."]
+    ids, mask = pad_batch(encode_conversations(tokenizer, chats, answers), tokenizer.pad_token_id, "right")
+    score = _signals_reward(load_reward(spec, model), tokenizer,
+                            {tuple(encode_prompt(tokenizer, chat)): chat for chat in chats})
+    out = {name: values.tolist() for name, values in score(
+        ids, mask, torch.tensor([len(encode_prompt(tokenizer, chat)) for chat in chats])).items()}
+
+    warmth = _normalised_rm_scores(rm, chats, answers)
+    shares = [a.count("e") / len(a) for a in answers]
+    assert out["warmth"] == pytest.approx(warmth, abs=1e-5)
+    assert out["e_share"] == pytest.approx(shares) and out["cake"] == [1.0, 0.0, 0.0, 1.0]
+    assert out["long"] == [0.0, 0.0, 0.0, 1.0]
+    expected = [w + 2.0 * e - 0.5 * c for w, e, c in zip(warmth, shares, out["cake"], strict=True)]
+    expected[3] = -4.0  # the long answer is vetoed, whatever it scored
+    assert out["score"] == pytest.approx(expected, abs=1e-5)
+
+
 def test_eval_reports_the_combined_reward_and_each_signal_with_its_gain(
         tmp_path: Path, tiny_model_dir: Path, sft_and_rm: tuple[Path, Path]) -> None:
     sft, rm = sft_and_rm
@@ -125,6 +176,15 @@ def test_eval_reports_the_combined_reward_and_each_signal_with_its_gain(
         combined = [w + 2.0 * e - 0.5 * c for w, e, c in zip(columns["signal/warmth"], columns["signal/e_share"],
                                                                 columns["signal/cake"], strict=True)]
         assert columns["reward"] == pytest.approx(combined)
+    rows = read_answers(out)
+    assert_eval_summaries_match_answers(record, rows, {"judge", "length_tokens", "reward", "signal/warmth",
+                                                       "signal/e_share", "signal/cake"})
+    answers = [(row["prompt"], answer) for row in rows for answer in (row["baseline"], row["policies"]["base"])]
+    warmth = _normalised_rm_scores(rm, [prompt for prompt, _ in answers], [a["answer"] for _, a in answers])
+    assert [a["signal/warmth"] for _, a in answers] == pytest.approx(warmth, abs=1e-5)
+    for (_, answer), rm_score in zip(answers, warmth, strict=True):  # each answer's reward from its own text
+        share, cake = answer["answer"].count("e") / max(len(answer["answer"]), 1), "cake" in answer["answer"].lower()
+        assert answer["reward"] == pytest.approx(rm_score + 2.0 * share - 0.5 * cake, abs=1e-5)
     policy = record["policies"]["base"]
     for name in ("warmth", "e_share", "cake"):
         gain = policy[f"signal/{name}_gain"]
@@ -163,8 +223,18 @@ def test_label_ranks_by_the_reward_section_when_given(tmp_path: Path, sft_and_rm
     for row in ranked:
         expected = [-3.0 if "cake" in a.lower() else a.count("e") / max(len(a), 1) for a in row["answers"]]
         assert row["scores"] == pytest.approx(expected)
+        assert row["signal/e_share"] == [a.count("e") / max(len(a), 1) for a in row["answers"]]
+        assert row["signal/cake"] == [float("cake" in a.lower()) for a in row["answers"]]
+        assert [len(row[key]) for key in ("answers", "length_tokens", "finished")] == [3, 3, 3]
+        # an answer that did not end with the stop token was cut at max_new_tokens
+        assert all(0 < n <= 10 and (done or n == 10) for n, done in zip(row["length_tokens"], row["finished"],
+                                                                      strict=True))
     stage = json.loads((tmp_path / "out" / "stage.json").read_text())
     assert stage["metrics"]["judge"] == "reward (e_share, cake)"
+    assert stage["metrics"]["counts"]["finished_answers"] == sum(sum(row["finished"]) for row in ranked)
+    assert stage["metrics"]["mean_judge_score"] == pytest.approx(np.mean([row["scores"] for row in ranked]))
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "Every sampled answer: [`ranked.jsonl`](ranked.jsonl), one row per prompt" in report
 
 
 def test_rule_labels_train_a_rule_rm_that_ppo_takes_as_a_penalty_only(
