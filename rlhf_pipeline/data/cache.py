@@ -11,7 +11,8 @@ fingerprint (its revision and files), the card's loading settings (format, colum
 `data.unpair`, whether only prompts are kept, the tokenizer (vocabulary, normaliser, chat template, special
 tokens) and the conversion code itself. `data.max_length` is not in it: rows keep their length and the limit
 is applied when they are read. A folder is written beside its final name and renamed into place when
-complete, so a reader sees a whole entry or none.
+complete, so a reader sees a whole entry or none; when two processes convert a card at once (two runs, two
+nodes on one file system) the entry placed first stays, as the other may already be reading it.
 """
 
 from __future__ import annotations
@@ -158,8 +159,10 @@ def card_table(card: DataCard, data: DataSpec, tokenizer: PreTrainedTokenizerBas
         logger.info("data: %s read from the cache (%s)", card.name, folder)
         drops = Drops(collections.Counter(record["dropped"]), record["where"])
         return CardTable(Dataset.load_from_disk(str(folder / "rows")), record["read"], drops, built=False)
+    if folder.is_dir() and not (folder / "card.json").is_file():  # half deleted by hand (ours are placed whole)
+        shutil.rmtree(folder)
     started = time.monotonic()
-    with new_folder(folder) as scratch:
+    with new_folder(folder, keep_existing=True) as scratch:  # another process's entry placed meanwhile is kept
         built = _convert(card, data, tokenizer, prompts_only, table, scratch, key)
         built.rows.save_to_disk(str(scratch / "rows"), num_shards=1 if not len(built.rows) else None)
         write_json(scratch / "card.json", {"card": card.name, "source": str(card.local_path() or card.source.hub_id),

@@ -12,6 +12,7 @@ import yaml
 from datasets import Dataset
 from transformers import AutoTokenizer
 
+from rlhf_pipeline.data import cache as data_cache_module
 from rlhf_pipeline.data import conversion
 from rlhf_pipeline.data.cache import data_cache
 from rlhf_pipeline.data.loading import load_datasets
@@ -119,6 +120,36 @@ def test_several_processes_convert_as_one(tmp_path: Path, tiny_model_dir: Path, 
     assert two_report.sources[0]["cache"] == "converted"
     assert list(two["train"]) == list(one["train"])
     assert two_report.as_dict() == one_report.as_dict()
+
+
+def test_an_entry_another_process_placed_first_is_kept(tmp_path: Path, tiny_model_dir: Path, tokenizer: Any,
+                                                       cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two runs converting one card at once: the entry placed first stays (the other run may be reading it, and
+    the trainers write their own caches into it); the later conversion is dropped, and it reads that entry."""
+    recipe = _recipe(tmp_path, tiny_model_dir)
+    _data_file(tmp_path, GOOD, BAD)
+    first, report = load_datasets(recipe, tokenizer)
+    entry = cache / entries(cache)[0]
+    (entry / "rows" / "cache-in-use.arrow").write_bytes(b"a trainer's cache file")
+    entry.rename(tmp_path / "placed-meanwhile")
+    convert = data_cache_module._convert
+
+    def slower(*args: Any, **kwargs: Any) -> Any:
+        built = convert(*args, **kwargs)
+        (tmp_path / "placed-meanwhile").rename(entry)  # the other run finished first
+        return built
+
+    monkeypatch.setattr(data_cache_module, "_convert", slower)
+    second, again = load_datasets(load_recipe(recipe.path), tokenizer)
+    assert (entry / "rows" / "cache-in-use.arrow").is_file()  # the same folder, not replaced
+    assert [path.name for path in cache.iterdir()] == [entry.name]  # no scratch left behind
+    assert again.sources[0]["cache"] == "converted"
+    assert list(second["train"]) == list(first["train"]) and again.as_dict() == report.as_dict()
+
+    monkeypatch.setattr(data_cache_module, "_convert", convert)
+    (entry / "card.json").unlink()  # half deleted by hand: converted again, whole
+    load_datasets(load_recipe(recipe.path), tokenizer)
+    assert (entry / "card.json").is_file() and not (entry / "rows" / "cache-in-use.arrow").exists()
 
 
 def test_the_cache_folder_and_its_variable(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
