@@ -10,7 +10,7 @@ harmless-base split has), a data card and an rm recipe for it, and copies 5f119f
 measurement is a fresh child process (one torch thread, TOKENIZERS_PARALLELISM=false), in this order per round:
 
 - old: 5f119fc's `load_datasets` (every row converted and measured one at a time, in one process);
-- first: this loader with an empty cache (num_proc from the CPU count: one per CPU but one), then first-2 with
+- first: this loader with an empty cache (num_proc by default: one per idle CPU), then first-2 with
   `data.num_proc: 2` (two worker processes);
 - cached: this loader again on first's cache.
 
