@@ -84,7 +84,8 @@ def _data_summaries(recipe: dict[str, Any], recipe_path: Path) -> list[_DataSumm
     from rlhf_pipeline.data.cards import find_card, load_card
 
     data = recipe.get("data") or {}
-    refs = [*(data.get("train") or []), *(data.get("eval") or [])]
+    refs = [entry["card"] if isinstance(entry, dict) else entry  # a mixture entry names its card
+            for entry in [*(data.get("train") or []), *(data.get("eval") or [])]]
     summaries = []
     for ref in dict.fromkeys(refs):
         try:
@@ -251,8 +252,23 @@ def _process_snippet(end_of_turn: str) -> list[str]:
             'print("P(step right):", [round(p, 3) for p in probabilities])']
 
 
-def _data_entry(summary: _DataSummary) -> dict[str, str]:
-    """One data card as the template's Data section lists it (or why it could not be read)."""
+def _used(sources: list[dict[str, Any]], name: str) -> str:
+    """What the stage took from one card of a mixture (the data report's `sources`), or nothing."""
+    parts = []
+    for source in sources:
+        if source.get("card") != name:
+            continue
+        options = ", ".join(f"{key} {source[key]}" for key in ("weight", "max_rows", "fraction") if key in source)
+        splits = ", ".join(f"{split} {source[f'{split}_rows']}" for split in ("train", "eval")
+                           if source.get(f"{split}_rows"))
+        parts.append(f"{source.get('rows_taken', 0)} of its {source.get('rows_kept', 0)} usable rows"
+                     + (f" ({options})" if options else "") + (f": {splits}" if splits else ""))
+    return "; ".join(parts)
+
+
+def _data_entry(summary: _DataSummary, sources: list[dict[str, Any]]) -> dict[str, str]:
+    """One data card as the template's Data section lists it (or why it could not be read), with what the stage
+    used of it when it was one of a mixture."""
     card = summary.card
     if card is None:
         return {"title": summary.ref, "problem": summary.problem}
@@ -266,7 +282,8 @@ def _data_entry(summary: _DataSummary) -> dict[str, str]:
     return {"title": card.name, "description": card.description.strip(), "source": where, "format": card.format,
             "license": card.license,
             "size": ", ".join(f"{k}: {v}" for k, v in card.size.items()) if card.size else "not stated",
-            "stages": ", ".join(card.stages), "known_issues": (card.known_issues or "none recorded").strip()}
+            "stages": ", ".join(card.stages), "known_issues": (card.known_issues or "none recorded").strip(),
+            "used": _used(sources, card.name)}
 
 
 def _library_versions() -> list[tuple[str, str]]:
@@ -318,7 +335,7 @@ def render_model_card(output_dir: str | Path, manifest: StageManifest | None = N
         reward_stats={"mean": f"{stats.get('mean', 0):.4g}", "std": f"{stats.get('std', 1):.4g}"} if stats else None,
         snippet=_loading_snippet(manifest, repo, revision, folder),
         metrics=[(name, _format_value(value)) for name, value in _scalar_metrics(metrics)],
-        data_cards=[_data_entry(summary) for summary in summaries],
+        data_cards=[_data_entry(summary, (metrics.get("data") or {}).get("sources") or []) for summary in summaries],
         data_licenses=", ".join(sorted({f"{s.card.license} ({s.card.name})" for s in summaries
                                         if s.card is not None})) or "none",
         recipe_text=recipe_text.rstrip(), libraries=_library_versions())

@@ -14,7 +14,8 @@ from __future__ import annotations
 import json
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -55,6 +56,14 @@ def launched_as_rank_zero() -> bool:
 def wait_for_everyone() -> None:
     """A barrier, so no rank reads an output before rank 0 has finished writing it."""
     process_state().wait_for_everyone()
+
+
+@contextmanager
+def node_main_process_first() -> Iterator[None]:
+    """The main process of each node runs the block first (it builds a cache), the node's others after it (they
+    read what it built): one conversion per node, not one per process."""
+    with process_state().local_main_process_first():
+        yield
 
 
 def max_over_processes(value: float) -> float:

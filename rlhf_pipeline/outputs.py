@@ -78,16 +78,25 @@ def move_into_place(folder: Path, target: Path) -> None:
 
 
 @contextmanager
-def new_folder(target: Path) -> Iterator[Path]:
+def new_folder(target: Path, keep_existing: bool = False) -> Iterator[Path]:
     """Yield a scratch folder beside `target`; when the block succeeds it replaces `target` whole.
 
-    A block that fails leaves `target` as it was and removes the scratch.
+    A block that fails leaves `target` as it was and removes the scratch. With `keep_existing` (a cache entry,
+    the same whoever writes it) a `target` another process put in place meanwhile is kept, as it may be in use,
+    and the scratch is dropped.
     """
     target.parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
     try:
         yield scratch
-        move_into_place(scratch, target)
+        if not keep_existing:
+            move_into_place(scratch, target)
+        elif not target.exists():
+            try:
+                os.rename(scratch, target)
+            except OSError:
+                if not target.exists():  # not another process's folder placed first: a real failure
+                    raise
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 

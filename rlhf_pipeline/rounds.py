@@ -105,6 +105,11 @@ def _raw(step: PipelineStep) -> dict[str, Any]:
     return apply_overrides(read_yaml(step.recipe), step.overrides, step.recipe)
 
 
+def _card_ref(entry: Any) -> str:
+    """The card a `data.train` entry names: the entry itself, or a mixture entry's `card`."""
+    return str(entry.get("card", "")) if isinstance(entry, dict) else str(entry)
+
+
 def _output_dir(step: PipelineStep) -> Path:
     from rlhf_pipeline.stages import get_stage
 
@@ -151,8 +156,8 @@ def expand_rounds(spec: RoundsSpec, templates: list[PipelineStep], before: list[
              if step.stage == "label" and _raw(step).get("labelling", {}).get("writes", "pairs") == "pairs"]
     outputs = [_output_dir(step) for step in templates]
     label_out = outputs[0].resolve()
-    kept = [ref for ref in _raw(templates[1]).get("data", {}).get("train", [])  # the RM's other cards stay
-            if not Path(ref).expanduser().resolve().is_relative_to(label_out)]
+    kept = [entry for entry in _raw(templates[1]).get("data", {}).get("train", [])  # the RM's other cards stay
+            if not Path(_card_ref(entry)).expanduser().resolve().is_relative_to(label_out)]
     steps: list[PipelineStep] = []
     for number in range(1, spec.count + 1):
         folders = {out.resolve(): round_dir(out, number) for out in outputs}

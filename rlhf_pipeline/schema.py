@@ -111,6 +111,8 @@ def describe(annotation: str) -> str:
     """Say an annotation in words a recipe author understands."""
     words = {"str": "a string", "int": "an integer", "float": "a number", "bool": "true or false",
              "None": "null", "dict": "a mapping", "list": "a list"}
+    if annotation.startswith("list[") and annotation.endswith("]"):
+        return f"a list, each item {describe(annotation[5:-1])}"
     parts = [p.strip() for p in annotation.replace("Optional[", "").rstrip("]").split("|")]
     return " or ".join(words.get(p, p) for p in parts)
 
@@ -228,7 +230,9 @@ def build_section(cls: type, data: Any, path: Path, prefix: str) -> Any:
     except ValueError as err:
         message = str(err)
         key = next((name for name in sorted(fields, key=len, reverse=True)
-                    if message.startswith((f"{name}:", f"{name} "))), "")
+                    if message.startswith((f"{name}:", f"{name} ", f"{name}["))), "")
+        if key and message.startswith(f"{key}[") and ": " in message:  # an item of a list: `train[1].weight: ...`
+            key, message = message.split(": ", 1)
         problem = message.removeprefix(f"{key}:").strip() if key else message
         raise RecipeError(path, dotted_key(prefix, key) if key else prefix or None, problem) from None
 

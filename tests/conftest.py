@@ -161,6 +161,19 @@ def build_tiny_model(folder: Path, hidden_size: int = 64, num_attention_heads: i
     return folder
 
 
+@pytest.fixture(scope="session", autouse=True)
+def data_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Converted data cards go to a folder of this session, not the user's cache (child processes inherit it)."""
+    folder = tmp_path_factory.mktemp("data-cache")
+    previous = os.environ.get("RLHF_PIPELINE_DATA_CACHE")
+    os.environ["RLHF_PIPELINE_DATA_CACHE"] = str(folder)
+    yield folder
+    if previous is None:
+        os.environ.pop("RLHF_PIPELINE_DATA_CACHE", None)
+    else:
+        os.environ["RLHF_PIPELINE_DATA_CACHE"] = previous
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Folder with the tiny model and tokenizer, loadable like any local model; built once per session."""

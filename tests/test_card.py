@@ -95,6 +95,32 @@ def test_front_matter_is_the_hub_libraries_model_card_data(hub_stages: Stages, t
     assert "(a local folder, not on the Hub)" in local_card.text
 
 
+def test_a_mixture_says_what_the_stage_took_of_each_card(hub_stages: Stages, tmp_path: Path) -> None:
+    import shutil
+
+    folder = shutil.copytree(hub_stages.sft, tmp_path / "sft")
+    metrics = json.loads((folder / "metrics.json").read_text())
+    metrics["data"]["sources"] = [
+        {"card": "hh", "split": "train", "weight": 0.7, "rows_read": 120, "rows_kept": 100, "rows_taken": 70,
+         "train_rows": 63, "eval_rows": 7},
+        {"card": "shp", "split": "train", "weight": 0.3, "rows_read": 30, "rows_kept": 30, "rows_taken": 30,
+         "train_rows": 27, "eval_rows": 3}]
+    (folder / "metrics.json").write_text(json.dumps(metrics))
+    (tmp_path / "data_cards").mkdir()
+    for name in ("hh", "shp"):
+        (tmp_path / "data_cards" / f"{name}.yaml").write_text(yaml.safe_dump({
+            "name": name, "description": f"{name} pairs", "format": "prompt_chosen_rejected",
+            "source": {"path": f"{name}.jsonl"}, "license": "MIT", "stages": ["rm"]}))
+    recipe = yaml.safe_load((folder / "recipe.yaml").read_text())
+    recipe["data"]["train"] = [{"card": "hh", "weight": 0.7}, {"card": "shp", "weight": 0.3}]
+    text = model_card.render_model_card(folder, recipe=recipe, recipe_path=tmp_path / "recipe.yaml")
+    assert "### hh\n" in text and "### shp\n" in text
+    assert "- used by this stage: 70 of its 100 usable rows (weight 0.7): train 63, eval 7\n" in text
+    assert "- used by this stage: 30 of its 30 usable rows (weight 0.3): train 27, eval 3\n" in text
+    plain = model_card.render_model_card(hub_stages.sft)  # one card, no mixture: no such line
+    assert "used by this stage" not in plain
+
+
 def test_card_blanks_anything_shaped_like_a_token(hub_stages: Stages) -> None:
     recipe = yaml.safe_load((hub_stages.sft / "recipe.yaml").read_text())
     recipe["training"]["run_name"] = FAKE_TOKEN  # pasted into a free-text field by mistake

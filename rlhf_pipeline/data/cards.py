@@ -1,30 +1,108 @@
 """Data cards: one small YAML file per dataset, read by people as documentation and by us as a loading spec.
 
-A card says where the data lives (a local JSON/JSONL/CSV/Parquet file, or a Hub id with revision and
-split), its format, how its columns map onto the format's canonical names, its license, size,
-intended stages and known issues. Markdown cards with YAML front matter work too.
+A card says where the data lives (a local JSON/JSONL/CSV/Parquet file, plain or compressed, or a Hub id
+with revision and split), its format, how its columns map onto the format's canonical names, its license,
+size, intended stages and known issues. Markdown cards with YAML front matter work too.
+
+A recipe's `data.train` lists cards by name, or as mixture entries (`{card: name, weight: 0.3}`,
+`{card: name, max_rows: 10000}`, `{card: name, fraction: 0.5}`) checked here before anything loads.
 """
 
 from __future__ import annotations
 
+import bz2
+import gzip
+import lzma
+import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import yaml
 
-from rlhf_pipeline.data.formats import FORMATS
+from rlhf_pipeline.data.formats import EXPANDING_FORMATS, FORMATS
 from rlhf_pipeline.data.pairs import PAIR_LABELS
 from rlhf_pipeline.data.steps import PRM800K_RATINGS
 from rlhf_pipeline.errors import RecipeError
 from rlhf_pipeline.schema import build_section, read_yaml, suggest
 
 LOCAL_SUFFIXES = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+# Compressed local files: JSON/JSONL and CSV (Parquet compresses inside the file)
+COMPRESSIONS: dict[str, Callable[[Path], IO[bytes]]] = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
+
+
+def file_suffixes(path: str | Path) -> tuple[str, str | None]:
+    """(data suffix, compression suffix or None): `x.jsonl.gz` -> (".jsonl", ".gz"), `x.csv` -> (".csv", None)."""
+    suffixes = [suffix.lower() for suffix in Path(path).suffixes]
+    if suffixes and suffixes[-1] in COMPRESSIONS:
+        return (suffixes[-2] if len(suffixes) > 1 else ""), suffixes[-1]
+    return (suffixes[-1] if suffixes else ""), None
+
+
+def open_local(path: Path) -> IO[bytes]:
+    """A local data file opened for reading bytes, decompressed on the fly when its name says it is compressed."""
+    return COMPRESSIONS.get(file_suffixes(path)[1] or "", open)(path, "rb")
+
+
+MIXTURE_KEYS = ("card", "weight", "max_rows", "fraction")
+
+
+@dataclass(frozen=True)
+class TrainSource:
+    """One `data.train` entry: a card and how much of it the training mixture takes.
+
+    `weight` is the card's share of the mixture (weights are relative: 3 and 7 mean 30% and 70%); `max_rows`
+    caps the examples taken from the card and `fraction` takes that share of them. Rows are taken by whole
+    prompts, in an order seeded by `data.seed`.
+    """
+
+    card: str
+    weight: float | None = None
+    max_rows: int | None = None
+    fraction: float | None = None
+
+    @property
+    def sampled(self) -> bool:
+        return (self.weight, self.max_rows, self.fraction) != (None, None, None)
+
+    def options(self) -> dict[str, float | int]:
+        return {key: value for key in MIXTURE_KEYS[1:] if (value := getattr(self, key)) is not None}
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def parse_train_entry(entry: Any, key: str) -> TrainSource:
+    """A card name, or a mapping with `card` and at most one of `max_rows`/`fraction` plus an optional `weight`."""
+    if isinstance(entry, str):
+        if not entry.strip():
+            raise ValueError(f"{key}: name a data card (got an empty name)")
+        return TrainSource(entry)
+    for name in entry:
+        if name not in MIXTURE_KEYS:
+            raise ValueError(f"{key}.{name}: unknown key{suggest(str(name), MIXTURE_KEYS)}; a mixture entry takes "
+                             f"{', '.join(MIXTURE_KEYS)}")
+    card, weight, max_rows, fraction = (entry.get(name) for name in MIXTURE_KEYS)
+    if not isinstance(card, str) or not card.strip():
+        raise ValueError(f"{key}.card: name the data card (e.g. {{card: hh_rlhf, weight: 0.3}}), got {card!r}")
+    if weight is not None and not (_number(weight) and weight > 0):
+        raise ValueError(f"{key}.weight: must be a positive number (the card's share of the mixture), got {weight!r}")
+    if max_rows is not None and not (isinstance(max_rows, int) and not isinstance(max_rows, bool) and max_rows >= 1):
+        raise ValueError(f"{key}.max_rows: must be a whole number of rows, at least 1, got {max_rows!r}")
+    if fraction is not None and not (_number(fraction) and 0 < fraction <= 1):
+        raise ValueError(f"{key}.fraction: must be in (0, 1], the share of the card's rows to take, got {fraction!r}")
+    if max_rows is not None and fraction is not None:
+        raise ValueError(f"{key}.fraction: give max_rows or fraction, not both")
+    return TrainSource(card, weight, max_rows, fraction)
+
+
 @dataclass
 class DataSpec:
     """Datasets by data card name (looked up in data_cards/) or card path, and how to split them."""
 
-    train: list[str]
+    train: list[str | dict]  # card names, or mixture entries {card, weight | max_rows | fraction} (TrainSource)
     eval: list[str] = field(default_factory=list)
     ptx: list[str] = field(default_factory=list)  # PPO-ptx: demonstrations whose SFT loss joins the policy loss
     eval_split: float = 0.1
@@ -35,10 +113,24 @@ class DataSpec:
     seed: int = 42
     unpair: bool = False  # KTO: preference pairs become answers labelled desirable or undesirable (formats.unpair)
     eval_overlap: str = "warn"  # eval cards' prompts that training also has: warn, drop (from training) or error
+    num_proc: int | None = None  # processes converting a card on its first load (None: from the CPUs and its size)
+    streaming: bool = False  # SFT: read the train cards as they are trained on, never held whole (no cache)
+    shuffle_buffer: int = 10_000  # streaming: rows shuffled together (a stream cannot be permuted whole)
 
     def __post_init__(self) -> None:
         if not self.train:
             raise ValueError("train: list at least one data card")
+        sources = self.sources()
+        weighted = [source.weight is not None for source in sources]
+        if any(weighted) and not all(weighted):
+            index = weighted.index(False)
+            raise ValueError(f"train[{index}]: give every data.train entry a weight, or none (weights are each "
+                             "card's share of the mixture)")
+        seen: dict[str, int] = {}
+        for index, source in enumerate(sources):
+            first = seen.setdefault(source.card, index)
+            if first != index and (source.sampled or sources[first].sampled):
+                raise ValueError(f"train[{index}]: card '{source.card}' is already data.train[{first}]; list it once")
         if not 0 <= self.eval_split < 1:
             raise ValueError("eval_split: must be in [0, 1)")
         if self.max_length < 8:
@@ -50,6 +142,38 @@ class DataSpec:
         if self.eval_overlap not in ("warn", "drop", "error"):
             raise ValueError("eval_overlap: warn (train on them anyway, counted in the data report), drop (remove "
                              "them from training) or error")
+        if self.num_proc is not None and self.num_proc < 1:
+            raise ValueError("num_proc: must be at least 1 (or null: from the CPU count and the card's size)")
+        if self.shuffle_buffer < 1:
+            raise ValueError("shuffle_buffer: must be at least 1 row")
+        if self.streaming:
+            self._check_streaming(sources)
+
+    def _check_streaming(self, sources: list[TrainSource]) -> None:
+        """What a stream cannot do honestly is refused: anything that needs every row before training starts."""
+        for index, source in enumerate(sources):
+            for key in ("max_rows", "fraction"):
+                if getattr(source, key) is not None:
+                    raise ValueError(f"train[{index}].{key}: a streamed card's size is not known before it is read; "
+                                     "use weights (a share of the mixture) or streaming: false")
+        if self.max_samples is not None:
+            raise ValueError("max_samples: cannot take whole prompts from a stream; remove it or set streaming: false")
+        if self.eval_split and not self.eval:
+            raise ValueError("eval_split: a held-out share of the prompts needs every row read first; give eval cards "
+                             "(data.eval) or set eval_split: 0 with streaming")
+        if self.eval_overlap == "error":
+            raise ValueError("eval_overlap: error cannot be checked before a stream is read; use drop (train rows "
+                             "with an eval prompt are skipped and counted) or warn")
+
+    def sources(self) -> list[TrainSource]:
+        """The `train` entries as sources (a bare name takes the whole card)."""
+        return [parse_train_entry(entry, f"train[{index}]") for index, entry in enumerate(self.train)]
+
+    def refs(self, split: str) -> list[str]:
+        """The card references of `train`, `eval` or `ptx`."""
+        if split == "train":
+            return [source.card for source in self.sources()]
+        return list(getattr(self, split))
 
 
 @dataclass
@@ -65,8 +189,11 @@ class SourceSpec:
     def __post_init__(self) -> None:
         if (self.path is None) == (self.hub_id is None):
             raise ValueError("path: give exactly one of path (a local file) or hub_id")
-        if self.path is not None and Path(self.path).suffix not in LOCAL_SUFFIXES:
-            raise ValueError(f"path: use one of {', '.join(LOCAL_SUFFIXES)} files (got {self.path})")
+        if self.path is not None:
+            suffix, compression = file_suffixes(self.path)
+            if suffix not in LOCAL_SUFFIXES or (compression and suffix == ".parquet"):
+                raise ValueError(f"path: use one of {', '.join(LOCAL_SUFFIXES)} files, the first three also "
+                                 f"compressed ({', '.join(COMPRESSIONS)}) (got {self.path})")
 
 
 @dataclass
@@ -213,7 +340,7 @@ def check_cards(data: DataSpec, recipe_path: Path, stage: str, formats: frozense
         if getattr(data, split) and split not in accepted:
             raise RecipeError(recipe_path, f"data.{split}", f"the {stage} stage does not take {split} cards; "
                               "remove the key")
-        for index, ref in enumerate(getattr(data, split)):
+        for index, ref in enumerate(data.refs(split)):
             if _is_pending(ref, recipe_path, pending_outputs or []):
                 continue
             card = load_card(find_card(ref, recipe_path, f"data.{split}[{index}]"))
@@ -224,5 +351,40 @@ def check_cards(data: DataSpec, recipe_path: Path, stage: str, formats: frozense
             local = card.local_path()
             if local is not None and not local.is_file():
                 raise RecipeError(card.file, "source.path", f"data file not found: {local}")
+            if split == "train":
+                _check_cap(data.sources()[index], card, data, recipe_path, f"data.train[{index}].max_rows")
             cards.append(card)
     return cards
+
+
+def known_rows(card: DataCard) -> tuple[int, str] | None:
+    """The card's row count and where it comes from: its `size.rows`, else the non-blank lines of a local JSONL
+    file (counted without parsing); None when neither is at hand."""
+    rows = card.size.get("rows")
+    if isinstance(rows, int) and not isinstance(rows, bool):
+        return rows, "its card's size.rows"
+    local = card.local_path()
+    if local is None or file_suffixes(local)[0] != ".jsonl" or not local.is_file():
+        return None
+    return count_lines(local), f"counted in {local.name}"
+
+
+def count_lines(path: Path) -> int:
+    """The non-blank lines of a local JSONL file (its rows, readable or not), counted without parsing."""
+    with open_local(path) as handle:
+        return sum(1 for line in handle if line.strip())
+
+
+def _check_cap(source: TrainSource, card: DataCard, data: DataSpec, recipe_path: Path, key: str) -> None:
+    """A `max_rows` above what the card has is a mistake (a typo, or the wrong card): said before anything loads.
+
+    Only where one file row gives at most one example: a ranking row gives several pairs, KTO's unpairing two
+    answers per pair, so their caps are not bounded by the row count.
+    """
+    if source.max_rows is None or card.format in EXPANDING_FORMATS or data.unpair or \
+            any(isinstance(column, list) for column in card.columns.values()):
+        return
+    known = known_rows(card)
+    if known is not None and source.max_rows > known[0]:
+        raise RecipeError(recipe_path, key, f"{source.max_rows} is more than the {known[0]} rows card '{card.name}' "
+                          f"has ({known[1]}); lower it, or remove max_rows to take every row")

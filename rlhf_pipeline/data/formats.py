@@ -69,6 +69,7 @@ PROMPT_FORMATS = {"prompt_only"}
 STEPWISE_FORMATS = {"stepwise", "prm800k", "math_shepherd"}
 FORMATS = (SFT_FORMATS | PREFERENCE_FORMATS | LABELLED_FORMATS | CLASSIFICATION_FORMATS | PROMPT_FORMATS
            | STEPWISE_FORMATS)
+EXPANDING_FORMATS = {"ranking", "nested_completions"}  # one input row gives several examples (every ordered pair)
 
 # Canonical column names each format understands, so a data card's `columns:` mapping can be checked
 # before any data is read. Not all are required: ranking rows use either `ranked` or `answers`+`scores`.
@@ -88,6 +89,28 @@ CANONICAL_COLUMNS: dict[str, frozenset[str]] = {
     "prm800k": frozenset({"question", "label"}),
     "math_shepherd": frozenset({"input", "label"}),
 }
+
+
+def output_columns(fmt: str, with_margin: bool = False) -> dict[str, str]:
+    """The canonical columns a format converts to, with their types ("messages": a list of {role, content};
+    "float" may be null: a ranked row without scores has no margin; "strings"/"floats": lists), for the tables
+    the loader writes."""
+    answer = {"prompt": "messages", "completion": "messages"}
+    if fmt in SFT_FORMATS:
+        return answer
+    if fmt in PREFERENCE_FORMATS:
+        return {"prompt": "messages", "chosen": "messages", "rejected": "messages"} | (
+            {"margin": "float"} if with_margin else {})
+    if fmt in LABELLED_FORMATS:
+        return answer | {"label": "bool"}
+    if fmt in CLASSIFICATION_FORMATS:
+        return answer | {"label": "int"}
+    if fmt in PROMPT_FORMATS:
+        return {"prompt": "messages", "reference": "string"}  # a reference (the right answer) may be null
+    if fmt in STEPWISE_FORMATS:
+        return {"prompt": "messages", "steps": "strings", "labels": "floats"}
+    raise ValueError(f"format {fmt!r}: declare its canonical columns in formats.output_columns")
+
 
 MAX_BAD_ROWS_KEPT = 5
 _HH_MARKER = re.compile(r"(?:^|\n\n)(Human|Assistant):")

@@ -1,302 +1,151 @@
-"""From data cards to `datasets.Dataset` splits in a stage's canonical format, every dropped row counted.
+"""From data cards to `datasets` splits in a stage's canonical format, every dropped row counted and named.
 
-Local JSON/JSONL files are read line by line so that a malformed line is reported by its number instead
-of failing the whole file; CSV and Parquet go through `datasets`, Hub ids through
-`datasets.load_dataset` with the card's revision and split.
+Each card converts once per tokenizer and settings into the data cache (`cache`: its canonical rows, where each
+came from, its prompt and its token length); under several processes the main process of each node converts
+first and the others read what it wrote. Each load then drops the rows over `data.max_length` (naming them),
+mixes the train cards (`data.train` entries with a weight, max_rows or fraction: whole prompts, seeded), carves
+the eval split by prompt from the mixed training set, and caps what is left with `data.max_samples`.
+`data.streaming` (SFT) reads the train cards as they are trained on instead (`streaming`).
 """
 
 from __future__ import annotations
 
-import codecs
+import bisect
 import collections
-import json
 import logging
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rlhf_pipeline.data import formats
-from rlhf_pipeline.data.cards import DataCard, DataSpec
+from rlhf_pipeline.data.cache import CardTable, Drops, card_table, tokenizer_fingerprint
+from rlhf_pipeline.data.cards import DataCard, TrainSource
+from rlhf_pipeline.data.conversion import (
+    HELPER_COLUMNS,
+    LENGTH,
+    PROMPT,
+    SOURCE_WHERE,
+    column,
+    convert_card_rows,
+    prompt_key,
+)
+from rlhf_pipeline.data.reading import read_card_rows
+from rlhf_pipeline.data.report import DataReport
+from rlhf_pipeline.data.sampling import capped_size, prompt_groups, sample_indices, split_indices, weighted_sizes
 from rlhf_pipeline.errors import PipelineError, RecipeError
-from rlhf_pipeline.steps import join_steps
 
 if TYPE_CHECKING:
-    from datasets import DatasetDict
+    from datasets import Dataset, DatasetDict
     from transformers import PreTrainedTokenizerBase
 
     from rlhf_pipeline.recipe import Recipe
 
+__all__ = ["DataReport", "answer_key", "cards_of", "convert_card_rows", "load_datasets", "load_rows", "prompt_key",
+           "read_card_rows", "sample_prompts", "split_by_prompt"]
+
 logger = logging.getLogger(__name__)
 
 
-@dataclass
-class DataReport:
-    """Rows read, kept and dropped (by reason, with the first few row numbers) for every card, and the prompts and
-    rows each split got."""
-
-    read: int = 0
-    kept: int = 0
-    dropped: collections.Counter[str] = field(default_factory=collections.Counter)
-    examples: dict[str, list[str]] = field(default_factory=dict)
-    splits: dict[str, dict[str, int]] = field(default_factory=dict)  # split -> {"rows", "prompts"}
-    eval_prompts_in_train: int | None = None  # given eval cards only: their prompts that training also has
-
-    def add(self, card: DataCard, read: int, kept: int, dropped: collections.Counter[str],
-            where: dict[str, list[Any]]) -> None:
-        self.read += read
-        self.kept += kept
-        self.dropped.update(dropped)
-        for reason, rows in where.items():
-            self.examples.setdefault(reason, []).extend(f"{card.name}:{row}" for row in rows[:5])
-
-    def count_split(self, name: str, rows: list[dict[str, Any]]) -> None:
-        self.splits[name] = {"rows": len(rows), "prompts": len({prompt_key(row["prompt"]) for row in rows})}
-
-    def summary(self) -> str:
-        reasons = ", ".join(f"{reason} {count} (e.g. {', '.join(self.examples.get(reason, [])[:3])})"
-                            for reason, count in self.dropped.most_common())
-        # a ranking row gives several pairs, and a pair split for KTO two answers: more examples than rows
-        kept = f"{self.kept} of {self.read} rows kept" if self.kept <= self.read else \
-            f"{self.kept} examples from {self.read} rows"
-        sides = "; ".join(f"{name} {part['rows']} rows of {part['prompts']} prompts"
-                          for name, part in self.splits.items())
-        overlap = (f"; {self.eval_prompts_in_train} eval prompts also in train"
-                   if self.eval_prompts_in_train else "")
-        return kept + (f"; dropped: {reasons}" if reasons else "") + (f"; {sides}" if sides else "") + overlap
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"rows_read": self.read, "rows_kept": self.kept, "rows_dropped": dict(self.dropped),
-                "first_dropped": {reason: rows[:_FIRST_BAD] for reason, rows in self.examples.items()},
-                "splits": self.splits, "eval_prompts_in_train": self.eval_prompts_in_train}
+def cards_of(recipe: Recipe, split: str) -> list[DataCard]:
+    """The recipe's cards listed under `data.<split>` (train, eval, ptx); a card in eval is not in train."""
+    return [card for card, _ in _sources_of(recipe, split)]
 
 
-_FIRST_BAD = 5  # row numbers kept per reason: enough to find the pattern, never the whole file
-Where = dict[str, list[str]]
+def _listed(card: DataCard, refs: list[str]) -> bool:
+    names = {Path(ref).stem for ref in refs}
+    return card.name in names or card.file.stem in names
 
 
-def _note(where: Where, reason: str, label: str) -> None:
-    rows = where.setdefault(reason, [])
-    if len(rows) < _FIRST_BAD:
-        rows.append(label)
+def _sources_of(recipe: Recipe, split: str) -> list[tuple[DataCard, TrainSource]]:
+    """The cards of `data.<split>`, each with its train entry (how much of it the mixture takes)."""
+    entries = recipe.data.sources() if split == "train" else [TrainSource(ref) for ref in recipe.data.refs(split)]
+    found: dict[Path, tuple[DataCard, TrainSource]] = {}
+    for card in recipe.cards:
+        entry = next((entry for entry in entries if _listed(card, [entry.card])), None)
+        if entry is not None and not (split == "train" and _listed(card, recipe.data.eval)):
+            found.setdefault(card.file, (card, entry))
+    return list(found.values())
 
 
-def _read_json_lines(path: Path) -> tuple[list[dict[str, Any]], collections.Counter[str], Where, list[str]]:
-    """Read JSONL (or a JSON array) keeping good rows and noting bad lines by 1-based line number.
-
-    Returns the rows, drops by reason, the first bad lines per reason, and each kept row's line label.
-    """
-    raw = path.read_bytes().removeprefix(codecs.BOM_UTF8)
-    dropped, where = collections.Counter[str](), {}
-    if path.suffix == ".json" and raw.lstrip().startswith(b"["):
-        try:
-            items = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise RecipeError(path, None, f"not a valid JSON array ({err}); fix the file or use JSONL") from None
-        rows, labels = [], []
-        for number, item in enumerate(items, start=1):
-            if isinstance(item, dict):
-                rows.append(item)
-                labels.append(f"item {number}")
-            else:
-                dropped["not_an_object"] += 1
-                _note(where, "not_an_object", f"item {number}")
-        return rows, dropped, where, labels
-    rows, labels = [], []
-    for number, line in enumerate(raw.split(b"\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line.decode("utf-8"))
-        except UnicodeDecodeError:
-            reason = "not_utf8"
-        except (json.JSONDecodeError, RecursionError):
-            reason = "malformed_json"
-        else:
-            if isinstance(row, dict):
-                rows.append(row)
-                labels.append(f"line {number}")
-                continue
-            reason = "not_an_object"
-        dropped[reason] += 1
-        _note(where, reason, f"line {number}")
-    return rows, dropped, where, labels
+def _within_length(table: CardTable, max_length: int) -> tuple[Dataset, Drops]:
+    """The card's rows that fit `max_length` tokens; the others counted as `too_long` and named."""
+    drops = Drops(collections.Counter(table.drops.counts), {reason: list(lines) for reason, lines in
+                                                            table.drops.where.items()})
+    fits = [length <= max_length for length in column(table.rows, LENGTH)]
+    if all(fits):
+        return table.rows, drops
+    for where, fit in zip(column(table.rows, SOURCE_WHERE), fits, strict=True):
+        if not fit:
+            drops.add("too_long", where)
+    return table.rows.select([index for index, fit in enumerate(fits) if fit]), drops
 
 
-def read_card_rows(card: DataCard) -> tuple[list[dict[str, Any]], collections.Counter[str], dict[str, list]]:
-    """All rows of a card with columns renamed to canonical names; unreadable rows counted, not raised."""
-    rows, dropped, where, _ = _read_card(card)
-    return rows, dropped, where
+def _card_rows(recipe: Recipe, split: str, tokenizer: PreTrainedTokenizerBase, report: DataReport,
+               prompts_only: bool) -> list[tuple[DataCard, TrainSource, Dataset]]:
+    """Every card of `data.<split>` converted (or read from the cache) and within the length limit, counted."""
+    from rlhf_pipeline.distributed import node_main_process_first
 
-
-def _read_card(card: DataCard) -> tuple[list[dict[str, Any]], collections.Counter[str], Where, list[str]]:
-    """`read_card_rows` plus where each row came from (`line 7` of a JSONL file, `row 7` of a table)."""
-    path = card.local_path()
-    if path is not None and path.suffix in (".json", ".jsonl"):
-        rows, dropped, where, labels = _read_json_lines(path)
-    else:
-        from datasets import load_dataset
-
-        if path is not None:
-            dataset = load_dataset(path.suffix.lstrip("."), data_files=str(path), split="train")
-        else:
-            try:
-                dataset = load_dataset(card.source.hub_id, card.source.subset, revision=card.source.revision,
-                                       split=card.source.split)
-            except ConnectionError as err:  # offline (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE) or no network
-                raise RecipeError(card.file, "source.hub_id", f"cannot reach '{card.source.hub_id}' on the Hub and "
-                                  f"it is not in the local cache ({err}); run once online (without "
-                                  "HF_HUB_OFFLINE=1) to cache it, or point source.path at a local copy") from None
-        rows, dropped, where = dataset.to_list(), collections.Counter(), {}
-        labels = [f"row {number}" for number in range(1, len(rows) + 1)]
-    columns = {name: card.column(name) for name in formats.CANONICAL_COLUMNS[card.format]}
-    listed = {name: column for name, column in columns.items() if isinstance(column, list)}  # one per answer
-    mapping = {column: name for name, column in columns.items() if isinstance(column, str)}
-    if card.margin_column:
-        mapping[card.margin_column] = "margin"
-    if rows:
-        present = set().union(*(row.keys() for row in rows[:100]))
-        wanted = [*mapping.items(), *((column, name) for name, names in listed.items() for column in names)]
-        for file_column, canonical in wanted:
-            needed = canonical in _REQUIRED[card.format]
-            if needed and file_column not in present:
-                raise RecipeError(card.file, f"columns.{canonical}",
-                                  f"column '{file_column}' not found in {path or card.source.hub_id}; "
-                                  f"its columns are: {', '.join(sorted(present))}")
-    renamed = [{mapping.get(k, k): v for k, v in row.items()}
-               | {name: [row.get(column) for column in names] for name, names in listed.items()} for row in rows]
-    return renamed, dropped, where, labels
-
-
-_REQUIRED = {
-    "messages": {"messages"},
-    "prompt_completion": {"prompt", "completion"},
-    "prompt_chosen_rejected": {"prompt", "chosen", "rejected"},
-    "chosen_rejected_messages": {"chosen", "rejected"},
-    "hh_transcript": {"chosen", "rejected"},
-    "ranking": {"prompt"},
-    "pair_with_label": {"prompt", "answer_a", "answer_b", "label"},
-    "nested_completions": {"prompt", "completions"},
-    "prompt_only": {"prompt"},
-    "prompt_completion_label": {"prompt", "completion", "label"},
-    "classification": {"prompt", "answer", "label"},
-    "stepwise": {"prompt", "steps", "labels"},
-    "prm800k": {"question", "label"},
-    "math_shepherd": {"input", "label"},
-}
-
-
-def convert_card_rows(card: DataCard, rows: list[dict[str, Any]], system_prompt: str | None) -> formats.Converted:
-    """Convert with the card's own format."""
-    if card.format in formats.SFT_FORMATS:
-        return formats.to_sft(rows, card.format, system_prompt=system_prompt)
-    if card.format in formats.PREFERENCE_FORMATS:
-        return formats.to_preference(rows, card.format, margin_key="margin" if card.margin_column else None,
-                                     system_prompt=system_prompt, first_preferred_when=card.first_preferred_when,
-                                     answer_key=card.completion_answer_key, score_key=card.completion_score_key)
-    if card.format in formats.LABELLED_FORMATS:
-        return formats.to_labelled(rows, card.format, system_prompt=system_prompt)
-    if card.format in formats.CLASSIFICATION_FORMATS:
-        return formats.to_classified(rows, bool(card.violation_when), card.format, system_prompt=system_prompt)
-    if card.format in formats.STEPWISE_FORMATS:
-        return formats.to_stepwise(rows, card.format, card.good_ratings, system_prompt=system_prompt)
-    return formats.to_prompts(rows, card.format, system_prompt=system_prompt)
-
-
-def _convert_rows(card: DataCard, rows: list[dict[str, Any]], labels: list[str], data: DataSpec,
-                  prompts_only: bool, dropped: collections.Counter[str],
-                  where: Where) -> list[tuple[str, dict[str, Any]]]:
-    """Canonical rows, each with the line or row it came from, so every later drop names it too.
-
-    Rows are converted one at a time for that; stages that sample answers keep only the distinct prompts (and
-    their references, the right answers an outcome check needs), and with `data.unpair` the card's pairs become
-    labelled single answers (KTO; `formats.unpair`).
-    """
-    out: list[tuple[str, dict[str, Any]]] = []
-    for label, row in zip(labels, rows, strict=True):
-        converted = convert_card_rows(card, [row], data.system_prompt)
-        for reason, count in converted.dropped.items():
-            dropped[reason] += count
-            _note(where, reason, label)
-        out.extend((label, canonical) for canonical in converted.rows)
-    if data.unpair and card.format in formats.PREFERENCE_FORMATS:
-        answers, ambiguous = formats.unpair([canonical for _, canonical in out])
-        for index in ambiguous:
-            dropped[formats.AMBIGUOUS_ANSWER] += 1
-            _note(where, formats.AMBIGUOUS_ANSWER, out[index][0])
-        out = [(out[index][0], answer) for index, answer in answers]
-    if prompts_only:
-        distinct: dict[str, tuple[str, dict[str, Any]]] = {}
-        for label, canonical in out:
-            distinct.setdefault(prompt_key(canonical["prompt"]),
-                                (label, {key: canonical[key] for key in ("prompt", "reference") if key in canonical}))
-        out = list(distinct.values())
-    return out
-
-
-def prompt_key(prompt: list[dict[str, str]]) -> str:
-    """One string per distinct chat prompt, the whole conversation answered (system turn included): what makes
-    two rows "the same prompt" for held-out splits and distinct prompts, and what right answers are looked up by."""
-    return json.dumps(prompt, sort_keys=True)
-
-
-def _token_length(tokenizer: PreTrainedTokenizerBase) -> Callable[[dict[str, Any]], int]:
-    """Length of a canonical row once rendered with the chat template (longest answer for pairs)."""
-    def length(row: dict[str, Any]) -> int:
-        answers = [row[k] for k in ("completion", "chosen", "rejected") if k in row] or [[]]
-        if "steps" in row:
-            answers = [[{"role": "assistant", "content": join_steps(row["steps"])}]]
-        # return_dict=False: a BatchEncoding's len() is its number of keys (2), which filtered nothing
-        return max(len(tokenizer.apply_chat_template(row["prompt"] + answer, tokenize=True, return_dict=False,
-                                                     add_generation_prompt=not answer)) for answer in answers)
-    return length
+    tokenizer_id = tokenizer_fingerprint(tokenizer)
+    loaded = []
+    for card, entry in _sources_of(recipe, split):
+        with node_main_process_first():
+            table = card_table(card, recipe.data, tokenizer, tokenizer_id, prompts_only)
+        rows, drops = _within_length(table, recipe.data.max_length)
+        report.add(card, table.read, len(rows), drops.counts, drops.where)
+        report.sources.append({"card": card.name, "split": split, "rows_read": table.read, "rows_kept": len(rows),
+                               "cache": "converted" if table.built else "read"} | entry.options())
+        loaded.append((card, entry, rows))
+    return loaded
 
 
 def load_rows(recipe: Recipe, split: str, tokenizer: PreTrainedTokenizerBase, report: DataReport,
               prompts_only: bool = False) -> list[dict[str, Any]]:
     """Canonical rows of every card in `data.<split>`, with unusable and over-long rows dropped and counted."""
-    from tqdm.auto import tqdm
-
-    from rlhf_pipeline.distributed import is_main_process
-
-    cards = cards_of(recipe, split)
-    length = _token_length(tokenizer)
-    kept_rows: list[dict[str, Any]] = []
-    for card in cards:
-        rows, dropped, where, labels = _read_card(card)
-        read = len(rows) + sum(dropped.values())  # so far only unreadable lines are counted
-        converted = _convert_rows(card, rows, labels, recipe.data, prompts_only, dropped, where)
-        kept = []
-        for label, row in tqdm(converted, desc=f"data: token lengths ({card.name})", leave=False,
-                               disable=len(converted) < 2000 or not is_main_process()):
-            if length(row) > recipe.data.max_length:
-                dropped["too_long"] += 1
-                _note(where, "too_long", label)
-            else:
-                kept.append(row)
-        report.add(card, read, len(kept), dropped, where)
-        kept_rows.extend(kept)
-    return kept_rows
+    return [{name: value for name, value in row.items() if name not in HELPER_COLUMNS}
+            for _, _, rows in _card_rows(recipe, split, tokenizer, report, prompts_only) for row in rows]
 
 
-def cards_of(recipe: Recipe, split: str) -> list[DataCard]:
-    """The recipe's cards listed under `data.<split>` (train, eval, ptx); a card in eval is not in train."""
-    def listed(card: DataCard, refs: list[str]) -> bool:
-        names = {Path(ref).stem for ref in refs}
-        return card.name in names or card.file.stem in names
+def _mixed(recipe: Recipe, loaded: list[tuple[DataCard, TrainSource, Dataset]],
+           records: list[dict[str, Any]]) -> Dataset:
+    """The train cards as one table: each card's share taken by whole prompts (seeded), in the order listed."""
+    entries = recipe.data.sources()
+    sizes = [capped_size(len(rows), entry.max_rows, entry.fraction) for _, entry, rows in loaded]
+    if all(entry.weight is not None for _, entry, _ in loaded):
+        for (card, entry, _), size in zip(loaded, sizes, strict=True):
+            if not size:
+                raise RecipeError(recipe.path, f"data.train[{entries.index(entry)}]", f"card '{card.name}' gives "
+                                  "no usable rows, so a mixture keeping its weight's share would take nothing; "
+                                  "fix its rows or remove it from the mixture")
+        sizes = weighted_sizes(sizes, [entry.weight for _, entry, _ in loaded])
+    parts = []
+    for (card, entry, rows), size, record in zip(loaded, sizes, records, strict=True):
+        if size < len(rows):
+            rows = rows.select(sample_indices(column(rows, PROMPT), size, recipe.data.seed))
+            if not len(rows):
+                index = entries.index(entry)
+                key = next(key for key in ("weight", "max_rows", "fraction") if getattr(entry, key) is not None)
+                raise RecipeError(recipe.path, f"data.train[{index}].{key}", f"card '{card.name}' would give "
+                                  f"{size} rows, fewer than any one of its prompts has (prompts are taken whole); "
+                                  "raise it")
+        record["rows_taken"] = len(rows)
+        parts.append(rows)
+    return _concatenated(parts, [card for card, _, _ in loaded])
 
-    refs = {"train": recipe.data.train, "eval": recipe.data.eval, "ptx": recipe.data.ptx}[split]
-    found = {card.file: card for card in recipe.cards
-             if listed(card, refs) and not (split == "train" and listed(card, recipe.data.eval))}
-    return list(found.values())
 
+def _concatenated(parts: list[Dataset], cards: list[DataCard]) -> Dataset:
+    """Tables of several cards as one: the columns they all have (a margin only some cards give is dropped)."""
+    from datasets import concatenate_datasets
 
-def _prompt_groups(rows: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
-    """The rows gathered by prompt, groups in the order their prompts first appear."""
-    groups: dict[str, list[dict[str, Any]]] = {}
-    for row in rows:
-        groups.setdefault(prompt_key(row["prompt"]), []).append(row)
-    return list(groups.values())
+    if len(parts) == 1:
+        return parts[0]
+    shared = [name for name in parts[0].column_names if all(name in part.column_names for part in parts)]
+    for part, card in zip(parts, cards, strict=True):
+        if extra := sorted(set(part.column_names) - set(shared)):
+            logger.warning("data: %s's column(s) %s dropped: not every card has them", card.name, ", ".join(extra))
+    try:
+        return concatenate_datasets([part.select_columns(shared) for part in parts])
+    except ValueError as err:
+        raise PipelineError(f"data: the cards {', '.join(card.name for card in cards)} give rows of different "
+                            f"shapes and cannot be trained on together ({err})") from None
 
 
 def split_by_prompt(rows: list[dict[str, Any]], share: float,
@@ -306,89 +155,135 @@ def split_by_prompt(rows: list[dict[str, Any]], share: float,
     The prompts are permuted as `datasets.Dataset.train_test_split` permutes rows, so a card whose prompts are
     all distinct splits exactly as a row split with the same seed would.
     """
-    from datasets import Dataset
-
-    groups = _prompt_groups(rows)
-    parts = Dataset.from_dict({"group": range(len(groups))}).train_test_split(test_size=share, seed=seed)
-    return ([row for group in parts["train"]["group"] for row in groups[group]],
-            [row for group in parts["test"]["group"] for row in groups[group]])
+    train, held_out = split_indices([prompt_key(row["prompt"]) for row in rows], share, seed)
+    return [rows[index] for index in train], [rows[index] for index in held_out]
 
 
 def sample_prompts(rows: list[dict[str, Any]], max_rows: int, seed: int) -> list[dict[str, Any]]:
     """At most `max_rows` rows, taken by whole prompts in a seeded order (a prompt's rows are never cut in
     half); with distinct prompts, the rows `Dataset.shuffle(seed)` puts first."""
-    from datasets import Dataset
-
-    groups = _prompt_groups(rows)
-    kept: list[dict[str, Any]] = []
-    for group in Dataset.from_dict({"group": range(len(groups))}).shuffle(seed=seed)["group"]:
-        if len(kept) + len(groups[group]) <= max_rows:
-            kept.extend(groups[group])
-    return kept
+    return [rows[index] for index in sample_indices([prompt_key(row["prompt"]) for row in rows], max_rows, seed)]
 
 
 MIN_PROMPTS_TO_SPLIT = 4  # fewer distinct prompts than this and an eval_split would leave training nearly empty
 
 
-def _held_out(recipe: Recipe, train: list[dict[str, Any]], evaluation: list[dict[str, Any]],
-              report: DataReport) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Train and eval rows with no prompt on both sides: carved by prompt from train, or given by eval cards (whose
-    prompts that training shares are counted, and kept, dropped from training or refused by `data.eval_overlap`)."""
+def _held_out(recipe: Recipe, train: list[str], evaluation: list[str],
+              report: DataReport) -> tuple[list[int], list[int]]:
+    """Train and eval rows (as indices into the prompt keys given) with no prompt on both sides: carved by prompt
+    from train, or given by eval cards (whose prompts that training shares are counted, and kept, dropped from
+    training or refused by `data.eval_overlap`)."""
     data = recipe.data
+    everything = list(range(len(train)))
     if not evaluation:
-        prompts = len(_prompt_groups(train))
+        prompts = len(prompt_groups(train))
         if data.eval_split == 0:
-            return train, []
+            return everything, []
         if prompts < MIN_PROMPTS_TO_SPLIT:
             logger.warning("data: eval_split %s ignored: only %d distinct prompts to split", data.eval_split,
                            prompts)
-            return train, []
-        return split_by_prompt(train, data.eval_split, data.seed)
-    held_out = {prompt_key(row["prompt"]) for row in evaluation}
-    shared = held_out & {prompt_key(row["prompt"]) for row in train}
+            return everything, []
+        return split_indices(train, data.eval_split, data.seed)
+    held_out = set(evaluation)
+    shared = held_out & set(train)
     report.eval_prompts_in_train = len(shared)
     if shared and data.eval_overlap == "error":
         raise RecipeError(recipe.path, "data.eval", f"{len(shared)} of the {len(held_out)} eval prompts also occur "
                           "in the train cards; remove them from one side, or set data.eval_overlap: drop (train "
                           "without them) or warn")
     if shared and data.eval_overlap == "drop":
-        return [row for row in train if prompt_key(row["prompt"]) not in shared], evaluation
+        return [index for index, key in enumerate(train) if key not in shared], list(range(len(evaluation)))
     if shared:
         logger.warning("data: %d of the %d eval prompts also occur in training (data.eval_overlap: drop removes "
                        "them from training, error refuses)", len(shared), len(held_out))
-    return train, evaluation
+    return everything, list(range(len(evaluation)))
+
+
+def _count_sources(starts: list[int], sources: list[dict[str, Any]], indices: list[int], name: str) -> None:
+    """How many rows of each card's part of a table (starting at `starts`) went into split `name`."""
+    counts = collections.Counter(bisect.bisect_right(starts, index) - 1 for index in indices)
+    for position, source in enumerate(sources):
+        source[f"{name}_rows"] = source.get(f"{name}_rows", 0) + counts.get(position, 0)
+
+
+def _starts(parts: list[int]) -> list[int]:
+    return [sum(parts[:index]) for index in range(len(parts))]
+
+
+def _selected(table: Dataset, indices: list[int]) -> Dataset:
+    rows = table if indices == list(range(len(table))) else table.select(indices)
+    return rows.remove_columns([name for name in HELPER_COLUMNS if name in rows.column_names])
+
+
+def _streamed(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, report: DataReport) -> DatasetDict:
+    """`data.streaming`: the train cards as one stream; eval cards loaded whole, their prompts kept out of it."""
+    from datasets import DatasetDict
+
+    from rlhf_pipeline.data.streaming import streamed_train
+
+    eval_cards = _card_rows(recipe, "eval", tokenizer, report, prompts_only=False)
+    evaluation = _concatenated([rows for _, _, rows in eval_cards], [card for card, _, _ in eval_cards]) \
+        if eval_cards else None
+    held_out = set(column(evaluation, PROMPT)) if evaluation is not None else set()
+    sources = _sources_of(recipe, "train")
+    report.mixture = len(sources) > 1 or any(entry.sampled for _, entry in sources)
+    splits = {"train": streamed_train(recipe, sources, tokenizer, report, held_out)}
+    if evaluation is not None:
+        report.count_split("eval", column(evaluation, PROMPT))
+        splits["eval"] = _selected(evaluation, list(range(len(evaluation))))
+    return DatasetDict(splits)
 
 
 def load_datasets(recipe: Recipe, tokenizer: PreTrainedTokenizerBase,
                   prompts_only: bool = False) -> tuple[DatasetDict, DataReport]:
-    """Train and eval datasets for a stage; an eval split is carved from train, by prompt, when no eval card is
-    given.
+    """Train and eval datasets for a stage; an eval split is carved from the mixed train cards, by prompt, when
+    no eval card is given.
 
     `prompts_only` is for stages that sample their own answers (label, PPO, eval): any card format works
-    and only its distinct prompts are kept.
+    and only its distinct prompts are kept. With `data.streaming` the train split is an `IterableDataset`
+    whose drops are counted into the report as its rows are read.
     """
-    from datasets import Dataset, DatasetDict
+    from datasets import DatasetDict
 
     report = DataReport()
-    train = load_rows(recipe, "train", tokenizer, report, prompts_only)
-    evaluation = load_rows(recipe, "eval", tokenizer, report, prompts_only) if recipe.data.eval else []
+    if recipe.data.streaming:
+        return _streamed(recipe, tokenizer, report), report
+    train_cards = _card_rows(recipe, "train", tokenizer, report, prompts_only)
+    eval_cards = _card_rows(recipe, "eval", tokenizer, report, prompts_only) if recipe.data.eval else []
+    report.mixture = len(train_cards) > 1 or any(entry.sampled for _, entry, _ in train_cards)
     if report.read and report.kept / report.read < recipe.data.min_valid_fraction:
         raise PipelineError(f"{recipe.path}: data: only {report.summary()}, below "
                             f"data.min_valid_fraction={recipe.data.min_valid_fraction}; fix the rows named "
                             "above or lower the threshold")
-    if not train:
+    if not any(len(rows) for _, _, rows in train_cards):
         raise PipelineError(f"{recipe.path}: data.train: no usable rows ({report.summary()})")
-    train, evaluation = _held_out(recipe, train, evaluation, report)
+    train_sources, eval_sources = report.sources[:len(train_cards)], report.sources[len(train_cards):]
+    train = _mixed(recipe, train_cards, train_sources)
+    evaluation = _concatenated([rows for _, _, rows in eval_cards], [card for card, _, _ in eval_cards]) \
+        if eval_cards else None
+    train_keys = column(train, PROMPT)
+    eval_keys = column(evaluation, PROMPT) if evaluation is not None else []
+    train_index, eval_index = _held_out(recipe, train_keys, eval_keys, report)
     if recipe.data.max_samples:
-        train = sample_prompts(train, recipe.data.max_samples, recipe.data.seed)
-        if not train:
+        train_index = [train_index[i] for i in
+                       sample_indices([train_keys[i] for i in train_index], recipe.data.max_samples, recipe.data.seed)]
+        if not train_index:
             raise RecipeError(recipe.path, "data.max_samples", f"{recipe.data.max_samples} rows is fewer than any "
                               "one prompt has, and prompts are taken whole; raise it")
-    report.count_split("train", train)
-    if evaluation:
-        report.count_split("eval", evaluation)
+    starts = _starts([source["rows_taken"] for source in train_sources])
+    report.count_split("train", [train_keys[i] for i in train_index])
+    _count_sources(starts, train_sources, train_index, "train")
+    splits = {"train": _selected(train, train_index)}
+    if eval_index and evaluation is None:  # carved from the mixed train cards
+        report.count_split("eval", [train_keys[i] for i in eval_index])
+        _count_sources(starts, train_sources, eval_index, "eval")
+        splits["eval"] = _selected(train, eval_index)
+    elif eval_index:
+        report.count_split("eval", eval_keys)
+        for source in eval_sources:
+            source["rows_taken"] = source["eval_rows"] = source["rows_kept"]
+        splits["eval"] = _selected(evaluation, eval_index)
     logger.info("data: %s", report.summary())
-    splits = {"train": Dataset.from_list(train)} | ({"eval": Dataset.from_list(evaluation)} if evaluation else {})
     return DatasetDict(splits), report
 
 
@@ -404,6 +299,6 @@ def answer_key(recipe: Recipe) -> dict[str, str]:
                 continue
             rows, _, _ = read_card_rows(card)
             for row in convert_card_rows(card, rows, recipe.data.system_prompt).rows:
-                if "reference" in row:
+                if row.get("reference") is not None:
                     key.setdefault(prompt_key(row["prompt"]), row["reference"])
     return key

@@ -117,6 +117,7 @@ class Stage:
     memory: MemoryModel = field(default_factory=MemoryModel)
     launch_checks: Callable[[Recipe, Launch], None] | None = None
     extra_data: dict[str, frozenset[str]] = field(default_factory=dict)  # further card lists and their formats
+    streams: bool = False  # its trainer takes an IterableDataset, so `data.streaming` may feed it
 
     def config_fields(self) -> dict[str, str]:
         """Field name -> annotation of the stage's config class (trainer_fields: cached, no torch import)."""
@@ -164,6 +165,10 @@ def cache_config_fields() -> list[str]:
     return [f"{module}.{name}: {len(config_fields(module, name))} fields" for module, name in classes]
 
 
+def _positive(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
 def load_recipe(path: str | Path, overrides: list[str] | None = None, stage: str | None = None,
                 pending_outputs: list[Path] | None = None) -> Recipe:
     """Read, override and validate a recipe; raises RecipeError naming the file and the key.
@@ -190,6 +195,16 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None, stage: str
         if required not in data:
             raise RecipeError(path, required, "required section is missing")
     data_spec = build_section(DataSpec, data["data"], path, "data")
+    if data_spec.streaming and not spec.streams:
+        raise RecipeError(path, "data.streaming", f"the {name} stage needs its whole dataset before training (only "
+                          f"{', '.join(n for n in STAGE_NAMES if get_stage(n).streams)} can stream); remove the key")
+    section = data[spec.config_section]
+    if data_spec.streaming and not (isinstance(section, dict) and _positive(section.get("max_steps"))):
+        raise RecipeError(path, f"{spec.config_section}.max_steps", "a streamed dataset has no length to count "
+                          "epochs in; set max_steps (the optimizer steps to train)")
+    if data_spec.streaming and section.get("dataloader_num_workers"):
+        raise RecipeError(path, f"{spec.config_section}.dataloader_num_workers", "a stream's rows are counted for the "
+                          "data report where they are read, in the training process; remove the key (0 workers)")
     if data_spec.unpair and not spec.data_formats & LABELLED_FORMATS:
         raise RecipeError(path, "data.unpair", f"the {name} stage does not train on labelled single answers, so "
                           "it has no use for unpaired pairs; remove the key (it is for kto)")

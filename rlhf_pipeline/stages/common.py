@@ -48,7 +48,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
     from rlhf_pipeline.adapters import SharedBase
-    from rlhf_pipeline.data.loading import DataReport
+    from rlhf_pipeline.data.report import DataReport
     from rlhf_pipeline.recipe import Recipe
 
 logger = logging.getLogger(__name__)

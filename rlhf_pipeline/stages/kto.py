@@ -28,7 +28,7 @@ PANELS = (("rewards/margins", "implicit-reward margin"), ("kl", "KL estimate (ba
 def _check(recipe: Recipe) -> None:
     check_starts_from_sft(recipe)
     for split in ("train", "eval"):
-        for index, ref in enumerate(getattr(recipe.data, split)):
+        for index, ref in enumerate(recipe.data.refs(split)):
             card = next((c for c in recipe.cards if Path(ref).stem in (c.name, c.file.stem)), None)
             if card is not None and card.format in PREFERENCE_FORMATS and not recipe.data.unpair:
                 raise RecipeError(recipe.path, f"data.{split}[{index}]", f"card '{ref}' holds preference pairs; KTO "

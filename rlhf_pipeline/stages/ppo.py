@@ -141,14 +141,16 @@ def check_launch(recipe: Recipe, launch: Launch) -> None:
 def count_prompt_rows(recipe: Recipe) -> int | None:
     """Rows in the recipe's local JSON/JSONL train cards (an upper bound on the prompts PPO trains on); None if not
     cheap to know."""
+    from rlhf_pipeline.data.cards import count_lines, file_suffixes
     from rlhf_pipeline.data.loading import cards_of, read_card_rows
 
     total = 0
     for card in cards_of(recipe, "train"):
         path = card.local_path()
-        if path is None or path.suffix not in (".json", ".jsonl"):
+        suffix = file_suffixes(path)[0] if path is not None else None
+        if suffix not in (".json", ".jsonl"):
             return None
-        total += len(read_card_rows(card)[0])
+        total += count_lines(path) if suffix == ".jsonl" else len(read_card_rows(card)[0])
     return total
 
 

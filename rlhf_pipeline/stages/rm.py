@@ -53,7 +53,7 @@ def _check(recipe: Recipe) -> None:
     """One rm stage trains one objective: refuse classification cards mixed with preference cards."""
     seen: dict[str, str] = {}  # objective -> the first card of it, as the recipe names it
     for split in ("train", "eval"):
-        for index, ref in enumerate(getattr(recipe.data, split)):
+        for index, ref in enumerate(recipe.data.refs(split)):
             card = next((c for c in recipe.cards if Path(ref).stem in (c.name, c.file.stem)), None)
             if card is None:  # written by an earlier pipeline stage: checked when this stage starts
                 continue

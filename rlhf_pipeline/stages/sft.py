@@ -76,4 +76,5 @@ STAGE = Stage(
     presentation=Presentation("Supervised fine-tuning", sft_headline, sft_section),
     model=ModelOutput("sft", "supervised fine-tuning (SFT) policy"),
     memory=MemoryModel(fused_loss=True),  # TRL's SFT never builds the full-vocabulary logits
+    streams=True,  # SFTTrainer takes an IterableDataset (data.streaming)
 )

@@ -83,3 +83,24 @@ def test_sft_resumes_from_last_checkpoint(make_recipe, tmp_path: Path) -> None:
     assert metrics["resumed_from"].endswith("checkpoint-2")
     assert metrics["global_steps"] == 4
     assert torch.isfinite(torch.tensor(metrics["eval_loss"]))
+
+
+def test_sft_trains_on_a_stream_and_reports_what_it_read(make_recipe, tmp_path: Path) -> None:
+    """`data.streaming`: SFTTrainer gets an IterableDataset; metrics.json counts the rows training read."""
+    rows = sft_rows(40)
+    write_card(tmp_path, "chat", [*rows[:20], {"messages": "not a conversation"}, *rows[20:]], "messages", ["sft"])
+    write_card(tmp_path, "held", sft_rows(48)[44:], "messages", ["sft"])  # prompts training also has
+    recipe = load_recipe(make_recipe("sft", ["chat"], {"max_steps": 3, "per_device_train_batch_size": 4},
+                                     data={"train": ["chat"], "eval": ["held"], "eval_overlap": "drop",
+                                           "streaming": True, "shuffle_buffer": 8, "max_length": 128}))
+    metrics = sft.run(recipe)
+    data = metrics["data"]
+    assert metrics["global_steps"] == 3 and metrics["eval_loss"] is not None
+    assert data["rows_dropped"]["wrong_type"] == 1 and data["first_dropped"]["wrong_type"] == ["chat:line 21"]
+    assert data["rows_dropped"]["eval_prompt"] > 0 and data["eval_prompts_in_train"] > 0
+    # 3 steps of 4 rows through a shuffle buffer of 8 read part of the card: what was read is what is counted
+    assert 3 * 4 + 8 <= data["rows_read"] <= 41
+    assert data["rows_kept"] + sum(data["rows_dropped"].values()) == data["rows_read"]
+    assert data["splits"]["eval"] == {"rows": 4, "prompts": 4}
+    saved = json.loads((recipe.output_dir / "metrics.json").read_text())
+    assert saved["data"] == data
