@@ -15,7 +15,7 @@ measurement is a fresh child process (one torch thread, TOKENIZERS_PARALLELISM=f
 - cached: this loader again on first's cache.
 
 Memory is the peak proportional set size (PSS) of the child and its worker processes together, sampled every
-50 ms while `load_datasets` runs, minus their PSS just before it (libraries and tokenizer loaded); its anonymous
+0.5 s while `load_datasets` runs, minus their PSS just before it (libraries and tokenizer loaded); its anonymous
 part (heap, not the file pages of memory-mapped tables) is given too. Every mode must
 give the same train and eval rows (hashed) and the same data report, or the script says so and fails.
 """
@@ -40,6 +40,10 @@ import common
 
 OLD_COMMIT = "5f119fc"
 ALIAS = "smollm2-135m-instruct"
+# Reading smaps_rollup walks every mapping of every process: every 50 ms it cost ~24 CPU seconds per 200k-row
+# load and slowed a two-process load by ~12 s on 2 cores (a measured 70.5 s against 58.2 s at 0.5 s, with the
+# same peak), so the meter would have timed itself
+SAMPLE_SECONDS = 0.5
 MODES = ("old", "first", "first-2", "cached")
 LABELS = {"old": f"old ({OLD_COMMIT}, row by row)", "first": "first load (num_proc auto)",
           "first-2": "first load (num_proc 2)", "cached": "cached load"}
@@ -143,7 +147,7 @@ def tree_memory() -> tuple[int, int]:
 
 
 class PeakMemory(threading.Thread):
-    """The peak of `tree_memory()` while a block runs, sampled every 50 ms."""
+    """The peak of `tree_memory()` while a block runs, sampled every `SAMPLE_SECONDS`."""
 
     def __init__(self) -> None:
         super().__init__(daemon=True)
@@ -153,7 +157,7 @@ class PeakMemory(threading.Thread):
         while not self.stop.is_set():
             total, anonymous = tree_memory()
             self.peak, self.peak_anonymous = max(self.peak, total), max(self.peak_anonymous, anonymous)
-            self.stop.wait(0.05)
+            self.stop.wait(SAMPLE_SECONDS)
 
     def __enter__(self) -> PeakMemory:
         self.start()

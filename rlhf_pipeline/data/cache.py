@@ -44,6 +44,7 @@ from rlhf_pipeline.data.conversion import (
     column,
     prompt_hash,
     table_features,
+    take,
 )
 from rlhf_pipeline.data.reading import RAW, WHERE, Renamer, first_rows, is_json_card, json_records, table_dataset
 from rlhf_pipeline.embedded import cache_root
@@ -95,17 +96,41 @@ def processes(data: DataSpec, rows: int) -> int | None:
     """`data.num_proc`, else one process per idle CPU, for cards big enough to gain from it; None for one
     (`datasets` runs even `num_proc=1` in a worker process).
 
-    Idle CPUs are those this process may use less the other work running (the 1-minute load average, less this
-    process): on a 2-core machine busy with other jobs two workers took 1.8x longer than one
-    (benchmarks/data_loading.py), as they share one core and still pay for starting and merging.
+    On a 2-core machine busy with other jobs two workers took 1.8x longer than one (benchmarks/data_loading.py):
+    they share one core and still pay for starting and merging.
     """
     if data.num_proc is not None:
         count = data.num_proc
     else:
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        others = max(0.0, os.getloadavg()[0] - 1) if hasattr(os, "getloadavg") else 0.0
-        count = min(round(cpus - others), rows // ROWS_PER_PROCESS)
+        count = min(round(cpus - _busy_cpus()), rows // ROWS_PER_PROCESS)
     return count if count > 1 else None
+
+
+def _busy_cpus(window: float = 0.25) -> float:
+    """How many of this process's CPUs other work keeps busy now (this process sleeps meanwhile): from their
+    /proc/stat lines over `window` seconds, else the 1-minute load average less this process (which lags a
+    minute behind a job that just ended)."""
+    mine = {f"cpu{index}" for index in os.sched_getaffinity(0)} if hasattr(os, "sched_getaffinity") else set()
+
+    def ticks() -> tuple[int, int]:
+        busy = total = 0
+        for line in Path("/proc/stat").read_text().splitlines():
+            name, *values = line.split()
+            if name in mine:
+                fields = [int(value) for value in values]
+                busy, total = busy + sum(fields) - fields[3] - fields[4], total + sum(fields)  # less idle, iowait
+        return busy, total
+
+    try:
+        busy, total = ticks()
+        time.sleep(window)
+        busy_after, total_after = ticks()
+    except (OSError, ValueError, IndexError):
+        busy = total = total_after = 0
+    if total_after <= total:
+        return max(0.0, os.getloadavg()[0] - 1) if hasattr(os, "getloadavg") else 0.0
+    return len(mine) * (busy_after - busy) / (total_after - total)
 
 
 def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
@@ -200,13 +225,13 @@ def _convert(card: DataCard, data: DataSpec, tokenizer: PreTrainedTokenizerBase,
     for reason, where in zip(reasons, converted.data.column(SOURCE_WHERE).to_pylist(), strict=True):
         if reason is not None:
             drops.add(reason, where)
-    rows = converted.select([index for index, reason in enumerate(reasons) if reason is None])
+    rows = take(converted, [index for index, reason in enumerate(reasons) if reason is None])
     if unpair:
         rows = _unpaired(card, rows, drops, tokenizer, work, key)
     if prompts_only:  # each prompt once, where it first appears
         first: dict[str, int] = {}
-        rows = rows.select([index for index, prompt in enumerate(column(rows, PROMPT))
-                            if first.setdefault(prompt, index) == index])
+        rows = take(rows, [index for index, prompt in enumerate(column(rows, PROMPT))
+                           if first.setdefault(prompt, index) == index])
     return CardTable(rows.remove_columns(DROP), len(raw), drops, built=True)
 
 

@@ -27,6 +27,7 @@ from rlhf_pipeline.data.conversion import (
     column,
     convert_card_rows,
     prompt_key,
+    take,
 )
 from rlhf_pipeline.data.reading import read_card_rows
 from rlhf_pipeline.data.report import DataReport
@@ -76,7 +77,7 @@ def _within_length(table: CardTable, max_length: int) -> tuple[Dataset, Drops]:
     for where, fit in zip(column(table.rows, SOURCE_WHERE), fits, strict=True):
         if not fit:
             drops.add("too_long", where)
-    return table.rows.select([index for index, fit in enumerate(fits) if fit]), drops
+    return take(table.rows, [index for index, fit in enumerate(fits) if fit]), drops
 
 
 def _card_rows(recipe: Recipe, split: str, tokenizer: PreTrainedTokenizerBase, report: DataReport,
@@ -119,7 +120,7 @@ def _mixed(recipe: Recipe, loaded: list[tuple[DataCard, TrainSource, Dataset]],
     parts = []
     for (card, entry, rows), size, record in zip(loaded, sizes, records, strict=True):
         if size < len(rows):
-            rows = rows.select(sample_indices(column(rows, PROMPT), size, recipe.data.seed))
+            rows = take(rows, sample_indices(column(rows, PROMPT), size, recipe.data.seed))
             if not len(rows):
                 index = entries.index(entry)
                 key = next(key for key in ("weight", "max_rows", "fraction") if getattr(entry, key) is not None)
@@ -211,7 +212,7 @@ def _starts(parts: list[int]) -> list[int]:
 
 
 def _selected(table: Dataset, indices: list[int]) -> Dataset:
-    rows = table if indices == list(range(len(table))) else table.select(indices)
+    rows = table if indices == list(range(len(table))) else take(table, indices)
     return rows.remove_columns([name for name in HELPER_COLUMNS if name in rows.column_names])
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import math
 
+from rlhf_pipeline.data.conversion import column
+
 
 def prompt_groups(keys: list[str]) -> list[list[int]]:
     """Row indices gathered by prompt, groups in the order their prompts first appear."""
@@ -25,8 +27,8 @@ def split_indices(keys: list[str], share: float, seed: int) -> tuple[list[int], 
 
     groups = prompt_groups(keys)
     parts = Dataset.from_dict({"group": range(len(groups))}).train_test_split(test_size=share, seed=seed)
-    return ([index for group in parts["train"]["group"] for index in groups[group]],
-            [index for group in parts["test"]["group"] for index in groups[group]])
+    return ([index for group in column(parts["train"], "group") for index in groups[group]],
+            [index for group in column(parts["test"], "group") for index in groups[group]])
 
 
 def sample_indices(keys: list[str], max_rows: int, seed: int) -> list[int]:
@@ -35,7 +37,7 @@ def sample_indices(keys: list[str], max_rows: int, seed: int) -> list[int]:
 
     groups = prompt_groups(keys)
     kept: list[int] = []
-    for group in Dataset.from_dict({"group": range(len(groups))}).shuffle(seed=seed)["group"]:
+    for group in column(Dataset.from_dict({"group": range(len(groups))}).shuffle(seed=seed), "group"):
         if len(kept) + len(groups[group]) <= max_rows:
             kept.extend(groups[group])
     return kept

@@ -4,6 +4,10 @@ it, and anything that changes the rows makes a new entry."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +19,7 @@ from transformers import AutoTokenizer
 from rlhf_pipeline.data import cache as data_cache_module
 from rlhf_pipeline.data import conversion
 from rlhf_pipeline.data.cache import data_cache
+from rlhf_pipeline.data.cards import DataSpec
 from rlhf_pipeline.data.loading import load_datasets
 from rlhf_pipeline.errors import RecipeError
 from rlhf_pipeline.stages import load_recipe
@@ -198,3 +203,34 @@ def test_two_processes_one_converts_the_other_reads(tmp_path: Path, tiny_model_d
     assert ranks[0]["train"] == ranks[1]["train"] and ranks[0]["eval"] == ranks[1]["eval"]
     assert len(ranks[0]["train"]) == 32 and len(ranks[0]["eval"]) == 8
     assert ranks[0]["report"] == ranks[1]["report"]
+
+
+def test_workers_follow_the_idle_cpus_and_the_card_size(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One worker per idle CPU, none for a small card or on busy CPUs; `data.num_proc` decides when set."""
+    monkeypatch.setattr(data_cache_module.os, "sched_getaffinity", lambda _: {0, 1, 2, 3}, raising=False)
+    busy = {"cpus": 0.0}
+    monkeypatch.setattr(data_cache_module, "_busy_cpus", lambda: busy["cpus"])
+    spec = DataSpec(train=["x"])
+    assert data_cache_module.processes(spec, 200_000) == 4
+    assert data_cache_module.processes(spec, 50_000) == 2  # one per 20,000 rows
+    assert data_cache_module.processes(spec, 30_000) is None
+    busy["cpus"] = 2.6
+    assert data_cache_module.processes(spec, 200_000) is None  # 1.4 idle: one process
+    busy["cpus"] = 1.0
+    assert data_cache_module.processes(spec, 200_000) == 3
+    assert data_cache_module.processes(DataSpec(train=["x"], num_proc=2), 1_000) == 2
+
+
+def test_busy_cpus_sees_a_spinning_process() -> None:
+    """A process spinning on one CPU is seen within the window, where the 1-minute load average lags."""
+    if not Path("/proc/stat").is_file():
+        pytest.skip("needs /proc/stat")
+    before = data_cache_module._busy_cpus()
+    if before > len(os.sched_getaffinity(0)) - 1:
+        pytest.skip(f"no idle CPU to spin on ({before:.1f} busy)")
+    spin = "import time\nend = time.time() + 3\nwhile time.time() < end: pass"
+    with subprocess.Popen([sys.executable, "-c", spin]) as spinner:
+        time.sleep(0.5)
+        during = data_cache_module._busy_cpus()
+        spinner.kill()
+    assert during >= before + 0.6, (before, during)
