@@ -1,6 +1,6 @@
 """Hugging Face `generate` vs the vLLM engine on the demo's stages, both engines interleaved in one run.
 
-    python benchmarks/vllm_engines.py                          # label, eval, best-of-n, PPO; ~40 min on 2 cores
+    python benchmarks/vllm_engines.py                          # greedy, label, eval, best-of-n, PPO; ~45 min on 2 cores
     python benchmarks/vllm_engines.py --only label eval        # the sampling-only parts
     python benchmarks/vllm_engines.py --sft outputs/smollm2-135m/sft --rm outputs/smollm2-135m/rm
     python benchmarks/vllm_engines.py --only label --eager     # also vLLM without graph compilation
@@ -10,6 +10,8 @@ Every measurement is a fresh child process in the environment that has vLLM (`.v
 hf, vllm, ...), so a neighbour's load hits both alike, and the report gives medians and the vllm/hf ratio with the
 load average seen before each run. What is measured, on the demo recipes with only the engine changed:
 
+- greedy: the SFT policy's greedy answers (float32 on both engines, temperature 0, 32 new tokens) to the first 16
+  held-out prompts of recipes/smollm2-135m/eval.yaml: how many equal Hugging Face's token for token;
 - label: `labelling` sampling of recipes/smollm2-135m/label.yaml (128 prompts x 4 answers, temperature 1.0, 32
   new tokens), answer tokens per second of the sampling call (engine start-up and the policy's sync apart);
 - eval: the SFT policy's sampling in recipes/smollm2-135m/eval.yaml (one answer per held-out prompt, temperature
@@ -43,23 +45,30 @@ ENGINES = ("hf", "vllm")
 # --eager adds a third side: vLLM without graph compilation (starts in seconds; how fast does it sample?)
 OVERRIDES = {"hf": ["generation.engine=hf"], "vllm": ["generation.engine=vllm"],
              "vllm-eager": ["generation.engine=vllm", "generation.enforce_eager=true"]}
-PARTS = ("label", "eval", "best-of-n", "ppo")
+PARTS = ("greedy", "label", "eval", "best-of-n", "ppo")
+GREEDY_PROMPTS, GREEDY_TOKENS = 16, 32
 
 
-def sampling_child(part: str, engine: str, sft: str) -> dict[str, Any]:
-    """Tokens/s of one sampling call of the label or eval stage, as the stage makes it."""
+def _policy(part: str, engine: str, sft: str, overrides: tuple[str, ...] = ()) -> tuple[Any, ...]:
+    """The label or eval recipe with the engine changed, its SFT policy loaded, and its prompts."""
     from rlhf_pipeline.data.loading import load_datasets
-    from rlhf_pipeline.generation import sample_answers, sampling_engine
     from rlhf_pipeline.stages import load_recipe
     from rlhf_pipeline.stages.common import load_frozen
 
     name = "label.yaml" if part == "label" else "eval.yaml"
-    recipe = load_recipe(RECIPES / name, [f"model.name_or_path={sft}", *OVERRIDES[engine]])
-    config = recipe.settings
-    num_samples = config.num_samples if part == "label" else 1
+    recipe = load_recipe(RECIPES / name, [f"model.name_or_path={sft}", *overrides, *OVERRIDES[engine]])
     sources, tokenizer, models = load_frozen(recipe, {"policy": sft})
     datasets, _ = load_datasets(recipe, tokenizer, prompts_only=True)
-    prompts = [row["prompt"] for split in datasets.values() for row in split]
+    return recipe, sources, tokenizer, models, [row["prompt"] for split in datasets.values() for row in split]
+
+
+def sampling_child(part: str, engine: str, sft: str) -> dict[str, Any]:
+    """Tokens/s of one sampling call of the label or eval stage, as the stage makes it."""
+    from rlhf_pipeline.generation import sample_answers, sampling_engine
+
+    recipe, sources, tokenizer, models, prompts = _policy(part, engine, sft)
+    config = recipe.settings
+    num_samples = config.num_samples if part == "label" else 1
     started = time.perf_counter()
     with sampling_engine(recipe.sections["generation"], models["policy"], tokenizer, config.batch_size,
                          sources["policy"].path) as sampler:
@@ -72,6 +81,33 @@ def sampling_child(part: str, engine: str, sft: str) -> dict[str, Any]:
     tokens = sum(len(s.answer_ids) for group in samples for s in group)
     return {"tokens_per_s": tokens / (done - synced), "tokens": float(tokens), "sampling_s": done - synced,
             "startup_s": ready - started, "sync_s": synced - ready, "answers": float(len(prompts) * num_samples)}
+
+
+def greedy_child(engine: str, sft: str) -> dict[str, Any]:
+    """Greedy answer ids, in float32, for the first GREEDY_PROMPTS held-out prompts of the eval recipe."""
+    from rlhf_pipeline.generation import sample_answers, sampling_engine
+
+    recipe, sources, tokenizer, models, prompts = _policy("eval", engine, sft, ("generation.dtype=float32",))
+    with sampling_engine(recipe.sections["generation"], models["policy"], tokenizer, GREEDY_PROMPTS,
+                         sources["policy"].path) as sampler:
+        sampler.use(models["policy"], "policy")
+        samples = sample_answers(sampler, tokenizer, prompts[:GREEDY_PROMPTS], 1, GREEDY_TOKENS, 0.0)
+    return {"answers": [group[0].answer_ids for group in samples]}
+
+
+def greedy_lines(results: dict[str, list[dict[str, Any]]]) -> list[str]:
+    """How many prompts' greedy answers vLLM gives exactly as HF does, and where the first differences are."""
+    expected = results["hf"][0]["answers"]
+    lines = []
+    for engine, runs in results.items():
+        for number, run in enumerate(runs, start=1):
+            same = sum(a == b for a, b in zip(run["answers"], expected, strict=True))
+            firsts = [next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+                      for a, b in zip(run["answers"], expected, strict=True) if a != b]
+            where = f"; first differing token at {firsts}" if firsts else ""
+            lines.append(f"  {engine} run {number}: {same}/{len(expected)} answers equal hf run 1 token for token "
+                         f"({sum(map(len, run['answers']))} tokens){where}")
+    return lines
 
 
 def stage_child(part: str, engine: str, sft: str, rm: str, work: Path, steps: int,
@@ -130,7 +166,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.child:
         part, engine = args.child
-        result = (sampling_child(part, engine, str(args.sft)) if part in ("label", "eval")
+        result = (greedy_child(engine, str(args.sft)) if part == "greedy"
+                  else sampling_child(part, engine, str(args.sft)) if part in ("label", "eval")
                   else stage_child(part, engine, str(args.sft), str(args.rm), args.work, args.ppo_steps,
                                    args.bon_prompts))
         common.emit(result)
@@ -155,6 +192,10 @@ def main() -> None:
                                     python=args.python, timeout=7200)
 
         results = common.interleaved(engines, args.repeats, measure)
+        if part == "greedy":
+            lines.append(f"greedy in float32, {GREEDY_PROMPTS} eval prompts x {GREEDY_TOKENS} new tokens:")
+            lines += greedy_lines(results)
+            continue
         if part in ("label", "eval"):
             lines.append(ratio_line(f"{part} sampling tokens/s", results, "tokens_per_s", True, 5.0))
             for engine in engines[1:]:
