@@ -10,10 +10,10 @@ from typing import Any
 
 from rlhf_pipeline.report.plots import Plots, plot_curves, plot_rankers
 from rlhf_pipeline.report.sections import (
-    _data_rows,
-    _fmt,
-    _interval,
     best_of_n_section,
+    data_rows,
+    fmt,
+    interval,
     label_headline,
     label_section,
     read_json,
@@ -25,9 +25,9 @@ def prm_headline(metrics: dict[str, Any]) -> str:
     held_out = metrics.get("eval") or {}
     if not held_out:
         return "—"
-    return (f"held-out step accuracy {_fmt(held_out.get('accuracy'), 3)} on {held_out.get('steps')} steps "
-            f"({held_out.get('solutions')} solutions), AUROC {_fmt(held_out.get('auroc'), 3)}, first-error accuracy "
-            f"{_fmt(held_out.get('first_error_accuracy'), 3)}")
+    return (f"held-out step accuracy {fmt(held_out.get('accuracy'), 3)} on {held_out.get('steps')} steps "
+            f"({held_out.get('solutions')} solutions), AUROC {fmt(held_out.get('auroc'), 3)}, first-error accuracy "
+            f"{fmt(held_out.get('first_error_accuracy'), 3)}")
 
 
 def prm_section(folder: Path, metrics: dict[str, Any], plots: Plots) -> list[str]:
@@ -35,13 +35,13 @@ def prm_section(folder: Path, metrics: dict[str, Any], plots: Plots) -> list[str
     rows = [["held-out solutions / steps", f"{held_out.get('solutions')} / {held_out.get('steps')}"],
             ["held out as", metrics.get("held_out_split")],
             ["good steps (label ≥ 0.5) / solutions with no wrong step",
-             f"{_fmt(held_out.get('good_step_rate'), 3)} / {_fmt(held_out.get('solutions_all_good'), 3)}"],
+             f"{fmt(held_out.get('good_step_rate'), 3)} / {fmt(held_out.get('solutions_all_good'), 3)}"],
             ["step accuracy (σ(score) ≥ 0.5 ⇔ good)", held_out.get("accuracy")],
             ["AUROC (good steps above wrong ones)", held_out.get("auroc")],
             ["first-error accuracy (first step below 0.5 = first wrong step, or neither)",
              held_out.get("first_error_accuracy")],
             ["expected calibration error (ECE)", held_out.get("ece")], ["Brier score", held_out.get("brier")],
-            ["optimizer steps", metrics.get("global_steps")], *_data_rows(metrics)]
+            ["optimizer steps", metrics.get("global_steps")], *data_rows(metrics)]
     history = metrics.get("log_history") or []
     return ["A process reward model: σ(score) at the token that ends a step is the probability that the step is "
             "right.", "", *table(["", "value"], rows),
@@ -55,11 +55,11 @@ def label_report_headline(metrics: dict[str, Any]) -> str:
     if metrics.get("writes") != "steps":
         return label_headline(metrics)
     mc = metrics.get("mc_vs_verifier") or {}
-    versus = (f"; Math-Shepherd labels vs the verifier: agreement {_fmt(mc.get('agreement'), 3)}, wrong-step recall "
-              f"{_fmt((mc.get('wrong') or {}).get('recall'), 3)}" if mc else "")
+    versus = (f"; Math-Shepherd labels vs the verifier: agreement {fmt(mc.get('agreement'), 3)}, wrong-step recall "
+              f"{fmt((mc.get('wrong') or {}).get('recall'), 3)}" if mc else "")
     return (f"{counts.get('solutions')} solutions of {counts.get('prompts')} prompts, {counts.get('steps')} steps "
-            f"labelled by {metrics.get('step_labels')} ({_fmt(counts.get('good_steps'), 3)} good); right answers "
-            f"{_fmt(counts.get('right_answers'), 3)}{versus}")
+            f"labelled by {metrics.get('step_labels')} ({fmt(counts.get('good_steps'), 3)} good); right answers "
+            f"{fmt(counts.get('right_answers'), 3)}{versus}")
 
 
 def label_report_section(folder: Path, metrics: dict[str, Any], plots: Plots) -> list[str]:
@@ -71,8 +71,8 @@ def step_label_lines(metrics: dict[str, Any]) -> list[str]:
     counts = metrics.get("counts") or {}
     lines = [f"{counts.get('solutions')} sampled solutions (with at least one step) of {counts.get('prompts')} "
              f"prompts, {counts.get('steps')} steps; the final answer is right in "
-             f"{_fmt(counts.get('right_answers'), 3)} of them (judge `{metrics.get('judge')}`). Step labels in the "
-             f"card: {metrics.get('step_labels')} ({_fmt(counts.get('good_steps'), 3)} of the steps good). The "
+             f"{fmt(counts.get('right_answers'), 3)} of them (judge `{metrics.get('judge')}`). Step labels in the "
+             f"card: {metrics.get('step_labels')} ({fmt(counts.get('good_steps'), 3)} of the steps good). The "
              f"{counts.get('held_out_prompts')} held-out prompts' {counts.get('held_out_solutions')} solutions are "
              "in `stepwise_eval.jsonl`; every solution's outcome (label 1 = wrong answer) is in `outcomes.jsonl`, "
              "with its step labels of every kind in `solutions.jsonl`.", ""]
@@ -82,9 +82,9 @@ def step_label_lines(metrics: dict[str, Any]) -> list[str]:
                 for name, block in agreement.items() if isinstance(block, dict) and "precision" in block]
         lines += [f"Math-Shepherd labels ({agreement.get('rollouts')} rollouts per step prefix, "
                   f"{agreement.get('steps')} steps of {agreement.get('solutions')} solutions) against the step "
-                  f"verifier: agreement {_fmt(agreement.get('agreement'), 3)}; mean soft label on steps the verifier "
-                  f"calls good / wrong {_fmt(agreement.get('soft_on_good'), 3)} / "
-                  f"{_fmt(agreement.get('soft_on_wrong'), 3)}.", "",
+                  f"verifier: agreement {fmt(agreement.get('agreement'), 3)}; mean soft label on steps the verifier "
+                  f"calls good / wrong {fmt(agreement.get('soft_on_good'), 3)} / "
+                  f"{fmt(agreement.get('soft_on_wrong'), 3)}.", "",
                   *table(["class (MC label vs verifier)", "precision", "recall", "verifier steps"], rows)]
     return lines
 
@@ -102,12 +102,12 @@ def rankers_section(folder: Path, metrics: dict[str, Any], plots: Plots) -> list
               "Each signal of the reward ranks alone; `majority` picks the most frequent final answer "
               "(self-consistency; ties shared), `oracle` ranks by the judge itself (for a right/wrong judge: "
               "pass@n). Intervals are 95% bootstrap over prompts.", "",
-              *table(["n", *names], [[n, *(_interval(rankers[name][i]["judge"]) for name in names)]
+              *table(["n", *names], [[n, *(interval(rankers[name][i]["judge"]) for name in names)]
                                      for i, n in enumerate(n_values)])]
     n_max = n_values[-1]
     gains = {name: rankers[name][-1].get("gain_over") or {} for name in names}
     if any(gains.values()):
-        rows = [[name, *(_interval(gains[name].get(other), signed=True) for other in names)] for name in names]
+        rows = [[name, *(interval(gains[name].get(other), signed=True) for other in names)] for name in names]
         lines += [f"Paired differences at n = {n_max} (row minus column), 95% bootstrap over prompts:", "",
                   *table(["", *names], rows)]
     lines += plots.add("best_of_n_rankers.png", "Best-of-n per reranker", plot_rankers, rankers, full.get("judge"))

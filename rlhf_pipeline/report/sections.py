@@ -28,7 +28,7 @@ from rlhf_pipeline.report.plots import (
 # ------------------------------------------------------------------------------------------- formatting
 
 
-def _fmt(value: Any, digits: int = 4) -> str:
+def fmt(value: Any, digits: int = 4) -> str:
     if value is None:
         return "—"
     if isinstance(value, (bool, int)):
@@ -38,7 +38,7 @@ def _fmt(value: Any, digits: int = 4) -> str:
     return str(value)
 
 
-def _interval(block: dict[str, Any] | None, signed: bool = False) -> str:
+def interval(block: dict[str, Any] | None, signed: bool = False) -> str:
     """`mean [low, high]` of a summary block (sequence_summary or a gain), or — when absent."""
     if not block:
         return "—"
@@ -49,7 +49,7 @@ def _interval(block: dict[str, Any] | None, signed: bool = False) -> str:
 def table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
     """A markdown table, then the blank line that ends it; cells one line each, pipes escaped."""
     def cell(value: Any) -> str:
-        return _fmt(value).replace("|", "\\|").replace("\n", " ")
+        return fmt(value).replace("|", "\\|").replace("\n", " ")
 
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
             *("| " + " | ".join(cell(v) for v in row) + " |" for row in rows), ""]
@@ -75,39 +75,39 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 
 def sft_headline(metrics: dict[str, Any]) -> str:
-    return (f"eval loss {_fmt(metrics.get('eval_loss_before'))} → {_fmt(metrics.get('eval_loss'))}, "
-            f"perplexity {_fmt(metrics.get('perplexity_before'))} → {_fmt(metrics.get('perplexity'))}, "
-            f"{_fmt(metrics.get('global_steps'))} steps")
+    return (f"eval loss {fmt(metrics.get('eval_loss_before'))} → {fmt(metrics.get('eval_loss'))}, "
+            f"perplexity {fmt(metrics.get('perplexity_before'))} → {fmt(metrics.get('perplexity'))}, "
+            f"{fmt(metrics.get('global_steps'))} steps")
 
 
 def label_headline(metrics: dict[str, Any]) -> str:
     counts = metrics.get("counts", {})
     if metrics.get("writes") == "classification":
-        return (f"{_fmt(counts.get('violations'))} of {_fmt(counts.get('classified'))} answers break the rule "
-                f"({_fmt(counts.get('violation_rate'))}), from {_fmt(counts.get('prompts'))} prompts")
-    return (f"{_fmt(counts.get('pairs'))} pairs from {_fmt(counts.get('prompts'))} prompts "
-            f"({_fmt(counts.get('answers'))} answers), mean judge score {_fmt(metrics.get('mean_judge_score'))}")
+        return (f"{fmt(counts.get('violations'))} of {fmt(counts.get('classified'))} answers break the rule "
+                f"({fmt(counts.get('violation_rate'))}), from {fmt(counts.get('prompts'))} prompts")
+    return (f"{fmt(counts.get('pairs'))} pairs from {fmt(counts.get('prompts'))} prompts "
+            f"({fmt(counts.get('answers'))} answers), mean judge score {fmt(metrics.get('mean_judge_score'))}")
 
 
 def rm_headline(metrics: dict[str, Any]) -> str:
     held_out = metrics.get("eval", {})
     if metrics.get("objective") == "classification":
-        return (f"rule classifier: held-out accuracy {_fmt(metrics.get('eval_accuracy'))} on "
-                f"{_fmt(held_out.get('answers'))} answers (base rate {_fmt(metrics.get('eval_base_rate'))}), "
-                f"AUROC {_fmt(metrics.get('eval_auroc'))}, ECE {_fmt(metrics.get('eval_ece'))}, "
-                f"Brier {_fmt(metrics.get('eval_brier'))}")
+        return (f"rule classifier: held-out accuracy {fmt(metrics.get('eval_accuracy'))} on "
+                f"{fmt(held_out.get('answers'))} answers (base rate {fmt(metrics.get('eval_base_rate'))}), "
+                f"AUROC {fmt(metrics.get('eval_auroc'))}, ECE {fmt(metrics.get('eval_ece'))}, "
+                f"Brier {fmt(metrics.get('eval_brier'))}")
     before = metrics.get("before")
-    refreshed = f"{_fmt(before['eval_accuracy'])} before the refresh → " if before else ""
-    return (f"held-out accuracy {refreshed}{_fmt(metrics.get('eval_accuracy'))} on {_fmt(held_out.get('pairs'))} "
+    refreshed = f"{fmt(before['eval_accuracy'])} before the refresh → " if before else ""
+    return (f"held-out accuracy {refreshed}{fmt(metrics.get('eval_accuracy'))} on {fmt(held_out.get('pairs'))} "
             "pairs, "
-            f"margin {_fmt(metrics.get('eval_mean_margin'))}, ECE {_fmt(metrics.get('eval_ece'))}, "
-            f"Brier {_fmt(metrics.get('eval_brier'))}")
+            f"margin {fmt(metrics.get('eval_mean_margin'))}, ECE {fmt(metrics.get('eval_ece'))}, "
+            f"Brier {fmt(metrics.get('eval_brier'))}")
 
 
 def ppo_headline(metrics: dict[str, Any]) -> str:
     first, final = metrics.get("first", {}), metrics.get("final", {})
-    line = (f"score {_fmt(first.get('objective/scores'))} → {_fmt(final.get('objective/scores'))}, "
-            f"KL {_fmt(final.get('objective/kl'))}, {_fmt(metrics.get('global_steps'))} steps")
+    line = (f"score {fmt(first.get('objective/scores'))} → {fmt(final.get('objective/scores'))}, "
+            f"KL {fmt(final.get('objective/kl'))}, {fmt(metrics.get('global_steps'))} steps")
     alerts = sum(len(entry["alerts"]) for entry in metrics.get("alerts") or [])
     if alerts:
         line += f", {alerts} health alert(s)"
@@ -122,7 +122,7 @@ _EARLIER_EVAL = ("recorded by an earlier rlhf-pipeline, before one eval compared
 
 def eval_policy_line(policy: dict[str, Any]) -> str:
     """A policy's gains over the baseline, win rates and KL in one line (the headline's, and the eval log's)."""
-    parts = [f"{label} gain {_interval(policy[f'{column}_gain'], signed=True)}, win rate "
+    parts = [f"{label} gain {interval(policy[f'{column}_gain'], signed=True)}, win rate "
              f"{policy[f'{column}_gain']['win_rate']:.3f}"
              for column, label in (("judge", "judge"), ("reward", "RM")) if f"{column}_gain" in policy]
     return "; ".join([*parts, f"KL {policy['kl']['mean']:.3f} nats/answer"])
@@ -145,8 +145,8 @@ def curves_headline(panels: Panels) -> Callable[[dict[str, Any]], str]:
     """First → last logged value of a stage's main keys (the TRL-wrapped policy stages), and its steps."""
     def headline(metrics: dict[str, Any]) -> str:
         first, final = metrics.get("first", {}), metrics.get("final", {})
-        parts = [f"{title} {_fmt(first.get(key))} → {_fmt(final.get(key))}" for key, title in panels[:2]]
-        return ", ".join([*parts, f"{_fmt(metrics.get('global_steps'))} steps"])
+        parts = [f"{title} {fmt(first.get(key))} → {fmt(final.get(key))}" for key, title in panels[:2]]
+        return ", ".join([*parts, f"{fmt(metrics.get('global_steps'))} steps"])
     return headline
 
 
@@ -168,7 +168,7 @@ def curves_section(panels: Panels, plot_name: str) -> Callable[[Path, dict[str, 
 
 
 def generic_headline(metrics: dict[str, Any]) -> str:
-    scalars = [f"{key} {_fmt(value)}" for key, value in metrics.items() if isinstance(value, (int, float))]
+    scalars = [f"{key} {fmt(value)}" for key, value in metrics.items() if isinstance(value, (int, float))]
     return ", ".join(scalars[:4])
 
 
@@ -181,7 +181,7 @@ def ppo_summary_note(folder: Path, metrics: dict[str, Any]) -> str | None:
     return f"- PPO (`{folder.name}`) raised {count} health alert(s){stop}; see its report."
 
 
-def _data_rows(metrics: dict[str, Any]) -> list[list[Any]]:
+def data_rows(metrics: dict[str, Any]) -> list[list[Any]]:
     data = metrics.get("data") or {}
     if not data:
         return []
@@ -195,12 +195,12 @@ def _data_rows(metrics: dict[str, Any]) -> list[list[Any]]:
 def sft_section(folder: Path, metrics: dict[str, Any], plots: Plots) -> list[str]:
     history = metrics.get("log_history") or []
     rows = [["eval loss (before → after)",
-             f"{_fmt(metrics.get('eval_loss_before'))} → {_fmt(metrics.get('eval_loss'))}"],
+             f"{fmt(metrics.get('eval_loss_before'))} → {fmt(metrics.get('eval_loss'))}"],
             ["perplexity (before → after)",
-             f"{_fmt(metrics.get('perplexity_before'))} → {_fmt(metrics.get('perplexity'))}"],
+             f"{fmt(metrics.get('perplexity_before'))} → {fmt(metrics.get('perplexity'))}"],
             ["train loss (mean over the run)", metrics.get("train_loss")],
             ["optimizer steps", metrics.get("global_steps")], ["global batch size", metrics.get("global_batch_size")],
-            *_data_rows(metrics)]
+            *data_rows(metrics)]
     return [*table(["", "value"], rows), *plots.add("sft_loss.png", "SFT loss", plot_sft, history, metrics)]
 
 
@@ -213,12 +213,12 @@ def label_section(folder: Path, metrics: dict[str, Any], plots: Plots) -> list[s
     if metrics.get("writes") == "classification":
         rows += [["answers classified (empty ones left out)", counts.get("classified")],
                  ["answers that break the rule", f"{counts.get('violations')} ({counts.get('violation_rate', 0):.0%})"],
-                 *_data_rows(metrics)]
+                 *data_rows(metrics)]
         return [*table(["", "value"], rows), "The labelled answers are in `classified.jsonl`, described by "
                 "`data_card.yaml` (format `classification`, label 1 = breaks the rule).", ""]
     rows += [["preference pairs kept", counts.get("pairs")],
              ["pairs dropped (judge gap below min_gap)", counts.get("dropped_below_min_gap")],
-             ["mean judge score", metrics.get("mean_judge_score")], *_data_rows(metrics)]
+             ["mean judge score", metrics.get("mean_judge_score")], *data_rows(metrics)]
     ranked, pairs = _read_jsonl(folder / "ranked.jsonl"), _read_jsonl(folder / "preferences.jsonl")
     lines = [*table(["", "value"], rows), *plots.add("label.png", "Judge scores", plot_label, ranked, pairs)]
     if pairs:
@@ -237,10 +237,10 @@ def rm_section(folder: Path, metrics: dict[str, Any], plots: Plots) -> list[str]
             ["expected calibration error (ECE)", held_out.get("ece")],
             ["Brier score of σ(margin)", held_out.get("brier")], ["log loss", held_out.get("log_loss")],
             ["mean reward chosen / rejected",
-             f"{_fmt(held_out.get('chosen_reward_mean'))} / {_fmt(held_out.get('rejected_reward_mean'))}"],
+             f"{fmt(held_out.get('chosen_reward_mean'))} / {fmt(held_out.get('rejected_reward_mean'))}"],
             ["training reward mean / std (PPO normalises with these)",
-             f"{_fmt(stats.get('mean'))} / {_fmt(stats.get('std'))}"],
-            ["optimizer steps", metrics.get("global_steps")], *_data_rows(metrics)]
+             f"{fmt(stats.get('mean'))} / {fmt(stats.get('std'))}"],
+            ["optimizer steps", metrics.get("global_steps")], *data_rows(metrics)]
     history = metrics.get("log_history") or []
     return [*table(["", "value"], rows),
             *plots.add("rm_training.png", "RM training", plot_rm_training, history, metrics.get("eval_accuracy")),
@@ -255,12 +255,12 @@ def _rule_rm_section(metrics: dict[str, Any], held_out: dict[str, Any], stats: d
             ["accuracy (σ(score) > 0.5)", metrics.get("eval_accuracy")], ["AUROC", held_out.get("auroc")],
             ["expected calibration error (ECE)", held_out.get("ece")],
             ["Brier score of σ(score)", held_out.get("brier")], ["log loss", held_out.get("log_loss")],
-            ["mean σ(score) / base rate", f"{_fmt(held_out.get('mean_probability'))} / "
-                                          f"{_fmt(held_out.get('base_rate'))}"],
+            ["mean σ(score) / base rate", f"{fmt(held_out.get('mean_probability'))} / "
+                                          f"{fmt(held_out.get('base_rate'))}"],
             ["mean score breaking / keeping the rule",
-             f"{_fmt(held_out.get('violation_score_mean'))} / {_fmt(held_out.get('kept_score_mean'))}"],
-            ["training score mean / std", f"{_fmt(stats.get('mean'))} / {_fmt(stats.get('std'))}"],
-            ["optimizer steps", metrics.get("global_steps")], *_data_rows(metrics)]
+             f"{fmt(held_out.get('violation_score_mean'))} / {fmt(held_out.get('kept_score_mean'))}"],
+            ["training score mean / std", f"{fmt(stats.get('mean'))} / {fmt(stats.get('std'))}"],
+            ["optimizer steps", metrics.get("global_steps")], *data_rows(metrics)]
     history = metrics.get("log_history") or []
     return ["A rule reward model (a classifier): σ(score) is the probability that an answer breaks the rule.", "",
             *table(["", "value"], rows),
@@ -295,7 +295,7 @@ def ppo_section(folder: Path, metrics: dict[str, Any], plots: Plots) -> list[str
                            [(key, key.removeprefix("reward/")) for key in signals], "PPO step")
     lines += ["## Health alerts", ""]
     if alerts:
-        flat = [[entry["step"], a["monitor"], _fmt(a["value"], 6), _fmt(a["threshold"], 6), a["message"]]
+        flat = [[entry["step"], a["monitor"], fmt(a["value"], 6), fmt(a["threshold"], 6), a["message"]]
                 for entry in alerts for a in entry["alerts"]]
         lines += table(["step", "monitor", "value", "threshold", "message"], flat[:30])
         if len(flat) > 30:
@@ -332,7 +332,7 @@ def _method(name: str, record: dict[str, Any]) -> str:
 
 
 def _median_p90(block: dict[str, Any] | None) -> str:
-    return f"{_fmt(block.get('median'))} / {_fmt(block.get('p90'))}" if block else "—"
+    return f"{fmt(block.get('median'))} / {fmt(block.get('p90'))}" if block else "—"
 
 
 def _record(gain: dict[str, Any] | None) -> str:
@@ -359,11 +359,11 @@ def eval_section(folder: Path, metrics: dict[str, Any], plots: Plots) -> list[st
                 f"{record['eos_fraction']:.2f}", *cost_cells(record.get("resources"))]
 
     rows = [[_method("baseline", baseline), *("—" for _ in scored), "—", "0", *traits(baseline)]]
-    rows += [[_method(name, policy), *(_interval(policy[f"{column}_gain"], signed=True) for column, _ in scored),
-              f"{policy['judge_gain']['win_rate']:.2f}", _interval(policy["kl"]), *traits(policy)]
+    rows += [[_method(name, policy), *(interval(policy[f"{column}_gain"], signed=True) for column, _ in scored),
+              f"{policy['judge_gain']['win_rate']:.2f}", interval(policy["kl"]), *traits(policy)]
              for name, policy in policies.items()]
     lines += table(header, rows)
-    scores = [[_method(name, record), *(_interval(record[column]) for column, _ in scored),
+    scores = [[_method(name, record), *(interval(record[column]) for column, _ in scored),
                _median_p90(record["length_tokens"]), _median_p90(record.get("kl")),
                *(_record(record.get(f"{column}_gain")) for column, _ in scored)]
               for name, record in {"baseline": baseline, **policies}.items()]
@@ -390,8 +390,8 @@ def _signal_table(signals: dict[str, Any], baseline: dict[str, Any], policies: d
     """Each reward signal's mean per model and its gain over the baseline: which signal a policy moved."""
     if not signals:
         return []
-    rows = [[name, f"{signal['use']} ({signal['weight']:g})", _interval(baseline[f"signal/{name}"]),
-             *(f"{_interval(policy[f'signal/{name}'])}; {_interval(policy[f'signal/{name}_gain'], signed=True)}"
+    rows = [[name, f"{signal['use']} ({signal['weight']:g})", interval(baseline[f"signal/{name}"]),
+             *(f"{interval(policy[f'signal/{name}'])}; {interval(policy[f'signal/{name}_gain'], signed=True)}"
                for policy in policies.values())]
             for name, signal in signals.items()]
     return ["Reward signals (`reward:` section): the mean per answer [95% CI] and each policy's gain over the "
@@ -406,7 +406,7 @@ def best_of_n_headline(metrics: dict[str, Any]) -> str:
         return generic_headline(metrics)
     first, last = rows[0], rows[-1]
     return (f"best of {last['n']} vs 1: judge {first['judge']['mean']:.3f} → {last['judge']['mean']:.3f} (gain "
-            f"{_interval(last['judge_gain'], signed=True)}), reward {first['reward']['mean']:.3f} → "
+            f"{interval(last['judge_gain'], signed=True)}), reward {first['reward']['mean']:.3f} → "
             f"{last['reward']['mean']:.3f}, KL bound {last['kl_bound']:.2f} nats")
 
 
@@ -423,10 +423,10 @@ def best_of_n_section(folder: Path, metrics: dict[str, Any], plots: Plots) -> li
              "KL bound = log n − (n−1)/n nats (Stiennon et al. 2020, Gao et al. 2022).", ""]
     header = ["n", "KL bound (nats)", "judge [95% CI]", "judge gain [95% CI]", "reward [95% CI]",
               "reward gain [95% CI]", *(f"{name} [95% CI]" for name in signals), "length (tokens)"]
-    lines += table(header, [[row["n"], f"{row['kl_bound']:.3f}", _interval(row["judge"]),
-                             _interval(row.get("judge_gain"), signed=True), _interval(row["reward"]),
-                             _interval(row.get("reward_gain"), signed=True),
-                             *(_interval(row[name]) for name in signals), f"{row['length_tokens']['mean']:.1f}"]
+    lines += table(header, [[row["n"], f"{row['kl_bound']:.3f}", interval(row["judge"]),
+                             interval(row.get("judge_gain"), signed=True), interval(row["reward"]),
+                             interval(row.get("reward_gain"), signed=True),
+                             *(interval(row[name]) for name in signals), f"{row['length_tokens']['mean']:.1f}"]
                             for row in rows])
     lines += plots.add("best_of_n.png", "Best-of-n vs its KL bound", plot_best_of_n, rows, full.get("judge"))
     if card := full.get("sft_card"):
