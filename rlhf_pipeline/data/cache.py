@@ -103,7 +103,9 @@ def processes(data: DataSpec, rows: int) -> int | None:
         count = data.num_proc
     else:
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        count = min(round(cpus - _busy_cpus()), rows // ROWS_PER_PROCESS)
+        count = min(cpus, rows // ROWS_PER_PROCESS)
+        if count > 1:  # worth the quarter second of looking
+            count = min(count, round(cpus - _busy_cpus()))
     return count if count > 1 else None
 
 

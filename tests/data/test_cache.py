@@ -208,12 +208,19 @@ def test_two_processes_one_converts_the_other_reads(tmp_path: Path, tiny_model_d
 def test_workers_follow_the_idle_cpus_and_the_card_size(monkeypatch: pytest.MonkeyPatch) -> None:
     """One worker per idle CPU, none for a small card or on busy CPUs; `data.num_proc` decides when set."""
     monkeypatch.setattr(data_cache_module.os, "sched_getaffinity", lambda _: {0, 1, 2, 3}, raising=False)
-    busy = {"cpus": 0.0}
-    monkeypatch.setattr(data_cache_module, "_busy_cpus", lambda: busy["cpus"])
+    busy = {"cpus": 0.0, "looks": 0}
+
+    def busy_cpus() -> float:
+        busy["looks"] += 1
+        return busy["cpus"]
+
+    monkeypatch.setattr(data_cache_module, "_busy_cpus", busy_cpus)
     spec = DataSpec(train=["x"])
     assert data_cache_module.processes(spec, 200_000) == 4
     assert data_cache_module.processes(spec, 50_000) == 2  # one per 20,000 rows
+    looks = busy["looks"]
     assert data_cache_module.processes(spec, 30_000) is None
+    assert busy["looks"] == looks  # a small card does not wait to look at the CPUs
     busy["cpus"] = 2.6
     assert data_cache_module.processes(spec, 200_000) is None  # 1.4 idle: one process
     busy["cpus"] = 1.0
