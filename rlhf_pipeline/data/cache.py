@@ -128,11 +128,11 @@ def _busy_cpus(window: float = 0.25) -> float:
         busy, total = ticks()
         time.sleep(window)
         busy_after, total_after = ticks()
-    except (OSError, ValueError, IndexError):
-        busy = total = total_after = 0
-    if total_after <= total:
-        return max(0.0, os.getloadavg()[0] - 1) if hasattr(os, "getloadavg") else 0.0
-    return len(mine) * (busy_after - busy) / (total_after - total)
+    except (OSError, ValueError, IndexError):  # no /proc (not Linux), or a format this does not know
+        total = total_after = 0
+    if total_after > total:
+        return len(mine) * (busy_after - busy) / (total_after - total)
+    return max(0.0, os.getloadavg()[0] - 1) if hasattr(os, "getloadavg") else 0.0
 
 
 def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
