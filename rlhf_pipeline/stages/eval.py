@@ -107,22 +107,33 @@ def _check(recipe: Recipe) -> None:
 
 
 def answer_logprob(model: PreTrainedModel, samples: list[Sample], temperature: float,
-                   description: str | None = None) -> list[float]:
-    """log π(answer | prompt) summed over answer tokens, under the sampling temperature."""
+                   description: str | None = None, batch_size: int = 8) -> list[float]:
+    """log π(answer | prompt) summed over answer tokens, under the sampling temperature.
+
+    Right-padded batches of similar lengths: each row's tokens keep the positions they have alone and the padding
+    after them is masked and never scored, so a row's sum is its single-sequence value up to float rounding.
+    """
     import torch
     from tqdm.auto import tqdm
     from trl.trainer.utils import selective_log_softmax
 
+    from rlhf_pipeline.chat import pad_batch
     from rlhf_pipeline.distributed import is_main_process
 
-    totals = []
+    order = sorted(range(len(samples)), key=lambda i: len(samples[i].prompt_ids) + len(samples[i].answer_ids))
+    totals = [0.0] * len(samples)
     device = next(model.parameters()).device
+    batches = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
     with torch.no_grad():
-        for sample in tqdm(samples, desc=description, disable=description is None or not is_main_process()):
-            ids = torch.tensor([sample.prompt_ids + sample.answer_ids], device=device)
-            logits = model(input_ids=ids, use_cache=False).logits[0, len(sample.prompt_ids) - 1 : -1]
-            labels = ids[0, len(sample.prompt_ids):]
-            totals.append(float(selective_log_softmax(logits.float(), labels, max(temperature, 1e-6)).sum()))
+        for batch in tqdm(batches, desc=description, disable=description is None or not is_main_process()):
+            rows = [samples[i].prompt_ids + samples[i].answer_ids for i in batch]
+            ids, mask = pad_batch(rows, 0, "right")  # the padding is masked and never read
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
+            token_logprobs = selective_log_softmax(logits[:, :-1].float(), ids[:, 1:].to(device),
+                                                   max(temperature, 1e-6))
+            for row, index in enumerate(batch):
+                start, end = len(samples[index].prompt_ids) - 1, len(rows[row]) - 1
+                totals[index] = float(token_logprobs[row, start:end].sum())
     return totals
 
 

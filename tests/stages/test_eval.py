@@ -17,7 +17,7 @@ from rlhf_pipeline.errors import RecipeError
 from rlhf_pipeline.generation import Sample
 from rlhf_pipeline.human.sessions import ABSession
 from rlhf_pipeline.stages import load_recipe
-from rlhf_pipeline.stages.eval import answer_traits
+from rlhf_pipeline.stages.eval import answer_logprob, answer_traits
 from tests.stages.answers import assert_eval_summaries_match_answers, read_answers
 from tests.stages.conftest import RecipeFactory, sft_rows, write_card
 from tests.stages.judges import letter_e_share
@@ -77,6 +77,28 @@ def test_distinct_2_and_stop_share_of_a_models_answers_leave_the_stop_token_out(
                Sample([1], [9], "c", False)]
     # Bigrams without the stop token: (5 6) (6 7) | (5 6) (6 8) | none: 3 distinct of 4.
     assert answer_traits(samples) == {"eos_fraction": pytest.approx(2 / 3), "distinct_2": 0.75}
+
+
+def test_batched_answer_logprobs_equal_each_answer_scored_alone(tiny_model_dir: Path) -> None:
+    """Rows of different lengths share right-padded batches; each sum must still be its own sequence's."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    generator = torch.Generator().manual_seed(0)
+    samples = [Sample(torch.randint(3, 200, (prompt,), generator=generator).tolist(),
+                      torch.randint(3, 200, (answer,), generator=generator).tolist(), "", True)
+               for prompt, answer in [(5, 3), (9, 7), (4, 12), (7, 1), (11, 6)]]
+
+    def alone(sample: Sample, temperature: float) -> float:
+        ids = torch.tensor([sample.prompt_ids + sample.answer_ids])
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits[0, len(sample.prompt_ids) - 1 : -1] / temperature
+        return float(logits.log_softmax(-1).gather(-1, torch.tensor(sample.answer_ids)[:, None]).sum())
+
+    for temperature in (1.0, 0.3):
+        batched = answer_logprob(model, samples, temperature, batch_size=3)
+        assert batched == pytest.approx([alone(sample, temperature) for sample in samples], abs=1e-4)
 
 
 def _run_sft(tmp_path: Path, make_recipe: RecipeFactory) -> Path:
