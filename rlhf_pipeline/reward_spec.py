@@ -15,6 +15,12 @@ end of every step instead, log P(right), beside the other signals' reward at the
 
         process: {model: outputs/smollm2-135m-arithmetic/prm, aggregate: min}
 
+A step verifier is read the same way: a `function` with `aggregate` is called per answer with the problem, the
+solution and the problem's right answer (labelling.step_verifier's contract) and gives a verdict per step, which
+counts as P(right) of 1 or 0 (so a wrong step's dense reward is weight·log 1e-6 = −13.8·weight):
+
+        verified_steps: {function: rlhf_pipeline.tasks.arithmetic:step_labels, aggregate: dense, weight: 0.05}
+
 A function with a `references` parameter (tasks/answers.py:outcome) is also given each prompt's right answer,
 from the `reference` column of the stage's cards (data/loading.py:answer_key).
 
@@ -40,6 +46,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rlhf_pipeline.chat import Messages
+from rlhf_pipeline.data.loading import prompt_key
 from rlhf_pipeline.errors import RecipeError
 from rlhf_pipeline.judges import AnswerKey, JudgeSpec, checking_references, import_function, takes_references
 from rlhf_pipeline.models import SCORER_STAGES
@@ -64,6 +71,7 @@ _SIGNAL_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]*")  # a log key, an adapter na
 # A signal's scores for answers: chat prompts, answer texts and, when the caller sampled them, the token ids of
 # prompt + answer (a reward model then scores exactly those ids instead of re-encoding the texts).
 Scorer = Callable[[Sequence[Messages], Sequence[str], Sequence[Sequence[int]] | None], list[float]]
+StepVerdicts = Callable[[Sequence[Messages], Sequence[str]], list[list[float]]]  # per answer, each step's P(right)
 
 
 @dataclass
@@ -77,7 +85,7 @@ class RewardSignal:
     use: str = "reward"
     normalize: bool = True  # a preference RM: (score - mean)/std of its training answers' scores
     threshold: float = 0.5  # a veto flags the answers whose probability of breaking the rule is above this
-    aggregate: str | None = None  # a process reward model: min, product, last, or dense (PPO: a reward per step)
+    aggregate: str | None = None  # a PRM or step verifier: min, product, last, or dense (PPO: a reward per step)
 
     def __post_init__(self) -> None:
         if sum(source is not None for source in (self.model, self.function, self.judge)) != 1:
@@ -91,9 +99,9 @@ class RewardSignal:
             raise ValueError("weight: must be zero or more; a signal that lowers the reward is `use: penalty`")
         if not 0 < self.threshold < 1:
             raise ValueError("threshold: a probability strictly between 0 and 1")
-        if self.aggregate is not None and (self.model is None or self.aggregate not in (*AGGREGATIONS, DENSE)):
-            raise ValueError(f"aggregate: how a process reward model's steps make one reward, one of "
-                             f"{', '.join(AGGREGATIONS)} or {DENSE} (PPO), for a `model` signal; got "
+        if self.aggregate is not None and (self.judge is not None or self.aggregate not in (*AGGREGATIONS, DENSE)):
+            raise ValueError(f"aggregate: how the steps of a process reward model (`model`) or a step verifier "
+                             f"(`function`) make one reward, one of {', '.join(AGGREGATIONS)} or {DENSE} (PPO); got "
                              f"{self.aggregate!r}")
 
 
@@ -184,8 +192,12 @@ def check_reward(recipe: Recipe, spec: RewardSpec, answers_grouped: bool = False
             try:
                 import_function(signal.function)
             except ValueError as error:
-                raise RecipeError(recipe.path, key, f"{error}; a reward function is `module:function`, called "
-                                  "with (prompts, answers) and returning a float per answer") from None
+                contract = ("a step verifier is `module:function`, called per answer with (problem, solution, "
+                            "reference) and returning a verdict per step" if signal.aggregate else
+                            "a reward function is `module:function`, called with (prompts, answers) and returning "
+                            "a float per answer")
+                raise RecipeError(recipe.path, key, f"{error}; {contract}") from None
+            _check_process_signal(recipe, key, signal, PROCESS if signal.aggregate else None)
         if signal.model is not None:
             model_key = key if key == "reward.model" else f"{key}.model"
             recipe.check_finished_stage(model_key, signal.model, SCORER_STAGES,
@@ -212,7 +224,8 @@ def _check_process_signal(recipe: Recipe, key: str, signal: RewardSignal, object
         raise RecipeError(recipe.path, f"{key}.aggregate", f"{signal.model} scores whole answers, not steps; remove "
                           "aggregate (it is for a prm stage's output)")
     if signal.aggregate is not None and signal.use != "reward":
-        raise RecipeError(recipe.path, f"{key}.use", "a process reward model's P(right) is a reward: use: reward")
+        raise RecipeError(recipe.path, f"{key}.use", "a process reward model's (or step verifier's) P(right) is a "
+                          "reward: use: reward")
     if signal.aggregate == DENSE and recipe.stage != "ppo":
         raise RecipeError(recipe.path, f"{key}.aggregate", f"dense rewards (one per step) are PPO's; {recipe.stage} "
                           f"scores whole answers: use one of {', '.join(AGGREGATIONS)}")
@@ -223,7 +236,7 @@ def _check_references(recipe: Recipe, spec: RewardSpec) -> None:
     from rlhf_pipeline.data.loading import answer_key
 
     needing = [name for name, signal in spec.by_name.items()
-               if signal.function is not None and _importable(signal.function)
+               if signal.function is not None and signal.aggregate is None and _importable(signal.function)
                and takes_references(import_function(signal.function))]
     # Cards an earlier stage writes (pending) and Hub cards are read when the stage runs, which refuses a prompt
     # without a reference then.
@@ -317,6 +330,25 @@ def _process_scorer(prm: ProcessRewardModel, how: str) -> Scorer:
     return score
 
 
+def step_verdicts(function: str, answer_key: AnswerKey | None) -> StepVerdicts:
+    """A step verifier over a batch: each answer's verdict per step as P(right), 1.0 or 0.0. It is given the
+    problem's right answer from the cards when they carry one (None otherwise)."""
+    verify = import_function(function)
+
+    def verdicts(prompts: Sequence[Messages], answers: Sequence[str]) -> list[list[float]]:
+        return [[float(bool(good)) for good in verify(prompt, answer, (answer_key or {}).get(prompt_key(prompt)))]
+                for prompt, answer in zip(prompts, answers, strict=True)]
+
+    return verdicts
+
+
+def _verifier_scorer(verdicts: StepVerdicts, how: str) -> Scorer:
+    def score(prompts: Sequence[Messages], answers: Sequence[str], sequences: Any = None) -> list[float]:
+        return [aggregate(steps, how) for steps in verdicts(prompts, answers)]
+
+    return score
+
+
 def _text_scorer(judge: Callable[[Sequence[Messages], Sequence[str]], Sequence[float]]) -> Scorer:
     def score(prompts: Sequence[Messages], answers: Sequence[str], sequences: Any = None) -> list[float]:
         return [float(v) for v in judge(prompts, answers)]
@@ -334,6 +366,8 @@ def build_reward(spec: RewardSpec, reward_models: Scorers, model_spec: ModelSpec
     for name, signal in spec.by_name.items():
         if signal.model is not None:
             scorers[name] = model_scorer(reward_models[name], signal)
+        elif signal.function is not None and signal.aggregate is not None:
+            scorers[name] = _verifier_scorer(step_verdicts(signal.function, answer_key), signal.aggregate)
         elif signal.function is not None:
             function = import_function(signal.function)
             scorers[name] = _text_scorer(checking_references(function, answer_key, signal.function))

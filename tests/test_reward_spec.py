@@ -68,3 +68,23 @@ def test_signals_naming_one_model_share_its_role() -> None:
                                "e": RewardSignal(function=LETTER_E)})
     assert [spec.role_of(name) for name in ("p_min", "p_last", "orm")] == ["signal_p_min", "signal_p_min", "signal_orm"]
     assert spec.model_roles() == {"signal_p_min": "out/prm", "signal_orm": "out/orm"}
+
+
+def test_a_step_verifier_is_read_like_a_process_reward_model_with_verdicts_of_one_or_zero() -> None:
+    from rlhf_pipeline.data.loading import prompt_key
+    from rlhf_pipeline.reward_spec import build_reward
+
+    problem = [{"role": "user", "content": "Tom has 23 apples. He buys 48 more. Then he gives away 17."}]
+    reference = "23 + 48 = 71\n71 - 17 = 54\nThe answer is 54."
+    answers = [reference, "23 + 48 = 71\n71 - 17 = 53\nThe answer is 53.",
+               "23 + 48 = 61\n61 - 17 = 44\nThe answer is 44."]
+    verifier = "rlhf_pipeline.tasks.arithmetic:step_labels"
+    spec = RewardSpec(signals={how: RewardSignal(function=verifier, aggregate=how) for how in ("min", "last", "dense")})
+    reward = build_reward(spec, {}, None, {prompt_key(problem): reference})
+    scores = reward.signal_scores([problem] * 3, answers)
+    assert scores["min"] == [1.0, 0.0, 0.0] and scores["last"] == [1.0, 0.0, 0.0]
+    # dense: log P per step, a wrong step (and every step after it) at the floor log 1e-6; left out of the sum.
+    assert scores["dense"] == pytest.approx([0.0, 2 * math.log(1e-6), 3 * math.log(1e-6)])
+    assert reward.combine(scores) == [2.0, 0.0, 0.0]
+    with pytest.raises(ValueError, match=r"aggregate: how the steps of a process reward model .* or a step verifier"):
+        RewardSignal(judge=SimpleNamespace(), aggregate="min")  # type: ignore[arg-type]

@@ -43,14 +43,19 @@ from rlhf_pipeline.reward_spec import RewardSpec, check_reward, model_objective
 from rlhf_pipeline.stages import MemoryModel, ModelOutput, Presentation, Stage
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     import torch
 
     from rlhf_pipeline.chat import Messages
     from rlhf_pipeline.distributed import Launch
+    from rlhf_pipeline.judges import AnswerKey
     from rlhf_pipeline.ppo.trainer import RewardFn
-    from rlhf_pipeline.process_reward import ProcessRewardModel
+    from rlhf_pipeline.process_reward import ProcessRewardModel, StepScores
     from rlhf_pipeline.recipe import Recipe
     from rlhf_pipeline.reward_spec import Reward
+
+    StepScorer = Callable[[list[Messages], list[list[int]], list[int]], StepScores]  # chats, prompt+answer ids, cuts
 
 
 POLICY_STAGES = ("sft", "ppo", "dpo", "kto", "grpo", "rloo")  # stages whose output is a policy PPO can start from
@@ -219,10 +224,11 @@ def run(recipe: Recipe) -> dict[str, Any]:
     say(f"ppo: {len(prompts)} prompts to train on ({data_report.summary()})")
     if spec.given:
         reward_models = reward_models_from_roles(spec, dict.fromkeys(spec.model_roles(), model), tokenizer)
-        reward = build_reward(spec, reward_models, recipe.model, answer_key(recipe))
+        answers_known = answer_key(recipe)
+        reward = build_reward(spec, reward_models, recipe.model, answers_known)
         say(f"ppo: reward = {', '.join(f'{name} ({s.use}, weight {s.weight:g})' for name, s in spec.by_name.items())}")
-        dense = {name: (reward_models[name], signal.weight) for name, signal in spec.by_name.items()
-                 if signal.aggregate == DENSE}
+        dense = {name: (_step_scorer(reward_models.get(name), signal.function, answers_known, tokenizer), signal.weight)
+                 for name, signal in spec.by_name.items() if signal.aggregate == DENSE}
         reward_fn = _signals_reward(reward, tokenizer, dict(zip(map(tuple, prompts), chats, strict=True)), dense)
     else:
         reward_fn = partial(_rm_scores, model)
@@ -264,11 +270,32 @@ def _rm_scores(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor
     return model.last_scores(REWARD, input_ids, attention_mask)
 
 
+def _step_scorer(prm: ProcessRewardModel | None, verifier: str | None, answers_known: AnswerKey,
+                 tokenizer: Any) -> StepScorer:
+    """Where each step of a sampled answer ends and its P(right): a PRM reads the ids, a step verifier the decoded
+    answer (its verdicts, 1 or 0, paired in order with the step ends found on the ids)."""
+    from rlhf_pipeline.reward_spec import step_verdicts
+    from rlhf_pipeline.steps import step_end_positions
+
+    if prm is not None:
+        return lambda chats, rows, cuts: prm.step_scores(rows, cuts)
+    verdicts = step_verdicts(str(verifier), answers_known)
+
+    def scores(chats: list[Messages], rows: list[list[int]], cuts: list[int]) -> StepScores:
+        answers = [row[cut:] for row, cut in zip(rows, cuts, strict=True)]
+        texts = [tokenizer.decode(answer, skip_special_tokens=True) for answer in answers]
+        return [(step_end_positions(tokenizer, answer), steps)
+                for answer, steps in zip(answers, verdicts(chats, texts), strict=True)]
+
+    return scores
+
+
 def _signals_reward(reward: Reward, tokenizer: Any, chats: dict[tuple[int, ...], Messages],
-                    dense: dict[str, tuple[ProcessRewardModel, float]]) -> RewardFn:
+                    dense: dict[str, tuple[StepScorer, float]]) -> RewardFn:
     """The recipe's reward signals on PPO's rows: reward models score the sampled ids as they are, functions and
     judges the prompt's chat and the decoded answer; the combined reward is the score, each signal is logged.
-    A `dense` process reward model (weight w) adds w·log P(step right) on the token that ends each step."""
+    A `dense` process reward model or step verifier (weight w) adds w·log P(step right) on the token that ends
+    each step."""
     import torch
 
     from rlhf_pipeline.ppo.experience import STEP_REWARDS
@@ -286,8 +313,8 @@ def _signals_reward(reward: Reward, tokenizer: Any, chats: dict[tuple[int, ...],
             name: torch.tensor(values) for name, values in signals.items()}
         if dense:
             steps = torch.zeros(len(rows), max(len(row) - cut for row, cut in zip(rows, cuts, strict=True)))
-            for prm, weight in dense.values():
-                for index, (ends, probabilities) in enumerate(prm.step_scores(rows, cuts)):
+            for step_scores, weight in dense.values():
+                for index, (ends, probabilities) in enumerate(step_scores(prompts, rows, cuts)):
                     for end, probability in zip(ends, probabilities, strict=True):
                         steps[index, end] += weight * step_log_reward(probability)
             out[STEP_REWARDS] = steps

@@ -21,6 +21,7 @@ from rlhf_pipeline.tasks.arithmetic import generate
 from tests.stages.conftest import stepwise_rows, write_card, write_recipe
 
 OUTCOME = "rlhf_pipeline.tasks.answers:outcome"
+STEP_VERIFIER = "rlhf_pipeline.tasks.arithmetic:step_labels"
 LORA = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0}
 
 
@@ -145,6 +146,45 @@ def test_dense_step_rewards_land_on_the_tokens_that_end_each_step(tiny_model_dir
     assert out["score"].tolist() == pytest.approx(out["e"].tolist())
 
 
+def test_a_step_verifiers_dense_rewards_land_on_the_ends_of_its_wrong_steps(tiny_model_dir: Path) -> None:
+    import math
+
+    import torch
+    from transformers import AutoTokenizer
+
+    from rlhf_pipeline.chat import encode_answer, encode_prompt
+    from rlhf_pipeline.data.loading import prompt_key
+    from rlhf_pipeline.reward_spec import RewardSignal, RewardSpec, build_reward
+    from rlhf_pipeline.stages.ppo import _signals_reward, _step_scorer
+    from rlhf_pipeline.steps import step_end_positions
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    verifier = STEP_VERIFIER
+    chat = [{"role": "user", "content": "Tom has 23 apples. He buys 48 more. Then he gives away 17."}]
+    answers_known = {prompt_key(chat): "23 + 48 = 71\n71 - 17 = 54\nThe answer is 54."}
+    spec = RewardSpec(signals={"correct": RewardSignal(function=OUTCOME),
+                               "verified": RewardSignal(function=verifier, aggregate="dense", weight=0.05)})
+    reward = build_reward(spec, {}, None, answers_known)
+    prompt = encode_prompt(tokenizer, chat)
+    answers = ["23 + 48 = 71\n71 - 17 = 54\nThe answer is 54.", "23 + 48 = 71\n71 - 17 = 64\nThe answer is 64."]
+    rows = [prompt + encode_answer(tokenizer, answer) for answer in answers]
+    score = _signals_reward(reward, tokenizer, {tuple(prompt): chat},
+                            {"verified": (_step_scorer(None, verifier, answers_known, tokenizer), 0.05)})
+    width = max(map(len, rows))
+    ids = torch.tensor([row + [tokenizer.pad_token_id] * (width - len(row)) for row in rows])
+    mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in rows])
+    out = score(ids, mask, torch.tensor([len(prompt)] * 2))
+    floor = 0.05 * math.log(1e-6)
+    for row, verdicts in zip(rows, [[True, True, True], [True, False, False]], strict=True):
+        ends = step_end_positions(tokenizer, row[len(prompt):])
+        assert len(ends) == 3
+        expected = torch.zeros(out["step_rewards"].shape[1])
+        for end, good in zip(ends, verdicts, strict=True):
+            expected[end] = 0.0 if good else floor
+        assert torch.allclose(out["step_rewards"][rows.index(row)], expected)
+    assert out["score"].tolist() == [1.0, 0.0]  # the outcome; the verifier's reward comes step by step
+
+
 def test_ppo_trains_on_dense_step_rewards_and_the_outcome(tmp_path: Path, tiny_model_dir: Path,
                                                           sft_and_rm: tuple[Path, Path], trained_prm: Path) -> None:
     _problems(tmp_path)
@@ -220,6 +260,11 @@ def test_process_signals_and_reference_checks_are_refused_before_weights_load(
          r"reward\.signals\.r\.aggregate: .* scores whole answers, not steps"),
         ("ppo", {}, {"reward_model_path": str(trained_prm)},
          r"reward: .* is a process reward model .* give it in a reward: section"),
+        ("best-of-n", {"signals": {"v": {"function": STEP_VERIFIER, "aggregate": "dense"}}}, {},
+         r"reward\.signals\.v\.aggregate: dense rewards \(one per step\) are PPO's"),
+        ("best-of-n", {"signals": {"v": {"function": f"{STEP_VERIFIER}s_of_nothing", "aggregate": "min"}}}, {},
+         r"reward\.signals\.v: .*; a step verifier is `module:function`, called per answer with \(problem, "),
+        ("best-of-n", {"signals": {"v": {"function": STEP_VERIFIER, "aggregate": "min"}}}, {}, None),
         ("best-of-n", {"functions": [OUTCOME]}, {}, None),
     ]
     for stage, reward, training, message in cases:
