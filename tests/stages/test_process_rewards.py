@@ -116,7 +116,7 @@ def test_dense_step_rewards_land_on_the_tokens_that_end_each_step(tiny_model_dir
     from rlhf_pipeline.chat import encode_answer, encode_prompt
     from rlhf_pipeline.process_reward import ProcessRewardModel, step_log_reward
     from rlhf_pipeline.reward_spec import Reward, RewardSignal, RewardSpec, build_reward
-    from rlhf_pipeline.stages.ppo import _signals_reward
+    from rlhf_pipeline.stages.ppo import _signals_reward, _step_scorer
     from rlhf_pipeline.steps import step_end_positions
 
     scorer = ProcessRewardModel.from_stage(trained_prm)
@@ -128,7 +128,8 @@ def test_dense_step_rewards_land_on_the_tokens_that_end_each_step(tiny_model_dir
     prompt = encode_prompt(tokenizer, chat)
     answers = ["The sun rises.\nMy phone is low.", "We bought bread."]
     rows = [prompt + encode_answer(tokenizer, answer) for answer in answers]
-    score = _signals_reward(reward, tokenizer, {tuple(prompt): chat}, {"process": (scorer, 0.5)})
+    score = _signals_reward(reward, tokenizer, {tuple(prompt): chat},
+                            {"process": (_step_scorer(scorer, None, {}, tokenizer), 0.5)})
     width = max(map(len, rows))
     ids = torch.tensor([row + [tokenizer.pad_token_id] * (width - len(row)) for row in rows])
     mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in rows])
