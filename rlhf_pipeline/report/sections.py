@@ -432,7 +432,9 @@ def best_of_n_section(folder: Path, metrics: dict[str, Any], plots: Plots) -> li
     if card := full.get("sft_card"):
         lines += [f"The best answer of {card['rows']} prompts (of those that ended with the stop token) is in "
                   f"`demonstrations.jsonl`, described by `data_card.yaml` (an sft recipe can name it); "
-                  f"{card['prompts_without_a_finished_answer']} prompts had no such answer.", ""]
+                  f"{card['prompts_without_a_finished_answer']} prompts had no such answer"
+                  + (f", {card['prompts_below_min_reward']} only answers below the minimum reward."
+                     if "prompts_below_min_reward" in card else "."), ""]
     examples = full.get("examples") or []
     if examples:
         lines += [f"## Samples: the first answer and the best of {full.get('n_max')}", "",

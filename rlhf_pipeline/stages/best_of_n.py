@@ -21,9 +21,12 @@ Each is reported per n with the judge's value of its pick, and their paired diff
 
 With `write_sft_card: true` the best answer of each prompt becomes SFT data (`demonstrations.jsonl`,
 prompt/completion, with a generated `data_card.yaml` an sft recipe names): rejection-sampling fine-tuning,
-as in Llama 2. Writes `best_of_n.json` (per-n summaries, examples) and `answers.jsonl` (one row per prompt: every
-sampled answer with its reward, signals, judge score, length and whether it finished, and which one the reward
-picks); `report.md` and `best_of_n.png` come from `rlhf_pipeline.report`.
+as in Llama 2. `sft_card_min_reward` keeps it only when its reward reaches a bar: with a verifier's 0/1 reward
+and a bar of 1, only right answers (expert iteration: STaR, ReST-EM).
+
+Writes `best_of_n.json` (per-n summaries, examples) and `answers.jsonl` (one row per prompt: every sampled answer
+with its reward, signals, judge score, length and whether it finished, and which one the reward picks);
+`report.md` and `best_of_n.png` come from `rlhf_pipeline.report`.
 """
 
 from __future__ import annotations
@@ -69,6 +72,7 @@ class BestOfNConfig:
     bootstrap_samples: int = 2000
     num_examples: int = 6
     write_sft_card: bool = False
+    sft_card_min_reward: float | None = None  # keep a prompt's best answer only if its reward reaches this
     rank_each_signal: bool = False  # also best-of-n by each reward signal alone, on the same samples
     majority_vote: str | None = None  # module:function giving an answer's final answer: majority voting as a ranker
     oracle: bool = False  # also best-of-n by the judge itself: the ceiling of any ranker on these samples
@@ -93,6 +97,9 @@ class BestOfNConfig:
         for name in ("max_new_tokens", "batch_size", "bootstrap_samples"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: at least 1, got {getattr(self, name)}")
+        if self.sft_card_min_reward is not None and not self.write_sft_card:
+            raise ValueError("sft_card_min_reward: filters the SFT card's answers, but write_sft_card is false; "
+                             "set write_sft_card: true or drop it")
 
 
 def best_of_n_weights(n_max: int, n: int) -> list[float]:
@@ -253,21 +260,25 @@ def summarize(per_prompt: list[dict[str, list[float]]], config: BestOfNConfig) -
     return rows
 
 
-def kept_answers(prompts: list[Messages], samples: list[list[Sample]],
-                 per_prompt: list[dict[str, list[float]]]) -> tuple[list[dict[str, Any]], dict[str, int]]:
+def kept_answers(prompts: list[Messages], samples: list[list[Sample]], per_prompt: list[dict[str, list[float]]],
+                 min_reward: float | None = None) -> tuple[list[dict[str, Any]], dict[str, int]]:
     """Each prompt's highest-reward answer among those that ended with the stop token and are not empty, as an
-    SFT row; an answer cut at max_new_tokens would teach the model to stop mid-sentence. Prompts with no such
-    answer are counted, not written."""
-    rows, skipped = [], 0
+    SFT row; an answer cut at max_new_tokens would teach the model to stop mid-sentence. With `min_reward`, a best
+    answer below it is not kept either (a wrong answer would be taught). Prompts left out are counted by reason."""
+    rows, unfinished, below = [], 0, 0
     for prompt, group, scores in zip(prompts, samples, per_prompt, strict=True):
         usable = [i for i in reversed(reward_order(scores["reward"])) if group[i].finished and group[i].text.strip()]
         if not usable:
-            skipped += 1
+            unfinished += 1
             continue
         best = usable[0]
+        if min_reward is not None and scores["reward"][best] < min_reward:
+            below += 1
+            continue
         rows.append({"prompt": prompt, "completion": group[best].text, "reward": scores["reward"][best],
                      "judge": scores["judge"][best]})
-    return rows, {"rows": len(rows), "prompts_without_a_finished_answer": skipped}
+    counts = {"rows": len(rows), "prompts_without_a_finished_answer": unfinished}
+    return rows, counts | ({"prompts_below_min_reward": below} if min_reward is not None else {})
 
 
 def _card(recipe: Recipe, config: BestOfNConfig, counts: dict[str, int]) -> dict[str, Any]:
@@ -278,15 +289,16 @@ def _card(recipe: Recipe, config: BestOfNConfig, counts: dict[str, int]) -> dict
                         f"prompt sampled from {recipe.model.name_or_path} (temperature {config.temperature}, top_p "
                         f"{config.top_p}, at most {config.max_new_tokens} new tokens); the answer the reward "
                         f"({', '.join(reward.names)}) ranked highest among those that ended with the stop token is "
-                        "kept (best-of-n, as in Llama 2's rejection-sampling fine-tuning)."),
+                        "kept (best-of-n, as in Llama 2's rejection-sampling fine-tuning)"
+                        + (f" if its reward is at least {config.sft_card_min_reward}."
+                           if config.sft_card_min_reward is not None else ".")),
         "source": {"path": "demonstrations.jsonl"},
         "format": "prompt_completion",
         "license": "same as the prompts and the sampled model",
         "stages": ["sft"],
-        "size": {"rows": counts["rows"], "prompts_without_a_finished_answer":
-                 counts["prompts_without_a_finished_answer"]},
-        "known_issues": ("Chosen by a learned reward: the answers carry whatever the reward favours, including "
-                         "its blind spots. Prompts whose answers were all cut at max_new_tokens are left out."),
+        "size": counts,
+        "known_issues": ("Chosen by the reward: a learned one passes on whatever it favours, including its blind "
+                         "spots. Prompts whose answers were all cut at max_new_tokens are left out."),
     }
 
 
@@ -337,7 +349,8 @@ def run(recipe: Recipe) -> dict[str, Any]:
     if config.rank_each_signal or config.majority_vote or config.oracle:
         report["rankers"] = rerankers(per_prompt, finals, reward_spec, config)
     say(f"best-of-n: {best_of_n_headline(report)}")
-    demonstrations, counts = kept_answers(prompts, samples, per_prompt) if config.write_sft_card else ([], {})
+    demonstrations, counts = (kept_answers(prompts, samples, per_prompt, config.sft_card_min_reward)
+                              if config.write_sft_card else ([], {}))
     if config.write_sft_card:
         report["sft_card"] = counts
     answers = [{"prompt": prompt, "answers": [s.text for s in group], "finished": [s.finished for s in group],

@@ -16,8 +16,9 @@ import yaml
 
 from rlhf_pipeline.cli import main
 from rlhf_pipeline.errors import RecipeError
+from rlhf_pipeline.generation import Sample
 from rlhf_pipeline.stages import load_recipe
-from rlhf_pipeline.stages.best_of_n import best_of_n_weights, expected_best_of_n, kl_best_of_n
+from rlhf_pipeline.stages.best_of_n import best_of_n_weights, expected_best_of_n, kept_answers, kl_best_of_n
 from tests.stages.answers import read_answers
 from tests.stages.conftest import RecipeFactory, write_card
 
@@ -87,6 +88,7 @@ def _recipe(tmp_path: Path, policy: Path, reward: dict[str, Any] | None = None, 
     ({"top_p": 0.0}, "best_of_n.top_p", "in (0, 1]"),
     ({"batch_size": 0}, "best_of_n.batch_size", "at least 1, got 0"),
     ({"n_sample": 4}, "best_of_n.n_sample", "unknown key"),
+    ({"sft_card_min_reward": 1.0}, "best_of_n.sft_card_min_reward", "write_sft_card is false"),
 ])
 def test_bad_settings_are_refused_naming_the_key(tmp_path: Path, settings: dict[str, Any], key: str,
                                                  problem: str) -> None:
@@ -115,6 +117,27 @@ def test_a_bad_reward_is_refused_before_any_weights_load(tmp_path: Path, sft_and
     with pytest.raises(RecipeError) as raised:
         load_recipe(path)
     assert raised.value.key == key and problem in raised.value.problem
+
+
+def test_a_minimum_reward_keeps_only_answers_that_reach_it() -> None:
+    """Expert iteration: with a 0/1 verifier reward and a bar of 1, a prompt whose best finished answer is wrong
+    gives no SFT row (and is counted), and a right answer that was cut off is never kept."""
+    def sample(text: str, finished: bool = True) -> Sample:
+        return Sample(prompt_ids=[1], answer_ids=[2], text=text, finished=finished)
+
+    prompts = [[{"role": "user", "content": f"problem {i}"}] for i in range(4)]
+    samples = [[sample("wrong"), sample("right")],            # the right one is kept
+               [sample("wrong"), sample("wrong too")],        # no right answer: left out, counted below the bar
+               [sample("right", finished=False), sample("wrong")],  # the right one was cut: below the bar too
+               [sample("right", finished=False), sample("", finished=True)]]  # nothing finished with text
+    per_prompt = [{"reward": [0.0, 1.0], "judge": [0.0, 1.0]}, {"reward": [0.0, 0.0], "judge": [0.0, 0.0]},
+                  {"reward": [1.0, 0.0], "judge": [1.0, 0.0]}, {"reward": [1.0, 0.0], "judge": [1.0, 0.0]}]
+    rows, counts = kept_answers(prompts, samples, per_prompt, min_reward=1.0)
+    assert [(row["prompt"][0]["content"], row["completion"]) for row in rows] == [("problem 0", "right")]
+    assert counts == {"rows": 1, "prompts_without_a_finished_answer": 1, "prompts_below_min_reward": 2}
+    rows, counts = kept_answers(prompts, samples, per_prompt)  # no bar: the best finished answer, right or wrong
+    assert [row["completion"] for row in rows] == ["right", "wrong", "wrong"]
+    assert counts == {"rows": 3, "prompts_without_a_finished_answer": 1}
 
 
 def test_best_of_n_picks_the_longest_answer_and_its_card_feeds_sft(tmp_path: Path, sft_and_rm: tuple[Path, Path],
