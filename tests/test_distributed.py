@@ -323,7 +323,8 @@ def _check_sharded_run(work: Path, tiny_model_dir: Path, name: str, stage_name: 
     assert not torch.allclose(saved, logits(base), atol=1e-4)
 
 
-@pytest.mark.parametrize(("stage_name", "zero_stage"), [("sft", 2), ("rm", 2), ("prm", 2), ("sft", 3)])
+@pytest.mark.parametrize(("stage_name", "zero_stage"), [("sft", 2), pytest.param("rm", 2, marks=pytest.mark.slow),
+                                                        ("prm", 2), ("sft", 3)])  # rm opt-in: prm has a head too
 def test_deepspeed_trains_like_ddp_and_saves_the_trained_adapter(work: Path, tiny_model_dir: Path,
                                                                  ddp_runs: dict[str, Path], stage_name: str,
                                                                  zero_stage: int) -> None:
@@ -448,7 +449,8 @@ def _module_states(checkpoint: Path) -> dict[str, torch.Tensor]:
     return torch.load(path, map_location="cpu", weights_only=False)["module"]
 
 
-@pytest.mark.parametrize("sharded", [False, True], ids=["shipped", "shard_everything"])
+@pytest.mark.parametrize("sharded", [False, pytest.param(True, marks=pytest.mark.slow)],  # opt-in: 28 s
+                         ids=["shipped", "shard_everything"])
 def test_ppo_zero3_trains_like_ddp_saves_and_resumes(work: Path, tiny_model_dir: Path, ddp_runs: dict[str, Path],
                                                      sharded: bool) -> None:
     """PPO under DeepSpeed ZeRO-3: the same two steps as DDP, whole trained tensors saved, exact resume.
@@ -488,7 +490,7 @@ def fsdp_on_two_cpu_processes(work: Path) -> Path:
     return config
 
 
-@pytest.mark.parametrize("stage_name", ["sft", "rm"])
+@pytest.mark.parametrize("stage_name", ["sft", pytest.param("rm", marks=pytest.mark.slow)])  # rm opt-in: 13 s
 def test_fsdp2_trains_like_ddp_and_saves_the_trained_adapter(work: Path, tiny_model_dir: Path,
                                                              ddp_runs: dict[str, Path], stage_name: str) -> None:
     """SFT and RM under accelerate's FSDP2 profile on two CPU processes: DDP's training, the trained adapter saved.
